@@ -1,0 +1,20 @@
+"""anisodiff: fast, exact anisotropic forward noise for diffusion models.
+
+Squeezed Diffusion Models (SDM/HDM: noise rescaled along the principal colour axes with a
+time-varying strength) and spectrally anisotropic Gaussian diffusion (SAGD: power-law and band
+weights per spatial frequency) as one fused operation, ``n = A(t) eps`` with
+``A(t) = S(t) (x) T_w``. See README.md and ../shared/DESIGN.md.
+"""
+__version__ = "0.1.0"
+
+from . import reference
+from ._ext import available_backends, build_info
+from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
+from .schedule import VPSchedule
+from .spec import Band, NoiseSpec, PowerLaw, SpectralTable, Squeeze, TwoBand
+
+__all__ = [
+    "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "VPSchedule",
+    "white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance",
+    "build_info", "available_backends", "reference", "__version__",
+]

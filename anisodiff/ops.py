@@ -1,0 +1,317 @@
+"""The public functional API: validation, seeds, backend choice, and the torch.ops registrations
+(fake tensors for torch.compile, autograd for x0).
+
+Every function validates its arguments before any kernel runs and raises an exception that names the
+offending argument.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import reference
+from ._ext import has_compiled_ops, require_backend
+from .plan import TARGET_CODES, kernel_args
+from .rng import check_offset, resolve_seed
+from .schedule import VPSchedule, as_schedule
+from .spec import NoiseSpec
+
+__all__ = ["white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_IDENTITY = NoiseSpec()
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------
+def _check_spec(spec) -> NoiseSpec:
+    if not isinstance(spec, NoiseSpec):
+        raise TypeError(f"spec: expected anisodiff.NoiseSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _check_shape(shape) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"shape: expected a sequence of 4 ints [B, C, H, W], got {shape!r}") from None
+    if len(shape) != 4:
+        raise ValueError(f"shape: expected [B, C, H, W] (4 sizes), got {list(shape)}")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: sizes must be non-negative, got {list(shape)}")
+    return shape
+
+
+def _check_float_tensor(t, name: str, backend: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if backend != "reference" and t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name}: the {backend} kernel takes float32, float16 or bfloat16, got "
+                        f"{t.dtype} (cast it, or use backend='reference')")
+    return t
+
+
+def _check_timesteps(timesteps, batch: int, num_timesteps: int, device: torch.device,
+                     required: bool) -> torch.Tensor:
+    if timesteps is None:
+        if required:
+            raise ValueError("timesteps: required here (the noise or the schedule depends on t)")
+        return torch.zeros(batch, dtype=torch.int64, device=device)
+    t = torch.as_tensor(timesteps)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"timesteps: expected integer timesteps, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"timesteps: expected a scalar or shape [{batch}], got {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() > 0:  # (device tensors are bounds-checked by the kernel)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= num_timesteps:
+            raise ValueError(f"timesteps: values must lie in [0, {num_timesteps}), got min {lo}, max {hi}")
+    return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _check_target(target: str) -> int:
+    if target not in TARGET_CODES:
+        raise ValueError(f"target: must be one of {list(TARGET_CODES)}, got {target!r}")
+    return TARGET_CODES[target]
+
+
+def _check_noise(noise, spec: NoiseSpec, shape, device, backend: str) -> torch.Tensor:
+    noise = _check_float_tensor(noise, "noise", backend)
+    want = tuple(shape) if spec.draws == 1 else (spec.draws, *shape)
+    if tuple(noise.shape) != want:
+        extra = " (an independent two-band spec consumes two white draws)" if spec.draws > 1 else ""
+        raise ValueError(f"noise: expected WHITE noise of shape {list(want)}{extra}, got "
+                         f"{list(noise.shape)}")
+    if noise.device != torch.device(device):
+        raise ValueError(f"noise: is on {noise.device} but the data is on {device}")
+    if noise.requires_grad:
+        raise ValueError("noise: gradients with respect to the white noise are not supported")
+    return noise
+
+
+def _needs_timesteps(spec: NoiseSpec) -> bool:
+    return spec.time_varying
+
+
+def _check_channels(spec: NoiseSpec, channels: int, name: str) -> None:
+    if spec.squeeze is not None and spec.squeeze.channels != channels:
+        raise ValueError(f"{name}: has {channels} channels but the squeeze axes have "
+                         f"{spec.squeeze.channels} rows")
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """The canonical white stream (DESIGN.md section 2): element ``i`` of the row-major tensor is
+    lane ``i & 3`` of Triton's ``tl.randn4x(seed, offset + (i >> 2))``. float32.
+
+    Args:
+        shape: any shape; the stream index is the row-major element index.
+        seed: the Philox key, an int in [0, 2**63).
+        offset: first 64-bit counter of the stream (advance it by ``ceil(numel / 4)`` to continue).
+        device: where the tensor is returned.
+    """
+    seed = resolve_seed(seed, None)
+    offset = check_offset(offset)
+    try:
+        dims = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"shape: expected a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in dims):
+        raise ValueError(f"shape: sizes must be non-negative, got {list(dims)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    n = math.prod(dims)
+    if has_compiled_ops() and device.type == "cpu" and n > 0:
+        flat = shaped_noise((1, 1, 1, n), _IDENTITY, seed=seed, offset=offset, backend="cpu")
+        return flat.reshape(dims)
+    return reference.white_noise(dims, seed, offset, device=device)
+
+
+def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedule=None,
+                   backend: str = "auto") -> torch.Tensor:
+    """``A(t) eps`` for caller-supplied white noise ``eps``.
+
+    Args:
+        eps: white noise ``[B, C, H, W]`` (``[2, B, C, H, W]`` for an independent two-band spec).
+        spec: the :class:`NoiseSpec`.
+        timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t.
+        schedule: a :class:`VPSchedule` or diffusers scheduler; needed by ``schedule="beta"``.
+        backend: "auto", "cpu", "reference" (later "cuda", "triton").
+    Returns the shaped noise in ``eps``'s dtype.
+    """
+    spec = _check_spec(spec)
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"eps: expected a torch.Tensor, got {type(eps).__name__}")
+    shape = eps.shape if spec.draws == 1 else eps.shape[1:]
+    if len(shape) != 4:
+        raise ValueError(f"eps: expected [B, C, H, W]{' with a leading draw dim of 2' if spec.draws > 1 else ''}, "
+                         f"got shape {list(eps.shape)}")
+    return shaped_noise(tuple(shape), spec, timesteps=timesteps, schedule=schedule, noise=eps,
+                        device=eps.device, dtype=eps.dtype, backend=backend)
+
+
+def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, schedule=None, seed=None,
+                 generator: torch.Generator | None = None, offset: int = 0, device=None, dtype=None,
+                 backend: str = "auto", noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw shaped noise ``n = A(t) eps`` of ``shape = [B, C, H, W]``.
+
+    Args:
+        shape: ``[B, C, H, W]``.
+        spec: the :class:`NoiseSpec`.
+        timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t.
+        schedule: a :class:`VPSchedule` or diffusers scheduler (needed by the "beta"/"linear" squeeze
+            profiles).
+        seed: explicit Philox key; ``generator``: draw the key from this generator instead (default:
+            torch's global generator). ``offset``: first counter of the stream.
+        device, dtype: of the result (default CPU, float32).
+        backend: "auto" (fastest available), "cpu" or "reference".
+        noise: optional caller-supplied WHITE noise to shape instead of the stream (see
+            :func:`apply_operator`).
+    """
+    spec = _check_spec(spec)
+    B, C, H, W = _check_shape(shape)
+    _check_channels(spec, C, "shape")
+    device = torch.device(device) if device is not None else (
+        noise.device if isinstance(noise, torch.Tensor) else torch.device("cpu"))
+    dtype = dtype if dtype is not None else (noise.dtype if isinstance(noise, torch.Tensor) else torch.float32)
+    backend = require_backend(backend, device)
+    schedule = as_schedule(schedule)
+    if noise is not None:
+        noise = _check_noise(noise, spec, (B, C, H, W), device, backend)
+        seed_v = 0
+    else:
+        seed_v = resolve_seed(seed, generator)
+    offset = check_offset(offset)
+    if backend != "reference" and dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"dtype: the {backend} kernel produces float32, float16 or bfloat16, got {dtype}")
+    args = kernel_args(spec, schedule, C, H, W, device)
+    ts = _check_timesteps(timesteps, B, args.num_timesteps, device, _needs_timesteps(spec))
+    if backend == "reference":
+        if noise is not None:
+            return reference.apply_operator(noise, spec, ts.cpu() if timesteps is not None else None,
+                                            schedule).to(device, dtype)
+        return reference.shaped_noise((B, C, H, W), spec, ts.cpu() if timesteps is not None else None,
+                                      schedule, seed=seed_v, offset=offset, device=device, dtype=dtype)
+    packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
+    return torch.ops.anisodiff.shaped_noise(
+        [B, C, H, W], ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
+        args.normalize, seed_v, offset, packed, dtype)
+
+
+def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed=None,
+              generator: torch.Generator | None = None, offset: int = 0, target: str = "epsilon",
+              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) A(t) eps``.
+
+    Args:
+        x0: clean data ``[B, C, H, W]`` (float32/float16/bfloat16; math in float32). Any strides,
+            channels_last included; outputs keep x0's memory format.
+        timesteps: ``[B]`` integer timesteps in ``[0, T)`` (or a scalar).
+        spec: the :class:`NoiseSpec`.
+        schedule: a :class:`VPSchedule` or a diffusers scheduler (``betas``/``alphas_cumprod``).
+        noise: optional caller-supplied WHITE noise of x0's shape (``[2, *x0.shape]`` for an
+            independent two-band spec); by default eps comes from the canonical stream.
+        seed / generator / offset: the stream (see :func:`shaped_noise`); a generator advances, so
+            consecutive calls never reuse counters.
+        target: ``"epsilon"`` (the shaped noise, what both papers train on), ``"v"``
+            (``a n - b x0``), ``"x0"`` or ``"flow"`` (``n - x0``).
+        backend: "auto", "cpu" or "reference".
+    Returns ``(x_t, target)`` in x0's dtype.
+    """
+    spec = _check_spec(spec)
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0: expected a torch.Tensor, got {type(x0).__name__}")
+    if x0.dim() != 4:
+        raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got shape {list(x0.shape)}")
+    backend = require_backend(backend, x0.device)
+    _check_float_tensor(x0, "x0", backend)
+    if schedule is None:
+        raise ValueError("schedule: add_noise needs a schedule (anisodiff.VPSchedule or a diffusers scheduler)")
+    schedule = as_schedule(schedule)
+    B, C, H, W = x0.shape
+    _check_channels(spec, C, "x0")
+    code = _check_target(target)
+    if noise is not None:
+        noise = _check_noise(noise, spec, x0.shape, x0.device, backend)
+        seed_v = 0
+    else:
+        seed_v = resolve_seed(seed, generator)
+    offset = check_offset(offset)
+    args = kernel_args(spec, schedule, C, H, W, x0.device)
+    ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
+    if backend == "reference":
+        return reference.add_noise(x0, ts.cpu(), spec, schedule, noise=noise, seed=seed_v,
+                                   offset=offset, target=target)
+    packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
+    return torch.ops.anisodiff.add_noise(
+        x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
+        args.normalize, code, seed_v, offset, packed)
+
+
+def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedule=None) -> torch.Tensor:
+    """Dense analytic covariance ``Sigma = A(t) A(t)^T`` (float64) of one flattened noise sample of
+    shape ``[C, H, W]`` (a leading B in ``shape`` is ignored): ``[N, N]`` with ``N = C H W``, or
+    ``[B, N, N]`` for a 1-D tensor of timesteps. For small shapes (tests, teaching)."""
+    spec = _check_spec(spec)
+    dims = tuple(int(s) for s in shape)
+    if len(dims) not in (3, 4) or any(s <= 0 for s in dims):
+        raise ValueError(f"shape: expected positive [C, H, W] or [B, C, H, W], got {list(dims)}")
+    n = math.prod(dims[-3:])
+    if n > 4096:
+        raise ValueError(f"shape: C*H*W = {n} is too large for a dense covariance (max 4096)")
+    _check_channels(spec, dims[-3], "shape")
+    schedule = as_schedule(schedule)
+    if timesteps is not None:
+        t = torch.as_tensor(timesteps)
+        if t.is_floating_point():
+            raise TypeError(f"timesteps: expected integer timesteps, got {t.dtype}")
+    elif _needs_timesteps(spec):
+        raise ValueError("timesteps: required, the squeeze strength varies with t")
+    return reference.covariance(spec, dims, timesteps, schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registrations: fake tensors (torch.compile) and autograd (w.r.t. x0)
+# ---------------------------------------------------------------------------------------------
+def _register() -> None:
+    @torch.library.register_fake("anisodiff::add_noise")
+    def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target,
+                        seed, offset, noise):
+        return torch.empty_like(x0), torch.empty_like(x0)
+
+    @torch.library.register_fake("anisodiff::shaped_noise")
+    def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, seed,
+                           offset, noise, dtype):
+        return coef.new_empty(shape, dtype=dtype)
+
+    def _setup_context(ctx, inputs, output):
+        _, timesteps, coef = inputs[:3]
+        ctx.target = inputs[8]
+        ctx.save_for_backward(timesteps, coef)
+
+    def _backward(ctx, grad_xt, grad_target):
+        timesteps, coef = ctx.saved_tensors
+        a = coef[timesteps, 0].view(-1, 1, 1, 1)
+        b = coef[timesteps, 1].view(-1, 1, 1, 1)
+        grad = None
+        if grad_xt is not None:
+            grad = grad_xt * a.to(grad_xt.dtype)
+        if grad_target is not None and ctx.target != TARGET_CODES["epsilon"]:
+            d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
+                 TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
+            grad = grad_target * d if grad is None else grad + grad_target * d
+        return (grad,) + (None,) * 11
+
+    torch.library.register_autograd("anisodiff::add_noise", _backward, setup_context=_setup_context)
+
+
+if has_compiled_ops():
+    _register()

@@ -1,0 +1,366 @@
+"""The specification: every anisodiff op in plain PyTorch, written for clarity, not speed.
+
+Every kernel (C++ CPU, CUDA, Triton) is tested against these functions on the same noise stream.
+Formulas follow ../shared/DESIGN.md and the paper digests:
+
+* noise stream: Philox4x32-10 exactly as Triton's ``tl.randn4x`` (DESIGN.md section 2);
+* spatial part (SAGD): ``T_w eps = c Re(ifft2(w * fft2(eps)))`` on the unshifted fftfreq grid;
+* channel part (SDM/HDM): ``S(t) = I + sum_k (exp(-r_k) - 1) v_k v_k^T`` or the det-1 Heisenberg form;
+* forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n`` with ``n = A(t) eps``.
+
+Math runs in float64 (the white stream itself is float32, as on every backend); results are cast to
+the caller's dtype at the end.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .spec import Band, NoiseSpec, PowerLaw, SpectralTable, Squeeze, TwoBand
+
+__all__ = [
+    "philox4x32_10", "uint32_to_uniform", "box_muller", "randn4x", "white_noise",
+    "radius", "spectral_weights", "calibration", "filter_planes", "spatial_noise",
+    "squeeze_profile", "squeeze_strengths", "squeeze_matrices", "apply_operator",
+    "shaped_noise", "add_noise", "covariance", "TARGETS",
+]
+
+TARGETS = ("epsilon", "v", "x0", "flow")
+
+# ---------------------------------------------------------------------------------------------
+# 1. The noise stream (bit-compatible with triton.language.randn4x)
+# ---------------------------------------------------------------------------------------------
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+_M32 = 0xFFFFFFFF
+_M16 = 0xFFFF
+
+
+def _mul32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of ``a * x`` for a uint32 constant and uint32 values held in int64.
+    Split into 16-bit halves so no intermediate leaves int64."""
+    x_hi, x_lo = x >> 16, x & _M16
+    p_lo = a * x_lo                      # < 2^48
+    p_hi = a * x_hi                      # < 2^48
+    high = (p_hi + (p_lo >> 16)) >> 16   # floor(a * x / 2^32)
+    low = (p_lo + ((p_hi & _M16) << 16)) & _M32
+    return high, low
+
+
+def philox4x32_10(seed: int, c0, c1, c2, c3):
+    """Philox4x32 with 10 rounds, key ``(seed_lo32, seed_hi32)``. Counter words are int64 tensors
+    (or ints) holding uint32 values; returns four int64 tensors of uint32 values."""
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(10):
+        hi_b, lo_b = _mul32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: reinterpret as int32, fold the sign
+    (``x < 0 ? -x - 1 : x``) and scale by 4.6566127342e-10 in float32, giving [0, 1)."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's ``pair_uniform_to_normal`` in float32."""
+    u1 = torch.clamp_min(u1, torch.tensor(1.0e-7, dtype=torch.float32))
+    th = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    r = torch.sqrt(torch.tensor(-2.0, dtype=torch.float32) * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def randn4x(seed: int, counters: torch.Tensor, draw: int = 0):
+    """Four N(0, 1) float32 values per 64-bit counter: ``tl.randn4x(seed, counters)`` for
+    ``draw = 0``. ``draw`` goes into the third counter word and gives independent streams."""
+    counters = torch.as_tensor(counters, dtype=torch.int64)
+    words = philox4x32_10(seed, counters & _M32, (counters >> 32) & _M32, draw, 0)
+    u = [uint32_to_uniform(w) for w in words]
+    n1, n2 = box_muller(u[0], u[1])
+    n3, n4 = box_muller(u[2], u[3])
+    return n1, n2, n3, n4
+
+
+def white_noise(shape: Sequence[int], seed: int, offset: int = 0, draw: int = 0,
+                device=None) -> torch.Tensor:
+    """The canonical white stream: element ``i`` (row-major in ``shape``) is lane ``i & 3`` of
+    ``randn4x(seed, offset + (i >> 2))``."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    counters = offset + torch.arange((n + 3) // 4, dtype=torch.int64)
+    lanes = torch.stack(randn4x(seed, counters, draw), dim=-1).reshape(-1)[:n]
+    return lanes.reshape(shape).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Spatial part (SAGD)
+# ---------------------------------------------------------------------------------------------
+def radius(H: int, W: int, convention: str = "cycles") -> torch.Tensor:
+    """Radial frequency ``[H, W]`` (float64) on the unshifted ``fftfreq`` grid.
+    ``"cycles"``: cycles/pixel (<= 0.7071); ``"nyquist1"``: 2r; ``"rmax1"``: r / r.max()."""
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    r = torch.sqrt(fx**2 + fy**2)
+    if convention == "cycles":
+        return r
+    if convention == "nyquist1":
+        return 2.0 * r
+    if convention == "rmax1":
+        rmax = r.max()
+        return r / rmax if rmax > 0 else r
+    raise ValueError(f"radius: unknown convention {convention!r}")
+
+
+def _mask(r: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+    a, b = band
+    return ((r >= a) & (r <= b)).to(torch.float64)
+
+
+def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, list[float]] | None:
+    """The raw weights ``[D, H, W]`` (float64, before normalisation) and the per-draw mixing
+    gammas, or None when the spec has no spatial part."""
+    sp = spec.spectral
+    if sp is None:
+        return None
+    r = radius(H, W, spec.radius)
+    if isinstance(sp, PowerLaw):
+        planes, gammas = [(r + sp.eps) ** sp.alpha], [1.0]
+    elif isinstance(sp, Band):
+        planes, gammas = [_mask(r, (sp.a, sp.b))], [1.0]
+    elif isinstance(sp, TwoBand):
+        low, high = _mask(r, sp.low), _mask(r, sp.high)
+        if sp.mixture == "shared":
+            planes, gammas = [sp.gamma_low * low + sp.gamma_high * high], [1.0]
+        else:
+            planes, gammas = [low, high], [sp.gamma_low, sp.gamma_high]
+    elif isinstance(sp, SpectralTable):
+        if sp.shape != (H, W):
+            raise ValueError(f"spectral: SpectralTable is {sp.shape[0]}x{sp.shape[1]} but the noise "
+                             f"planes are {H}x{W}")
+        planes, gammas = [sp.weights.to(torch.float64)], [1.0]
+    else:  # pragma: no cover - NoiseSpec validates the type
+        raise TypeError(f"spectral: unsupported {type(sp).__name__}")
+    for plane, gamma in zip(planes, gammas):
+        if gamma > 0 and not (plane > 0).any():
+            raise ValueError(f"spectral: {sp!r} selects no frequency bin on a {H}x{W} grid with "
+                             f"radius={spec.radius!r}")
+    return torch.stack(planes), gammas
+
+
+def calibration(w: torch.Tensor) -> float:
+    """``c = mean(w^2)^-1/2``: unit mean per-pixel variance of ``c T_w eps``."""
+    return float((w.double() ** 2).mean().rsqrt())
+
+
+def filter_planes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64)."""
+    return torch.fft.ifft2(torch.fft.fft2(x.double()) * w).real
+
+
+def _normalize_per_sample(x: torch.Tensor) -> torch.Tensor:
+    """The SAGD appendix code: divide each (b, c) plane by its spatial std (ddof = 0) + 1e-8."""
+    return x / (x.std(dim=(-2, -1), keepdim=True, correction=0) + 1e-8)
+
+
+def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
+    """``sum_d gamma_d N(c_d T_{w_d} eps_d)`` for white draws ``[D, B, C, H, W]`` (float64 out).
+
+    A constant weight table is a scalar gain (no transform), so ``PowerLaw(0)`` is white noise
+    exactly.
+    """
+    H, W = draws.shape[-2:]
+    sw = spectral_weights(spec, H, W)
+    weights, gammas = (None, [1.0]) if sw is None else sw
+    if draws.shape[0] != len(gammas):
+        raise ValueError(f"noise: this spec consumes {len(gammas)} white draw(s), got {draws.shape[0]}")
+    out = torch.zeros(draws.shape[1:], dtype=torch.float64, device=draws.device)
+    for d, gamma in enumerate(gammas):
+        x = draws[d].double()
+        if weights is not None:
+            w = weights[d].to(draws.device)
+            if spec.normalize == "calibrated":
+                w = w * calibration(w)
+            if bool((w == w.flatten()[0]).all()):
+                x = x * float(w.flatten()[0])
+            else:
+                x = filter_planes(x, w)
+        if spec.normalize == "per_sample":
+            x = _normalize_per_sample(x)
+        out += gamma * x
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Channel part (SDM / HDM)
+# ---------------------------------------------------------------------------------------------
+def squeeze_profile(squeeze: Squeeze, schedule) -> torch.Tensor:
+    """``tau(t)`` for t = 0..T-1 (float64): ``beta_t / beta_max`` (default), 1, ``t / (T-1)`` or
+    the user's table."""
+    if not isinstance(squeeze.schedule, str):
+        return squeeze.schedule.double()
+    if squeeze.schedule == "constant":
+        return torch.ones(1 if schedule is None else schedule.betas.numel(), dtype=torch.float64)
+    if schedule is None:
+        raise ValueError(f"schedule: required for the squeeze schedule {squeeze.schedule!r}")
+    betas = schedule.betas.double()
+    if squeeze.schedule == "beta":
+        return betas / betas.max()
+    T = betas.numel()
+    return torch.arange(T, dtype=torch.float64) / max(T - 1, 1)
+
+
+def squeeze_strengths(squeeze: Squeeze, timesteps, schedule) -> torch.Tensor:
+    """``r[b, k] = s_k tau(t_b)`` (float64 ``[B, k]``)."""
+    tau = squeeze_profile(squeeze, schedule)
+    s = torch.tensor(squeeze.strength, dtype=torch.float64)
+    if timesteps is None:
+        if squeeze.time_varying and not squeeze.is_identity:
+            raise ValueError("timesteps: required, the squeeze strength varies with t")
+        return s[None, :] * tau[0]
+    t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+    return tau[t][:, None] * s[None, :]
+
+
+def squeeze_matrices(squeeze: Squeeze, r: torch.Tensor) -> torch.Tensor:
+    """``S [B, C, C]`` for strengths ``r [B, k]``.
+
+    SDM: ``S = I + V diag(exp(-r) - 1) V^T``. Heisenberg: ``S = g (I - V V^T) + V diag(exp(-r)) V^T``
+    with ``g = exp(sum_k r_k / (C - k))``, so ``det S = 1``.
+    """
+    V = squeeze.axes.double()
+    C, k = V.shape
+    eye = torch.eye(C, dtype=torch.float64)
+    f = torch.exp(-r)
+    on_axes = torch.einsum("ck,bk,dk->bcd", V, f, V)
+    if squeeze.variant == "sdm":
+        return eye + on_axes - V @ V.T
+    g = torch.exp(r.sum(dim=1) / (C - k))
+    return g[:, None, None] * (eye - V @ V.T) + on_axes
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The ops
+# ---------------------------------------------------------------------------------------------
+def _as_draws(eps: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
+    if spec.draws == 1:
+        if eps.dim() != 4:
+            raise ValueError(f"eps: expected [B, C, H, W], got shape {tuple(eps.shape)}")
+        return eps[None]
+    if eps.dim() != 5 or eps.shape[0] != spec.draws:
+        raise ValueError(f"eps: an independent two-band spec consumes two white draws, expected "
+                         f"[2, B, C, H, W], got shape {tuple(eps.shape)}")
+    return eps
+
+
+def _apply(eps: torch.Tensor, spec: NoiseSpec, timesteps, schedule) -> torch.Tensor:
+    """``A(t) eps`` in float64."""
+    n = spatial_noise(_as_draws(eps, spec), spec)
+    sq = spec.squeeze
+    if sq is not None:
+        if sq.channels != n.shape[1]:
+            raise ValueError(f"squeeze: axes have C={sq.channels} rows but the noise has "
+                             f"{n.shape[1]} channels")
+        r = squeeze_strengths(sq, timesteps, schedule)
+        S = squeeze_matrices(sq, r).to(n.device)
+        if S.shape[0] == 1:
+            S = S.expand(n.shape[0], -1, -1)
+        n = torch.einsum("bij,bjhw->bihw", S, n)
+    return n
+
+
+def apply_operator(eps: torch.Tensor, spec: NoiseSpec, timesteps=None, schedule=None) -> torch.Tensor:
+    """``A(t) eps`` for given white ``eps`` (``[B, C, H, W]``, or ``[2, B, C, H, W]`` for an
+    independent two-band spec), in ``eps``'s dtype."""
+    return _apply(eps, spec, timesteps, schedule).to(eps.dtype)
+
+
+def _white_draws(shape, spec: NoiseSpec, seed: int, offset: int, device=None) -> torch.Tensor:
+    return torch.stack([white_noise(shape, seed, offset, draw=d, device=device)
+                        for d in range(spec.draws)])
+
+
+def shaped_noise(shape, spec: NoiseSpec, timesteps=None, schedule=None, *, seed: int = 0,
+                 offset: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``A(t) eps`` with ``eps`` from the canonical stream ``(seed, offset)``; draw ``d`` of an
+    independent two-band spec uses counter word 2 = d."""
+    draws = _white_draws(shape, spec, seed, offset, device)
+    return _apply(draws if spec.draws > 1 else draws[0], spec, timesteps, schedule).to(dtype)
+
+
+def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed: int = 0,
+              offset: int = 0, target: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n`` and the training target:
+    ``"epsilon"``: n; ``"v"``: ``a n - b x0``; ``"x0"``: x0; ``"flow"``: ``n - x0``.
+    ``noise`` is WHITE noise (it is shaped here); by default it comes from the stream."""
+    if target not in TARGETS:
+        raise ValueError(f"target: must be one of {list(TARGETS)}, got {target!r}")
+    if noise is None:
+        noise = _white_draws(x0.shape, spec, seed, offset, x0.device)
+        noise = noise if spec.draws > 1 else noise[0]
+    n = _apply(noise, spec, timesteps, schedule)
+    t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+    ac = schedule.alphas_cumprod[t]
+    a = ac.double().sqrt().to(x0.device)[:, None, None, None]
+    b = (1.0 - ac).double().sqrt().to(x0.device)[:, None, None, None]
+    x = x0.double()
+    x_t = a * x + b * n
+    tgt = {"epsilon": lambda: n, "v": lambda: a * n - b * x,
+           "x0": lambda: x, "flow": lambda: n - x}[target]()
+    return x_t.to(x0.dtype), tgt.to(x0.dtype)
+
+
+def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.Tensor:
+    """Dense ``Sigma = A A^T`` (float64) of one flattened ``[C, H, W]`` noise sample:
+    ``[N, N]`` for a scalar/None timestep, ``[B, N, N]`` for a 1-D tensor of timesteps.
+
+    Defined for the linear normalisations ("calibrated", "none"); per-sample normalisation makes
+    the noise non-Gaussian, so it has no covariance in closed form.
+    """
+    if spec.normalize == "per_sample":
+        raise ValueError("spec.normalize: 'per_sample' normalisation is not linear; covariance() "
+                         "is defined for 'calibrated' and 'none'")
+    C, H, W = (tuple(shape)[-3:])
+    HW = H * W
+    basis = torch.eye(HW, dtype=torch.float64).reshape(HW, 1, H, W)
+    sw = spectral_weights(spec, H, W)
+    weights, gammas = (None, [1.0]) if sw is None else sw
+    spatial = []  # per draw: T_d (HW x HW), column j = response to basis vector j
+    for d, gamma in enumerate(gammas):
+        if weights is None:
+            T = torch.eye(HW, dtype=torch.float64)
+        else:
+            w = weights[d] * (calibration(weights[d]) if spec.normalize == "calibrated" else 1.0)
+            if bool((w == w.flatten()[0]).all()):
+                T = float(w.flatten()[0]) * torch.eye(HW, dtype=torch.float64)
+            else:
+                T = filter_planes(basis, w).reshape(HW, HW).T
+        spatial.append((gamma, T))
+    batched = timesteps is not None and torch.as_tensor(timesteps).dim() == 1
+    ts = torch.as_tensor(timesteps).reshape(-1) if timesteps is not None else None
+    if spec.squeeze is None:
+        S = torch.eye(C, dtype=torch.float64)[None]
+    else:
+        if spec.squeeze.channels != C:
+            raise ValueError(f"shape: has C={C} channels but the squeeze axes have "
+                             f"{spec.squeeze.channels} rows")
+        S = squeeze_matrices(spec.squeeze, squeeze_strengths(spec.squeeze, ts, schedule))
+    out = []
+    for Sb in S:
+        SS = Sb @ Sb.T
+        out.append(sum(g * g * torch.kron(SS, T @ T.T) for g, T in spatial))
+    sigma = torch.stack(out)
+    if not batched:
+        return sigma[0]
+    return sigma.expand(ts.numel(), -1, -1) if sigma.shape[0] == 1 else sigma

@@ -1,0 +1,413 @@
+"""NoiseSpec and its building blocks: what shape the forward noise has.
+
+A spec is plain data (floats, small tensors, strings). It validates itself on construction, so a
+bad spec fails where it is written, and it round-trips through JSON (never pickle) so a saved model
+keeps its noise. The math that turns a spec into noise lives in ``reference.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "Squeeze",
+    "PowerLaw",
+    "Band",
+    "TwoBand",
+    "SpectralTable",
+    "NoiseSpec",
+    "SPEC_FORMAT",
+    "SPEC_VERSION",
+]
+
+SPEC_FORMAT = "anisodiff.NoiseSpec"
+SPEC_VERSION = 1
+
+SQUEEZE_VARIANTS = ("sdm", "heisenberg")
+SQUEEZE_SCHEDULES = ("beta", "constant", "linear")
+NORMALIZE_MODES = ("calibrated", "per_sample", "none")
+RADIUS_CONVENTIONS = ("cycles", "nyquist1", "rmax1")
+MIXTURE_MODES = ("shared", "independent")
+
+_ORTHONORMAL_TOL = 1e-5
+
+
+def _finite_float(value: Any, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name}: must be finite, got {out}")
+    return out
+
+
+def _choice(value: Any, name: str, options: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def _as_float_tensor(value: Any, name: str, ndim: int) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64).detach().clone().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected a {ndim}-D array of numbers ({exc})") from None
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: must not be empty")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Channel part (SDM / HDM)
+# --------------------------------------------------------------------------------------------
+class Squeeze:
+    """Rescale the noise along the principal colour axes, with a time-varying strength.
+
+    Args:
+        axes: ``[C, k]`` tensor whose columns are orthonormal principal axes of the C x C pixel
+            covariance of the data (see ``fit_channel_pca``).
+        strength: ``s`` (one float, used for every axis) or ``k`` floats. ``s > 0`` squeezes (less
+            variance on the axis), ``s < 0`` antisqueezes; ``s = 0`` is isotropic noise exactly.
+        variant: ``"sdm"``: ``S = I + sum_k (exp(-r_k) - 1) v_k v_k^T`` (only the axes change);
+            ``"heisenberg"`` (HDM): the orthogonal complement is scaled by
+            ``g = exp(sum_k r_k / (C - k))`` so that ``det S = 1``.
+        schedule: time profile ``tau(t)`` with ``r_k(t) = s_k * tau(t)``: ``"beta"``
+            (``beta_t / beta_max``, the official SDM code), ``"constant"`` (1), ``"linear"``
+            (``t / (T - 1)``) or a 1-D tensor of ``T`` values.
+        orthonormalize: if True, non-orthonormal ``axes`` are orthonormalised (QR, column signs
+            kept) instead of rejected.
+    """
+
+    def __init__(self, axes, strength=0.0, variant: str = "sdm", schedule="beta", *,
+                 orthonormalize: bool = False):
+        axes_t = _as_float_tensor(axes, "axes", 2)
+        C, k = axes_t.shape
+        if k > C:
+            raise ValueError(f"axes: expected shape [C, k] with k <= C, got {tuple(axes_t.shape)}")
+        gram = axes_t.T @ axes_t
+        if not torch.allclose(gram, torch.eye(k, dtype=torch.float64), atol=_ORTHONORMAL_TOL, rtol=0):
+            if not orthonormalize:
+                err = (gram - torch.eye(k, dtype=torch.float64)).abs().max().item()
+                raise ValueError(
+                    f"axes: columns must be orthonormal (max |V^T V - I| = {err:.3g}); "
+                    "pass orthonormalize=True to orthonormalise them")
+            q, rr = torch.linalg.qr(axes_t)
+            if (rr.diagonal().abs() < 1e-12).any():
+                raise ValueError("axes: columns are linearly dependent, cannot orthonormalise")
+            axes_t = q * torch.sign(rr.diagonal())
+        self.axes = axes_t
+
+        if isinstance(strength, (int, float)):
+            strengths = [_finite_float(strength, "strength")] * k
+        else:
+            strengths = [_finite_float(s, "strength") for s in torch.as_tensor(strength).reshape(-1).tolist()]
+            if len(strengths) != k:
+                raise ValueError(f"strength: expected 1 or k={k} values, got {len(strengths)}")
+        self.strength = tuple(strengths)
+
+        if variant == "hdm":
+            variant = "heisenberg"
+        self.variant = _choice(variant, "variant", SQUEEZE_VARIANTS)
+        if self.variant == "heisenberg" and k >= C:
+            raise ValueError(f"variant: 'heisenberg' needs k < C to keep det S = 1 (got k={k}, C={C})")
+
+        if isinstance(schedule, str):
+            self.schedule = _choice(schedule, "schedule", SQUEEZE_SCHEDULES)
+        else:
+            self.schedule = _as_float_tensor(schedule, "schedule", 1)
+
+    @property
+    def channels(self) -> int:
+        return self.axes.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.axes.shape[1]
+
+    @property
+    def is_identity(self) -> bool:
+        return all(s == 0.0 for s in self.strength)
+
+    @property
+    def time_varying(self) -> bool:
+        return not (isinstance(self.schedule, str) and self.schedule == "constant")
+
+    def to_dict(self) -> dict:
+        sched = self.schedule if isinstance(self.schedule, str) else self.schedule.tolist()
+        return {"axes": self.axes.tolist(), "strength": list(self.strength),
+                "variant": self.variant, "schedule": sched}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Squeeze":
+        _check_keys(d, "squeeze", {"axes", "strength", "variant", "schedule"})
+        return cls(d["axes"], d["strength"], d.get("variant", "sdm"), d.get("schedule", "beta"))
+
+    def __repr__(self) -> str:
+        sched = self.schedule if isinstance(self.schedule, str) else f"tensor[{self.schedule.numel()}]"
+        return (f"Squeeze(axes=[{self.channels}x{self.k}], strength={list(self.strength)}, "
+                f"variant={self.variant!r}, schedule={sched!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# Spatial part (SAGD): real weights w >= 0 on the unshifted fftfreq grid
+# --------------------------------------------------------------------------------------------
+class PowerLaw:
+    """``w(f) = (r + eps) ** alpha``: alpha > 0 puts more noise in high frequencies, alpha < 0 in low
+    ones, alpha = 0 is white noise exactly. ``eps = 1e-10`` is the papers' DC floor."""
+
+    kind = "power_law"
+
+    def __init__(self, alpha: float, eps: float = 1e-10):
+        self.alpha = _finite_float(alpha, "alpha")
+        self.eps = _finite_float(eps, "eps")
+        if self.eps < 0:
+            raise ValueError(f"eps: must be >= 0, got {self.eps}")
+        if self.eps == 0 and self.alpha < 0:
+            raise ValueError("eps: must be > 0 when alpha < 0 (the DC weight would be infinite)")
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "alpha": self.alpha, "eps": self.eps}
+
+    def __repr__(self) -> str:
+        return f"PowerLaw(alpha={self.alpha}, eps={self.eps})"
+
+
+def _band(pair, name: str) -> tuple[float, float]:
+    try:
+        a, b = pair
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected an (a, b) pair, got {pair!r}") from None
+    a = _finite_float(a, f"{name}[0]")
+    b = _finite_float(b, f"{name}[1]")
+    if a < 0 or a > b:
+        raise ValueError(f"{name}: need 0 <= a <= b, got ({a}, {b})")
+    return a, b
+
+
+class Band:
+    """Band mask ``w = 1{a <= r <= b}`` (inclusive edges, radius in the spec's convention)."""
+
+    kind = "band"
+
+    def __init__(self, a: float, b: float):
+        self.a, self.b = _band((a, b), "band")
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "a": self.a, "b": self.b}
+
+    def __repr__(self) -> str:
+        return f"Band({self.a}, {self.b})"
+
+
+class TwoBand:
+    """Two-band mixture ``gamma_low * M[low] + gamma_high * M[high]``.
+
+    ``mixture="shared"`` (default) filters ONE white draw with the combined weight, so
+    ``TwoBand(0.5, (0, 0.5), 0.5, (0.5, 1))`` is white noise (up to the r = 0.5 ring, counted in both
+    bands). ``mixture="independent"`` reproduces the SAGD appendix pseudo-code: two white draws, each
+    band-filtered and normalised on its own, then mixed (total variance gamma_l^2 + gamma_h^2).
+    """
+
+    kind = "two_band"
+
+    def __init__(self, gamma_low: float, low, gamma_high: float, high, mixture: str = "shared"):
+        self.gamma_low = _finite_float(gamma_low, "gamma_low")
+        self.gamma_high = _finite_float(gamma_high, "gamma_high")
+        if self.gamma_low < 0 or self.gamma_high < 0:
+            raise ValueError(f"gamma_low/gamma_high: must be >= 0, got {self.gamma_low}, {self.gamma_high}")
+        if self.gamma_low == 0 and self.gamma_high == 0:
+            raise ValueError("gamma_low/gamma_high: at least one must be > 0")
+        self.low = _band(low, "low")
+        self.high = _band(high, "high")
+        self.mixture = _choice(mixture, "mixture", MIXTURE_MODES)
+
+    @property
+    def draws(self) -> int:
+        return 2 if self.mixture == "independent" else 1
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "gamma_low": self.gamma_low, "low": list(self.low),
+                "gamma_high": self.gamma_high, "high": list(self.high), "mixture": self.mixture}
+
+    def __repr__(self) -> str:
+        return (f"TwoBand({self.gamma_low}, {self.low}, {self.gamma_high}, {self.high}, "
+                f"mixture={self.mixture!r})")
+
+
+class SpectralTable:
+    """An arbitrary weight table ``[H, W]`` on the unshifted ``fftfreq`` grid (e.g. fitted from
+    data). It must be real, finite, >= 0 and symmetric, ``w(f) = w(-f)``, so the noise is real."""
+
+    kind = "table"
+
+    def __init__(self, weights):
+        w = _as_float_tensor(weights, "weights", 2)
+        if (w < 0).any():
+            raise ValueError("weights: must be >= 0 everywhere")
+        if not (w > 0).any():
+            raise ValueError("weights: must not be all zero")
+        mirrored = torch.roll(torch.flip(w, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # w(-f mod N)
+        if not torch.allclose(w, mirrored, rtol=1e-6, atol=1e-12 * float(w.abs().max())):
+            raise ValueError(
+                "weights: must be symmetric on the unshifted fftfreq grid, w[i, j] == "
+                "w[-i % H, -j % W]; symmetrise with 0.5 * (w + w(-f)) if that is what you want")
+        self.weights = w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weights.shape)
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "weights": self.weights.tolist()}
+
+    def __repr__(self) -> str:
+        return f"SpectralTable([{self.shape[0]}x{self.shape[1]}])"
+
+
+_SPECTRAL_TYPES = {"power_law": PowerLaw, "band": Band, "two_band": TwoBand, "table": SpectralTable}
+
+
+def _spectral_from_dict(d: dict):
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError("spectral: expected an object with a 'type' field")
+    kind = d["type"]
+    if kind not in _SPECTRAL_TYPES:
+        raise ValueError(f"spectral.type: must be one of {list(_SPECTRAL_TYPES)}, got {kind!r}")
+    args = {k: v for k, v in d.items() if k != "type"}
+    if kind == "power_law":
+        _check_keys(args, "spectral", {"alpha", "eps"})
+        return PowerLaw(**args)
+    if kind == "band":
+        _check_keys(args, "spectral", {"a", "b"})
+        return Band(**args)
+    if kind == "two_band":
+        _check_keys(args, "spectral", {"gamma_low", "low", "gamma_high", "high", "mixture"})
+        return TwoBand(**args)
+    _check_keys(args, "spectral", {"weights"})
+    return SpectralTable(**args)
+
+
+def _check_keys(d: dict, where: str, allowed: set) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------
+class NoiseSpec:
+    """The shape of the forward noise: ``n = A(t) eps`` with ``A(t) = S(t) (x) T_w``.
+
+    Args:
+        squeeze: a :class:`Squeeze` (channel part, SDM/HDM) or None.
+        spectral: a :class:`PowerLaw`, :class:`Band`, :class:`TwoBand` or :class:`SpectralTable`
+            (spatial part, SAGD) or None.
+        normalize: how the spatial part is scaled. ``"calibrated"`` (default): ``c = mean(w^2)^-1/2``,
+            exact ``N(0, Sigma_w)`` with unit mean per-pixel variance; ``"per_sample"``: each (b, c)
+            plane divided by its spatial std (ddof=0) + 1e-8, as in the SAGD appendix code;
+            ``"none"``: no scaling.
+        radius: radial frequency convention for the weights: ``"cycles"`` (cycles/pixel,
+            r <= 0.7071), ``"nyquist1"`` (2r, Nyquist = 1) or ``"rmax1"`` (r / r.max()).
+
+    ``NoiseSpec()`` is isotropic white noise.
+    """
+
+    def __init__(self, squeeze: Squeeze | None = None, spectral=None, *,
+                 normalize: str = "calibrated", radius: str = "cycles"):
+        if squeeze is not None and not isinstance(squeeze, Squeeze):
+            raise TypeError(f"squeeze: expected anisodiff.Squeeze or None, got {type(squeeze).__name__}")
+        if spectral is not None and not isinstance(spectral, tuple(_SPECTRAL_TYPES.values())):
+            raise TypeError("spectral: expected PowerLaw, Band, TwoBand, SpectralTable or None, "
+                            f"got {type(spectral).__name__}")
+        self.squeeze = squeeze
+        self.spectral = spectral
+        self.normalize = _choice(normalize, "normalize", NORMALIZE_MODES)
+        self.radius = _choice(radius, "radius", RADIUS_CONVENTIONS)
+
+    # -- properties used by the ops -----------------------------------------------------------
+    @property
+    def draws(self) -> int:
+        """How many white draws one noise sample consumes (2 for an independent two-band mix)."""
+        return self.spectral.draws if isinstance(self.spectral, TwoBand) else 1
+
+    @property
+    def time_varying(self) -> bool:
+        return self.squeeze is not None and self.squeeze.time_varying and not self.squeeze.is_identity
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": SPEC_FORMAT,
+            "version": SPEC_VERSION,
+            "squeeze": None if self.squeeze is None else self.squeeze.to_dict(),
+            "spectral": None if self.spectral is None else self.spectral.to_dict(),
+            "normalize": self.normalize,
+            "radius": self.radius,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NoiseSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"spec: expected a JSON object, got {type(d).__name__}")
+        if d.get("format", SPEC_FORMAT) != SPEC_FORMAT:
+            raise ValueError(f"spec.format: expected {SPEC_FORMAT!r}, got {d.get('format')!r}")
+        version = d.get("version", SPEC_VERSION)
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"spec.version: expected a positive integer, got {version!r}")
+        if version > SPEC_VERSION:
+            raise ValueError(f"spec.version: {version} is newer than this anisodiff understands "
+                             f"({SPEC_VERSION}); upgrade anisodiff")
+        _check_keys(d, "spec", {"format", "version", "squeeze", "spectral", "normalize", "radius"})
+        squeeze = None if d.get("squeeze") is None else Squeeze.from_dict(d["squeeze"])
+        spectral = None if d.get("spectral") is None else _spectral_from_dict(d["spectral"])
+        return cls(squeeze, spectral, normalize=d.get("normalize", "calibrated"),
+                   radius=d.get("radius", "cycles"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NoiseSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"spec: not valid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the spec as JSON (human-readable, no pickle)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NoiseSpec":
+        """Read a spec written by :meth:`save`. Only JSON is parsed; no code runs."""
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NoiseSpec) and self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        return (f"NoiseSpec(squeeze={self.squeeze!r}, spectral={self.spectral!r}, "
+                f"normalize={self.normalize!r}, radius={self.radius!r})")

@@ -1,0 +1,54 @@
+// Internal interface between the CPU dispatcher (noise_cpu.cpp, built once) and the fused kernel
+// (noise_kernel.cpp, built once per instruction set: default, AVX2, AVX-512).
+#pragma once
+
+#include "anisodiff/problem.h"
+#include "anisodiff/spectral.h"
+
+namespace anisodiff {
+namespace cpu {
+
+// Twiddles of one Stockham FFT length (forward sign; the inverse conjugates them).
+struct FftPlanView {
+  int n = 1;
+  int stages = 0;
+  int radix[kMaxFftStages] = {};
+  int span[kMaxFftStages] = {};            // product of the radices of earlier stages (Ns)
+  const float* tw_re[kMaxFftStages] = {};  // [span * (radix - 1)]: exp(-2 pi i r k / (span radix))
+  const float* tw_im[kMaxFftStages] = {};
+  const float* root_re[kMaxFftStages] = {};  // [radix]: exp(-2 pi i m / radix)
+  const float* root_im[kMaxFftStages] = {};
+};
+
+struct SpectralPlan {
+  FftPlanView rows;     // length H (transforms across rows, vectorised along W)
+  FftPlanView cols;     // length W (after a transpose, vectorised along H)
+  const float* weights_t = nullptr;  // [draws, W, H]: w transposed and scaled by 1 / (H W)
+};
+
+// Per-thread scratch, sized by workspace_floats().
+struct Workspace {
+  float* eps[2];     // [group_samples * C * H * W] per draw
+  float* fft_re;     // [H * W]
+  float* fft_im;     // [H * W]
+  float* zero_plane; // [H * W], stays zero (partner of an unpaired plane)
+  float* proj;       // [k * H * W]
+  float* row;        // [3 * W]
+};
+
+int64_t group_samples(const NoiseProblem& p);
+int64_t workspace_floats(const NoiseProblem& p);
+Workspace carve_workspace(const NoiseProblem& p, float* base);
+
+#define ANISO_DECLARE_CAPABILITY(NS)                                                          \
+  namespace NS {                                                                             \
+  void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,  \
+                      int64_t group_begin, int64_t group_end);                               \
+  }
+ANISO_DECLARE_CAPABILITY(cap_default)
+ANISO_DECLARE_CAPABILITY(cap_avx2)
+ANISO_DECLARE_CAPABILITY(cap_avx512)
+#undef ANISO_DECLARE_CAPABILITY
+
+}  // namespace cpu
+}  // namespace anisodiff

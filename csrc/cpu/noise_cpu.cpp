@@ -1,0 +1,169 @@
+// CPU dispatcher: FFT plans, per-thread scratch and the choice of instruction set.
+#include "noise_cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+#include <cstring>
+#include <string>
+
+#include "cpu_kernel.h"
+
+namespace anisodiff {
+namespace cpu {
+
+int64_t group_samples(const NoiseProblem& p) {
+  // Planes are filtered in pairs; with an odd channel count two samples share a group so no plane
+  // is left without a partner (except in the last group).
+  return (p.weights != nullptr && p.channels % 2 == 1) ? 2 : 1;
+}
+
+int64_t workspace_floats(const NoiseProblem& p) {
+  const int64_t HW = p.height * p.width;
+  const int64_t group = group_samples(p) * p.channels * HW;
+  return 2 * group + 3 * HW + (int64_t)p.k * HW + 3 * p.width + 64;
+}
+
+Workspace carve_workspace(const NoiseProblem& p, float* base) {
+  const int64_t HW = p.height * p.width;
+  const int64_t group = group_samples(p) * p.channels * HW;
+  Workspace ws;
+  float* cur = base;
+  ws.eps[0] = cur; cur += group;
+  ws.eps[1] = cur; cur += group;
+  ws.fft_re = cur; cur += HW;
+  ws.fft_im = cur; cur += HW;
+  ws.zero_plane = cur; cur += HW;
+  ws.proj = cur; cur += (int64_t)p.k * HW;
+  ws.row = cur;
+  return ws;
+}
+
+namespace {
+
+struct Capability {
+  const char* name;
+  ProcessFn fn;
+};
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+Capability select_capability() {
+  const char* env = getenv("ANISODIFF_CPU_CAPABILITY");
+  const std::string want = env ? env : "";
+  (void)want;
+#if defined(ANISO_HAVE_AVX512)
+  if (cpu_has_avx512() && (want.empty() || want == "avx512")) return {"avx512", cap_avx512::process_groups};
+#endif
+#if defined(ANISO_HAVE_AVX2)
+  if (cpu_has_avx2() && (want.empty() || want == "avx512" || want == "avx2"))
+    return {"avx2", cap_avx2::process_groups};
+#endif
+  return {"default", cap_default::process_groups};
+}
+
+// Appends the twiddle tables of one FFT length to `tables`; pointers are fixed up later.
+struct PlanOffsets {
+  int64_t tw[kMaxFftStages], root[kMaxFftStages];
+};
+
+PlanOffsets append_fft_tables(FftPlanView& view, int n, std::vector<float>& tables) {
+  const FftFactors f = fft_factorize(n);
+  PlanOffsets off{};
+  view.n = n;
+  view.stages = f.count;
+  int span = 1;
+  for (int s = 0; s < f.count; ++s) {
+    const int p = f.radix[s];
+    view.radix[s] = p;
+    view.span[s] = span;
+    off.tw[s] = (int64_t)tables.size();
+    for (int k = 0; k < span; ++k)  // re block then im block
+      for (int r = 1; r < p; ++r) tables.push_back((float)cos(-2.0 * M_PI * r * k / ((double)span * p)));
+    for (int k = 0; k < span; ++k)
+      for (int r = 1; r < p; ++r) tables.push_back((float)sin(-2.0 * M_PI * r * k / ((double)span * p)));
+    off.root[s] = (int64_t)tables.size();
+    for (int m = 0; m < p; ++m) tables.push_back((float)cos(-2.0 * M_PI * m / p));
+    for (int m = 0; m < p; ++m) tables.push_back((float)sin(-2.0 * M_PI * m / p));
+    span *= p;
+  }
+  return off;
+}
+
+void fix_pointers(FftPlanView& view, const PlanOffsets& off, const float* base) {
+  for (int s = 0; s < view.stages; ++s) {
+    const int64_t count = (int64_t)view.span[s] * (view.radix[s] - 1);
+    view.tw_re[s] = base + off.tw[s];
+    view.tw_im[s] = base + off.tw[s] + count;
+    view.root_re[s] = base + off.root[s];
+    view.root_im[s] = base + off.root[s] + view.radix[s];
+  }
+}
+
+}  // namespace
+
+CpuLaunch::CpuLaunch(const NoiseProblem& problem) : problem_(problem), plan_(new SpectralPlan()) {
+  // Chosen per launch (not cached) so tests can switch it with the environment variable.
+  const Capability cap = select_capability();
+  process_ = cap.fn;
+  capability_name_ = cap.name;
+  if (problem_.weights == nullptr) return;
+  const int64_t H = problem_.height, W = problem_.width, HW = H * W;
+  const PlanOffsets rows = append_fft_tables(plan_->rows, (int)H, tables_);
+  const PlanOffsets cols = append_fft_tables(plan_->cols, (int)W, tables_);
+  const int64_t w_off = (int64_t)tables_.size();
+  const float scale = 1.0f / (float)HW;  // the inverse FFT is unnormalised
+  tables_.resize(tables_.size() + problem_.draws * HW);
+  for (int d = 0; d < problem_.draws; ++d)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w)
+        tables_[w_off + d * HW + w * H + h] = problem_.weights[d * HW + h * W + w] * scale;
+  fix_pointers(plan_->rows, rows, tables_.data());
+  fix_pointers(plan_->cols, cols, tables_.data());
+  plan_->weights_t = tables_.data() + w_off;
+}
+
+CpuLaunch::~CpuLaunch() = default;
+
+int64_t CpuLaunch::num_groups() const {
+  const int64_t G = group_samples(problem_);
+  return (problem_.batch + G - 1) / G;
+}
+
+void CpuLaunch::run(int64_t group_begin, int64_t group_end) const {
+  if (group_begin >= group_end) return;
+  std::vector<float> scratch((size_t)workspace_floats(problem_), 0.f);
+  const Workspace ws = carve_workspace(problem_, scratch.data());
+  process_(problem_, *plan_, ws, group_begin, group_end);
+}
+
+const char* capability() { return select_capability().name; }
+
+std::vector<std::string> compiled_capabilities() {
+  std::vector<std::string> out{"default"};
+#if defined(ANISO_HAVE_AVX2)
+  out.push_back("avx2");
+#endif
+#if defined(ANISO_HAVE_AVX512)
+  out.push_back("avx512");
+#endif
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace anisodiff

@@ -1,0 +1,405 @@
+// The fused CPU noise kernel. This file is compiled once per instruction set (default, AVX2,
+// AVX-512), each time into its own namespace (ANISO_CPU_CAPABILITY), and the dispatcher in
+// noise_cpu.cpp picks one at run time. Everything here has internal linkage and uses no STL, so no
+// inline function compiled for a wide instruction set can leak into the default path.
+//
+// One pass per group of samples: generate eps for the group into a cache-resident buffer (or read
+// the caller's eps), filter each pair of planes with one complex 2-D FFT, normalise, apply the
+// channel squeeze per pixel, mix with x0 and store x_t and the target. x0 is read once, the outputs
+// are written once, nothing else touches memory.
+#include <math.h>
+#include <string.h>
+
+#include "anisodiff/philox.h"
+#include "cpu_kernel.h"
+
+#ifndef ANISO_CPU_CAPABILITY
+#define ANISO_CPU_CAPABILITY cap_default
+#endif
+
+namespace anisodiff {
+namespace cpu {
+namespace ANISO_CPU_CAPABILITY {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// White noise
+// ------------------------------------------------------------------------------------------
+constexpr int kCounterBlock = 32;
+
+// N(0, 1) for the linear indices [i0, i1) of draw `draw` of the stream, written to out[0, i1 - i0).
+void generate_normals(float* __restrict out, int64_t i0, int64_t i1, uint64_t seed, uint64_t offset,
+                      uint32_t draw) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const int64_t c_begin = i0 >> 2, c_end = (i1 + 3) >> 2;
+  float lane[4][kCounterBlock];
+  for (int64_t cb = c_begin; cb < c_end; cb += kCounterBlock) {
+    // Always a full block, so the loop vectorises; surplus counters are discarded below.
+    for (int j = 0; j < kCounterBlock; ++j) {
+      const uint64_t ctr = offset + (uint64_t)(cb + j);
+      const Philox4 w = philox4x32_10((uint32_t)ctr, (uint32_t)(ctr >> 32), draw, 0u, k0, k1);
+      box_muller(uint32_to_uniform(w.w[0]), uint32_to_uniform(w.w[1]), lane[0][j], lane[1][j]);
+      box_muller(uint32_to_uniform(w.w[2]), uint32_to_uniform(w.w[3]), lane[2][j], lane[3][j]);
+    }
+    const int64_t nb = (c_end - cb) < kCounterBlock ? (c_end - cb) : kCounterBlock;
+    const int64_t e_begin = 4 * cb, e_end = 4 * (cb + nb);
+    if (e_begin >= i0 && e_end <= i1) {
+      float* dst = out + (e_begin - i0);
+      for (int64_t j = 0; j < nb; ++j) {
+        dst[4 * j + 0] = lane[0][j];
+        dst[4 * j + 1] = lane[1][j];
+        dst[4 * j + 2] = lane[2][j];
+        dst[4 * j + 3] = lane[3][j];
+      }
+    } else {  // first or last block of an unaligned range
+      for (int64_t j = 0; j < nb; ++j)
+        for (int l = 0; l < 4; ++l) {
+          const int64_t e = 4 * (cb + j) + l;
+          if (e >= i0 && e < i1) out[e - i0] = lane[l][j];
+        }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Strided row I/O with dtype conversion
+// ------------------------------------------------------------------------------------------
+void load_row(const TensorArg& t, int64_t b, int64_t c, int64_t h, int64_t W, float* __restrict dst) {
+  const int64_t base = t.index(b, c, h, 0), sw = t.stride[3];
+  switch (t.dtype) {
+    case DType::kFloat32: {
+      const float* src = static_cast<const float*>(t.data) + base;
+      if (sw == 1) {
+        for (int64_t x = 0; x < W; ++x) dst[x] = src[x];
+      } else {
+        for (int64_t x = 0; x < W; ++x) dst[x] = src[x * sw];
+      }
+      break;
+    }
+    case DType::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + base;
+      for (int64_t x = 0; x < W; ++x) dst[x] = fp16_to_float(src[x * sw]);
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(t.data) + base;
+      for (int64_t x = 0; x < W; ++x) dst[x] = bf16_to_float(src[x * sw]);
+      break;
+    }
+  }
+}
+
+void store_row(const TensorArg& t, int64_t b, int64_t c, int64_t h, int64_t W, const float* __restrict src) {
+  const int64_t base = t.index(b, c, h, 0), sw = t.stride[3];
+  switch (t.dtype) {
+    case DType::kFloat32: {
+      float* dst = static_cast<float*>(t.data) + base;
+      if (sw == 1) {
+        for (int64_t x = 0; x < W; ++x) dst[x] = src[x];
+      } else {
+        for (int64_t x = 0; x < W; ++x) dst[x * sw] = src[x];
+      }
+      break;
+    }
+    case DType::kFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(t.data) + base;
+      for (int64_t x = 0; x < W; ++x) dst[x * sw] = float_to_fp16(src[x]);
+      break;
+    }
+    case DType::kBFloat16: {
+      uint16_t* dst = static_cast<uint16_t*>(t.data) + base;
+      for (int64_t x = 0; x < W; ++x) dst[x * sw] = float_to_bf16(src[x]);
+      break;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Spectral filter: Stockham FFTs whose "elements" are whole rows of L values, so every butterfly
+// is a contiguous, vectorisable loop over L.
+// ------------------------------------------------------------------------------------------
+struct Planes {
+  float* re;
+  float* im;
+};
+
+void fft_stage(const float* __restrict xr, const float* __restrict xi, float* __restrict yr,
+               float* __restrict yi, const FftPlanView& plan, int s, float sg, int64_t L) {
+  const int n = plan.n, p = plan.radix[s], ns = plan.span[s], m = n / p;
+  for (int j = 0; j < m; ++j) {
+    const int k = j % ns;
+    const int64_t out0 = (int64_t)(j / ns) * ns * p + k;
+    const float* twr = plan.tw_re[s] + k * (p - 1);
+    const float* twi = plan.tw_im[s] + k * (p - 1);
+    if (p == 2) {
+      const float t1r = twr[0], t1i = sg * twi[0];
+      const float *ar = xr + j * L, *ai = xi + j * L, *br = xr + (j + m) * L, *bi = xi + (j + m) * L;
+      float *y0r = yr + out0 * L, *y0i = yi + out0 * L;
+      float *y1r = yr + (out0 + ns) * L, *y1i = yi + (out0 + ns) * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const float vr = br[l] * t1r - bi[l] * t1i, vi = br[l] * t1i + bi[l] * t1r;
+        y0r[l] = ar[l] + vr;
+        y0i[l] = ai[l] + vi;
+        y1r[l] = ar[l] - vr;
+        y1i[l] = ai[l] - vi;
+      }
+    } else if (p == 4) {
+      const float t1r = twr[0], t1i = sg * twi[0], t2r = twr[1], t2i = sg * twi[1];
+      const float t3r = twr[2], t3i = sg * twi[2];
+      const float *x0r = xr + j * L, *x0i = xi + j * L;
+      const float *x1r = xr + (j + m) * L, *x1i = xi + (j + m) * L;
+      const float *x2r = xr + (j + 2 * m) * L, *x2i = xi + (j + 2 * m) * L;
+      const float *x3r = xr + (j + 3 * m) * L, *x3i = xi + (j + 3 * m) * L;
+      float *y0r = yr + out0 * L, *y0i = yi + out0 * L;
+      float *y1r = yr + (out0 + ns) * L, *y1i = yi + (out0 + ns) * L;
+      float *y2r = yr + (out0 + 2 * ns) * L, *y2i = yi + (out0 + 2 * ns) * L;
+      float *y3r = yr + (out0 + 3 * ns) * L, *y3i = yi + (out0 + 3 * ns) * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const float a1r = x1r[l] * t1r - x1i[l] * t1i, a1i = x1r[l] * t1i + x1i[l] * t1r;
+        const float a2r = x2r[l] * t2r - x2i[l] * t2i, a2i = x2r[l] * t2i + x2i[l] * t2r;
+        const float a3r = x3r[l] * t3r - x3i[l] * t3i, a3i = x3r[l] * t3i + x3i[l] * t3r;
+        const float s0r = x0r[l] + a2r, s0i = x0i[l] + a2i, d0r = x0r[l] - a2r, d0i = x0i[l] - a2i;
+        const float s1r = a1r + a3r, s1i = a1i + a3i, d1r = a1r - a3r, d1i = a1i - a3i;
+        y0r[l] = s0r + s1r;
+        y0i[l] = s0i + s1i;
+        y2r[l] = s0r - s1r;
+        y2i[l] = s0i - s1i;
+        // forward: y1 = d0 - i d1, y3 = d0 + i d1 (the inverse flips the sign of i)
+        y1r[l] = d0r + sg * d1i;
+        y1i[l] = d0i - sg * d1r;
+        y3r[l] = d0r - sg * d1i;
+        y3i[l] = d0i + sg * d1r;
+      }
+    } else if (p == 3) {
+      const float t1r = twr[0], t1i = sg * twi[0], t2r = twr[1], t2i = sg * twi[1];
+      const float h = sg * 0.866025403784438647f;  // sin(2 pi / 3)
+      const float *x0r = xr + j * L, *x0i = xi + j * L;
+      const float *x1r = xr + (j + m) * L, *x1i = xi + (j + m) * L;
+      const float *x2r = xr + (j + 2 * m) * L, *x2i = xi + (j + 2 * m) * L;
+      float *y0r = yr + out0 * L, *y0i = yi + out0 * L;
+      float *y1r = yr + (out0 + ns) * L, *y1i = yi + (out0 + ns) * L;
+      float *y2r = yr + (out0 + 2 * ns) * L, *y2i = yi + (out0 + 2 * ns) * L;
+      for (int64_t l = 0; l < L; ++l) {
+        const float a1r = x1r[l] * t1r - x1i[l] * t1i, a1i = x1r[l] * t1i + x1i[l] * t1r;
+        const float a2r = x2r[l] * t2r - x2i[l] * t2i, a2i = x2r[l] * t2i + x2i[l] * t2r;
+        const float sr = a1r + a2r, si = a1i + a2i, dr = a1r - a2r, di = a1i - a2i;
+        const float mr = x0r[l] - 0.5f * sr, mi = x0i[l] - 0.5f * si;
+        y0r[l] = x0r[l] + sr;
+        y0i[l] = x0i[l] + si;
+        y1r[l] = mr + h * di;
+        y1i[l] = mi - h * dr;
+        y2r[l] = mr - h * di;
+        y2i[l] = mi + h * dr;
+      }
+    } else {  // any other radix: y_q = sum_r (t_r w^{rq}) x_r, O(p^2) rows
+      const float* rr = plan.root_re[s];
+      const float* ri = plan.root_im[s];
+      for (int q = 0; q < p; ++q) {
+        float* oyr = yr + (out0 + (int64_t)q * ns) * L;
+        float* oyi = yi + (out0 + (int64_t)q * ns) * L;
+        for (int64_t l = 0; l < L; ++l) {
+          oyr[l] = xr[j * L + l];
+          oyi[l] = xi[j * L + l];
+        }
+        for (int r = 1; r < p; ++r) {
+          const int e = (int)(((int64_t)r * q) % p);
+          const float wr = rr[e], wi = sg * ri[e];
+          const float tr = twr[r - 1], ti = sg * twi[r - 1];
+          const float cr = tr * wr - ti * wi, ci = tr * wi + ti * wr;
+          const float* ixr = xr + (j + (int64_t)r * m) * L;
+          const float* ixi = xi + (j + (int64_t)r * m) * L;
+          for (int64_t l = 0; l < L; ++l) {
+            oyr[l] += ixr[l] * cr - ixi[l] * ci;
+            oyi[l] += ixr[l] * ci + ixi[l] * cr;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Runs every stage, ping-ponging between cur and other; cur holds the result afterwards.
+void run_fft(const FftPlanView& plan, Planes& cur, Planes& other, int64_t L, float sg) {
+  for (int s = 0; s < plan.stages; ++s) {
+    fft_stage(cur.re, cur.im, other.re, other.im, plan, s, sg, L);
+    const Planes t = cur;
+    cur = other;
+    other = t;
+  }
+}
+
+void transpose(const float* __restrict src, float* __restrict dst, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+      const int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
+    }
+}
+
+void transpose_planes(Planes& cur, Planes& other, int64_t rows, int64_t cols) {
+  transpose(cur.re, other.re, rows, cols);
+  transpose(cur.im, other.im, rows, cols);
+  const Planes t = cur;
+  cur = other;
+  other = t;
+}
+
+// Filters planes a and b in place: a <- T_w a, b <- T_w b.
+void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t,
+                 const Workspace& ws, int64_t H, int64_t W) {
+  Planes cur{a, b}, other{ws.fft_re, ws.fft_im};
+  run_fft(plan.rows, cur, other, W, 1.f);  // along H, rows of W
+  transpose_planes(cur, other, H, W);      // now [W, H]
+  run_fft(plan.cols, cur, other, H, 1.f);  // along W, rows of H
+  const int64_t HW = H * W;
+  for (int64_t i = 0; i < HW; ++i) {
+    cur.re[i] *= w_t[i];
+    cur.im[i] *= w_t[i];
+  }
+  run_fft(plan.cols, cur, other, H, -1.f);
+  transpose_planes(cur, other, W, H);
+  run_fft(plan.rows, cur, other, W, -1.f);
+  if (cur.re != a) {
+    for (int64_t i = 0; i < HW; ++i) {
+      a[i] = cur.re[i];
+      b[i] = cur.im[i];
+    }
+  }
+}
+
+// The SAGD appendix normalisation: x / (std(x, ddof=0) + 1e-8) per plane, statistics in double.
+void normalize_plane(float* __restrict x, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  const double mean = sum / (double)n;
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = (double)x[i] - mean;
+    ss += d * d;
+  }
+  const float scale = (float)(1.0 / (sqrt(ss / (double)n) + 1e-8));
+  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+}
+
+// ------------------------------------------------------------------------------------------
+// Channel squeeze on one sample's planes e[C][HW], in place.
+// ------------------------------------------------------------------------------------------
+void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, float* __restrict proj,
+                    int64_t HW) {
+  const int k = p.k, C = (int)p.channels;
+  const SqueezeCoeffs sc = squeeze_coeffs(r, k, C, p.variant);
+  for (int i = 0; i < k; ++i) {  // proj_i = v_i . e per pixel
+    float* u = proj + (int64_t)i * HW;
+    for (int64_t x = 0; x < HW; ++x) u[x] = 0.f;
+    for (int c = 0; c < C; ++c) {
+      const float v = p.axes[c * k + i];
+      const float* ec = e + (int64_t)c * HW;
+      for (int64_t x = 0; x < HW; ++x) u[x] += v * ec[x];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    float* ec = e + (int64_t)c * HW;
+    if (sc.g != 1.f)
+      for (int64_t x = 0; x < HW; ++x) ec[x] *= sc.g;
+    for (int i = 0; i < k; ++i) {
+      const float coef = sc.f_minus_g[i] * p.axes[c * k + i];
+      const float* u = proj + (int64_t)i * HW;
+      for (int64_t x = 0; x < HW; ++x) ec[x] += coef * u[x];
+    }
+  }
+}
+
+// Mix one sample's shaped noise n[C][H][W] with x0 and store (or store the noise alone).
+void store_sample(const NoiseProblem& p, int64_t b, const float* __restrict n, float a, float bcoef,
+                  float* __restrict row) {
+  const int64_t C = p.channels, H = p.height, W = p.width;
+  float* x0 = row;
+  float* xt = row + W;
+  float* tg = row + 2 * W;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < H; ++h) {
+      const float* nr = n + (c * H + h) * W;
+      if (p.x0.data == nullptr) {
+        store_row(p.out, b, c, h, W, nr);
+        continue;
+      }
+      load_row(p.x0, b, c, h, W, x0);
+      switch (p.target) {
+        case Target::kEpsilon:
+          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kEpsilon, xt[x], tg[x]);
+          break;
+        case Target::kV:
+          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kV, xt[x], tg[x]);
+          break;
+        case Target::kX0:
+          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kX0, xt[x], tg[x]);
+          break;
+        case Target::kFlow:
+          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kFlow, xt[x], tg[x]);
+          break;
+      }
+      store_row(p.x_t, b, c, h, W, xt);
+      store_row(p.out, b, c, h, W, tg);
+    }
+}
+
+}  // namespace
+
+void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,
+                    int64_t group_begin, int64_t group_end) {
+  const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
+  const int64_t G = group_samples(p);
+  const int64_t ncoef = 2 + p.k;
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    const int64_t b0 = g * G;
+    const int64_t nb = (p.batch - b0) < G ? (p.batch - b0) : G;
+    const int64_t planes = nb * C;
+    for (int d = 0; d < p.draws; ++d) {
+      float* e = ws.eps[d];
+      if (p.noise[d].data != nullptr) {
+        for (int64_t s = 0; s < nb; ++s)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], b0 + s, c, h, W, e + ((s * C + c) * H + h) * W);
+      } else {
+        generate_normals(e, b0 * CHW, (b0 + nb) * CHW, p.seed, p.offset, (uint32_t)d);
+      }
+      if (p.weights != nullptr) {
+        const float* w_t = plan.weights_t + d * HW;
+        for (int64_t q = 0; q < planes; q += 2) {
+          float* partner = ws.zero_plane;
+          if (q + 1 < planes) {
+            partner = e + (q + 1) * HW;
+          } else {
+            for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
+          }
+          filter_pair(e + q * HW, partner, plan, w_t, ws, H, W);
+        }
+      }
+      if (p.per_sample_norm)
+        for (int64_t q = 0; q < planes; ++q) normalize_plane(e + q * HW, HW);
+      const float gamma = p.gammas[d];
+      float* acc = ws.eps[0];
+      const int64_t total = planes * HW;
+      if (d == 0) {
+        if (gamma != 1.f)
+          for (int64_t i = 0; i < total; ++i) acc[i] *= gamma;
+      } else {
+        for (int64_t i = 0; i < total; ++i) acc[i] += gamma * e[i];
+      }
+    }
+    for (int64_t s = 0; s < nb; ++s) {
+      const int64_t b = b0 + s;
+      const float* row = p.coef + p.timesteps[b] * ncoef;
+      float* e = ws.eps[0] + s * CHW;
+      if (p.k > 0) squeeze_sample(e, p, row + 2, ws.proj, HW);
+      store_sample(p, b, e, row[0], row[1], ws.row);
+    }
+  }
+}
+
+}  // namespace ANISO_CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace anisodiff

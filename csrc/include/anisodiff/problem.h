@@ -1,0 +1,52 @@
+// The launch interface of the fused noise kernels: raw pointers, sizes and flags, no torch types, so
+// the CPU and CUDA kernels compile without torch headers. The torch glue (csrc/ops.cpp) fills it.
+#pragma once
+
+#include "anisodiff/dtype.h"
+#include "anisodiff/macros.h"
+#include "anisodiff/mix.h"
+#include "anisodiff/squeeze.h"
+
+namespace anisodiff {
+
+// A strided [B, C, H, W] view of float32 / float16 / bfloat16 storage; data == nullptr means absent.
+struct TensorArg {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  ANISO_HD int64_t index(int64_t b, int64_t c, int64_t h, int64_t w) const {
+    return b * stride[0] + c * stride[1] + h * stride[2] + w * stride[3];
+  }
+};
+
+struct NoiseProblem {
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+
+  // Per-timestep coefficients, gathered per sample: row t of coef is (a_t, b_t, r_1(t) .. r_k(t)).
+  const int64_t* timesteps = nullptr;  // [B], every value in [0, coef_rows)
+  const float* coef = nullptr;         // [coef_rows, 2 + k] row-major
+  int64_t coef_rows = 0;
+
+  // Channel part: k principal axes, [C, k] row-major (k == 0: no squeeze).
+  int k = 0;
+  const float* axes = nullptr;
+  SqueezeVariant variant = SqueezeVariant::kSDM;
+
+  // Spatial part: n_sp = sum_d gammas[d] * N(T_{w_d} eps_d), weights [draws, H, W] with the
+  // calibration already folded in (nullptr: T_w = identity); N = per-plane std normalisation.
+  int draws = 1;
+  const float* weights = nullptr;
+  float gammas[2] = {1.f, 1.f};
+  bool per_sample_norm = false;
+
+  // White noise: the canonical stream (seed, offset), or the caller's draws when noise[d].data is set.
+  uint64_t seed = 0, offset = 0;
+  TensorArg noise[2];
+
+  // add_noise reads x0 and writes x_t and the target into out; shaped_noise writes the noise into out.
+  TensorArg x0, x_t, out;
+  Target target = Target::kEpsilon;
+};
+
+}  // namespace anisodiff

@@ -1,0 +1,170 @@
+// torch glue: the anisodiff op schemas and their CPU implementations. Checks here are the last line
+// of defence (the Python layer validates first with friendlier messages): nothing reaches the kernel
+// that could make it read out of bounds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/noise_cpu.h"
+
+namespace anisodiff {
+namespace {
+
+DType storage_dtype(at::ScalarType st, const char* name) {
+  switch (st) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", st);
+  }
+}
+
+TensorArg tensor_arg(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D [B, C, H, W] tensor, got ", t.dim(), "-D");
+  TensorArg a;
+  a.data = const_cast<void*>(t.data_ptr());
+  a.dtype = storage_dtype(t.scalar_type(), name);
+  for (int i = 0; i < 4; ++i) a.stride[i] = t.stride(i);
+  return a;
+}
+
+// Fills the parts of the problem shared by every op and checks them against the sizes.
+void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tensor& coef,
+                   const at::Tensor& axes, const std::optional<at::Tensor>& weights,
+                   at::ArrayRef<double> gammas, int64_t variant, int64_t normalize, int64_t seed,
+                   int64_t offset) {
+  for (const at::Tensor* t : {&timesteps, &coef, &axes})
+    TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
+  TORCH_CHECK(!weights.has_value() || weights->device().is_cpu(),
+              "anisodiff CPU kernel: every tensor must be on the CPU");
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous(),
+              "coef: expected a contiguous float32 [T, 2 + k] table");
+  TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous(),
+              "axes: expected a contiguous float32 [C, k] tensor");
+  const int64_t k = axes.size(1);
+  TORCH_CHECK(axes.size(0) == p.channels, "axes: has ", axes.size(0), " rows but the noise has ",
+              p.channels, " channels");
+  TORCH_CHECK(k <= kMaxAxes, "axes: at most ", kMaxAxes, " principal axes are supported, got ", k);
+  TORCH_CHECK(coef.size(1) == 2 + k, "coef: expected ", 2 + k, " columns, got ", coef.size(1));
+  TORCH_CHECK(coef.size(0) >= 1, "coef: must have at least one row");
+  TORCH_CHECK(timesteps.scalar_type() == at::kLong && timesteps.dim() == 1 &&
+                  timesteps.size(0) == p.batch && timesteps.is_contiguous(),
+              "timesteps: expected a contiguous int64 tensor of shape [", p.batch, "]");
+  TORCH_CHECK(variant == 0 || variant == 1, "variant: expected 0 (sdm) or 1 (heisenberg)");
+  TORCH_CHECK(variant == 0 || k < p.channels, "variant: heisenberg needs k < C");
+  TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
+  TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
+  TORCH_CHECK(seed >= 0 && offset >= 0, "seed/offset: must be non-negative");
+  const int64_t* ts = timesteps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.batch; ++b)
+    TORCH_CHECK(ts[b] >= 0 && ts[b] < coef.size(0), "timesteps: value ", ts[b], " at index ", b,
+                " is outside [0, ", coef.size(0), ")");
+  p.timesteps = ts;
+  p.coef = coef.data_ptr<float>();
+  p.coef_rows = coef.size(0);
+  p.k = (int)k;
+  p.axes = axes.data_ptr<float>();
+  p.variant = variant == 1 ? SqueezeVariant::kHeisenberg : SqueezeVariant::kSDM;
+  p.draws = (int)gammas.size();
+  for (int d = 0; d < p.draws; ++d) p.gammas[d] = (float)gammas[d];
+  if (weights.has_value()) {
+    const at::Tensor& w = *weights;
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
+                    w.size(0) == p.draws && w.size(1) == p.height && w.size(2) == p.width,
+                "weights: expected a contiguous float32 [", p.draws, ", ", p.height, ", ", p.width,
+                "] tensor");
+    p.weights = w.data_ptr<float>();
+  }
+  TORCH_CHECK(weights.has_value() || p.draws == 1, "gammas: two draws need two weight tables");
+  p.per_sample_norm = normalize == 1;
+  p.seed = (uint64_t)seed;
+  p.offset = (uint64_t)offset;
+}
+
+void fill_noise(NoiseProblem& p, const std::optional<at::Tensor>& noise) {
+  if (!noise.has_value()) return;
+  const at::Tensor& n = *noise;
+  TORCH_CHECK(n.device().is_cpu(), "noise: the CPU kernel needs it on the CPU");
+  TORCH_CHECK(n.dim() == 5 && n.size(0) == p.draws && n.size(1) == p.batch &&
+                  n.size(2) == p.channels && n.size(3) == p.height && n.size(4) == p.width,
+              "noise: expected shape [", p.draws, ", ", p.batch, ", ", p.channels, ", ", p.height,
+              ", ", p.width, "], got ", n.sizes());
+  for (int d = 0; d < p.draws; ++d) p.noise[d] = tensor_arg(n.select(0, d), "noise");
+}
+
+void launch_cpu(const NoiseProblem& p) {
+  if (p.batch == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return;
+  const cpu::CpuLaunch launch(p);
+  at::parallel_for(0, launch.num_groups(), 1,
+                   [&](int64_t begin, int64_t end) { launch.run(begin, end); });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
+    const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
+    const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
+    int64_t normalize, int64_t target, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& noise) {
+  TORCH_CHECK(x0.dim() == 4, "x0: expected a 4-D [B, C, H, W] tensor, got ", x0.dim(), "-D");
+  TORCH_CHECK(target >= 0 && target <= 3, "target: expected 0..3");
+  TORCH_CHECK(x0.device().is_cpu(), "x0: the CPU kernel needs it on the CPU");
+  NoiseProblem p;
+  p.batch = x0.size(0);
+  p.channels = x0.size(1);
+  p.height = x0.size(2);
+  p.width = x0.size(3);
+  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, seed, offset);
+  fill_noise(p, noise);
+  at::Tensor x_t = at::empty_like(x0);
+  at::Tensor out = at::empty_like(x0);
+  p.x0 = tensor_arg(x0, "x0");
+  p.x_t = tensor_arg(x_t, "x_t");
+  p.out = tensor_arg(out, "target");
+  p.target = static_cast<Target>(target);
+  launch_cpu(p);
+  return {x_t, out};
+}
+
+at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timesteps,
+                            const at::Tensor& coef, const at::Tensor& axes,
+                            const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
+                            int64_t variant, int64_t normalize, int64_t seed, int64_t offset,
+                            const std::optional<at::Tensor>& noise, at::ScalarType dtype) {
+  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
+  TORCH_CHECK(sizes.size() == 4, "shape: expected [B, C, H, W], got ", sizes);
+  for (int64_t s : sizes) TORCH_CHECK(s >= 0, "shape: sizes must be non-negative, got ", sizes);
+  NoiseProblem p;
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.height = sizes[2];
+  p.width = sizes[3];
+  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, seed, offset);
+  fill_noise(p, noise);
+  at::Tensor out = at::empty(sizes, coef.options().dtype(dtype));
+  p.out = tensor_arg(out, "out");
+  launch_cpu(p);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(anisodiff, m) {
+  m.def(
+      "add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
+      "float[] gammas, int variant, int normalize, int target, int seed, int offset, "
+      "Tensor? noise) -> (Tensor, Tensor)");
+  m.def(
+      "shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
+      "float[] gammas, int variant, int normalize, int seed, int offset, Tensor? noise, "
+      "ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anisodiff, CPU, m) {
+  m.impl("add_noise", &add_noise_cpu);
+  m.impl("shaped_noise", &shaped_noise_cpu);
+}
+
+}  // namespace anisodiff
