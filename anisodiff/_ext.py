@@ -13,6 +13,8 @@ try:  # importing _C registers torch.ops.anisodiff.* (C++ static initialisers)
     from . import _C  # type: ignore[attr-defined]  # noqa: F811
 except ImportError as exc:  # a source checkout that was never built
     _IMPORT_ERROR = exc
+# Read once: plain data is cheap to consult on every call and traceable by torch.compile.
+_COMPILED = dict(_C.build_info()) if _C is not None else {"cpu": False, "cuda": False}
 
 
 def has_compiled_ops() -> bool:
@@ -36,12 +38,10 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest first. "reference" is always there."""
     device = torch.device(device)
     out = []
-    if _C is not None:
-        info = _C.build_info()
-        if device.type == "cpu" and info["cpu"]:
-            out.append("cpu")
-        if device.type == "cuda" and info["cuda"]:
-            out.append("cuda")
+    if device.type == "cpu" and _COMPILED["cpu"]:
+        out.append("cpu")
+    if device.type == "cuda" and _COMPILED["cuda"]:
+        out.append("cuda")
     out.append("reference")
     return out
 

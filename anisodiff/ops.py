@@ -14,7 +14,7 @@ import torch
 from . import reference
 from ._ext import has_compiled_ops, require_backend
 from .plan import TARGET_CODES, kernel_args
-from .rng import check_offset, resolve_seed
+from .rng import check_offset, check_seed, stream_tensor
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec
 
@@ -69,7 +69,8 @@ def _check_timesteps(timesteps, batch: int, num_timesteps: int, device: torch.de
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"timesteps: expected a scalar or shape [{batch}], got {tuple(t.shape)}")
-    if t.device.type == "cpu" and t.numel() > 0:  # (device tensors are bounds-checked by the kernel)
+    # Host-side check where it is free; device tensors (and compiled graphs) are checked by the kernel.
+    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= num_timesteps:
             raise ValueError(f"timesteps: values must lie in [0, {num_timesteps}), got min {lo}, max {hi}")
@@ -96,6 +97,12 @@ def _check_noise(noise, spec: NoiseSpec, shape, device, backend: str) -> torch.T
     return noise
 
 
+@torch._dynamo.assume_constant_result
+def _kernel_args(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device):
+    """The lowered spec; under torch.compile it is evaluated once at trace time, a constant."""
+    return kernel_args(spec, schedule, C, H, W, device)
+
+
 def _needs_timesteps(spec: NoiseSpec) -> bool:
     return spec.time_varying
 
@@ -119,7 +126,7 @@ def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None
         offset: first 64-bit counter of the stream (advance it by ``ceil(numel / 4)`` to continue).
         device: where the tensor is returned.
     """
-    seed = resolve_seed(seed, None)
+    seed = check_seed(seed)
     offset = check_offset(offset)
     try:
         dims = tuple(int(s) for s in shape)
@@ -186,24 +193,24 @@ def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, sched
     schedule = as_schedule(schedule)
     if noise is not None:
         noise = _check_noise(noise, spec, (B, C, H, W), device, backend)
-        seed_v = 0
+        stream = stream_tensor(0, None, 0)
     else:
-        seed_v = resolve_seed(seed, generator)
-    offset = check_offset(offset)
+        stream = stream_tensor(seed, generator, offset)
     if backend != "reference" and dtype not in _KERNEL_DTYPES:
         raise TypeError(f"dtype: the {backend} kernel produces float32, float16 or bfloat16, got {dtype}")
-    args = kernel_args(spec, schedule, C, H, W, device)
+    args = _kernel_args(spec, schedule, C, H, W, device)
     ts = _check_timesteps(timesteps, B, args.num_timesteps, device, _needs_timesteps(spec))
     if backend == "reference":
+        t_ref = ts.cpu() if timesteps is not None else None
         if noise is not None:
-            return reference.apply_operator(noise, spec, ts.cpu() if timesteps is not None else None,
-                                            schedule).to(device, dtype)
-        return reference.shaped_noise((B, C, H, W), spec, ts.cpu() if timesteps is not None else None,
-                                      schedule, seed=seed_v, offset=offset, device=device, dtype=dtype)
+            return reference.apply_operator(noise, spec, t_ref, schedule).to(device, dtype)
+        seed_v, offset_v = (int(v) for v in stream)
+        return reference.shaped_noise((B, C, H, W), spec, t_ref, schedule, seed=seed_v,
+                                      offset=offset_v, device=device, dtype=dtype)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return torch.ops.anisodiff.shaped_noise(
         [B, C, H, W], ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
-        args.normalize, seed_v, offset, packed, dtype)
+        args.normalize, stream, packed, dtype)
 
 
 def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed=None,
@@ -241,19 +248,19 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
     code = _check_target(target)
     if noise is not None:
         noise = _check_noise(noise, spec, x0.shape, x0.device, backend)
-        seed_v = 0
+        stream = stream_tensor(0, None, 0)
     else:
-        seed_v = resolve_seed(seed, generator)
-    offset = check_offset(offset)
-    args = kernel_args(spec, schedule, C, H, W, x0.device)
+        stream = stream_tensor(seed, generator, offset)
+    args = _kernel_args(spec, schedule, C, H, W, x0.device)
     ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
     if backend == "reference":
+        seed_v, offset_v = (int(v) for v in stream)
         return reference.add_noise(x0, ts.cpu(), spec, schedule, noise=noise, seed=seed_v,
-                                   offset=offset, target=target)
+                                   offset=offset_v, target=target)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return torch.ops.anisodiff.add_noise(
         x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
-        args.normalize, code, seed_v, offset, packed)
+        args.normalize, code, stream, packed)
 
 
 def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedule=None) -> torch.Tensor:
@@ -284,12 +291,12 @@ def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedul
 def _register() -> None:
     @torch.library.register_fake("anisodiff::add_noise")
     def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target,
-                        seed, offset, noise):
+                        stream, noise):
         return torch.empty_like(x0), torch.empty_like(x0)
 
     @torch.library.register_fake("anisodiff::shaped_noise")
-    def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, seed,
-                           offset, noise, dtype):
+    def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, stream,
+                           noise, dtype):
         return coef.new_empty(shape, dtype=dtype)
 
     def _setup_context(ctx, inputs, output):
@@ -308,7 +315,7 @@ def _register() -> None:
             d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
                  TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
             grad = grad_target * d if grad is None else grad + grad_target * d
-        return (grad,) + (None,) * 11
+        return (grad,) + (None,) * 10
 
     torch.library.register_autograd("anisodiff::add_noise", _backward, setup_context=_setup_context)
 

@@ -35,8 +35,8 @@ TensorArg tensor_arg(const at::Tensor& t, const char* name) {
 // Fills the parts of the problem shared by every op and checks them against the sizes.
 void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tensor& coef,
                    const at::Tensor& axes, const std::optional<at::Tensor>& weights,
-                   at::ArrayRef<double> gammas, int64_t variant, int64_t normalize, int64_t seed,
-                   int64_t offset) {
+                   at::ArrayRef<double> gammas, int64_t variant, int64_t normalize,
+                   const at::Tensor& stream) {
   for (const at::Tensor* t : {&timesteps, &coef, &axes})
     TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
   TORCH_CHECK(!weights.has_value() || weights->device().is_cpu(),
@@ -58,7 +58,11 @@ void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tenso
   TORCH_CHECK(variant == 0 || k < p.channels, "variant: heisenberg needs k < C");
   TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
   TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
-  TORCH_CHECK(seed >= 0 && offset >= 0, "seed/offset: must be non-negative");
+  TORCH_CHECK(stream.device().is_cpu() && stream.scalar_type() == at::kLong && stream.numel() == 2,
+              "stream: expected an int64 CPU tensor [seed, offset]");
+  const at::Tensor st = stream.contiguous();
+  const int64_t seed = st.data_ptr<int64_t>()[0], offset = st.data_ptr<int64_t>()[1];
+  TORCH_CHECK(seed >= 0 && offset >= 0, "stream: seed and offset must be non-negative");
   const int64_t* ts = timesteps.data_ptr<int64_t>();
   for (int64_t b = 0; b < p.batch; ++b)
     TORCH_CHECK(ts[b] >= 0 && ts[b] < coef.size(0), "timesteps: value ", ts[b], " at index ", b,
@@ -106,7 +110,7 @@ void launch_cpu(const NoiseProblem& p) {
 std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
     const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
     const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
-    int64_t normalize, int64_t target, int64_t seed, int64_t offset,
+    int64_t normalize, int64_t target, const at::Tensor& stream,
     const std::optional<at::Tensor>& noise) {
   TORCH_CHECK(x0.dim() == 4, "x0: expected a 4-D [B, C, H, W] tensor, got ", x0.dim(), "-D");
   TORCH_CHECK(target >= 0 && target <= 3, "target: expected 0..3");
@@ -116,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
   p.channels = x0.size(1);
   p.height = x0.size(2);
   p.width = x0.size(3);
-  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, seed, offset);
+  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, stream);
   fill_noise(p, noise);
   at::Tensor x_t = at::empty_like(x0);
   at::Tensor out = at::empty_like(x0);
@@ -131,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
 at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timesteps,
                             const at::Tensor& coef, const at::Tensor& axes,
                             const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
-                            int64_t variant, int64_t normalize, int64_t seed, int64_t offset,
+                            int64_t variant, int64_t normalize, const at::Tensor& stream,
                             const std::optional<at::Tensor>& noise, at::ScalarType dtype) {
   const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
   TORCH_CHECK(sizes.size() == 4, "shape: expected [B, C, H, W], got ", sizes);
@@ -141,7 +145,7 @@ at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timeste
   p.channels = sizes[1];
   p.height = sizes[2];
   p.width = sizes[3];
-  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, seed, offset);
+  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, stream);
   fill_noise(p, noise);
   at::Tensor out = at::empty(sizes, coef.options().dtype(dtype));
   p.out = tensor_arg(out, "out");
@@ -154,11 +158,11 @@ at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timeste
 TORCH_LIBRARY(anisodiff, m) {
   m.def(
       "add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
-      "float[] gammas, int variant, int normalize, int target, int seed, int offset, "
+      "float[] gammas, int variant, int normalize, int target, Tensor stream, "
       "Tensor? noise) -> (Tensor, Tensor)");
   m.def(
       "shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
-      "float[] gammas, int variant, int normalize, int seed, int offset, Tensor? noise, "
+      "float[] gammas, int variant, int normalize, Tensor stream, Tensor? noise, "
       "ScalarType dtype) -> Tensor");
 }
 
