@@ -5,6 +5,7 @@ out by hand, numpy FFTs, integer arithmetic), and every statistical bound is che
 test, to reject a deliberately wrong constant.
 """
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_other_profiles(schedule, profile):
     t = torch.tensor([0, 1, 499, 998, 999])
     r = R.squeeze_strengths(sq, t, schedule)
     tau = {"linear": t.double() / 999, "constant": torch.ones(5, dtype=F64), "table": table[t]}[profile]
-    torch.testing.assert_close(r, tau[:, None] * torch.tensor(s, dtype=F64)[None], rtol=1e-15, atol=0)
+    torch.testing.assert_close(r, tau[:, None] * torch.tensor(s, dtype=F64)[None], rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("variant", ["sdm", "heisenberg"])
@@ -337,7 +338,7 @@ def test_empirical_covariance_matches_analytic(schedule, case):
     n = 20000
     ts = None if t is None else torch.tensor(t)
     Sigma = ad.covariance(spec, chw, timesteps=ts, schedule=schedule)
-    X = draws(spec, n, chw, t, schedule, seed=abs(hash(case)) % 2**31)
+    X = draws(spec, n, chw, t, schedule, seed=zlib.crc32(case.encode()))
     zmax, null = whitened_stats(X, Sigma)
     assert zmax < Z_BOUND, f"{case}: max |z| = {zmax:.2f}"
     assert null < NULL_BOUND, f"{case}: energy fraction outside range(Sigma) = {null:.3g}"
@@ -418,11 +419,10 @@ def test_calibrated_trace_is_exactly_one(name, radius, hw):
         pytest.skip(f"empty band on {H}x{W}/{radius}")
     N = 2 * H * W
     assert abs(Sig.trace().item() / N - 1.0) < 1e-12
-    # "none" is not calibrated: its trace is mean(w^2) (checked on the non-trivial cases)
-    if name not in ("twoband_white",) or radius != "cycles":
-        raw = ad.covariance(ad.NoiseSpec(spectral=sp, radius=radius, normalize="none"), (2, H, W))
-        w = R.spectral_weights(spec, H, W)[0][0]
-        assert abs(raw.trace().item() / N - (w ** 2).mean().item()) < 1e-12
+    # "none" is not calibrated: its trace is mean(w^2) of the raw weights
+    raw = ad.covariance(ad.NoiseSpec(spectral=sp, radius=radius, normalize="none"), (2, H, W))
+    w = R.spectral_weights(spec, H, W)[0][0]
+    assert abs(raw.trace().item() / N - (w ** 2).mean().item()) < 1e-12 * max(1.0, (w ** 2).mean().item())
 
 
 @pytest.mark.parametrize("gl,gh", [(0.5, 0.5), (0.3, 0.9), (1.0, 0.0)])
@@ -520,8 +520,9 @@ def test_band_bin_counts_cycles():
     with pytest.raises(ValueError, match="spectral"):
         R.spectral_weights(ad.NoiseSpec(spectral=ad.Band(0.8, 0.9)), 32, 32)
     # r <= 0.5 covers 77.6% of the bins, 0.5 <= r <= 1 covers 22.6% (both contain the r=0.5 ring)
-    assert int((r <= 0.5).sum()) == round(0.776 * 1024) + 1 == 796
-    assert int((r >= 0.5).sum()) == 231
+    assert int((r <= 0.5).sum()) == 795                     # 77.6% of 1024
+    assert int((r >= 0.5).sum()) == 231                     # 22.6%
+    assert int((r == 0.5).sum()) == 2                       # the ring counted in both
 
 
 # ---------------------------------------------------------------------------------------------
