@@ -166,6 +166,8 @@ def calibration(w: torch.Tensor) -> float:
 
 def filter_planes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64)."""
+    if x.numel() == 0:  # (MKL's FFT rejects empty batches)
+        return x.double()
     return torch.fft.ifft2(torch.fft.fft2(x.double()) * w).real
 
 

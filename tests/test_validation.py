@@ -1,0 +1,176 @@
+"""Bad input gets a clear Python exception naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+import anisodiff as ad
+
+from conftest import random_axes
+
+BACKENDS = [b for b in ("cpu", "reference") if b in ad.available_backends("cpu")]
+
+
+@pytest.fixture
+def spec():
+    return ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4), ad.PowerLaw(-0.04))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+class TestAddNoise:
+    def test_wrong_rank(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="x0: expected a 4-D"):
+            ad.add_noise(torch.randn(3, 8, 8), torch.tensor([1, 2, 3]), spec, schedule, seed=0, backend=backend)
+
+    def test_channel_mismatch(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="x0: has 4 channels but the squeeze axes have 3 rows"):
+            ad.add_noise(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), spec, schedule, seed=0, backend=backend)
+
+    def test_integer_x0(self, backend, spec, schedule):
+        with pytest.raises(TypeError, match="x0: expected a floating-point tensor"):
+            ad.add_noise(torch.ones(2, 3, 8, 8, dtype=torch.int64), torch.tensor([1, 2]), spec, schedule,
+                         seed=0, backend=backend)
+
+    def test_not_a_tensor(self, backend, spec, schedule):
+        with pytest.raises(TypeError, match="x0: expected a torch.Tensor"):
+            ad.add_noise([[1.0]], torch.tensor([1]), spec, schedule, seed=0, backend=backend)
+
+    @pytest.mark.parametrize("bad", [[-1, 3], [0, 1000], [5, 2**40]])
+    def test_timesteps_out_of_range(self, backend, spec, schedule, bad):
+        with pytest.raises(ValueError, match=r"timesteps: values must lie in \[0, 1000\)"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor(bad), spec, schedule, seed=0, backend=backend)
+
+    def test_float_timesteps(self, backend, spec, schedule):
+        with pytest.raises(TypeError, match="timesteps: expected integer"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), spec, schedule, seed=0,
+                         backend=backend)
+
+    def test_timesteps_wrong_length(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match=r"timesteps: expected a scalar or shape \[2\]"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2, 3]), spec, schedule, seed=0, backend=backend)
+
+    def test_scalar_timestep_broadcasts(self, backend, spec, schedule):
+        x0 = torch.randn(2, 3, 8, 8)
+        a = ad.add_noise(x0, 7, spec, schedule, seed=3, backend=backend)
+        b = ad.add_noise(x0, torch.tensor([7, 7]), spec, schedule, seed=3, backend=backend)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def test_missing_schedule(self, backend, spec):
+        with pytest.raises(ValueError, match="schedule: add_noise needs a schedule"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, None, seed=0, backend=backend)
+
+    def test_bad_schedule_type(self, backend, spec):
+        with pytest.raises(TypeError, match="schedule: expected anisodiff.VPSchedule"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, "linear", seed=0, backend=backend)
+
+    def test_unknown_target(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="target: must be one of"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, schedule, seed=0,
+                         target="score", backend=backend)
+
+    def test_noise_wrong_shape(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="noise: expected WHITE noise of shape"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, schedule,
+                         noise=torch.randn(2, 3, 8, 9), backend=backend)
+
+    def test_seed_and_generator(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="seed/generator"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, schedule, seed=1,
+                         generator=torch.Generator(), backend=backend)
+
+    @pytest.mark.parametrize("seed,exc", [(-1, ValueError), (2**63, ValueError), (1.5, TypeError), (True, TypeError)])
+    def test_bad_seed(self, backend, spec, schedule, seed, exc):
+        with pytest.raises(exc, match="seed"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, schedule, seed=seed, backend=backend)
+
+    def test_bad_offset(self, backend, spec, schedule):
+        with pytest.raises(ValueError, match="offset"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), spec, schedule, seed=1, offset=-5,
+                         backend=backend)
+
+    def test_empty_batch_returns_empty(self, backend, spec, schedule):
+        x_t, eps = ad.add_noise(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long), spec, schedule,
+                                seed=0, backend=backend)
+        assert x_t.shape == eps.shape == (0, 3, 8, 8)
+
+    def test_spec_type(self, backend, schedule):
+        with pytest.raises(TypeError, match="spec: expected anisodiff.NoiseSpec"):
+            ad.add_noise(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), {"squeeze": None}, schedule, seed=0,
+                         backend=backend)
+
+
+def test_float64_rejected_by_kernel_but_not_reference(spec, schedule):
+    x0 = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    if "cpu" in BACKENDS:
+        with pytest.raises(TypeError, match="x0: the cpu kernel takes float32, float16 or bfloat16"):
+            ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend="cpu")
+    x_t, _ = ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend="reference")
+    assert x_t.dtype == torch.float64
+
+
+def test_unknown_and_unavailable_backends(spec, schedule):
+    x0 = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="backend: must be 'auto' or one of"):
+        ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend="fast")
+    for missing in ("cuda", "triton"):  # not implemented / not for CPU tensors: never silently used
+        with pytest.raises(RuntimeError, match=f"backend: '{missing}' is not available"):
+            ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend=missing)
+    assert "triton" not in ad.available_backends("cpu")
+
+
+class TestShapedNoise:
+    def test_shape_rank(self, spec, schedule):
+        with pytest.raises(ValueError, match=r"shape: expected \[B, C, H, W\]"):
+            ad.shaped_noise((3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0)
+
+    def test_negative_size(self, spec, schedule):
+        with pytest.raises(ValueError, match="shape: sizes must be non-negative"):
+            ad.shaped_noise((2, 3, -1, 8), spec, timesteps=0, schedule=schedule, seed=0)
+
+    def test_time_varying_needs_timesteps(self, spec, schedule):
+        with pytest.raises(ValueError, match="timesteps: required"):
+            ad.shaped_noise((2, 3, 8, 8), spec, schedule=schedule, seed=0)
+
+    def test_beta_profile_needs_schedule(self, spec):
+        with pytest.raises(ValueError, match="schedule: required for the squeeze schedule 'beta'"):
+            ad.shaped_noise((2, 3, 8, 8), spec, timesteps=torch.tensor([1, 2]), seed=0)
+
+    def test_constant_squeeze_needs_no_timesteps(self):
+        spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), 0.5, schedule="constant"))
+        n = ad.shaped_noise((2, 3, 8, 8), spec, seed=0)
+        assert n.shape == (2, 3, 8, 8) and torch.isfinite(n).all()
+
+    def test_table_size_mismatch(self):
+        spec = ad.NoiseSpec(spectral=ad.SpectralTable(torch.ones(8, 8)))
+        with pytest.raises(ValueError, match="spectral: SpectralTable is 8x8 but the noise planes are 8x9"):
+            ad.shaped_noise((1, 3, 8, 9), spec, seed=0)
+
+    def test_bad_dtype(self, spec, schedule):
+        if "cpu" not in BACKENDS:
+            pytest.skip("compiled CPU ops not built")
+        with pytest.raises(TypeError, match="dtype: the cpu kernel produces"):
+            ad.shaped_noise((1, 3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0, dtype=torch.int32)
+
+    def test_apply_operator_needs_tensor(self, spec, schedule):
+        with pytest.raises(TypeError, match="eps: expected a torch.Tensor"):
+            ad.apply_operator([1.0], spec, timesteps=0, schedule=schedule)
+
+
+class TestCovariance:
+    def test_too_large(self):
+        with pytest.raises(ValueError, match="too large for a dense covariance"):
+            ad.covariance(ad.NoiseSpec(), (3, 64, 64))
+
+    def test_per_sample_is_not_linear(self):
+        with pytest.raises(ValueError, match="per_sample"):
+            ad.covariance(ad.NoiseSpec(spectral=ad.PowerLaw(0.5), normalize="per_sample"), (1, 4, 4))
+
+    def test_needs_timesteps(self, spec, schedule):
+        with pytest.raises(ValueError, match="timesteps: required"):
+            ad.covariance(spec, (3, 4, 4), schedule=schedule)
+
+
+def test_white_noise_arguments():
+    with pytest.raises(TypeError, match="seed"):
+        ad.white_noise((4,), seed="1")
+    with pytest.raises(ValueError, match="shape: sizes must be non-negative"):
+        ad.white_noise((4, -2), seed=1)
+    assert ad.white_noise((0, 5), seed=1).shape == (0, 5)
