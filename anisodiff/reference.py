@@ -141,6 +141,10 @@ def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, lis
         planes, gammas = [_mask(r, (sp.a, sp.b))], [1.0]
     elif isinstance(sp, TwoBand):
         low, high = _mask(r, sp.low), _mask(r, sp.high)
+        for gamma, mask, name in ((sp.gamma_low, low, "low"), (sp.gamma_high, high, "high")):
+            if gamma > 0 and not (mask > 0).any():  # in either mixture: almost surely a unit mistake
+                raise ValueError(f"spectral: the {name} band {getattr(sp, name)} of {sp!r} selects no "
+                                 f"frequency bin on a {H}x{W} grid with radius={spec.radius!r}")
         if sp.mixture == "shared":
             planes, gammas = [sp.gamma_low * low + sp.gamma_high * high], [1.0]
         else:
@@ -245,11 +249,12 @@ def squeeze_matrices(squeeze: Squeeze, r: torch.Tensor) -> torch.Tensor:
     C, k = V.shape
     eye = torch.eye(C, dtype=torch.float64)
     f = torch.exp(-r)
-    on_axes = torch.einsum("ck,bk,dk->bcd", V, f, V)
     if squeeze.variant == "sdm":
-        return eye + on_axes - V @ V.T
-    g = torch.exp(r.sum(dim=1) / (C - k))
-    return g[:, None, None] * (eye - V @ V.T) + on_axes
+        g = torch.ones(r.shape[0], dtype=torch.float64)
+    else:
+        g = torch.exp(r.sum(dim=1) / (C - k))
+    # Written as g I + V diag(f - g) V^T: at s = 0, f - g is exactly 0, so S is exactly I.
+    return g[:, None, None] * eye + torch.einsum("ck,bk,dk->bcd", V, f - g[:, None], V)
 
 
 # ---------------------------------------------------------------------------------------------

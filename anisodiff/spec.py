@@ -109,7 +109,8 @@ class Squeeze:
         if isinstance(strength, (int, float)):
             strengths = [_finite_float(strength, "strength")] * k
         else:
-            strengths = [_finite_float(s, "strength") for s in torch.as_tensor(strength).reshape(-1).tolist()]
+            flat = torch.as_tensor(strength, dtype=torch.float64).reshape(-1).tolist()  # keep float64
+            strengths = [_finite_float(s, "strength") for s in flat]
             if len(strengths) != k:
                 raise ValueError(f"strength: expected 1 or k={k} values, got {len(strengths)}")
         self.strength = tuple(strengths)

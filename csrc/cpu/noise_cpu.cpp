@@ -13,9 +13,13 @@ namespace anisodiff {
 namespace cpu {
 
 int64_t group_samples(const NoiseProblem& p) {
-  // Planes are filtered in pairs; with an odd channel count two samples share a group so no plane
-  // is left without a partner (except in the last group).
-  return (p.weights != nullptr && p.channels % 2 == 1) ? 2 : 1;
+  // Planes are filtered in pairs (one complex FFT), and a plane's result depends in the last bit on
+  // its partner. With an odd channel count and generated noise, samples 2m and 2m+1 share a group;
+  // the partner of the last sample of an odd batch is the stream's next sample, generated and
+  // discarded, so the noise of sample b never depends on the batch size. With caller noise there
+  // is no such sample: pairs stay inside a sample and a lone plane gets a zero partner.
+  const bool generated = p.noise[0].data == nullptr;
+  return (p.weights != nullptr && p.channels % 2 == 1 && generated) ? 2 : 1;
 }
 
 int64_t workspace_floats(const NoiseProblem& p) {
@@ -147,7 +151,11 @@ int64_t CpuLaunch::num_groups() const {
 
 void CpuLaunch::run(int64_t group_begin, int64_t group_end) const {
   if (group_begin >= group_end) return;
-  std::vector<float> scratch((size_t)workspace_floats(problem_), 0.f);
+  // Per-thread scratch, kept between launches: large planes would otherwise pay page faults and
+  // zero-filling of several MB on every call. The kernel initialises everything it reads.
+  thread_local std::vector<float> scratch;
+  const size_t need = (size_t)workspace_floats(problem_);
+  if (scratch.size() < need) scratch.resize(need);
   const Workspace ws = carve_workspace(problem_, scratch.data());
   process_(problem_, *plan_, ws, group_begin, group_end);
 }

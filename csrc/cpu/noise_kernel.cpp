@@ -355,8 +355,10 @@ void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Works
   const int64_t ncoef = 2 + p.k;
   for (int64_t g = group_begin; g < group_end; ++g) {
     const int64_t b0 = g * G;
-    const int64_t nb = (p.batch - b0) < G ? (p.batch - b0) : G;
-    const int64_t planes = nb * C;
+    const int64_t nb = (p.batch - b0) < G ? (p.batch - b0) : G;  // samples written
+    // Generated noise is produced for the whole group, past the batch end if need be, so pairing
+    // (see group_samples) never depends on B; caller noise has exactly nb samples.
+    const int64_t planes = (p.noise[0].data != nullptr ? nb : G) * C;
     for (int d = 0; d < p.draws; ++d) {
       float* e = ws.eps[d];
       if (p.noise[d].data != nullptr) {
@@ -364,7 +366,7 @@ void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Works
           for (int64_t c = 0; c < C; ++c)
             for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], b0 + s, c, h, W, e + ((s * C + c) * H + h) * W);
       } else {
-        generate_normals(e, b0 * CHW, (b0 + nb) * CHW, p.seed, p.offset, (uint32_t)d);
+        generate_normals(e, b0 * CHW, (b0 + G) * CHW, p.seed, p.offset, (uint32_t)d);
       }
       if (p.weights != nullptr) {
         const float* w_t = plan.weights_t + d * HW;
