@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,13 @@ def _progress(total: int, desc: str):
 # anisodiff info
 # ---------------------------------------------------------------------------------------------
 def _add_info(subparsers) -> None:
-    subparsers.add_parser("info", help="show the build (compiled ops, instruction set) and backends",
+    subparsers.add_parser("info", help="show the build (compiled ops, CPU ISA) and the backends",
                           description="Show what this anisodiff install was built with and which "
                                       "backends can run.")
 
 
 def _run_info(args) -> int:
-    print(f"anisodiff {__version__}")
+    print(f"anisodiff {__version__} (running on torch {torch.__version__})")
     for key, value in build_info().items():
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value)) or "-"
@@ -107,6 +108,8 @@ DEFAULT_SAMPLES = 200_000
 
 @dataclass(frozen=True)
 class DemoOperator:
+    """One operator of the demo: its spec and how the table and the figure name it."""
+
     name: str       # key in the table and the JSON report
     title: str      # figure row title
     caption: str    # what the reader sees
@@ -144,20 +147,21 @@ def _add_demo(subparsers) -> None:
         "demo", help="measured vs analytic noise statistics for five operators, and a picture",
         description="Draw noise from five operators (isotropic, SDM, HDM, SAGD power law, SAGD "
                     "band-pass; C = 3, luminance axis, linear VP schedule at t = 999), compare its "
-                    "covariance with the analytic one, and draw samples and spectra.")
+                    "covariance with the analytic one, and draw samples and spectra. Exits with 1 "
+                    "if a check fails.")
     p.add_argument("--out", default="anisodiff_demo", metavar="DIR",
                    help="output directory for demo.png and demo_report.json (default: %(default)s)")
     p.add_argument("--samples", type=_int_in(500), default=DEFAULT_SAMPLES, metavar="N",
                    help="draws per operator for the covariance check (default: %(default)s)")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0,
                    help="Philox seed of the noise stream (default: %(default)s)")
-    p.add_argument("--size", type=_int_in(8, 512), default=64,
+    p.add_argument("--size", type=_int_in(8, 256), default=64,
                    help="plane size of the picture, in pixels (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the picture (table and JSON only)")
 
 
 def _noise_chunks(spec: NoiseSpec, shape, n: int, *, seed: int, schedule, progress):
-    """``n`` draws of ``shape`` from one continuing stream ``(seed, offset)``, ``CHUNK`` at a time."""
+    """``n`` draws of ``shape`` from one continuing stream ``(seed, offset)``, CHUNK at a time."""
     offset = 0
     for start in range(0, n, CHUNK):
         b = min(CHUNK, n - start)
@@ -181,14 +185,49 @@ def _check_operators(operators, n: int, seed: int, schedule) -> dict[str, viz.Co
 
 
 def _draw_figure(operators, size: int, seed: int, schedule, path: Path) -> str:
-    batch = max(16, min(512, 2**22 // (CHANNELS * size * size)))
+    batch = max(16, min(256, 2**21 // (CHANNELS * size * size)))  # ~2M values: a smooth spectrum
     rows = []
     for op in operators:
         samples = shaped_noise((batch, CHANNELS, size, size), op.spec, timesteps=TIMESTEP,
                                schedule=schedule, seed=seed)
         rows.append(viz.figure_row(op.title, op.caption, op.spec, samples, LUMINANCE_AXIS,
                                    timestep=TIMESTEP, schedule=schedule))
-    return viz.plot_demo(rows, path, AXIS_NAME)
+    title = (f"anisodiff demo: one white noise draw through {len(operators)} forward-noise "
+             f"operators (C = {CHANNELS}, {size}x{size} pixels, linear VP schedule, "
+             f"t = {TIMESTEP})")
+    return viz.plot_demo(rows, path, title=title, axis=LUMINANCE_AXIS, axis_name="(1,1,1)/√3")
+
+
+def _print_table(checks: dict[str, viz.CovarianceCheck]) -> None:
+    split = viz.LOW_HIGH_SPLIT
+    notes = [
+        "rel. error = ||Sigma_emp - Sigma||_F / ||Sigma||_F; variances are per pixel (v^T Sigma_c v, "
+        "Sigma_c = covariance of one pixel's channels); % power = share of the power at "
+        f"r < {split} : r >= {split} cycles/pixel, tolerance in percentage points.",
+        f"{viz.TOLERANCE_RULE}.",
+        f"power_law uses eps = {POWER_LAW_EPS} (the papers' 1e-10 would put ~100% of the power in "
+        "the DC bin at alpha = -0.5).",
+    ]
+    print(viz.format_table(checks))
+    print()
+    for note in notes:
+        print(textwrap.fill(note, width=100))
+    print()
+
+
+def _demo_report(args, operators, checks: dict[str, viz.CovarianceCheck], figure) -> dict:
+    return {
+        "anisodiff_version": __version__,
+        "setting": {"channels": CHANNELS, "check_shape": list(CHECK_SHAPE), "samples": args.samples,
+                    "seed": args.seed, "timestep": TIMESTEP, "schedule": "VPSchedule.linear()",
+                    "axis": LUMINANCE_AXIS.tolist(), "low_high_split": viz.LOW_HIGH_SPLIT,
+                    "backend": available_backends("cpu")[0]},
+        "tolerance_rule": viz.TOLERANCE_RULE,
+        "operators": {op.name: {"title": op.title, "spec": op.spec.to_dict(),
+                                **checks[op.name].to_dict()} for op in operators},
+        "all_passed": all(c.passed for c in checks.values()),
+        "figure": figure,
+    }
 
 
 def _run_demo(args) -> int:
@@ -200,50 +239,31 @@ def _run_demo(args) -> int:
     schedule = VPSchedule.linear()
     operators = demo_operators()
     C, H, W = CHECK_SHAPE
-    print(f"anisodiff demo: C = {C} colour channels, principal axis v = {AXIS_NAME} (luminance), "
-          f"linear VP schedule, t = {TIMESTEP} (full squeeze strength), backend "
-          f"{available_backends('cpu')[0]!r}.")
-    print(f"Covariance check: {args.samples} draws of [{C}, {H}, {W}] per operator against the dense "
-          f"analytic Sigma ({C * H * W} x {C * H * W}) of anisodiff.covariance.\n")
-
+    print(textwrap.fill(
+        f"anisodiff demo: C = {C} colour channels, principal axis v = {AXIS_NAME} (luminance), "
+        f"linear VP schedule, t = {TIMESTEP} (full squeeze strength), backend "
+        f"{available_backends('cpu')[0]!r}. Covariance check: {args.samples} draws of "
+        f"[{C}, {H}, {W}] per operator against the dense analytic Sigma ({C * H * W} x {C * H * W}) "
+        "of anisodiff.covariance.", width=100) + "\n")
     checks = _check_operators(operators, args.samples, args.seed, schedule)
-    print(viz.format_table(checks, AXIS_NAME))
-    print(f"\nrel. error = ||Sigma_emp - Sigma||_F / ||Sigma||_F; variances are per pixel "
-          f"(v^T Sigma_c v); power low:high = % of the power at r < {viz.LOW_HIGH_SPLIT} : "
-          f"r >= {viz.LOW_HIGH_SPLIT} cycles/pixel, tolerance in percentage points.")
-    print(f"{viz.TOLERANCE_RULE}.")
-    print(f"power_law uses eps = {POWER_LAW_EPS} (the papers' 1e-10 would put ~100% of the power "
-          "in the DC bin at alpha = -0.5).\n")
+    _print_table(checks)
 
     figure = None
-    if args.no_plot:
-        pass
-    elif importlib.util.find_spec("matplotlib") is None:
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         print("No picture: matplotlib is not installed. Install it with `pip install matplotlib` "
               "(or `pip install anisodiff[viz]`).")
-    else:
-        print(f"Drawing the picture ({args.size}x{args.size} planes) ...", file=sys.stderr, flush=True)
+    elif not args.no_plot:
+        print(f"Drawing the picture ({args.size}x{args.size} planes) ...", file=sys.stderr,
+              flush=True)
         figure = _draw_figure(operators, args.size, args.seed, schedule, out / "demo.png")
         print(f"picture: {figure}")
 
-    passed = all(c.passed for c in checks.values())
-    report = {
-        "anisodiff_version": __version__,
-        "setting": {"channels": C, "check_shape": list(CHECK_SHAPE), "samples": args.samples,
-                    "seed": args.seed, "timestep": TIMESTEP, "schedule": "VPSchedule.linear()",
-                    "axis": LUMINANCE_AXIS.tolist(), "low_high_split": viz.LOW_HIGH_SPLIT,
-                    "backend": available_backends("cpu")[0]},
-        "tolerance_rule": viz.TOLERANCE_RULE,
-        "operators": {op.name: {"title": op.title, "spec": op.spec.to_dict(),
-                                **checks[op.name].to_dict()} for op in operators},
-        "all_passed": passed,
-        "figure": figure,
-    }
+    report = _demo_report(args, operators, checks, figure)
     report_path = out / "demo_report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"report:  {report_path}")
-    print("All checks PASS." if passed else "Some checks FAIL: see the table above.")
-    return 0 if passed else 1
+    print("All checks PASS." if report["all_passed"] else "Some checks FAIL: see the table above.")
+    return 0 if report["all_passed"] else 1
 
 
 # ---------------------------------------------------------------------------------------------

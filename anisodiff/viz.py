@@ -2,8 +2,8 @@
 
 Three statistics describe what an operator ``A(t) = S(t) (x) T_w`` does to white noise:
 
-* the per-pixel variance along a colour axis ``v`` (``v^T Sigma_c v``, where ``Sigma_c`` is the C x C
-  covariance of one pixel's channels) and orthogonal to it: the SDM/HDM squeeze;
+* the per-pixel variance along a colour axis ``v`` (``v^T Sigma_c v``, where ``Sigma_c`` is the
+  C x C covariance of one pixel's channels) and orthogonal to it: the SDM/HDM squeeze;
 * the power spectrum (power per spatial frequency, unit mean for white noise) and the share of the
   power below ``LOW_HIGH_SPLIT`` cycles/pixel: the SAGD weights;
 * the relative Frobenius distance between the sample covariance and the analytic one: everything.
@@ -29,12 +29,13 @@ __all__ = [
 
 LOW_HIGH_SPLIT = 0.25  # cycles/pixel: "low" frequencies are r < 0.25, "high" ones r >= 0.25
 Z_SCORE = 5.0          # a check passes within this many standard errors
+DISPLAY_CROP = 64      # the sample panels show at most this many pixels a side
 TOLERANCE_RULE = (
     f"PASS when each measured value lies within {Z_SCORE:g} standard errors of the analytic one "
     "(standard error of a quadratic statistic n^T A n over N draws: sqrt(2 tr((A Sigma)^2) / N), "
-    "delta method for the power share) and the relative Frobenius error is below its expected value "
-    f"sqrt((||Sigma||^2 + tr(Sigma)^2) / N) / ||Sigma|| plus {Z_SCORE:g} standard deviations; "
-    "all standard errors come from the analytic Sigma, so they shrink as 1/sqrt(N)")
+    "delta method for the power share) and the relative Frobenius error is below its expected "
+    f"value sqrt((||Sigma||^2 + tr(Sigma)^2) / N) / ||Sigma|| plus {Z_SCORE:g} standard "
+    "deviations; all standard errors come from the analytic Sigma, so they shrink as 1/sqrt(N)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ class CovarianceCheck:
 
     def to_dict(self) -> dict:
         return {
-            "rel_frobenius_error": {"measured": self.rel_error, "tolerance": self.rel_error_tolerance},
+            "rel_frobenius_error": {"measured": self.rel_error,
+                                    "tolerance": self.rel_error_tolerance},
             "axis_variance": self.axis_variance.to_dict(),
             "orthogonal_variance": self.orthogonal_variance.to_dict(),
             "low_frequency_share": self.low_share.to_dict(),
@@ -155,27 +157,42 @@ def check_covariance(sigma: torch.Tensor, sigma_emp: torch.Tensor, n_samples: in
     )
 
 
-def format_table(checks: dict[str, CovarianceCheck], axis_name: str) -> str:
-    """The covariance checks as a fixed-width text table."""
-    head = (f"{'':12s} {'rel. error':>15s}   {'variance along ' + axis_name:^24s}   "
-            f"{'variance orthogonal':^24s}   {'power low:high (r<0.25)':^25s}\n"
-            f"{'operator':12s} {'meas.':>6s} {'(max)':>8s}   {'exact':>7s} {'meas.':>7s} {'(+-tol)':>8s}   "
-            f"{'exact':>7s} {'meas.':>7s} {'(+-tol)':>8s}   {'exact':>9s} {'meas.':>9s} {'(+-tol)':>5s}"
-            f"   result")
-    rows = [head, "-" * len(head.splitlines()[1])]
+def format_table(checks: dict[str, CovarianceCheck]) -> str:
+    """The covariance checks as a fixed-width text table, one row per operator (v: the axis)."""
+    split = f"{LOW_HIGH_SPLIT:g}"
+    groups = [("", ["operator"]), ("rel. error", ["meas.", "max"]),
+              ("variance along v", ["exact", "meas.", "+-tol"]),
+              ("variance orthogonal to v", ["exact", "meas.", "+-tol"]),
+              (f"% power r<{split} : r>={split}", ["exact", "meas.", "+-tol"]), ("", ["result"])]
+    rows = []
     for name, c in checks.items():
         a, o, lo = c.axis_variance, c.orthogonal_variance, c.low_share
-        rows.append(
-            f"{name:12s} {c.rel_error:6.4f} ({c.rel_error_tolerance:6.4f})   "
-            f"{a.analytic:7.4f} {a.measured:7.4f} ({a.tolerance:6.4f})   "
-            f"{o.analytic:7.4f} {o.measured:7.4f} ({o.tolerance:6.4f})   "
-            f"{_share(lo.analytic):>9s} {_share(lo.measured):>9s} ({100 * lo.tolerance:4.1f})   "
-            f"{'PASS' if c.passed else 'FAIL'}")
-    return "\n".join(rows)
+        rows.append([[name], [f"{c.rel_error:.4f}", f"{c.rel_error_tolerance:.4f}"],
+                     [f"{a.analytic:.4f}", f"{a.measured:.4f}", f"{a.tolerance:.4f}"],
+                     [f"{o.analytic:.4f}", f"{o.measured:.4f}", f"{o.tolerance:.4f}"],
+                     [_share(lo.analytic), _share(lo.measured), f"{100 * lo.tolerance:.2f}"],
+                     ["PASS" if c.passed else "FAIL"]])
+    widths = [[max(len(head), *(len(r[g][i]) for r in rows)) for i, head in enumerate(cols)]
+              for g, (_, cols) in enumerate(groups)]
+    for (title, _), ws in zip(groups, widths):  # widen a group's columns to fit its title
+        missing = len(title) - (sum(ws) + len(ws) - 1)
+        for i in range(max(0, missing)):
+            ws[i % len(ws)] += 1
+
+    def line(cells) -> str:
+        first, *rest = zip(cells, widths)
+        return "   ".join([first[0][0].ljust(first[1][0])] + [
+            " ".join(c.rjust(w) for c, w in zip(group, ws)) for group, ws in rest])
+
+    spans = ["   ".join(title.center(sum(ws) + len(ws) - 1)
+                        for (title, _), ws in zip(groups, widths))]
+    header = line([cols for _, cols in groups])
+    body = [line(r) for r in rows]
+    return "\n".join(text.rstrip() for text in spans + [header, "-" * len(header)] + body)
 
 
 def _share(low: float) -> str:
-    return f"{100 * low:.1f}:{100 * (1 - low):.1f}"
+    return f"{100 * low:.1f} : {100 * (1 - low):.1f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +232,8 @@ def analytic_channel_covariance(spec: NoiseSpec, channels: int, H: int, W: int, 
                                 schedule) -> torch.Tensor:
     """Per-pixel channel covariance ``S(t) S(t)^T`` times the per-pixel spatial variance
     (``[C, C]``, float64)."""
-    return _channel_gain(spec, channels, timestep, schedule) * float(_spatial_power(spec, H, W).mean())
+    spatial_variance = float(_spatial_power(spec, H, W).mean())
+    return _channel_gain(spec, channels, timestep, schedule) * spatial_variance
 
 
 def analytic_power_spectrum(spec: NoiseSpec, channels: int, H: int, W: int, *, timestep: int,
@@ -227,7 +245,7 @@ def analytic_power_spectrum(spec: NoiseSpec, channels: int, H: int, W: int, *, t
 
 
 def channel_covariance(samples: torch.Tensor) -> torch.Tensor:
-    """Measured per-pixel channel covariance ``[C, C]`` (zero mean, averaged over batch and pixels)."""
+    """Measured per-pixel channel covariance ``[C, C]`` (zero mean; mean over batch and pixels)."""
     B, C, H, W = samples.shape
     x = samples.double()
     return torch.einsum("bchw,bdhw->cd", x, x) / (B * H * W)
@@ -279,7 +297,7 @@ class FigureRow:
 
 def figure_row(title: str, caption: str, spec: NoiseSpec, samples: torch.Tensor, axis: torch.Tensor,
                *, timestep: int, schedule) -> FigureRow:
-    """Measure ``samples`` (``[B, C, H, W]``, drawn with ``spec`` at ``timestep``) for the figure."""
+    """Measure ``samples`` (``[B, C, H, W]`` drawn with ``spec`` at ``timestep``) for the figure."""
     _, C, H, W = samples.shape
     exact = analytic_channel_covariance(spec, C, H, W, timestep=timestep, schedule=schedule)
     exact_along, exact_orth = axis_variances(exact, axis)
@@ -287,6 +305,10 @@ def figure_row(title: str, caption: str, spec: NoiseSpec, samples: torch.Tensor,
     return FigureRow(title, caption, samples[0], power_spectrum(samples),
                      analytic_power_spectrum(spec, C, H, W, timestep=timestep, schedule=schedule),
                      (exact_along, meas_along), (exact_orth, meas_orth))
+
+
+def _crop(sample: torch.Tensor) -> torch.Tensor:
+    return sample[..., :DISPLAY_CROP, :DISPLAY_CROP]
 
 
 def _display_rgb(sample: torch.Tensor):
@@ -297,38 +319,69 @@ def _display_rgb(sample: torch.Tensor):
     return ((x - lo) / (hi - lo)).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def plot_demo(rows: list[FigureRow], path, axis_name: str, dpi: int = 72) -> str:
-    """Draw one row per operator (sample, radial spectrum, 2-D spectrum, colour variances) and
-    save a PNG to ``path``. Needs matplotlib."""
+def plot_demo(rows: list[FigureRow], path, *, title: str, axis: torch.Tensor, axis_name: str,
+              dpi: int = 72) -> str:
+    """Save a PNG with one row per operator: a sample as an RGB image, its pixels in colour space
+    (luminance ``axis`` against red - green), the radially averaged and the 2-D power spectrum.
+    Needs matplotlib; the samples must have C = 3 (RGB) channels. Returns the path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, axes = plt.subplots(len(rows), 4, figsize=(15, 3.3 * len(rows)),
-                             gridspec_kw={"width_ratios": [1, 1.5, 1.2, 1.1]}, squeeze=False)
-    for ax_row, row in zip(axes, rows):
-        _plot_sample(ax_row[0], row)
-        _plot_radial(ax_row[1], row)
-        image = _plot_power_2d(ax_row[2], row, np)
-        fig.colorbar(image, ax=ax_row[2], fraction=0.046, pad=0.03, label="log10 power")
-        _plot_variances(ax_row[3], row, axis_name)
-    fig.suptitle("anisodiff demo: the same white noise through five forward-noise operators "
-                 "(C = 3 colour channels, linear VP schedule, t = 999)", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig = plt.figure(figsize=(16, 3.5 * len(rows)), layout="constrained")
+    fig.suptitle(title, fontsize=14)
+    for subfig, row in zip(fig.subfigures(len(rows), 1), rows):
+        subfig.suptitle(f"{row.title}  —  {row.caption}", x=0.01, ha="left", fontsize=12,
+                        fontweight="bold")
+        axes = subfig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1.5, 1.15]})
+        _plot_sample(axes[0], row)
+        _plot_colours(axes[1], row, axis, axis_name)
+        _plot_radial(axes[2], row)
+        image = _plot_power_2d(axes[3], row)
+        subfig.colorbar(image, ax=axes[3], shrink=0.9, label="log10 power")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return str(path)
 
 
 def _plot_sample(ax, row: FigureRow) -> None:
-    ax.imshow(_display_rgb(row.sample), interpolation="nearest")
-    ax.set_title(f"{row.title}\n{row.caption}", fontsize=9, loc="left")
+    shown = _crop(row.sample)
+    ax.imshow(_display_rgb(shown), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
+    crop = "" if shown.shape == row.sample.shape else f" ({shown.shape[-2]}x{shown.shape[-1]} crop)"
+    ax.set_title(f"one sample as an RGB image{crop}", fontsize=9)
+
+
+def _plot_colours(ax, row: FigureRow, axis: torch.Tensor, axis_name: str) -> None:
+    """Scatter of the pixels' luminance component against one colour component, with the analytic
+    2-sigma ellipse."""
+    v = axis.double().reshape(-1)
+    red_green = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    u = red_green - (red_green @ v) * v
+    u = u / u.norm()
+    pixels = _crop(row.sample).double().reshape(v.numel(), -1)
+    ax.plot(u @ pixels, v @ pixels, ".", ms=1.5, alpha=0.4, color="tab:purple")
+    (along, along_m), (orth, orth_m) = row.axis_variance, row.orthogonal_variance
+    angle = torch.linspace(0, 2 * math.pi, 200, dtype=torch.float64)
+    ax.plot(2 * math.sqrt(orth) * torch.cos(angle), 2 * math.sqrt(along) * torch.sin(angle), "k--",
+            lw=1.2, label="analytic 2-sigma")
+    ax.text(0.03, 0.97, f"variance along v: {along_m:.2f} (exact {along:.2f})\n"
+            f"orthogonal: {orth_m:.2f} (exact {orth:.2f})", transform=ax.transAxes, va="top",
+            fontsize=8, bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    ax.set_xlim(-5, 5)
+    ax.set_ylim(-5, 5)
+    ax.set_aspect("equal")
+    ax.set_title("the pixels of that image in colour space", fontsize=9)
+    ax.set_xlabel("colour component (red - green)", fontsize=8)
+    ax.set_ylabel(f"luminance component, v = {axis_name}", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _plot_radial(ax, row: FigureRow) -> None:
+    from matplotlib.ticker import NullFormatter
+
     r, measured = radial_average(row.power_measured)
     _, exact = radial_average(row.power_analytic)
     ax.loglog(r, exact.clamp_min(1e-3), "k-", lw=1.5, label="analytic")
@@ -336,39 +389,27 @@ def _plot_radial(ax, row: FigureRow) -> None:
     ax.axhline(1.0, color="0.6", ls=":", lw=1, label="white noise")
     ax.axvline(LOW_HIGH_SPLIT, color="tab:blue", ls="--", lw=1)
     low_m, low_a = low_frequency_share(row.power_measured), low_frequency_share(row.power_analytic)
-    ax.text(0.03, 0.05, f"power below r = {LOW_HIGH_SPLIT}: {100 * low_m:.0f}% "
+    ax.text(0.03, 0.04, f"{100 * low_m:.0f}% of the power at r < {LOW_HIGH_SPLIT} "
             f"(analytic {100 * low_a:.0f}%)", transform=ax.transAxes, fontsize=8, color="tab:blue")
+    ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5], ["0.02", "0.05", "0.1", "0.2", "0.5"])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(0.8 * float(r[0]), 0.75)
     ax.set_ylim(3e-3, 3e1)
+    ax.set_title("radially averaged power spectrum", fontsize=9)
     ax.set_xlabel("radial frequency r (cycles/pixel)", fontsize=8)
     ax.set_ylabel("power per frequency", fontsize=8)
-    ax.set_title("radially averaged power spectrum", fontsize=9)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="upper right")
 
 
-def _plot_power_2d(ax, row: FigureRow, np):
-    power = torch.fft.fftshift(row.power_measured).numpy()
-    image = ax.imshow(np.log10(np.maximum(power, 1e-3)), cmap="magma", vmin=-2, vmax=1.5,
-                      extent=(-0.5, 0.5, 0.5, -0.5), interpolation="nearest")
-    ax.set_title("2-D power spectrum (measured; DC at centre)", fontsize=9)
+def _plot_power_2d(ax, row: FigureRow):
+    H, W = row.power_measured.shape
+    power = torch.fft.fftshift(row.power_measured).clamp_min(1e-3).log10().numpy()
+    fy, fx = (torch.fft.fftshift(torch.fft.fftfreq(n)) for n in (H, W))
+    extent = (fx[0] - 0.5 / W, fx[-1] + 0.5 / W, fy[-1] + 0.5 / H, fy[0] - 0.5 / H)  # bin edges
+    image = ax.imshow(power, cmap="magma", vmin=-2, vmax=1.5, extent=[float(e) for e in extent])
+    ax.set_title("2-D power spectrum, measured (centre = DC)", fontsize=9)
     ax.set_xlabel("f_x (cycles/pixel)", fontsize=8)
-    ax.set_ylabel("f_y", fontsize=8)
+    ax.set_ylabel("f_y (cycles/pixel)", fontsize=8)
     ax.tick_params(labelsize=7)
     return image
-
-
-def _plot_variances(ax, row: FigureRow, axis_name: str) -> None:
-    labels = [f"along {axis_name}\n(luminance)", "orthogonal\n(colour)"]
-    exact = [row.axis_variance[0], row.orthogonal_variance[0]]
-    measured = [row.axis_variance[1], row.orthogonal_variance[1]]
-    ax.bar([0, 1], measured, width=0.55, color=["0.55", "tab:purple"], label="measured")
-    ax.hlines(exact, [-0.35, 0.65], [0.35, 1.35], colors="k", lw=2, label="analytic")
-    for x, value in enumerate(measured):
-        ax.text(x, value + 0.05, f"{value:.2f}", ha="center", fontsize=8)
-    ax.axhline(1.0, color="0.6", ls=":", lw=1)
-    ax.set_xticks([0, 1], labels, fontsize=8)
-    ax.set_ylim(0, 2.7)
-    ax.set_ylabel("per-pixel variance", fontsize=8)
-    ax.set_title("noise variance per colour direction", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7, loc="upper right")
