@@ -14,10 +14,11 @@ struct FftFactors {
   int radix[kMaxFftStages] = {};
 };
 
-// Radices for a Stockham FFT of length n: 4s first, then 2, 3, 5 and any other prime factor
-// (handled by a generic O(p^2) butterfly).
+// Radices for a Stockham FFT of length n: 8s first (fewest passes), then 4, 2, 3, 5 and any other
+// prime factor (handled by a generic O(p^2) butterfly).
 ANISO_HD FftFactors fft_factorize(int n) {
   FftFactors f;
+  while (n % 8 == 0 && n > 1) { f.radix[f.count++] = 8; n /= 8; }
   while (n % 4 == 0 && n > 1) { f.radix[f.count++] = 4; n /= 4; }
   while (n % 2 == 0 && n > 1) { f.radix[f.count++] = 2; n /= 2; }
   for (int p = 3; n > 1; p += 2) {
