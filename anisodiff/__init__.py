@@ -5,7 +5,11 @@ time-varying strength) and spectrally anisotropic Gaussian diffusion (SAGD: powe
 weights per spatial frequency) as one fused operation, ``n = A(t) eps`` with
 ``A(t) = S(t) (x) T_w``. See README.md and ../shared/DESIGN.md.
 """
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import PackageNotFoundError, version as _version
+    __version__ = _version("anisodiff")
+except PackageNotFoundError:  # a source checkout that was never installed
+    __version__ = "0.0.0+unknown"
 
 from . import reference
 from ._ext import available_backends, build_info

@@ -1,6 +1,7 @@
 """Loading the compiled extension (anisodiff._C) and reporting which backends exist."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -10,7 +11,7 @@ __all__ = ["build_info", "available_backends", "has_compiled_ops", "require_back
 _C = None
 _IMPORT_ERROR: Exception | None = None
 try:  # importing _C registers torch.ops.anisodiff.* (C++ static initialisers)
-    from . import _C  # type: ignore[attr-defined]  # noqa: F811
+    _C = importlib.import_module("anisodiff._C")
 except ImportError as exc:  # a source checkout that was never built
     _IMPORT_ERROR = exc
 # Read once: plain data is cheap to consult on every call and traceable by torch.compile.

@@ -3,10 +3,15 @@
 
 Every function validates its arguments before any kernel runs and raises an exception that names the
 offending argument.
+
+torch.compile: the spec lowering (:func:`_lowered`) is evaluated once at trace time and becomes a
+constant of the graph; specs are immutable, so that constant cannot go stale. Seeds drawn from the
+default generator, and int seeds/offsets that change every step, stay graph inputs.
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -22,6 +27,7 @@ __all__ = ["white_noise", "apply_operator", "shaped_noise", "add_noise", "covari
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IDENTITY = NoiseSpec()
+_WHITE_ROW = 4096  # white_noise runs as [n / 4096, 1, 1, 4096] so the CPU kernel can use every thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,16 +39,29 @@ def _check_spec(spec) -> NoiseSpec:
     return spec
 
 
-def _check_shape(shape) -> tuple[int, int, int, int]:
+def _check_sizes(shape, name: str = "shape") -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"shape: expected a sequence of 4 ints [B, C, H, W], got {shape!r}") from None
-    if len(shape) != 4:
-        raise ValueError(f"shape: expected [B, C, H, W] (4 sizes), got {list(shape)}")
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape: sizes must be non-negative, got {list(shape)}")
-    return shape
+        dims = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in dims):
+        raise ValueError(f"{name}: sizes must be non-negative, got {list(dims)}")
+    return dims
+
+
+def _check_shape(shape) -> tuple[int, int, int, int]:
+    dims = _check_sizes(shape)
+    if len(dims) != 4:
+        raise ValueError(f"shape: expected [B, C, H, W] (4 sizes), got {list(dims)}")
+    return dims
+
+
+def _check_dtype(dtype, backend: str) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if backend != "reference" and dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"dtype: the {backend} kernel produces float32, float16 or bfloat16, got {dtype}")
+    return dtype
 
 
 def _check_float_tensor(t, name: str, backend: str) -> torch.Tensor:
@@ -56,8 +75,21 @@ def _check_float_tensor(t, name: str, backend: str) -> torch.Tensor:
     return t
 
 
-def _check_timesteps(timesteps, batch: int, num_timesteps: int, device: torch.device,
+def _check_schedule(schedule, required: bool):
+    if schedule is None:
+        if required:
+            raise ValueError("schedule: add_noise needs a schedule (anisodiff.VPSchedule or a "
+                             "diffusers scheduler)")
+        return None
+    if isinstance(schedule, VPSchedule) or (hasattr(schedule, "betas") and hasattr(schedule, "alphas_cumprod")):
+        return schedule  # converted (and validated) once, in the cached lowering
+    raise TypeError("schedule: expected anisodiff.VPSchedule or a diffusers scheduler with `betas` "
+                    f"and `alphas_cumprod`, got {type(schedule).__name__}")
+
+
+def _check_timesteps(timesteps, batch: int, num_rows: int, device: torch.device,
                      required: bool) -> torch.Tensor:
+    """int64 ``[B]`` row indices into the coefficient table."""
     if timesteps is None:
         if required:
             raise ValueError("timesteps: required here (the noise or the schedule depends on t)")
@@ -69,11 +101,13 @@ def _check_timesteps(timesteps, batch: int, num_timesteps: int, device: torch.de
         t = t.expand(batch)
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"timesteps: expected a scalar or shape [{batch}], got {tuple(t.shape)}")
+    if num_rows == 1:  # nothing depends on t (no schedule, time-independent spec): every t is row 0
+        return torch.zeros(batch, dtype=torch.int64, device=device)
     # Host-side check where it is free; device tensors (and compiled graphs) are checked by the kernel.
     if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= num_timesteps:
-            raise ValueError(f"timesteps: values must lie in [0, {num_timesteps}), got min {lo}, max {hi}")
+        if lo < 0 or hi >= num_rows:
+            raise ValueError(f"timesteps: values must lie in [0, {num_rows}), got min {lo}, max {hi}")
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
@@ -83,28 +117,18 @@ def _check_target(target: str) -> int:
     return TARGET_CODES[target]
 
 
-def _check_noise(noise, spec: NoiseSpec, shape, device, backend: str) -> torch.Tensor:
-    noise = _check_float_tensor(noise, "noise", backend)
+def _check_noise(noise, spec: NoiseSpec, shape, device, backend: str, name: str = "noise") -> torch.Tensor:
+    noise = _check_float_tensor(noise, name, backend)
     want = tuple(shape) if spec.draws == 1 else (spec.draws, *shape)
     if tuple(noise.shape) != want:
         extra = " (an independent two-band spec consumes two white draws)" if spec.draws > 1 else ""
-        raise ValueError(f"noise: expected WHITE noise of shape {list(want)}{extra}, got "
+        raise ValueError(f"{name}: expected WHITE noise of shape {list(want)}{extra}, got "
                          f"{list(noise.shape)}")
     if noise.device != torch.device(device):
-        raise ValueError(f"noise: is on {noise.device} but the data is on {device}")
+        raise ValueError(f"{name}: is on {noise.device} but the data is on {device}")
     if noise.requires_grad:
-        raise ValueError("noise: gradients with respect to the white noise are not supported")
+        raise ValueError(f"{name}: gradients with respect to the white noise are not supported")
     return noise
-
-
-@torch._dynamo.assume_constant_result
-def _kernel_args(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device):
-    """The lowered spec; under torch.compile it is evaluated once at trace time, a constant."""
-    return kernel_args(spec, schedule, C, H, W, device)
-
-
-def _needs_timesteps(spec: NoiseSpec) -> bool:
-    return spec.time_varying
 
 
 def _check_channels(spec: NoiseSpec, channels: int, name: str) -> None:
@@ -113,12 +137,39 @@ def _check_channels(spec: NoiseSpec, channels: int, name: str) -> None:
                          f"{spec.squeeze.channels} rows")
 
 
+def _stream(seed, generator, offset, noise) -> torch.Tensor:
+    if noise is not None:
+        if seed is not None or generator is not None:
+            raise ValueError("seed/generator: not used when white noise is passed; give one or the other")
+        return stream_tensor(0, None, 0)
+    return stream_tensor(seed, generator, offset)
+
+
+def _lowered(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device):
+    """The kernel arguments; a trace-time constant under torch.compile."""
+    return kernel_args(spec, schedule, C, H, W, device)
+
+
+_lowered._dynamo_marked_constant = True  # = torch._dynamo.assume_constant_result, without importing dynamo
+
+
+def _num_rows(spec: NoiseSpec, schedule) -> int:
+    """Rows of the coefficient table, for the reference backend (which builds no table)."""
+    if schedule is not None:
+        return as_schedule(schedule).num_train_timesteps
+    sq = spec.squeeze
+    if sq is not None and not isinstance(sq.schedule, str):
+        return sq.schedule.numel()
+    return 1
+
+
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
 def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None) -> torch.Tensor:
-    """The canonical white stream (DESIGN.md section 2): element ``i`` of the row-major tensor is
-    lane ``i & 3`` of Triton's ``tl.randn4x(seed, offset + (i >> 2))``. float32.
+    """The canonical white stream (DESIGN.md section 2), float32: element ``i`` of the row-major
+    tensor is lane ``i & 3`` of Philox4x32-10 ``randn4x(seed, offset + (i >> 2))`` — Triton's
+    ``tl.randn4x`` (identical Philox words; normals equal to within ~1e-6 float rounding).
 
     Args:
         shape: any shape; the stream index is the row-major element index.
@@ -128,17 +179,15 @@ def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None
     """
     seed = check_seed(seed)
     offset = check_offset(offset)
-    try:
-        dims = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise TypeError(f"shape: expected a sequence of ints, got {shape!r}") from None
-    if any(s < 0 for s in dims):
-        raise ValueError(f"shape: sizes must be non-negative, got {list(dims)}")
+    dims = _check_sizes(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     n = math.prod(dims)
     if has_compiled_ops() and device.type == "cpu" and n > 0:
-        flat = shaped_noise((1, 1, 1, n), _IDENTITY, seed=seed, offset=offset, backend="cpu")
-        return flat.reshape(dims)
+        # The stream index is linear, so any [rows, 1, 1, row] view of it is the same stream.
+        row = min(n, _WHITE_ROW)
+        rows = -(-n // row)
+        flat = shaped_noise((rows, 1, 1, row), _IDENTITY, seed=seed, offset=offset, backend="cpu")
+        return flat.reshape(-1)[:n].reshape(dims)
     return reference.white_noise(dims, seed, offset, device=device)
 
 
@@ -148,10 +197,12 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
 
     Args:
         eps: white noise ``[B, C, H, W]`` (``[2, B, C, H, W]`` for an independent two-band spec).
+            Non-finite values spread to the whole plane (the spatial filter mixes every pixel of
+            a plane) and, on the CPU kernel, to the plane filtered alongside it in the same sample.
         spec: the :class:`NoiseSpec`.
         timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t.
         schedule: a :class:`VPSchedule` or diffusers scheduler; needed by ``schedule="beta"``.
-        backend: "auto", "cpu", "reference" (later "cuda", "triton").
+        backend: "auto", "cpu" or "reference".
     Returns the shaped noise in ``eps``'s dtype.
     """
     spec = _check_spec(spec)
@@ -159,54 +210,60 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
         raise TypeError(f"eps: expected a torch.Tensor, got {type(eps).__name__}")
     shape = eps.shape if spec.draws == 1 else eps.shape[1:]
     if len(shape) != 4:
-        raise ValueError(f"eps: expected [B, C, H, W]{' with a leading draw dim of 2' if spec.draws > 1 else ''}, "
-                         f"got shape {list(eps.shape)}")
-    return shaped_noise(tuple(shape), spec, timesteps=timesteps, schedule=schedule, noise=eps,
-                        device=eps.device, dtype=eps.dtype, backend=backend)
+        lead = " with a leading draw dim of 2" if spec.draws > 1 else ""
+        raise ValueError(f"eps: expected [B, C, H, W]{lead}, got shape {list(eps.shape)}")
+    return _shaped(tuple(shape), spec, timesteps, schedule, None, None, 0, eps.device, eps.dtype,
+                   backend, eps, "eps")
 
 
 def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, schedule=None, seed=None,
                  generator: torch.Generator | None = None, offset: int = 0, device=None, dtype=None,
-                 backend: str = "auto", noise: torch.Tensor | None = None) -> torch.Tensor:
+                 backend: str = "auto") -> torch.Tensor:
     """Draw shaped noise ``n = A(t) eps`` of ``shape = [B, C, H, W]``.
 
     Args:
         shape: ``[B, C, H, W]``.
         spec: the :class:`NoiseSpec`.
-        timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t.
+        timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t,
+            ignored when nothing depends on t.
         schedule: a :class:`VPSchedule` or diffusers scheduler (needed by the "beta"/"linear" squeeze
             profiles).
         seed: explicit Philox key; ``generator``: draw the key from this generator instead (default:
             torch's global generator). ``offset``: first counter of the stream.
         device, dtype: of the result (default CPU, float32).
         backend: "auto" (fastest available), "cpu" or "reference".
-        noise: optional caller-supplied WHITE noise to shape instead of the stream (see
-            :func:`apply_operator`).
     """
     spec = _check_spec(spec)
-    B, C, H, W = _check_shape(shape)
-    _check_channels(spec, C, "shape")
-    device = torch.device(device) if device is not None else (
-        noise.device if isinstance(noise, torch.Tensor) else torch.device("cpu"))
-    dtype = dtype if dtype is not None else (noise.dtype if isinstance(noise, torch.Tensor) else torch.float32)
+    dims = _check_shape(shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = torch.float32 if dtype is None else dtype
+    return _shaped(dims, spec, timesteps, schedule, seed, generator, offset, device, dtype, backend,
+                   None, "noise")
+
+
+def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset, device, dtype,
+            backend: str, noise, noise_name: str) -> torch.Tensor:
+    B, C, H, W = dims
+    _check_channels(spec, C, "shape" if noise is None else noise_name)
     backend = require_backend(backend, device)
-    schedule = as_schedule(schedule)
+    schedule = _check_schedule(schedule, required=False)
     if noise is not None:
-        noise = _check_noise(noise, spec, (B, C, H, W), device, backend)
-        stream = stream_tensor(0, None, 0)
-    else:
-        stream = stream_tensor(seed, generator, offset)
-    if backend != "reference" and dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"dtype: the {backend} kernel produces float32, float16 or bfloat16, got {dtype}")
-    args = _kernel_args(spec, schedule, C, H, W, device)
-    ts = _check_timesteps(timesteps, B, args.num_timesteps, device, _needs_timesteps(spec))
+        noise = _check_noise(noise, spec, dims, device, backend, noise_name)
+    dtype = _check_dtype(dtype, backend)
+    stream = _stream(seed, generator, offset, noise)
+    if B * C * H * W == 0:
+        return torch.empty(dims, device=device, dtype=dtype)
     if backend == "reference":
+        ts = _check_timesteps(timesteps, B, _num_rows(spec, schedule), device, spec.time_varying)
         t_ref = ts.cpu() if timesteps is not None else None
+        sched = as_schedule(schedule)
         if noise is not None:
-            return reference.apply_operator(noise, spec, t_ref, schedule).to(device, dtype)
+            return reference.apply_operator(noise, spec, t_ref, sched).to(device, dtype)
         seed_v, offset_v = (int(v) for v in stream)
-        return reference.shaped_noise((B, C, H, W), spec, t_ref, schedule, seed=seed_v,
-                                      offset=offset_v, device=device, dtype=dtype)
+        return reference.shaped_noise(dims, spec, t_ref, sched, seed=seed_v, offset=offset_v,
+                                      device=device, dtype=dtype)
+    args = _lowered(spec, schedule, int(C), int(H), int(W), device)
+    ts = _check_timesteps(timesteps, B, args.num_timesteps, device, spec.time_varying)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return torch.ops.anisodiff.shaped_noise(
         [B, C, H, W], ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
@@ -220,7 +277,8 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
 
     Args:
         x0: clean data ``[B, C, H, W]`` (float32/float16/bfloat16; math in float32). Any strides,
-            channels_last included; outputs keep x0's memory format.
+            channels_last included; outputs keep x0's memory format. NaN/Inf in x0 stay in their
+            own elements.
         timesteps: ``[B]`` integer timesteps in ``[0, T)`` (or a scalar).
         spec: the :class:`NoiseSpec`.
         schedule: a :class:`VPSchedule` or a diffusers scheduler (``betas``/``alphas_cumprod``).
@@ -229,7 +287,8 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
         seed / generator / offset: the stream (see :func:`shaped_noise`); a generator advances, so
             consecutive calls never reuse counters.
         target: ``"epsilon"`` (the shaped noise, what both papers train on), ``"v"``
-            (``a n - b x0``), ``"x0"`` or ``"flow"`` (``n - x0``).
+            (``a n - b x0``), ``"x0"`` or ``"flow"`` (``n - x0``; the flow-matching velocity when
+            the schedule is a flow path).
         backend: "auto", "cpu" or "reference".
     Returns ``(x_t, target)`` in x0's dtype.
     """
@@ -240,23 +299,23 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
         raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got shape {list(x0.shape)}")
     backend = require_backend(backend, x0.device)
     _check_float_tensor(x0, "x0", backend)
-    if schedule is None:
-        raise ValueError("schedule: add_noise needs a schedule (anisodiff.VPSchedule or a diffusers scheduler)")
-    schedule = as_schedule(schedule)
+    schedule = _check_schedule(schedule, required=True)
     B, C, H, W = x0.shape
     _check_channels(spec, C, "x0")
     code = _check_target(target)
     if noise is not None:
         noise = _check_noise(noise, spec, x0.shape, x0.device, backend)
-        stream = stream_tensor(0, None, 0)
-    else:
-        stream = stream_tensor(seed, generator, offset)
-    args = _kernel_args(spec, schedule, C, H, W, x0.device)
-    ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
+    stream = _stream(seed, generator, offset, noise)
     if backend == "reference":
+        sched = as_schedule(schedule)
+        ts = _check_timesteps(timesteps, B, sched.num_train_timesteps, x0.device, True)
         seed_v, offset_v = (int(v) for v in stream)
-        return reference.add_noise(x0, ts.cpu(), spec, schedule, noise=noise, seed=seed_v,
+        return reference.add_noise(x0, ts.cpu(), spec, sched, noise=noise, seed=seed_v,
                                    offset=offset_v, target=target)
+    if x0.numel() == 0:
+        return torch.empty_like(x0), torch.empty_like(x0)
+    args = _lowered(spec, schedule, int(C), int(H), int(W), x0.device)
+    ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return torch.ops.anisodiff.add_noise(
         x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
@@ -268,19 +327,19 @@ def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedul
     shape ``[C, H, W]`` (a leading B in ``shape`` is ignored): ``[N, N]`` with ``N = C H W``, or
     ``[B, N, N]`` for a 1-D tensor of timesteps. For small shapes (tests, teaching)."""
     spec = _check_spec(spec)
-    dims = tuple(int(s) for s in shape)
+    dims = _check_sizes(shape)
     if len(dims) not in (3, 4) or any(s <= 0 for s in dims):
         raise ValueError(f"shape: expected positive [C, H, W] or [B, C, H, W], got {list(dims)}")
     n = math.prod(dims[-3:])
     if n > 4096:
         raise ValueError(f"shape: C*H*W = {n} is too large for a dense covariance (max 4096)")
     _check_channels(spec, dims[-3], "shape")
-    schedule = as_schedule(schedule)
+    schedule = as_schedule(_check_schedule(schedule, required=False))
     if timesteps is not None:
         t = torch.as_tensor(timesteps)
         if t.is_floating_point():
             raise TypeError(f"timesteps: expected integer timesteps, got {t.dtype}")
-    elif _needs_timesteps(spec):
+    elif spec.time_varying:
         raise ValueError("timesteps: required, the squeeze strength varies with t")
     return reference.covariance(spec, dims, timesteps, schedule)
 
@@ -305,6 +364,7 @@ def _register() -> None:
         ctx.save_for_backward(timesteps, coef)
 
     def _backward(ctx, grad_xt, grad_target):
+        # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow)
         timesteps, coef = ctx.saved_tensors
         a = coef[timesteps, 0].view(-1, 1, 1, 1)
         b = coef[timesteps, 1].view(-1, 1, 1, 1)

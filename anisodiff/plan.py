@@ -1,23 +1,29 @@
 """Lowering a (spec, schedule, plane size) to the small tensors the kernels read.
 
 Every backend consumes the same arguments: a per-timestep coefficient table, the axes, the weight
-tables with the calibration folded in, and the per-draw mixing gains. They are built from the
-reference's own weight definitions (one source of truth) and cached per device.
+tables with the calibration folded in, and the per-draw mixing gains. They come from the
+reference's own definitions (one source of truth) and are cached per device.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from . import reference
-from .schedule import VPSchedule, coefficient_table
+from .schedule import VPSchedule, as_schedule, coefficient_table
 from .spec import NoiseSpec
 
-__all__ = ["KernelArgs", "kernel_args", "TARGET_CODES"]
+__all__ = ["KernelArgs", "kernel_args", "TARGET_CODES", "MAX_AXES", "MAX_DYNAMIC_RANGE"]
 
-TARGET_CODES = {"epsilon": 0, "v": 1, "x0": 2, "flow": 3}
+TARGET_CODES = {name: code for code, name in enumerate(reference.TARGETS)}
+MAX_AXES = 8  # csrc/include/anisodiff/squeeze.h kMaxAxes
+# float32 keeps ~7 digits: a weight table spanning more than this leaves the typical frequencies
+# below float32 resolution next to the largest one (e.g. the DC bin of PowerLaw(-0.5) at eps=1e-10).
+MAX_DYNAMIC_RANGE = 1e4
+_SLOW_PRIME = 61  # FFT lengths with a larger prime factor use the O(p) generic butterfly
 
 
 @dataclass(frozen=True)
@@ -28,16 +34,32 @@ class KernelArgs:
     gammas: tuple[float, ...]     # per-draw gain after normalisation
     variant: int                  # 0 sdm, 1 heisenberg
     normalize: int                # 0 folded into weights / none, 1 per-sample std
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.coef.shape[0]
+    num_timesteps: int            # rows of coef (a plain int: traceable under torch.compile)
 
 
 def _schedule_key(schedule: VPSchedule | None):
     if schedule is None:
         return None
     return (schedule.betas.numpy().tobytes(), schedule.alphas_cumprod.numpy().tobytes())
+
+
+def _largest_prime_factor(n: int) -> int:
+    p, largest = 2, 1
+    while p * p <= n:
+        while n % p == 0:
+            largest, n = p, n // p
+        p += 1
+    return max(largest, n)
+
+
+def _check_float32_range(w: torch.Tensor, spec: NoiseSpec) -> None:
+    positive = w[w > 0]
+    ratio = float(positive.max() / positive.median())
+    if not torch.isfinite(w.float()).all() or ratio > MAX_DYNAMIC_RANGE:
+        raise ValueError(
+            f"spectral: the weights of {spec.spectral!r} span a dynamic range of {ratio:.3g} "
+            f"(max / median), more than the float32 kernels resolve ({MAX_DYNAMIC_RANGE:g}); "
+            "use backend='reference', or raise the DC floor (e.g. PowerLaw(alpha, eps=1e-3))")
 
 
 @lru_cache(maxsize=64)
@@ -51,33 +73,36 @@ def _cached(spec_json: str, sched_key, channels: int, H: int, W: int, device: st
     dev = torch.device(device)
     sq = spec.squeeze
     use_squeeze = sq is not None and not sq.is_identity  # s = 0 is the identity: skip it exactly
-    if sq is not None and sq.channels != channels:
-        raise ValueError(f"x0: has {channels} channels but the squeeze axes have {sq.channels} rows")
+    if use_squeeze and sq.k > MAX_AXES:
+        raise ValueError(f"axes: the kernels take at most {MAX_AXES} principal axes, got k={sq.k} "
+                         "(use backend='reference')")
     coef = coefficient_table(spec if use_squeeze else NoiseSpec(), schedule)
     axes = sq.axes.to(torch.float32) if use_squeeze else torch.zeros(channels, 0)
 
-    sw = reference.spectral_weights(spec, H, W)
     weights, gammas = None, (1.0,)
-    if sw is not None:
-        raw, gam = sw
-        planes = []
-        for d in range(raw.shape[0]):
-            w = raw[d]
-            if spec.normalize == "calibrated":
-                w = w * reference.calibration(w)
-            planes.append(w)
-        gammas = tuple(gam)
-        constant = len(planes) == 1 and bool((planes[0] == planes[0].flatten()[0]).all())
-        if constant:  # a constant weight is a scalar gain: no transform, so alpha = 0 is exact
-            gain = float(planes[0].flatten()[0])
-            gammas = (gammas[0] * (1.0 if spec.normalize == "per_sample" else gain),)
+    stages = reference.spatial_stages(spec, H, W)
+    if stages is not None:
+        gammas = tuple(gamma for _, gamma in stages)
+        if len(stages) == 1 and stages[0][0] is None:
+            pass  # a scalar gain, no transform
         else:
+            planes = [torch.ones(H, W, dtype=torch.float64) if w is None else w for w, _ in stages]
+            for w in planes:
+                _check_float32_range(w, spec)
             weights = torch.stack(planes).to(torch.float32).to(dev)
+            for n in (H, W):
+                p = _largest_prime_factor(n)
+                if p > _SLOW_PRIME:
+                    warnings.warn(f"anisodiff: a {H}x{W} plane has the prime factor {p}; the CPU FFT "
+                                  f"uses an O({p}) per-element butterfly for it (slow)", stacklevel=4)
     variant = 1 if (use_squeeze and sq.variant == "heisenberg") else 0
     return KernelArgs(coef.to(dev), axes.contiguous().to(dev), weights, gammas, variant,
-                      1 if spec.normalize == "per_sample" else 0)
+                      1 if spec.normalize == "per_sample" else 0, coef.shape[0])
 
 
-def kernel_args(spec: NoiseSpec, schedule: VPSchedule | None, channels: int, H: int, W: int,
-                device: torch.device) -> KernelArgs:
-    return _cached(spec.to_json(), _schedule_key(schedule), channels, H, W, str(torch.device(device)))
+def kernel_args(spec: NoiseSpec, schedule, channels: int, H: int, W: int, device) -> KernelArgs:
+    """Kernel arguments for ``spec`` on ``[*, channels, H, W]`` planes. ``schedule``: a
+    :class:`VPSchedule`, a diffusers scheduler or None. Cached."""
+    schedule = as_schedule(schedule)
+    return _cached(spec.to_json(), _schedule_key(schedule), int(channels), int(H), int(W),
+                   str(torch.device(device)))

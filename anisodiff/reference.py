@@ -163,6 +163,30 @@ def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, lis
     return torch.stack(planes), gammas
 
 
+def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor | None, float]] | None:
+    """Per white draw d: ``(w_d, gamma_d)``, the weight actually applied (calibration folded in for
+    ``normalize="calibrated"``) and the gain after normalisation; None without a spatial part.
+
+    ``w_d`` is None when the weight is constant: a constant weight is a scalar gain, not a
+    transform, so ``PowerLaw(0)`` is white noise exactly. Its gain is then folded into gamma_d
+    (except under per-sample normalisation, which divides any gain out).
+    """
+    sw = spectral_weights(spec, H, W)
+    if sw is None:
+        return None
+    weights, gammas = sw
+    stages = []
+    for w, gamma in zip(weights, gammas):
+        if spec.normalize == "calibrated":
+            w = w * calibration(w)
+        if bool((w == w.flatten()[0]).all()):
+            gain = 1.0 if spec.normalize == "per_sample" else float(w.flatten()[0])
+            stages.append((None, gamma * gain))
+        else:
+            stages.append((w, gamma))
+    return stages
+
+
 def calibration(w: torch.Tensor) -> float:
     """``c = mean(w^2)^-1/2``: unit mean per-pixel variance of ``c T_w eps``."""
     return float((w.double() ** 2).mean().rsqrt())
@@ -181,27 +205,16 @@ def _normalize_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
-    """``sum_d gamma_d N(c_d T_{w_d} eps_d)`` for white draws ``[D, B, C, H, W]`` (float64 out).
-
-    A constant weight table is a scalar gain (no transform), so ``PowerLaw(0)`` is white noise
-    exactly.
-    """
+    """``sum_d gamma_d N(c_d T_{w_d} eps_d)`` for white draws ``[D, B, C, H, W]`` (float64 out)."""
     H, W = draws.shape[-2:]
-    sw = spectral_weights(spec, H, W)
-    weights, gammas = (None, [1.0]) if sw is None else sw
-    if draws.shape[0] != len(gammas):
-        raise ValueError(f"noise: this spec consumes {len(gammas)} white draw(s), got {draws.shape[0]}")
+    stages = spatial_stages(spec, H, W) or [(None, 1.0)]
+    if draws.shape[0] != len(stages):
+        raise ValueError(f"noise: this spec consumes {len(stages)} white draw(s), got {draws.shape[0]}")
     out = torch.zeros(draws.shape[1:], dtype=torch.float64, device=draws.device)
-    for d, gamma in enumerate(gammas):
+    for d, (w, gamma) in enumerate(stages):
         x = draws[d].double()
-        if weights is not None:
-            w = weights[d].to(draws.device)
-            if spec.normalize == "calibrated":
-                w = w * calibration(w)
-            if bool((w == w.flatten()[0]).all()):
-                x = x * float(w.flatten()[0])
-            else:
-                x = filter_planes(x, w)
+        if w is not None:
+            x = filter_planes(x, w.to(draws.device))
         if spec.normalize == "per_sample":
             x = _normalize_per_sample(x)
         out += gamma * x
@@ -213,17 +226,20 @@ def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def squeeze_profile(squeeze: Squeeze, schedule) -> torch.Tensor:
     """``tau(t)`` for t = 0..T-1 (float64): ``beta_t / beta_max`` (default), 1, ``t / (T-1)`` or
-    the user's table."""
+    the user's table. A constant profile without a schedule has one entry (valid for every t)."""
+    T = None if schedule is None else schedule.betas.numel()
     if not isinstance(squeeze.schedule, str):
+        if T is not None and squeeze.schedule.numel() != T:
+            raise ValueError(f"schedule: the squeeze table has {squeeze.schedule.numel()} entries but the "
+                             f"diffusion schedule has T={T}")
         return squeeze.schedule.double()
     if squeeze.schedule == "constant":
-        return torch.ones(1 if schedule is None else schedule.betas.numel(), dtype=torch.float64)
+        return torch.ones(1 if T is None else T, dtype=torch.float64)
     if schedule is None:
         raise ValueError(f"schedule: required for the squeeze schedule {squeeze.schedule!r}")
     betas = schedule.betas.double()
     if squeeze.schedule == "beta":
         return betas / betas.max()
-    T = betas.numel()
     return torch.arange(T, dtype=torch.float64) / max(T - 1, 1)
 
 
@@ -236,6 +252,8 @@ def squeeze_strengths(squeeze: Squeeze, timesteps, schedule) -> torch.Tensor:
             raise ValueError("timesteps: required, the squeeze strength varies with t")
         return s[None, :] * tau[0]
     t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+    if tau.numel() == 1:  # time-independent: every t reads the single entry
+        t = torch.zeros_like(t)
     return tau[t][:, None] * s[None, :]
 
 
@@ -341,18 +359,9 @@ def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.T
     C, H, W = (tuple(shape)[-3:])
     HW = H * W
     basis = torch.eye(HW, dtype=torch.float64).reshape(HW, 1, H, W)
-    sw = spectral_weights(spec, H, W)
-    weights, gammas = (None, [1.0]) if sw is None else sw
-    spatial = []  # per draw: T_d (HW x HW), column j = response to basis vector j
-    for d, gamma in enumerate(gammas):
-        if weights is None:
-            T = torch.eye(HW, dtype=torch.float64)
-        else:
-            w = weights[d] * (calibration(weights[d]) if spec.normalize == "calibrated" else 1.0)
-            if bool((w == w.flatten()[0]).all()):
-                T = float(w.flatten()[0]) * torch.eye(HW, dtype=torch.float64)
-            else:
-                T = filter_planes(basis, w).reshape(HW, HW).T
+    spatial = []  # per draw: (gamma, T) with T the HW x HW filter, column j = response to pixel j
+    for w, gamma in spatial_stages(spec, H, W) or [(None, 1.0)]:
+        T = torch.eye(HW, dtype=torch.float64) if w is None else filter_planes(basis, w).reshape(HW, HW).T
         spatial.append((gamma, T))
     batched = timesteps is not None and torch.as_tensor(timesteps).dim() == 1
     ts = torch.as_tensor(timesteps).reshape(-1) if timesteps is not None else None

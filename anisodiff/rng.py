@@ -32,7 +32,16 @@ def _as_int(value, name: str) -> int:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
 
 
+def _symbolic(value) -> bool:
+    """Inside a torch.compile trace an int argument may be symbolic (it changes every step); it is
+    checked with torch._check and never specialised on, which would recompile per value."""
+    return torch.compiler.is_compiling() and not isinstance(value, bool)
+
+
 def check_seed(seed) -> int:
+    if _symbolic(seed):
+        torch._check(seed >= 0, lambda: "seed: must lie in [0, 2**63)")
+        return seed
     seed = _as_int(seed, "seed")
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed: must lie in [0, 2**63), got {seed}")
@@ -40,6 +49,9 @@ def check_seed(seed) -> int:
 
 
 def check_offset(offset) -> int:
+    if _symbolic(offset):
+        torch._check(offset >= 0, lambda: "offset: must lie in [0, 2**62)")
+        return offset
     offset = _as_int(offset, "offset")
     if not 0 <= offset < MAX_OFFSET:
         raise ValueError(f"offset: must lie in [0, 2**62), got {offset}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .spec import NoiseSpec, Squeeze
+from .reference import squeeze_profile
+from .spec import NoiseSpec
 
-__all__ = ["VPSchedule", "as_schedule", "squeeze_profile", "coefficient_table"]
+__all__ = ["VPSchedule", "as_schedule", "coefficient_table"]
 
 
 class VPSchedule:
@@ -27,16 +28,17 @@ class VPSchedule:
         betas = torch.as_tensor(betas).detach().to("cpu", torch.float32).clone()
         if betas.dim() != 1 or betas.numel() == 0:
             raise ValueError(f"betas: expected a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
-            raise ValueError("betas: every value must lie in the open interval (0, 1)")
+        # beta = 1 is allowed: zero-terminal-SNR schedules (diffusers rescale_betas_zero_snr) end on it
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("betas: every value must lie in (0, 1]")
         self.betas = betas
         if alphas_cumprod is None:
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float32).clone()
         if ac.shape != betas.shape:
             raise ValueError(f"alphas_cumprod: expected shape {tuple(betas.shape)}, got {tuple(ac.shape)}")
-        if not torch.isfinite(ac).all() or (ac <= 0).any() or (ac > 1).any():
-            raise ValueError("alphas_cumprod: every value must lie in (0, 1]")
+        if not torch.isfinite(ac).all() or (ac < 0).any() or (ac > 1).any():
+            raise ValueError("alphas_cumprod: every value must lie in [0, 1]")
         self.alphas_cumprod = ac
 
     @classmethod
@@ -51,13 +53,13 @@ class VPSchedule:
         return self.betas.numel()
 
     def to_dict(self) -> dict:
-        return {"type": "vp", "betas": self.betas.tolist()}
+        return {"type": "vp", "betas": self.betas.tolist(), "alphas_cumprod": self.alphas_cumprod.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VPSchedule":
         if not isinstance(d, dict) or d.get("type") != "vp" or "betas" not in d:
             raise ValueError("schedule: expected an object {'type': 'vp', 'betas': [...]}")
-        return cls(d["betas"])
+        return cls(d["betas"], d.get("alphas_cumprod"))
 
     def __repr__(self) -> str:
         return f"VPSchedule(T={self.num_train_timesteps})"
@@ -74,27 +76,6 @@ def as_schedule(schedule) -> VPSchedule | None:
         return VPSchedule(betas, ac)
     raise TypeError("schedule: expected anisodiff.VPSchedule or a diffusers scheduler with "
                     f"`betas` and `alphas_cumprod`, got {type(schedule).__name__}")
-
-
-def squeeze_profile(squeeze: Squeeze, schedule: VPSchedule | None) -> torch.Tensor:
-    """``tau(t)`` for every training timestep, float64 ``[T]`` (``[1]`` for a constant profile
-    when no schedule is given)."""
-    sched = squeeze.schedule
-    if not isinstance(sched, str):
-        if schedule is not None and sched.numel() != schedule.num_train_timesteps:
-            raise ValueError(f"schedule: squeeze schedule has {sched.numel()} entries but the diffusion "
-                             f"schedule has T={schedule.num_train_timesteps}")
-        return sched.to(torch.float64)
-    if sched == "constant":
-        T = 1 if schedule is None else schedule.num_train_timesteps
-        return torch.ones(T, dtype=torch.float64)
-    if schedule is None:
-        raise ValueError(f"schedule: required for the squeeze schedule {sched!r}")
-    T = schedule.num_train_timesteps
-    if sched == "beta":
-        betas = schedule.betas.to(torch.float64)
-        return betas / betas.max()
-    return torch.arange(T, dtype=torch.float64) / max(T - 1, 1)  # "linear"
 
 
 def coefficient_table(spec: NoiseSpec, schedule: VPSchedule | None) -> torch.Tensor:

@@ -36,7 +36,26 @@ MIXTURE_MODES = ("shared", "independent")
 _ORTHONORMAL_TOL = 1e-5
 
 
+class _Immutable:
+    """Specs are values: once built they never change, so everything derived from them (kernel
+    tables, compiled graphs) stays valid. Build a new one instead of editing."""
+
+    def _seal(self) -> None:
+        object.__setattr__(self, "_sealed", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_sealed", False):
+            raise AttributeError(f"{type(self).__name__} is immutable; build a new one instead of "
+                                 f"setting {name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
 def _finite_float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected a real number, got bool")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -69,7 +88,7 @@ def _as_float_tensor(value: Any, name: str, ndim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Channel part (SDM / HDM)
 # --------------------------------------------------------------------------------------------
-class Squeeze:
+class Squeeze(_Immutable):
     """Rescale the noise along the principal colour axes, with a time-varying strength.
 
     Args:
@@ -125,6 +144,7 @@ class Squeeze:
             self.schedule = _choice(schedule, "schedule", SQUEEZE_SCHEDULES)
         else:
             self.schedule = _as_float_tensor(schedule, "schedule", 1)
+        self._seal()
 
     @property
     def channels(self) -> int:
@@ -161,7 +181,7 @@ class Squeeze:
 # --------------------------------------------------------------------------------------------
 # Spatial part (SAGD): real weights w >= 0 on the unshifted fftfreq grid
 # --------------------------------------------------------------------------------------------
-class PowerLaw:
+class PowerLaw(_Immutable):
     """``w(f) = (r + eps) ** alpha``: alpha > 0 puts more noise in high frequencies, alpha < 0 in low
     ones, alpha = 0 is white noise exactly. ``eps = 1e-10`` is the papers' DC floor."""
 
@@ -174,6 +194,7 @@ class PowerLaw:
             raise ValueError(f"eps: must be >= 0, got {self.eps}")
         if self.eps == 0 and self.alpha < 0:
             raise ValueError("eps: must be > 0 when alpha < 0 (the DC weight would be infinite)")
+        self._seal()
 
     def to_dict(self) -> dict:
         return {"type": self.kind, "alpha": self.alpha, "eps": self.eps}
@@ -194,13 +215,14 @@ def _band(pair, name: str) -> tuple[float, float]:
     return a, b
 
 
-class Band:
+class Band(_Immutable):
     """Band mask ``w = 1{a <= r <= b}`` (inclusive edges, radius in the spec's convention)."""
 
     kind = "band"
 
     def __init__(self, a: float, b: float):
         self.a, self.b = _band((a, b), "band")
+        self._seal()
 
     def to_dict(self) -> dict:
         return {"type": self.kind, "a": self.a, "b": self.b}
@@ -209,7 +231,7 @@ class Band:
         return f"Band({self.a}, {self.b})"
 
 
-class TwoBand:
+class TwoBand(_Immutable):
     """Two-band mixture ``gamma_low * M[low] + gamma_high * M[high]``.
 
     ``mixture="shared"`` (default) filters ONE white draw with the combined weight, so
@@ -230,6 +252,7 @@ class TwoBand:
         self.low = _band(low, "low")
         self.high = _band(high, "high")
         self.mixture = _choice(mixture, "mixture", MIXTURE_MODES)
+        self._seal()
 
     @property
     def draws(self) -> int:
@@ -244,7 +267,7 @@ class TwoBand:
                 f"mixture={self.mixture!r})")
 
 
-class SpectralTable:
+class SpectralTable(_Immutable):
     """An arbitrary weight table ``[H, W]`` on the unshifted ``fftfreq`` grid (e.g. fitted from
     data). It must be real, finite, >= 0 and symmetric, ``w(f) = w(-f)``, so the noise is real."""
 
@@ -262,6 +285,7 @@ class SpectralTable:
                 "weights: must be symmetric on the unshifted fftfreq grid, w[i, j] == "
                 "w[-i % H, -j % W]; symmetrise with 0.5 * (w + w(-f)) if that is what you want")
         self.weights = w
+        self._seal()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -308,7 +332,7 @@ def _check_keys(d: dict, where: str, allowed: set) -> None:
 # --------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------
-class NoiseSpec:
+class NoiseSpec(_Immutable):
     """The shape of the forward noise: ``n = A(t) eps`` with ``A(t) = S(t) (x) T_w``.
 
     Args:
@@ -336,6 +360,7 @@ class NoiseSpec:
         self.spectral = spectral
         self.normalize = _choice(normalize, "normalize", NORMALIZE_MODES)
         self.radius = _choice(radius, "radius", RADIUS_CONVENTIONS)
+        self._seal()
 
     # -- properties used by the ops -----------------------------------------------------------
     @property
@@ -377,7 +402,12 @@ class NoiseSpec:
                    radius=d.get("radius", "cycles"))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """Canonical JSON (sorted keys); computed once, the spec being immutable."""
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = json.dumps(self.to_dict(), sort_keys=True)
+            object.__setattr__(self, "_json", cached)
+        return cached
 
     @classmethod
     def from_json(cls, text: str) -> "NoiseSpec":

@@ -165,9 +165,10 @@ def test_memory_layouts(layout, schedule):
         x0 = base
         noise = torch.randn(4, 3, 10, 24)[..., ::2]
     assert layout == "expanded_noise" or not x0.is_contiguous()
-    ref = ad.add_noise(x0.contiguous(), t, spec, schedule, seed=SEED, backend="reference",
-                       noise=None if noise is None else noise.contiguous())
-    out = ad.add_noise(x0, t, spec, schedule, seed=SEED, backend="cpu", noise=noise)
+    stream = {"seed": SEED} if noise is None else {}
+    ref = ad.add_noise(x0.contiguous(), t, spec, schedule, backend="reference",
+                       noise=None if noise is None else noise.contiguous(), **stream)
+    out = ad.add_noise(x0, t, spec, schedule, backend="cpu", noise=noise, **stream)
     close(out[0], ref[0])
     close(out[1], ref[1])
     if layout == "channels_last":

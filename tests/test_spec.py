@@ -301,11 +301,20 @@ def test_from_json_and_load_reject(tmp_path, text, match):
 
 
 @pytest.mark.parametrize("betas", [
-    [0.0, 0.1], [0.1, 1.0], [-0.01, 0.1], [0.5, 1.5], [0.1, float("nan")], [0.1, float("inf")],
+    [0.0, 0.1], [-0.01, 0.1], [0.5, 1.5], [0.1, float("nan")], [0.1, float("inf")],
 ])
-def test_vp_schedule_betas_outside_open_unit_interval(betas):
+def test_vp_schedule_betas_outside_half_open_unit_interval(betas):
     with pytest.raises(ValueError, match="betas"):
         ad.VPSchedule(torch.tensor(betas))
+
+
+def test_vp_schedule_zero_terminal_snr():
+    """beta_T = 1 (diffusers rescale_betas_zero_snr) is a valid schedule: abar_T = 0, x_T = n."""
+    s = ad.VPSchedule(torch.tensor([0.1, 0.5, 1.0]))
+    assert s.alphas_cumprod[-1] == 0
+    x0 = torch.randn(2, 3, 4, 4)
+    x_t, eps = ad.add_noise(x0, torch.tensor([2, 2]), ad.NoiseSpec(), s, seed=1)
+    assert torch.equal(x_t, eps)
 
 
 def test_vp_schedule_valid_and_shape_errors():

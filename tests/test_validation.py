@@ -147,7 +147,11 @@ class TestShapedNoise:
         if "cpu" not in BACKENDS:
             pytest.skip("compiled CPU ops not built")
         with pytest.raises(TypeError, match="dtype: the cpu kernel produces"):
-            ad.shaped_noise((1, 3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0, dtype=torch.int32)
+            ad.shaped_noise((1, 3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0, dtype=torch.float64)
+        for backend in BACKENDS:
+            with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
+                ad.shaped_noise((1, 3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0,
+                                dtype=torch.int32, backend=backend)
 
     def test_apply_operator_needs_tensor(self, spec, schedule):
         with pytest.raises(TypeError, match="eps: expected a torch.Tensor"):
@@ -174,3 +178,58 @@ def test_white_noise_arguments():
     with pytest.raises(ValueError, match="shape: sizes must be non-negative"):
         ad.white_noise((4, -2), seed=1)
     assert ad.white_noise((0, 5), seed=1).shape == (0, 5)
+
+
+def test_time_independent_spec_ignores_timesteps():
+    """Without a schedule, a spec that does not depend on t accepts any timestep (a sampler passes t)."""
+    for spec in [ad.NoiseSpec(spectral=ad.PowerLaw(-0.04)),
+                 ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), 0.5, schedule="constant"))]:
+        for backend in BACKENDS:
+            a = ad.shaped_noise((2, 3, 8, 8), spec, timesteps=torch.tensor([10, 500]), seed=4, backend=backend)
+            b = ad.shaped_noise((2, 3, 8, 8), spec, seed=4, backend=backend)
+            assert torch.equal(a, b)
+
+
+def test_float32_dynamic_range_is_refused_by_the_kernel():
+    """PowerLaw(-1) with the papers' 1e-10 DC floor puts a weight 1e10 on DC: float32 cannot
+    resolve the other frequencies next to it. The kernel refuses; the float64 reference runs."""
+    spec = ad.NoiseSpec(spectral=ad.PowerLaw(-1.0), normalize="per_sample")
+    if "cpu" in BACKENDS:
+        with pytest.raises(ValueError, match="spectral: .* dynamic range .* backend='reference'"):
+            ad.shaped_noise((1, 1, 16, 16), spec, seed=0, backend="cpu")
+    n = ad.shaped_noise((1, 1, 16, 16), spec, seed=0, backend="reference")
+    assert torch.isfinite(n).all()
+    # a saner DC floor is accepted
+    ad.shaped_noise((1, 1, 16, 16), ad.NoiseSpec(spectral=ad.PowerLaw(-1.0, eps=1e-2)), seed=0)
+
+
+def test_large_prime_plane_size_warns():
+    if "cpu" not in BACKENDS:
+        pytest.skip("compiled CPU ops not built")
+    with pytest.warns(UserWarning, match="prime factor 67"):
+        ad.shaped_noise((1, 1, 67, 8), ad.NoiseSpec(spectral=ad.PowerLaw(0.3)), seed=0, backend="cpu")
+
+
+def test_more_argument_errors(schedule):
+    spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4), ad.PowerLaw(-0.04))
+    with pytest.raises(TypeError, match="shape: expected a sequence of ints"):
+        ad.shaped_noise((2.9, 3, 8, 8), spec, timesteps=0, schedule=schedule, seed=0)
+    x0 = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="seed/generator: not used when white noise is passed"):
+        ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, noise=torch.randn_like(x0), seed=1)
+    with pytest.raises(TypeError, match="strength: expected a real number, got bool"):
+        ad.Squeeze(random_axes(3, 1), True)
+    if "cpu" in BACKENDS:
+        with pytest.raises(TypeError, match="eps: the cpu kernel takes"):
+            ad.apply_operator(torch.randn(2, 3, 8, 8, dtype=torch.float64), spec, timesteps=0,
+                              schedule=schedule, backend="cpu")
+
+
+def test_specs_are_immutable():
+    spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4), ad.PowerLaw(-0.04))
+    with pytest.raises(AttributeError, match="Squeeze is immutable"):
+        spec.squeeze.strength = (1.0,)
+    with pytest.raises(AttributeError, match="NoiseSpec is immutable"):
+        spec.normalize = "none"
+    with pytest.raises(AttributeError, match="PowerLaw is immutable"):
+        spec.spectral.alpha = 1.0

@@ -22,24 +22,37 @@ int64_t group_samples(const NoiseProblem& p) {
   return (p.weights != nullptr && p.channels % 2 == 1 && generated) ? 2 : 1;
 }
 
-int64_t workspace_floats(const NoiseProblem& p) {
+namespace {
+// Lays out the scratch regions in use (a second draw and FFT buffers only when needed) and returns
+// the total size; with base == nullptr it only measures.
+int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
   const int64_t HW = p.height * p.width;
   const int64_t group = group_samples(p) * p.channels * HW;
-  return 2 * group + 3 * HW + (int64_t)p.k * HW + 3 * p.width + 64;
+  const int64_t fft = p.weights != nullptr ? HW : 0;
+  int64_t used = 0;
+  auto take = [&](int64_t n) {
+    float* at = base ? base + used : nullptr;
+    used += n;
+    return at;
+  };
+  Workspace w;
+  w.eps[0] = take(group);
+  w.eps[1] = take(p.draws > 1 ? group : 0);
+  w.fft_re = take(fft);
+  w.fft_im = take(fft);
+  w.zero_plane = take(fft);
+  w.proj = take((int64_t)p.k * HW);
+  w.row = take(3 * p.width);
+  if (ws) *ws = w;
+  return used;
 }
+}  // namespace
+
+int64_t workspace_floats(const NoiseProblem& p) { return layout_workspace(p, nullptr, nullptr); }
 
 Workspace carve_workspace(const NoiseProblem& p, float* base) {
-  const int64_t HW = p.height * p.width;
-  const int64_t group = group_samples(p) * p.channels * HW;
   Workspace ws;
-  float* cur = base;
-  ws.eps[0] = cur; cur += group;
-  ws.eps[1] = cur; cur += group;
-  ws.fft_re = cur; cur += HW;
-  ws.fft_im = cur; cur += HW;
-  ws.zero_plane = cur; cur += HW;
-  ws.proj = cur; cur += (int64_t)p.k * HW;
-  ws.row = cur;
+  layout_workspace(p, base, &ws);
   return ws;
 }
 

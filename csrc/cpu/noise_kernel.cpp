@@ -3,10 +3,10 @@
 // noise_cpu.cpp picks one at run time. Everything here has internal linkage and uses no STL, so no
 // inline function compiled for a wide instruction set can leak into the default path.
 //
-// One pass per group of samples: generate eps for the group into a cache-resident buffer (or read
-// the caller's eps), filter each pair of planes with one complex 2-D FFT, normalise, apply the
-// channel squeeze per pixel, mix with x0 and store x_t and the target. x0 is read once, the outputs
-// are written once, nothing else touches memory.
+// One pass per group of samples: generate eps for the group into a per-thread scratch buffer that
+// stays in cache (or read the caller's eps), filter each pair of planes with one complex 2-D FFT,
+// normalise, apply the channel squeeze per pixel, mix with x0 and store x_t and the target. Main
+// memory sees x0 read once and the outputs written once; the scratch holds one group of samples.
 #include <math.h>
 #include <string.h>
 
@@ -40,16 +40,17 @@ constexpr int kCounterBlock = 32;
 // N(0, 1) for the linear indices [i0, i1) of draw `draw` of the stream, written to out[0, i1 - i0).
 void generate_normals(float* __restrict out, int64_t i0, int64_t i1, uint64_t seed, uint64_t offset,
                       uint32_t draw) {
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
   const int64_t c_begin = i0 >> 2, c_end = (i1 + 3) >> 2;
   float lane[4][kCounterBlock];
   for (int64_t cb = c_begin; cb < c_end; cb += kCounterBlock) {
     // Always a full block, so the loop vectorises; surplus counters are discarded below.
     for (int j = 0; j < kCounterBlock; ++j) {
-      const uint64_t ctr = offset + (uint64_t)(cb + j);
-      const Philox4 w = philox4x32_10((uint32_t)ctr, (uint32_t)(ctr >> 32), draw, 0u, k0, k1);
-      box_muller(uint32_to_uniform(w.w[0]), uint32_to_uniform(w.w[1]), lane[0][j], lane[1][j]);
-      box_muller(uint32_to_uniform(w.w[2]), uint32_to_uniform(w.w[3]), lane[2][j], lane[3][j]);
+      float n[4];
+      randn4(seed, offset + (uint64_t)(cb + j), draw, n);
+      lane[0][j] = n[0];
+      lane[1][j] = n[1];
+      lane[2][j] = n[2];
+      lane[3][j] = n[3];
     }
     const int64_t nb = (c_end - cb) < kCounterBlock ? (c_end - cb) : kCounterBlock;
     const int64_t e_begin = 4 * cb, e_end = 4 * (cb + nb);

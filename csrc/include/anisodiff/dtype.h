@@ -44,20 +44,4 @@ ANISO_HD uint16_t float_to_fp16(float f) {
   return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-ANISO_HD float load_as_float(const void* base, int64_t index, DType dt) {
-  switch (dt) {
-    case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[index]);
-    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
-    default: return static_cast<const float*>(base)[index];
-  }
-}
-
-ANISO_HD void store_from_float(void* base, int64_t index, DType dt, float v) {
-  switch (dt) {
-    case DType::kFloat16: static_cast<uint16_t*>(base)[index] = float_to_fp16(v); break;
-    case DType::kBFloat16: static_cast<uint16_t*>(base)[index] = float_to_bf16(v); break;
-    default: static_cast<float*>(base)[index] = v;
-  }
-}
-
 }  // namespace anisodiff
