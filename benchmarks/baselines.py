@@ -266,9 +266,21 @@ def make_compiled_eager(**compile_kwargs) -> tuple[Callable | None, str]:
 
     Randomness: inside the compiled graph ``randn_like`` is inductor's own generator (not
     torch's); the distribution is the same.
+
+    Benchmarks run one function over many shapes and spec structures; dynamo's default
+    ``recompile_limit`` (8) would silently fall back to EAGER after that, so it is raised to 64
+    here (a training run with one spec compiles once or twice).
     """
     if not hasattr(torch, "compile"):
         return None, "torch.compile not available"
+    try:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < 64:
+                setattr(dynamo_config, name, 64)
+    except ImportError:  # pragma: no cover - very old torch
+        pass
     try:
         fn = torch.compile(eager_vectorised, **compile_kwargs)
         x0 = torch.zeros(2, 3, 4, 4)

@@ -1,0 +1,316 @@
+"""The benchmark baselines (benchmarks/baselines.py) draw the SAME DISTRIBUTION as anisodiff.
+
+The baselines use torch.randn, anisodiff its Philox stream, so outputs cannot match bitwise; each
+baseline is compared with the analytic truth from ``anisodiff.covariance`` (and the fused kernel is
+put through the same statistics). Shape: B = 4096, C = 3, 8 x 8; half the batch at t = 999
+(r = s exactly), half at t = 400 (r = 0.4034 s), each half checked against its own covariance (this
+also checks the per-sample timestep gather).
+
+Statistics, per timestep group, of the shaped noise n (the returned target):
+
+* ``var_v``: mean per-pixel variance of ``v^T n`` (along the squeeze axis);
+* ``var_perp``: mean per-pixel variance of n in the orthogonal colour complement;
+* the radial power spectrum of ``v^T n``: ``E|fft2(v^T n)(f)|^2 / HW`` averaged over each ring of
+  equal |f|.
+
+Bounds: ``|empirical - truth| <= 5 SE``. The standard error is exact for the variances
+(``sqrt(2 tr(Sigma_v^2) / HW^2 / n_planes)``, n Gaussian) and the sample standard error over planes
+for the spectra. The same seeds are used every run, so the tests are deterministic. Their power is
+asserted too (``_assert_power``): each wrong constant below lies >= 10 SE outside the truth, i.e.
+at least twice the acceptance band away from it:
+
+* squeezing with ``e^{-r/2}`` instead of ``e^{-r}``: var_v at t = 999, s = -0.4 drops from
+  e^{0.8} = 2.226 to e^{0.4} = 1.492 (-33 %; SE about 0.4 %, so > 80 SE);
+* HDM orthogonal gain ``e^{r}`` instead of ``e^{r/2}``: var_perp 0.670 -> 0.449 (-33 %);
+* missing calibration: power law alpha = -0.04 on 8x8 has mean(w^2) = 1.167 (+17 %, > 25 SE);
+  band [0, 0.25] keeps 13 of 64 bins, mean(w^2) = 0.203 (-80 %).
+
+``sagd_appendix`` normalises every (b, c) plane by its own std (ddof = 0): each plane's std must be 1
+to 1e-5 (ddof = 1 would give sqrt(63/64) = 0.992), and its spectrum, var_v and channel correlation are
+compared (two-sample, 5 SE) with anisodiff ``NoiseSpec(normalize="per_sample")`` draws.
+
+Finally, given the SAME white noise every baseline reproduces ``anisodiff.reference.add_noise`` to
+float32 rounding (x_t and target), which pins every constant exactly.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import anisodiff as ad
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
+_spec = importlib.util.spec_from_file_location("anisodiff_bench_baselines", _PATH)
+bl = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bl
+_spec.loader.exec_module(bl)
+
+B, C, H, W = 4096, 3, 8, 8
+HW = H * W
+T_GROUPS = (999, 400)
+Z = 5.0        # acceptance band, in standard errors
+POWER = 10.0   # a wrong constant must lie at least this many SE from the truth
+
+HAS_CPU = bool(ad.build_info().get("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _timesteps() -> torch.Tensor:
+    t = torch.empty(B, dtype=torch.int64)
+    t[: B // 2] = T_GROUPS[0]
+    t[B // 2:] = T_GROUPS[1]
+    return t
+
+
+def _case(kind: str, normalize: str = "calibrated"):
+    return bl.make_case(kind, B, C, H, W, seed=1, timesteps=_timesteps(), normalize=normalize)
+
+
+def _complement(v: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [C, C-1] of the complement of unit v."""
+    q, _ = torch.linalg.qr(torch.cat([v[:, None], torch.eye(C, dtype=torch.float64)], dim=1))
+    return q[:, 1:C]
+
+
+def _axis(case) -> torch.Tensor:
+    if case.axes is not None:
+        return case.axes[:, 0].double()
+    v = torch.tensor(bl.LUMINANCE_AXIS, dtype=torch.float64)
+    return v / v.norm()
+
+
+_R = bl.radius_table(H, W)
+_RINGS = torch.unique(torch.round(_R * 1e9)).tolist()
+_RING_IDX = [torch.round(_R * 1e9) == r for r in _RINGS]
+_DFT1 = torch.fft.fft(torch.eye(H, dtype=torch.complex128), dim=0)  # [f, p]
+_DFT = torch.kron(_DFT1, torch.fft.fft(torch.eye(W, dtype=torch.complex128), dim=0))  # [HW, HW]
+
+
+def _truth(spec, t: int, v: torch.Tensor) -> dict:
+    """Analytic statistics from anisodiff.covariance for timestep t."""
+    sigma = ad.covariance(spec, (C, H, W), timesteps=t, schedule=ad.VPSchedule.linear(1000))
+    s4 = sigma.reshape(C, HW, C, HW)
+    sv = torch.einsum("c,cpdq,d->pq", v, s4, v)                         # [HW, HW] along v
+    Q = _complement(v)
+    so = torch.einsum("ck,cpdq,dk->pq", Q, s4, Q)                       # summed over C-1 axes
+    power = torch.einsum("fp,pq,fq->f", _DFT, sv.to(torch.complex128), _DFT.conj()).real / HW
+    power = power.reshape(H, W)
+    return {
+        "var_v": float(sv.diagonal().mean()),
+        "se_v": math.sqrt(2 * float((sv @ sv).trace())) / HW,           # per plane; / sqrt(n) later
+        "var_perp": float(so.diagonal().mean()) / (C - 1),
+        "rings": [float(power[m].mean()) for m in _RING_IDX],
+    }
+
+
+def _empirical(n: torch.Tensor, v: torch.Tensor) -> dict:
+    n = n.double()
+    u = torch.einsum("c,bchw->bhw", v, n)
+    o = torch.einsum("ck,bchw->bkhw", _complement(v), n)
+    pw = torch.fft.fft2(u).abs().square() / HW                          # [b, H, W]
+    rings = torch.stack([pw[:, m].mean(dim=1) for m in _RING_IDX], dim=1)  # [b, rings]
+    m = u.shape[0]
+    return {
+        "var_v": float(u.square().mean()),
+        "var_perp": float(o.square().mean()),
+        "ring_mean": rings.mean(dim=0),
+        "ring_se": rings.std(dim=0) / math.sqrt(m),
+        "planes": m,
+        "v_samples": u.square().mean(dim=(1, 2)),
+        "perp_samples": o.square().mean(dim=(2, 3)).reshape(-1),
+    }
+
+
+def _close(emp: float, true: float, se: float, what: str) -> None:
+    assert abs(emp - true) <= Z * se + 1e-12, (
+        f"{what}: empirical {emp:.5f} vs truth {true:.5f} (|diff| = {abs(emp - true) / se:.1f} SE, "
+        f"allowed {Z} SE; SE = {se:.2e})")
+
+
+def _assert_power(wrong: float, true: float, se: float, what: str) -> None:
+    assert abs(wrong - true) >= POWER * se, (
+        f"test has no power against {what}: {wrong:.4f} vs {true:.4f} is only "
+        f"{abs(wrong - true) / se:.1f} SE")
+
+
+def _draw(impl: str, case, seed: int = 1234):
+    """The shaped-noise target of one call."""
+    if impl == "anisodiff_cpu":
+        return ad.add_noise(case.x0, case.timesteps, case.spec, case.schedule, seed=seed,
+                            backend="cpu")[1]
+    g = torch.Generator().manual_seed(seed)
+    fn = bl.BASELINES[impl]
+    return fn(*case.baseline_args(impl), **case.baseline_kwargs(), generator=g)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# distribution: calibrated specs against anisodiff.covariance
+# ---------------------------------------------------------------------------------------------
+_IMPLS = {
+    "sdm": ["official_sdm", "eager_vectorised", "anisodiff_cpu"],
+    "hdm": ["official_sdm", "eager_vectorised", "anisodiff_cpu"],
+    "sdm_powerlaw": ["eager_vectorised", "anisodiff_cpu"],
+    "band": ["eager_vectorised", "anisodiff_cpu"],
+}
+_PARAMS = [(k, i) for k, impls in _IMPLS.items() for i in impls]
+
+
+@pytest.mark.parametrize("kind,impl", _PARAMS, ids=[f"{k}-{i}" for k, i in _PARAMS])
+def test_distribution_matches_covariance(kind, impl):
+    if impl == "anisodiff_cpu" and not HAS_CPU:
+        pytest.skip("compiled CPU ops not built")
+    case = _case(kind)
+    v = _axis(case)
+    n = _draw(impl, case)
+    assert n.shape == case.x0.shape and n.dtype == torch.float32
+    for gi, t in enumerate(T_GROUPS):
+        sel = case.timesteps == t
+        truth = _truth(case.spec, t, v)
+        emp = _empirical(n[sel], v)
+        m = emp["planes"]
+        se_v = truth["se_v"] / math.sqrt(m)
+        _close(emp["var_v"], truth["var_v"], se_v, f"{impl} {kind} t={t} var along v")
+        se_o = float(emp["perp_samples"].std()) / math.sqrt(emp["perp_samples"].numel())
+        _close(emp["var_perp"], truth["var_perp"], se_o, f"{impl} {kind} t={t} var orthogonal to v")
+        for j, ring in enumerate(_RINGS):
+            _close(float(emp["ring_mean"][j]), truth["rings"][j], float(emp["ring_se"][j]),
+                   f"{impl} {kind} t={t} power on ring r={ring * 1e-9:.4f}")
+
+        # the bounds above must reject the plausible wrong constants
+        sq = case.spec.squeeze
+        if sq is not None and t == 999:
+            r = sq.strength[0]  # tau(999) = 1
+            _assert_power(math.exp(-r) * truth["var_v"] / math.exp(-2 * r), truth["var_v"], se_v,
+                          "squeezing with exp(-r/2)")
+            if sq.variant == "heisenberg":
+                _assert_power(math.exp(2 * r), truth["var_perp"], se_o, "HDM gain exp(r) (not exp(r/2))")
+        if case.weights is not None:
+            w = case.weights.double()
+            _assert_power(truth["var_v"] * float(w.square().mean()), truth["var_v"], se_v,
+                          "missing calibration")
+
+
+def test_isotropic_floor_is_white():
+    case = _case("sdm")
+    v = _axis(case)
+    n = _draw("isotropic_floor", case)
+    emp = _empirical(n, v)
+    se = math.sqrt(2 / (HW * emp["planes"]))
+    _close(emp["var_v"], 1.0, se, "isotropic var along v")
+    _close(emp["var_perp"], 1.0, se / math.sqrt(C - 1), "isotropic var orthogonal")
+    for j in range(len(_RINGS)):
+        _close(float(emp["ring_mean"][j]), 1.0, float(emp["ring_se"][j]), "isotropic ring power")
+
+
+@pytest.mark.slow
+def test_compiled_eager_distribution():
+    """torch.compile of eager_vectorised draws its noise with inductor's own generator
+    (~10 s of cold compile: the benchmarks quote this baseline, so it is checked like the others)."""
+    fn, why = bl.make_compiled_eager()
+    assert fn is not None, why
+    case = _case("sdm_powerlaw")
+    v = _axis(case)
+    n = fn(*case.baseline_args(), **case.baseline_kwargs())[1]
+    t = T_GROUPS[0]
+    sel = case.timesteps == t
+    truth = _truth(case.spec, t, v)
+    emp = _empirical(n[sel], v)
+    _close(emp["var_v"], truth["var_v"], truth["se_v"] / math.sqrt(emp["planes"]),
+           "compiled_eager var along v")
+    for j in range(len(_RINGS)):
+        _close(float(emp["ring_mean"][j]), truth["rings"][j], float(emp["ring_se"][j]),
+               "compiled_eager ring power")
+    # and with the same white noise it is the eager function
+    eps = torch.randn_like(case.x0)
+    got = fn(*case.baseline_args(), **case.baseline_kwargs(), noise=eps)
+    want = bl.eager_vectorised(*case.baseline_args(), **case.baseline_kwargs(), noise=eps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the SAGD appendix recipe: per-sample normalisation
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sdm_powerlaw", "band"])
+def test_sagd_appendix_per_sample(kind):
+    case = _case(kind, normalize="per_sample")
+    n = _draw("sagd_appendix", case).double()
+    std = n.std(dim=(-2, -1), correction=0)
+    assert (std - 1).abs().max() < 1e-5, f"plane std (ddof=0) not 1: max dev {(std - 1).abs().max():.2e}"
+    assert abs(math.sqrt((HW - 1) / HW) - 1) > 100 * 1e-5  # ddof=1 would be caught
+
+    # two-sample comparison with anisodiff's per-sample normalisation (spatial part only, as the
+    # recipe has no squeeze)
+    spec = ad.NoiseSpec(None, case.spec.spectral, normalize="per_sample")
+    if HAS_CPU:
+        ref = ad.add_noise(case.x0, case.timesteps, spec, case.schedule, seed=99, backend="cpu")[1]
+    else:
+        ref = ad.add_noise(case.x0[:1024], case.timesteps[:1024], spec, case.schedule, seed=99,
+                           backend="reference")[1]
+    ref = ref.double()
+    v = _axis(case)
+    a, b = _empirical(n, v), _empirical(ref, v)
+    for j, ring in enumerate(_RINGS):
+        se = math.hypot(float(a["ring_se"][j]), float(b["ring_se"][j]))
+        _close(float(a["ring_mean"][j]), float(b["ring_mean"][j]), se,
+               f"sagd_appendix vs anisodiff per_sample, ring r={ring * 1e-9:.4f}")
+    se_v = math.hypot(float(a["v_samples"].std()) / math.sqrt(a["planes"]),
+                      float(b["v_samples"].std()) / math.sqrt(b["planes"]))
+    _close(a["var_v"], b["var_v"], se_v, "sagd_appendix vs anisodiff per_sample, var along v")
+    # channels are independent: the cross-channel correlation of each pixel is ~0
+    corr = (n[:, 0] * n[:, 1]).mean()
+    assert abs(float(corr)) < Z * math.sqrt(1 / (n.shape[0] * 13)), f"channel correlation {corr:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# same white noise -> same numbers as the reference
+# ---------------------------------------------------------------------------------------------
+_SAME = [("sdm", "official_sdm"), ("hdm", "official_sdm"), ("sdm", "eager_vectorised"),
+         ("hdm", "eager_vectorised"), ("sdm_powerlaw", "eager_vectorised"), ("band", "eager_vectorised"),
+         ("sdm_powerlaw", "eager_rfft"), ("band", "eager_rfft"),
+         ("sdm_powerlaw", "sagd_appendix"), ("band", "sagd_appendix"), ("sdm", "isotropic_floor")]
+
+
+@pytest.mark.parametrize("kind,impl", _SAME, ids=[f"{k}-{i}" for k, i in _SAME])
+def test_same_white_noise_matches_reference(kind, impl):
+    case = bl.make_case(kind, 16, C, 12, 10, seed=3)  # odd-ish plane: 12 x 10
+    spec = case.spec
+    if impl == "sagd_appendix":
+        spec = ad.NoiseSpec(None, spec.spectral, normalize="per_sample")
+    elif impl == "isotropic_floor":
+        spec = ad.NoiseSpec()
+    eps = torch.randn(case.x0.shape, generator=torch.Generator().manual_seed(5))
+    kw = {}
+    if impl == "eager_rfft":
+        impl, kw = "eager_vectorised", {"rfft": True}
+    got = bl.BASELINES[impl](*case.baseline_args(impl), **case.baseline_kwargs(), noise=eps, **kw)
+    want = ad.add_noise(case.x0, case.timesteps, spec, case.schedule, noise=eps, backend="reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_tables_match_anisodiff():
+    for spectral, table in [(ad.PowerLaw(-0.04), bl.power_law_table(12, 10, -0.04)),
+                            (ad.PowerLaw(0.7), bl.power_law_table(12, 10, 0.7)),
+                            (ad.Band(0.1, 0.3), bl.band_table(12, 10, 0.1, 0.3))]:
+        w, _ = ad.reference.spectral_weights(ad.NoiseSpec(None, spectral), 12, 10)
+        torch.testing.assert_close(table, w[0].float())
+
+
+def test_baselines_reject_what_their_source_cannot_do():
+    case = bl.make_case("sdm_powerlaw", 2, C, 8, 8)
+    with pytest.raises(ValueError, match="spectral"):
+        bl.official_sdm(*case.baseline_args())
+    with pytest.raises(ValueError, match="squeeze"):
+        bl.sagd_appendix(*case.baseline_args())
+    two_axes = torch.eye(C)[:, :2]
+    with pytest.raises(ValueError, match="ONE principal axis"):
+        bl.official_sdm(case.x0, case.timesteps, case.alphas_cumprod, case.betas, two_axes, -0.4)
+    assert bl.supports("official_sdm", "sdm") and not bl.supports("official_sdm", "band")
+    assert bl.supports("sagd_appendix", "band") and not bl.supports("sagd_appendix", "hdm")
