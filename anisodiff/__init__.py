@@ -14,11 +14,12 @@ except PackageNotFoundError:  # a source checkout that was never installed
 from . import reference
 from ._ext import available_backends, build_info
 from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
+from .sampling import AnisotropicNoise
 from .schedule import VPSchedule
 from .spec import Band, NoiseSpec, PowerLaw, SpectralTable, Squeeze, TwoBand
 
 __all__ = [
-    "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "VPSchedule",
+    "AnisotropicNoise", "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "VPSchedule",
     "white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance",
     "build_info", "available_backends", "reference", "__version__",
 ]

@@ -380,3 +380,180 @@ def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.T
     if not batched:
         return sigma[0]
     return sigma.expand(ts.numel(), -1, -1) if sigma.shape[0] == 1 else sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Sampling (DESIGN.md section 1, "Sampling")
+#
+# S(t) = g(t) (I - V V^T) + sum_k f_k(t) v_k v_k^T has the same eigenbasis for every t, and the
+# spatial covariance Sigma_w is time-invariant, so the reverse process splits into one scalar DDPM
+# per channel eigen-direction j with noise scale lambda_j(t) in {g(t), f_k(t)}; every channel
+# matrix below has the form  diag_c(e_perp, e_axes) = e_perp I + V diag(e_axes - e_perp) V^T.
+# ---------------------------------------------------------------------------------------------
+SAMPLING_MODES = ("official", "exact")
+
+
+def squeeze_eigenvalues(spec: NoiseSpec, timesteps, schedule, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lambda_perp [B], lambda_axes [B, k])``: the eigenvalues of S(t) on the orthogonal
+    complement and on the axes (k = 0 and lambda = 1 without a squeeze). A timestep < 0 (the step
+    past t = 0) gives S = I."""
+    sq = spec.squeeze
+    if sq is None:
+        return torch.ones(batch, dtype=torch.float64), torch.ones(batch, 0, dtype=torch.float64)
+    t = torch.as_tensor(timesteps).reshape(-1).long().cpu().expand(batch)
+    r = squeeze_strengths(sq, t.clamp_min(0), schedule) * (t >= 0).double()[:, None]
+    C, k = sq.axes.shape
+    g = torch.exp(r.sum(dim=1) / (C - k)) if sq.variant == "heisenberg" else torch.ones(batch, dtype=torch.float64)
+    return g, torch.exp(-r)
+
+
+def channel_matrix(spec: NoiseSpec, e_perp: torch.Tensor, e_axes: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[B, C, C]`` matrix with eigenvalue e_perp on the complement of the axes and e_axes on them."""
+    eye = torch.eye(channels, dtype=torch.float64)
+    if spec.squeeze is None or e_axes.shape[1] == 0:
+        return e_perp[:, None, None] * eye
+    V = spec.squeeze.axes.double()
+    return e_perp[:, None, None] * eye + torch.einsum("ck,bk,dk->bcd", V, e_axes - e_perp[:, None], V)
+
+
+def _channels(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bij,bjhw->bihw", M.to(x.device), x)
+
+
+def _spatial_spec(spec: NoiseSpec) -> NoiseSpec:
+    return NoiseSpec(None, spec.spectral, normalize=spec.normalize, radius=spec.radius)
+
+
+def _alphas(schedule, timesteps, batch: int):
+    """abar_t and abar_prev (1 past the end) as float64 [B]."""
+    ac = schedule.alphas_cumprod.double()
+    t = torch.as_tensor(timesteps).reshape(-1).long().cpu().expand(batch)
+    return ac[t.clamp_min(0)] * (t >= 0) + (t < 0).double()
+
+
+def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
+              prev_timestep=None, noise=None, mode: str = "official", clip_sample: bool = True,
+              clip_range: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral DDPM step ``x_t -> x_prev`` for a network that predicts the SHAPED noise.
+
+    ``timestep``/``prev_timestep``: ints or ``[B]`` (default ``t - 1``; strided schedules pass
+    their own). ``noise``: WHITE noise for the fresh draw (``[2, ...]`` for an independent two-band
+    spec), ignored at the last step. Returns ``(x_prev, x0_hat)`` in ``sample``'s dtype.
+
+    ``mode="official"`` is the SDM code (research/sdm.md 4.2): isotropic DDPM posterior
+    coefficients, fresh noise ``sigma_t A(t) z``, x0_hat clipped in ``S(t)^-1`` coordinates.
+    ``mode="exact"``: the exact Gaussian posterior of the time-varying marginal, per eigen-direction
+    ``s_t = sqrt(1 - abar_t) lambda(t)``: ``delta = s_t^2 - alpha' s_prev^2``,
+    ``mean = sqrt(abar_prev) delta / s_t^2 x0_hat + sqrt(alpha') s_prev^2 / s_t^2 x_t``,
+    ``var = s_prev^2 delta / s_t^2`` (delta clamped at 0), x0_hat clipped as is. For a
+    time-invariant spec both modes are standard DDPM with shaped step noise.
+    """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode: must be one of {list(SAMPLING_MODES)}, got {mode!r}")
+    B, C = sample.shape[:2]
+    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
+    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
+    alpha = ab_t / ab_p
+    view = (-1, 1, 1, 1)
+    x = sample.double()
+    eps_hat = model_output.double()
+    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
+    lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)
+    if mode == "official":
+        if clip_sample:
+            S_inv = channel_matrix(spec, 1 / lt_perp, 1 / lt_axes, C)
+            S = channel_matrix(spec, lt_perp, lt_axes, C)
+            x0_hat = _channels(S, _channels(S_inv, x0_hat).clamp(-clip_range, clip_range))
+        c0 = ab_p.sqrt() * (1 - alpha) / (1 - ab_t)
+        ct = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
+        sigma = ((1 - ab_p) / (1 - ab_t) * (1 - alpha)).clamp_min(1e-20).sqrt() * (prev >= 0).double()
+        x_prev = c0.view(view).to(x.device) * x0_hat + ct.view(view).to(x.device) * x
+        if noise is not None and bool((prev >= 0).any()):
+            fresh = _apply(noise, spec, t, schedule)  # A(t) z
+            x_prev = x_prev + sigma.view(view).to(x.device) * fresh
+        return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
+    if clip_sample:
+        x0_hat = x0_hat.clamp(-clip_range, clip_range)
+    lp_perp, lp_axes = squeeze_eigenvalues(spec, prev, schedule, B)
+
+    def per_direction(l_t, l_p):
+        s_t2 = (1 - ab_t).view(-1, *([1] * (l_t.dim() - 1))) * l_t**2
+        s_p2 = (1 - ab_p).view(-1, *([1] * (l_t.dim() - 1))) * l_p**2
+        a = alpha.view(-1, *([1] * (l_t.dim() - 1)))
+        delta = (s_t2 - a * s_p2).clamp_min(0)
+        c0 = ab_p.sqrt().view(-1, *([1] * (l_t.dim() - 1))) * delta / s_t2
+        return c0, a.sqrt() * s_p2 / s_t2, (s_p2 * delta).sqrt() / s_t2.sqrt()
+
+    c0_perp, ct_perp, sd_perp = per_direction(lt_perp, lp_perp)
+    c0_axes, ct_axes, sd_axes = per_direction(lt_axes, lp_axes)
+    x_prev = (_channels(channel_matrix(spec, c0_perp, c0_axes, C), x0_hat)
+              + _channels(channel_matrix(spec, ct_perp, ct_axes, C), x))
+    if noise is not None and bool((prev >= 0).any()):
+        spatial = _apply(noise, _spatial_spec(spec), None, None)  # T_w z, the channels still white
+        x_prev = x_prev + _channels(channel_matrix(spec, sd_perp, sd_axes, C), spatial)
+    return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
+
+
+def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
+              prev_timestep=None, eta: float = 0.0, noise=None, clip_sample: bool = False,
+              clip_range: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step, per eigen-direction with ``s_t = sqrt(1 - abar_t) lambda(t)``:
+    ``x_prev = sqrt(abar_prev) x0_hat + sqrt(s_prev^2 - sigma^2) eps_hat / lambda(t) + sigma T_w z``
+    with ``sigma = eta sqrt(s_prev^2 delta) / s_t`` (the exact posterior std times eta). For a
+    time-invariant spec this is standard DDIM (eta = 0 needs no noise at all)."""
+    B, C = sample.shape[:2]
+    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
+    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
+    alpha = ab_t / ab_p
+    view = (-1, 1, 1, 1)
+    x = sample.double()
+    eps_hat = model_output.double()
+    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
+    if clip_sample:
+        x0_hat = x0_hat.clamp(-clip_range, clip_range)
+    lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)
+    lp_perp, lp_axes = squeeze_eigenvalues(spec, prev, schedule, B)
+
+    def per_direction(l_t, l_p):
+        shape = (-1, *([1] * (l_t.dim() - 1)))
+        s_t2, s_p2 = (1 - ab_t).view(shape) * l_t**2, (1 - ab_p).view(shape) * l_p**2
+        delta = (s_t2 - alpha.view(shape) * s_p2).clamp_min(0)
+        sigma = eta * (s_p2 * delta).sqrt() / s_t2.sqrt()
+        return (s_p2 - sigma**2).clamp_min(0).sqrt() / l_t, sigma
+
+    d_perp, sd_perp = per_direction(lt_perp, lp_perp)
+    d_axes, sd_axes = per_direction(lt_axes, lp_axes)
+    x_prev = (ab_p.sqrt().view(view).to(x.device) * x0_hat
+              + _channels(channel_matrix(spec, d_perp, d_axes, C), eps_hat))
+    if eta > 0 and noise is not None:
+        spatial = _apply(noise, _spatial_spec(spec), None, None)
+        x_prev = x_prev + _channels(channel_matrix(spec, sd_perp, sd_axes, C), spatial)
+    return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
+
+
+def spatial_power(spec: NoiseSpec, H: int, W: int) -> torch.Tensor:
+    """The eigenvalues of Sigma_w on the fftfreq grid, ``sum_d gamma_d^2 w_d^2`` ([H, W] float64).
+    Per-sample normalisation is taken as its calibrated expectation."""
+    if spec.normalize == "per_sample" and spec.spectral is not None:
+        spec = NoiseSpec(None, spec.spectral, normalize="calibrated", radius=spec.radius)
+    stages = spatial_stages(spec, H, W) or [(None, 1.0)]
+    power = torch.zeros(H, W, dtype=torch.float64)
+    for w, gamma in stages:
+        power += gamma**2 * (torch.ones(H, W, dtype=torch.float64) if w is None else w**2)
+    return power
+
+
+def score(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule) -> torch.Tensor:
+    """``grad log q_t(x_t) = -Sigma_t^+ eps_hat / sqrt(1 - abar_t)``, ``Sigma_t = S(t)^2 (x) Sigma_w``,
+    with the pseudo-inverse on zero bands (``1 / P(f)`` where ``P > 0``, else 0)."""
+    B, C, H, W = sample.shape
+    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+    b_t = (1 - _alphas(schedule, t, B)).sqrt()
+    l_perp, l_axes = squeeze_eigenvalues(spec, t, schedule, B)
+    P = spatial_power(spec, H, W)
+    P_inv = torch.where(P > 0, 1.0 / P.clamp_min(1e-300), torch.zeros_like(P)).to(sample.device)
+    e = filter_planes(model_output.double(), P_inv)
+    e = _channels(channel_matrix(spec, l_perp**-2, l_axes**-2, C), e)
+    return (-e / b_t.view(-1, 1, 1, 1).to(e.device)).to(sample.dtype)
