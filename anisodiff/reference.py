@@ -177,6 +177,9 @@ def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor |
     weights, gammas = sw
     stages = []
     for w, gamma in zip(weights, gammas):
+        if gamma == 0:  # contributes nothing (its band may even be empty): no transform
+            stages.append((None, 0.0))
+            continue
         if spec.normalize == "calibrated":
             w = w * calibration(w)
         if bool((w == w.flatten()[0]).all()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -54,8 +55,8 @@ class _Immutable:
 
 
 def _finite_float(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a real number, got bool")
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -73,6 +74,8 @@ def _choice(value: Any, name: str, options: Sequence[str]) -> str:
 
 def _as_float_tensor(value: Any, name: str, ndim: int) -> torch.Tensor:
     try:
+        if isinstance(value, (str, bytes)) or torch.as_tensor(value).dtype == torch.bool:
+            raise TypeError("strings and booleans are not numbers")
         t = torch.as_tensor(value, dtype=torch.float64).detach().clone().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name}: expected a {ndim}-D array of numbers ({exc})") from None
@@ -125,11 +128,13 @@ class Squeeze(_Immutable):
             axes_t = q * torch.sign(rr.diagonal())
         self.axes = axes_t
 
-        if isinstance(strength, (int, float)):
+        if isinstance(strength, numbers.Real):
             strengths = [_finite_float(strength, "strength")] * k
         else:
-            flat = torch.as_tensor(strength, dtype=torch.float64).reshape(-1).tolist()  # keep float64
-            strengths = [_finite_float(s, "strength") for s in flat]
+            if not isinstance(strength, (list, tuple, torch.Tensor)):
+                raise TypeError(f"strength: expected a float or k floats, got {type(strength).__name__}")
+            items = strength.reshape(-1).tolist() if isinstance(strength, torch.Tensor) else list(strength)
+            strengths = [_finite_float(s, "strength") for s in items]  # Python floats: float64
             if len(strengths) != k:
                 raise ValueError(f"strength: expected 1 or k={k} values, got {len(strengths)}")
         self.strength = tuple(strengths)
@@ -170,6 +175,9 @@ class Squeeze(_Immutable):
     @classmethod
     def from_dict(cls, d: dict) -> "Squeeze":
         _check_keys(d, "squeeze", {"axes", "strength", "variant", "schedule"})
+        for key in ("axes", "strength"):
+            if key not in d:
+                raise ValueError(f"squeeze.{key}: missing")
         return cls(d["axes"], d["strength"], d.get("variant", "sdm"), d.get("schedule", "beta"))
 
     def __repr__(self) -> str:
@@ -305,7 +313,7 @@ def _spectral_from_dict(d: dict):
     if not isinstance(d, dict) or "type" not in d:
         raise ValueError("spectral: expected an object with a 'type' field")
     kind = d["type"]
-    if kind not in _SPECTRAL_TYPES:
+    if not isinstance(kind, str) or kind not in _SPECTRAL_TYPES:
         raise ValueError(f"spectral.type: must be one of {list(_SPECTRAL_TYPES)}, got {kind!r}")
     args = {k: v for k, v in d.items() if k != "type"}
     if kind == "power_law":
@@ -390,7 +398,7 @@ class NoiseSpec(_Immutable):
         if d.get("format", SPEC_FORMAT) != SPEC_FORMAT:
             raise ValueError(f"spec.format: expected {SPEC_FORMAT!r}, got {d.get('format')!r}")
         version = d.get("version", SPEC_VERSION)
-        if not isinstance(version, int) or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(f"spec.version: expected a positive integer, got {version!r}")
         if version > SPEC_VERSION:
             raise ValueError(f"spec.version: {version} is newer than this anisodiff understands "
@@ -415,6 +423,8 @@ class NoiseSpec(_Immutable):
             d = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"spec: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ValueError("spec: JSON nested too deeply") from None
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -426,12 +436,14 @@ class NoiseSpec(_Immutable):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NoiseSpec":
         """Read a spec written by :meth:`save`. Only JSON is parsed; no code runs."""
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            return cls.from_json(text)
-        except ValueError as exc:
-            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+            return cls.from_json(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.fspath(path)}: spec: not a JSON text file") from None
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{os.fspath(path)}: {exc}") from None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, NoiseSpec) and self.to_json() == other.to_json()
