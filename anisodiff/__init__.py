@@ -13,6 +13,7 @@ except PackageNotFoundError:  # a source checkout that was never installed
 
 from . import reference
 from ._ext import available_backends, build_info
+from .fit import ChannelPCA, Spectrum, fit_channel_pca, fit_spectrum, fit_statistics
 from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
 from .sampling import AnisotropicNoise
 from .schedule import VPSchedule
@@ -21,5 +22,6 @@ from .spec import Band, NoiseSpec, PowerLaw, SpectralTable, Squeeze, TwoBand
 __all__ = [
     "AnisotropicNoise", "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "VPSchedule",
     "white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance",
+    "fit_channel_pca", "fit_spectrum", "fit_statistics", "ChannelPCA", "Spectrum",
     "build_info", "available_backends", "reference", "__version__",
 ]

@@ -311,26 +311,47 @@ def _crop(sample: torch.Tensor) -> torch.Tensor:
     return sample[..., :DISPLAY_CROP, :DISPLAY_CROP]
 
 
-def _display_rgb(sample: torch.Tensor):
-    """``[3, H, W]`` noise as an ``[H, W, 3]`` image in [0, 1]: one 1st-99th percentile stretch
-    shared by the channels, so colour balance is kept."""
-    x = sample.double()
+def _display_image(sample: torch.Tensor):
+    """``[C, H, W]`` noise as an image in [0, 1] with a 1st-99th percentile stretch: ``[H, W, 3]`` RGB
+    for C = 3 (one stretch shared by the channels, so colour balance is kept), else channel 0 as an
+    ``[H, W]`` grey image."""
+    x = sample.double() if sample.shape[0] == 3 else sample[0].double()
     lo, hi = torch.quantile(x.reshape(-1), torch.tensor([0.01, 0.99], dtype=torch.float64))
-    return ((x - lo) / (hi - lo)).clamp(0, 1).permute(1, 2, 0).numpy()
+    x = ((x - lo) / (hi - lo)).clamp(0, 1)
+    return (x.permute(1, 2, 0) if x.dim() == 3 else x).numpy()
+
+
+def _orthogonal_direction(v: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """A unit colour direction orthogonal to the unit axis ``v`` and its label: channel 0 minus
+    channel 1 (red - green for RGB), else the first channel direction not parallel to ``v``; its
+    ``v`` component removed (then marked "⊥ v" in the label). Needs C >= 2."""
+    C = v.numel()
+    if C < 2:
+        raise ValueError("a colour direction orthogonal to the axis needs C >= 2 channels")
+    eye = torch.eye(C, dtype=torch.float64)
+    if C == 3:
+        names = ("red - green", "red", "green", "blue")
+    else:
+        names = ("channel 0 - channel 1", *(f"channel {i}" for i in range(C)))
+    candidates = [(c - (c @ v) * v, float(c @ v), name)
+                  for c, name in zip([eye[0] - eye[1], *eye], names)]
+    u, along, name = next(item for item in candidates if item[0].norm() > 1e-6)
+    return u / u.norm(), name if abs(along) < 1e-9 else f"{name}, ⊥ v"
 
 
 def plot_demo(rows: list[FigureRow], path, *, title: str, axis: torch.Tensor, axis_name: str,
               dpi: int = 72) -> str:
     """Save a PNG with one row per operator: a sample as an RGB image, its pixels in colour space
-    (luminance ``axis`` against red - green), the radially averaged and the 2-D power spectrum.
-    Needs matplotlib; the samples must have C = 3 (RGB) channels. Returns the path."""
+    (along ``axis`` against an orthogonal colour direction), the radially averaged and the 2-D
+    power spectrum. Needs matplotlib; the samples need C >= 2 channels (C = 3 is drawn as RGB,
+    others as channel 0). Returns the path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(16, 3.5 * len(rows)), layout="constrained")
     fig.suptitle(title, fontsize=14)
-    for subfig, row in zip(fig.subfigures(len(rows), 1), rows):
+    for subfig, row in zip(fig.subfigures(len(rows), 1, squeeze=False)[:, 0], rows):
         subfig.suptitle(f"{row.title}  —  {row.caption}", x=0.01, ha="left", fontsize=12,
                         fontweight="bold")
         axes = subfig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1.5, 1.15]})
@@ -346,20 +367,19 @@ def plot_demo(rows: list[FigureRow], path, *, title: str, axis: torch.Tensor, ax
 
 def _plot_sample(ax, row: FigureRow) -> None:
     shown = _crop(row.sample)
-    ax.imshow(_display_rgb(shown), interpolation="nearest")
+    ax.imshow(_display_image(shown), interpolation="nearest", cmap="gray")
     ax.set_xticks([])
     ax.set_yticks([])
     crop = "" if shown.shape == row.sample.shape else f" ({shown.shape[-2]}x{shown.shape[-1]} crop)"
-    ax.set_title(f"one sample as an RGB image{crop}", fontsize=9)
+    what = "an RGB image" if shown.shape[0] == 3 else "channel 0"
+    ax.set_title(f"one sample as {what}{crop}", fontsize=9)
 
 
 def _plot_colours(ax, row: FigureRow, axis: torch.Tensor, axis_name: str) -> None:
-    """Scatter of the pixels' luminance component against one colour component, with the analytic
-    2-sigma ellipse."""
+    """Scatter of the pixels' component along ``axis`` against one orthogonal colour component,
+    with the analytic 2-sigma ellipse."""
     v = axis.double().reshape(-1)
-    red_green = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
-    u = red_green - (red_green @ v) * v
-    u = u / u.norm()
+    u, u_name = _orthogonal_direction(v)
     pixels = _crop(row.sample).double().reshape(v.numel(), -1)
     ax.plot(u @ pixels, v @ pixels, ".", ms=1.5, alpha=0.4, color="tab:purple")
     (along, along_m), (orth, orth_m) = row.axis_variance, row.orthogonal_variance
@@ -373,8 +393,8 @@ def _plot_colours(ax, row: FigureRow, axis: torch.Tensor, axis_name: str) -> Non
     ax.set_ylim(-5, 5)
     ax.set_aspect("equal")
     ax.set_title("the pixels of that image in colour space", fontsize=9)
-    ax.set_xlabel("colour component (red - green)", fontsize=8)
-    ax.set_ylabel(f"luminance component, v = {axis_name}", fontsize=8)
+    ax.set_xlabel(f"colour component ({u_name})", fontsize=8)
+    ax.set_ylabel(f"component along v = {axis_name}", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="lower right")
 
@@ -394,7 +414,10 @@ def _plot_radial(ax, row: FigureRow) -> None:
     ax.set_xticks([0.02, 0.05, 0.1, 0.2, 0.5], ["0.02", "0.05", "0.1", "0.2", "0.5"])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(0.8 * float(r[0]), 0.75)
-    ax.set_ylim(3e-3, 3e1)
+    values = torch.cat([exact, measured])
+    shown = values[values > 1e-3]  # bins at the 1e-3 floor (empty bands) stay below the axis
+    low = 0.5 * float(shown.min()) if shown.numel() else 3e-3
+    ax.set_ylim(min(3e-3, low), max(3e1, 2.0 * float(values.max())))
     ax.set_title("radially averaged power spectrum", fontsize=9)
     ax.set_xlabel("radial frequency r (cycles/pixel)", fontsize=8)
     ax.set_ylabel("power per frequency", fontsize=8)

@@ -181,3 +181,162 @@ def test_covariance_check_rejects_a_wrong_operator():
     assert not check(ad.NoiseSpec(ad.Squeeze(v, -0.36))).axis_variance.passed
     assert not check(ad.NoiseSpec(ad.Squeeze(v, -0.4), ad.PowerLaw(0.1))).low_share.passed
     assert not check(ad.NoiseSpec(ad.Squeeze(v, -0.4, variant="heisenberg"))).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# anisodiff fit / anisodiff show
+# ---------------------------------------------------------------------------------------------
+def _procedural_uint8(n=12, size=16):
+    """[n, size, size, 3] uint8 pictures from the procedural dataset."""
+    from anisodiff import datasets
+
+    images = torch.stack(datasets.ProceduralImages(n, size=size, seed=1).__getitems__(range(n)))
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pngs")
+    pixels = _procedural_uint8()
+    for i, picture in enumerate(pixels):
+        Image.fromarray(picture).save(folder / f"{i:02d}.png")
+    return folder, pixels
+
+
+def _expected_pca(pixels_uint8, k=1):
+    from anisodiff.fit import fit_channel_pca
+
+    x = torch.from_numpy(pixels_uint8).permute(0, 3, 1, 2).double() / 127.5 - 1
+    return fit_channel_pca(x, k=k, progress=False)
+
+
+def test_fit_on_a_png_folder_writes_the_fitted_spec(png_folder, tmp_path, capsys):
+    folder, pixels = png_folder
+    out = tmp_path / "spec.json"
+    assert cli.main(["fit", str(folder), "-o", str(out), "--batch-size", "5"]) == 0
+    spec = ad.NoiseSpec.load(out)
+    expected = _expected_pca(pixels)
+    assert torch.allclose(spec.squeeze.axes, expected.axes, atol=1e-6)
+    assert spec.squeeze.strength == (-0.4,) and spec.squeeze.variant == "sdm"
+    assert spec.spectral is None and spec.radius == "cycles"
+    text = capsys.readouterr().out
+    assert "12 images of 3x16x16" in text and "alpha =" in text and "eigenvalues" in text
+    assert "axis v1" in text and str(out) in text
+
+
+def test_fit_on_npy_arrays_uint8_and_float(png_folder, tmp_path):
+    _, pixels = png_folder
+    expected = _expected_pca(pixels, k=2)
+    np.save(tmp_path / "u8.npy", pixels)
+    floats = (pixels.transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1)
+    np.savez(tmp_path / "f.npz", images=floats, labels=np.arange(len(floats)))
+    for name in ("u8.npy", "f.npz"):
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["fit", str(tmp_path / name), "-o", str(out), "--k", "2",
+                         "--variant", "heisenberg", "--strength", "0.3", "--limit", "12"]) == 0
+        squeeze = ad.NoiseSpec.load(out).squeeze
+        assert torch.allclose(squeeze.axes, expected.axes, atol=1e-6)
+        assert squeeze.variant == "heisenberg" and squeeze.strength == (0.3, 0.3)
+
+
+def test_fit_procedural_spectral_parts(tmp_path):
+    law, table = tmp_path / "law.json", tmp_path / "table.json"
+    common = ["procedural", "--limit", "256", "--size", "16"]
+    assert cli.main(["fit", *common, "-o", str(law), "--spectral", "power_law",
+                     "--radius", "nyquist1"]) == 0
+    spec = ad.NoiseSpec.load(law)
+    assert isinstance(spec.spectral, ad.PowerLaw) and abs(spec.spectral.alpha + 1) < 0.05
+    assert spec.radius == "nyquist1" and spec.spectral.eps == pytest.approx(2 * 0.5 / 16)
+    assert cli.main(["fit", *common, "-o", str(table), "--spectral", "table"]) == 0
+    assert ad.NoiseSpec.load(table).spectral.shape == (16, 16)
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_show_writes_a_valid_png(tmp_path, capsys):
+    import matplotlib.image
+
+    spec_path, png = tmp_path / "spec.json", tmp_path / "noise.png"
+    v = torch.ones(3, 1, dtype=torch.float64) / math.sqrt(3)
+    ad.NoiseSpec(ad.Squeeze(v, -0.4), ad.PowerLaw(-0.3, eps=0.01)).save(spec_path)
+    assert cli.main(["show", str(spec_path), "-o", str(png), "--size", "16",
+                     "--timesteps", "0,999"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert width > 600 and height > 400
+    text = capsys.readouterr().out
+    assert "t = 0:" in text and "t = 999:" in text
+    line = next(s for s in text.splitlines() if "t = 999:" in s)
+    assert f"exact {math.exp(0.8):.4f}" in line  # SDM at tau = 1: variance e^0.8 along v
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_show_draws_a_time_invariant_spec_once(tmp_path, capsys):
+    spec_path, png = tmp_path / "spec.json", tmp_path / "noise.png"
+    ad.NoiseSpec(spectral=ad.Band(0.1, 0.3)).save(spec_path)
+    assert cli.main(["show", str(spec_path), "-o", str(png), "--size", "16",
+                     "--channels", "4"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("variance along the axis") == 1 and "every t" in text
+    assert png.exists()
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files that `anisodiff fit` must refuse with exit code 2."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad")
+    (root / "mixed").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "mixed" / "a.png")
+    Image.new("RGB", (10, 8)).save(root / "mixed" / "b.png")
+    (root / "broken").mkdir()
+    (root / "broken" / "x.png").write_bytes(b"not a png")
+    (root / "empty").mkdir()
+    np.save(root / "rank3.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    np.save(root / "nhwc.npy", np.zeros((4, 8, 8, 3), dtype=np.float32))
+    np.savez(root / "two.npz", a=np.zeros((2, 3, 4, 4)), b=np.zeros(2))
+    (root / "notes.txt").write_text("hello")
+    table = ad.NoiseSpec(spectral=ad.SpectralTable(torch.ones(8, 8)))
+    table.save(root / "table.json")
+    ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1])).save(root / "rgb.json")
+    ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5, schedule=torch.linspace(0, 1, 50))).save(
+        root / "table50.json")
+    (root / "bad.json").write_text('{"format": "anisodiff.NoiseSpec", "squeeze": 3}')
+    (root / "no_axes.json").write_text('{"squeeze": {"strength": [0.5]}}')
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "{root}/missing"], "no such file or folder"),
+    (["fit", "{root}/mixed"], "--size N"),
+    (["fit", "{root}/broken"], "not a readable image"),
+    (["fit", "{root}/empty"], "no image files"),
+    (["fit", "{root}/rank3.npy"], "4-D array"),
+    (["fit", "{root}/nhwc.npy"], "channels-last"),
+    (["fit", "{root}/two.npz"], "2 arrays"),
+    (["fit", "{root}/notes.txt"], "unsupported file"),
+    (["fit", "{root}/rank3.npy", "--size", "8"], "used as stored"),
+    (["fit", "procedural", "--limit", "4", "--k", "4"], "cannot fit 4 axes"),
+    (["fit", "procedural", "--limit", "4", "--k", "3", "--variant", "heisenberg"], "k < C"),
+    (["fit", "procedural", "--eps", "0.1"], "--eps applies only"),
+    (["fit", "procedural", "-o", "{root}/nowhere/spec.json"], "does not exist"),
+    (["fit", "procedural", "--strength", "nan"], "finite"),
+    (["fit", "procedural", "--spectral", "gauss"], "invalid choice"),
+    (["fit"], "required"),
+    (["show", "{root}/missing.json"], "cannot read the spec"),
+    (["show", "{root}/bad.json"], "squeeze"),
+    (["show", "{root}/no_axes.json"], "axes"),
+    (["show", "{root}/table.json", "--size", "16"], "SpectralTable is 8x8"),
+    (["show", "{root}/rgb.json", "--channels", "4"], "3 channels"),
+    (["show", "{root}/rgb.json", "--timesteps", "0,1000"], "--timesteps"),
+    (["show", "{root}/rgb.json", "--channels", "1"], "--channels"),
+    (["show", "{root}/rgb.json", "-o", "{root}"], "is a folder"),
+    (["show", "{root}/table50.json"], "50 entries"),
+])
+def test_fit_and_show_bad_input_exit_with_code_2(bad_inputs, argv, message, capsys):
+    argv = [a.replace("{root}", str(bad_inputs)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
