@@ -248,6 +248,9 @@ def squeeze_profile(squeeze: Squeeze, schedule) -> torch.Tensor:
 
 def squeeze_strengths(squeeze: Squeeze, timesteps, schedule) -> torch.Tensor:
     """``r[b, k] = s_k tau(t_b)`` (float64 ``[B, k]``)."""
+    if squeeze.is_identity:  # s = 0: r = 0 at every t, no profile (or schedule) needed, as in the kernels
+        n = 1 if timesteps is None else torch.as_tensor(timesteps).reshape(-1).numel()
+        return torch.zeros(n, squeeze.k, dtype=torch.float64)
     tau = squeeze_profile(squeeze, schedule)
     s = torch.tensor(squeeze.strength, dtype=torch.float64)
     if timesteps is None:
