@@ -1,0 +1,435 @@
+"""Baselines: the forward-noise code users write today, without anisodiff.
+
+The benchmark (``anisodiff bench``, :mod:`anisodiff.bench`) times the fused ops against these;
+``benchmarks/baselines.py`` re-exports them for the scripts and tests in the source tree.
+
+Every baseline has the same signature::
+
+    fn(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+       variant="sdm", noise=None, generator=None) -> (x_t, target_noise)
+
+* ``x0``: clean data ``[B, C, H, W]``; ``timesteps``: int64 ``[B]``.
+* ``alphas_cumprod``, ``betas``: the schedule tensors ``[T]`` (what a diffusers ``DDPMScheduler``
+  holds; float32).
+* ``axes``: ``[C, k]`` orthonormal colour axes (SDM/HDM) or None; ``strength``: ``s`` (a float, or
+  ``k`` floats). The squeeze strength at step t is ``r = s * beta_t / beta_max`` (the official
+  SDM profile, ``Squeeze(schedule="beta")`` in anisodiff).
+* ``weights``: the RAW spectral weight table ``[H, W]`` on the unshifted ``fftfreq`` grid (e.g.
+  :func:`power_law_table`, :func:`band_table`), before any normalisation, or None.
+* ``variant``: ``"sdm"`` or ``"heisenberg"`` (HDM).
+* ``noise``: optional WHITE noise of x0's shape (default: drawn with ``torch.randn``, from
+  ``generator`` if given). Passing the same white noise to a baseline and to
+  ``anisodiff.add_noise(..., noise=eps)`` gives the same result up to float rounding; without it the
+  two draw from different generators and only their distributions agree.
+
+The returned target is the shaped noise ``n`` (epsilon prediction, what both papers train on) and
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n``.
+
+Nothing here is tuned against anisodiff: each function is written the way its source writes it, so
+the benchmarks compare anisodiff against real user code. :func:`make_case` builds the benchmark and
+test inputs (and the matching anisodiff ``NoiseSpec``) for the four spec kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "official_sdm", "sagd_appendix", "eager_vectorised", "eager_shaped_noise", "isotropic_floor",
+    "make_compiled_eager",
+    "power_law_table", "band_table", "radius_table", "SPEC_KINDS", "Case", "make_case",
+    "BASELINES", "supports", "LUMINANCE_AXIS",
+]
+
+# The classic ImageNet RGB PCA top eigenvector (fb.resnet.torch lighting augmentation), normalised.
+# Natural-image colour PCA puts v close to the luminance axis (research/sdm.md section 2.5).
+LUMINANCE_AXIS = (-0.5675, -0.5808, -0.5836)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral weight tables (research/sagd.md section 6: unshifted fftfreq grid, r in cycles/pixel)
+# ---------------------------------------------------------------------------------------------
+def radius_table(H: int, W: int) -> torch.Tensor:
+    """``r = sqrt(fx^2 + fy^2)`` in cycles/pixel on the unshifted ``fftfreq`` grid (float64)."""
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
+    return torch.sqrt(fx**2 + fy**2)
+
+
+def power_law_table(H: int, W: int, alpha: float, eps: float = 1e-10) -> torch.Tensor:
+    """SAGD power law ``w = (r + eps) ** alpha`` (float32 ``[H, W]``; computed in float64)."""
+    return ((radius_table(H, W) + eps) ** alpha).to(torch.float32)
+
+
+def band_table(H: int, W: int, a: float, b: float) -> torch.Tensor:
+    """SAGD band mask ``w = 1{a <= r <= b}`` (inclusive edges; float32 ``[H, W]``)."""
+    r = radius_table(H, W)
+    return ((r >= a) & (r <= b)).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+# ---------------------------------------------------------------------------------------------
+def _white(x0: torch.Tensor, noise, generator) -> torch.Tensor:
+    if noise is not None:
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected shape {list(x0.shape)}, got {list(noise.shape)}")
+        return noise
+    if generator is None:
+        return torch.randn_like(x0)
+    return torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+
+
+def _diffusers_add_noise(alphas_cumprod: torch.Tensor, original_samples: torch.Tensor,
+                         noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``DDPMScheduler.add_noise`` as diffusers writes it: move/cast the table, gather
+    ``sqrt(abar)`` and ``sqrt(1 - abar)``, unsqueeze to 4-D, then ``a * x0 + b * noise``."""
+    alphas_cumprod = alphas_cumprod.to(device=original_samples.device)
+    alphas_cumprod = alphas_cumprod.to(dtype=original_samples.dtype)
+    timesteps = timesteps.to(original_samples.device)
+    sqrt_alpha_prod = alphas_cumprod[timesteps] ** 0.5
+    sqrt_alpha_prod = sqrt_alpha_prod.flatten()
+    while len(sqrt_alpha_prod.shape) < len(original_samples.shape):
+        sqrt_alpha_prod = sqrt_alpha_prod.unsqueeze(-1)
+    sqrt_one_minus_alpha_prod = (1 - alphas_cumprod[timesteps]) ** 0.5
+    sqrt_one_minus_alpha_prod = sqrt_one_minus_alpha_prod.flatten()
+    while len(sqrt_one_minus_alpha_prod.shape) < len(original_samples.shape):
+        sqrt_one_minus_alpha_prod = sqrt_one_minus_alpha_prod.unsqueeze(-1)
+    return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+
+
+def _strengths(strength, k: int, dtype, device) -> torch.Tensor:
+    s = torch.as_tensor(strength, dtype=dtype, device=device).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(k)
+    if s.numel() != k:
+        raise ValueError(f"strength: expected 1 or k={k} values, got {s.numel()}")
+    return s
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in ("sdm", "heisenberg"):
+        raise ValueError(f"variant: must be 'sdm' or 'heisenberg', got {variant!r}")
+    return variant
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the official SDM code pattern
+# ---------------------------------------------------------------------------------------------
+def official_sdm(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                 variant="sdm", noise=None, generator=None):
+    """The official Squeezed Diffusion Models code pattern (arXiv 2508.14871; research/sdm.md
+    section 7.3: ``NoiseSqueezer.get_squeeze_matrix`` / ``apply_squeeze`` and
+    ``ConsistentCustomDDPMScheduler.add_noise``), re-written here with the same structure and cost:
+
+    * ``r = s * betas[t] / betas.max()``, then a Python loop over the batch that calls ``.item()``
+      per sample and builds ``S_i = exp(-r_i) P + Q`` (SDM) or ``exp(-r_i) P + exp(r_i / (C - 1)) Q``
+      (HDM, the code's "quantum_limited" branch with ``q = 1 / (n - 1)``), each exponential via
+      ``torch.exp(torch.tensor(...))``; ``torch.stack`` to ``[B, C, C]``;
+    * ``torch.bmm(S, noise.reshape(B, C, H * W))``;
+    * the stock diffusers ``add_noise`` (gather ``sqrt(abar)``, 4 elementwise ops).
+
+    Only one principal axis (``k = 1``) and no spectral part, as in the official code. White noise
+    comes from ``torch.randn`` (the official training loop: ``torch.randn(shape).to(device)``).
+    """
+    _check_variant(variant)
+    if weights is not None:
+        raise ValueError("weights: the official SDM code has no spectral part")
+    if axes is None:
+        raise ValueError("axes: the official SDM code needs the principal axis")
+    if axes.dim() != 2 or axes.shape[1] != 1:
+        raise ValueError(f"axes: the official SDM code uses ONE principal axis ([C, 1]), got "
+                         f"{list(axes.shape)}")
+    B, C, H, W = x0.shape
+    device = x0.device
+    if noise is None:
+        if generator is None:
+            noise = torch.randn(x0.shape).to(device)
+        else:
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise: expected shape {list(x0.shape)}, got {list(noise.shape)}")
+    s = float(torch.as_tensor(strength).reshape(-1)[0])
+    if s != 0:  # the official code skips all squeeze logic when the strength is 0
+        # get_squeeze_matrix
+        identity = torch.eye(C, device=device)
+        principal_direction = axes[:, 0].to(device=device, dtype=torch.float32)
+        projection = torch.outer(principal_direction, principal_direction)
+        orthogonal_projection = identity - projection
+        b = betas.to(device)
+        beta_max = b.max()
+        beta_t = b[timesteps]
+        time_scale = (beta_t / beta_max).view(-1, 1, 1)
+        squeeze_param = s * time_scale
+        matrices = []
+        if variant == "heisenberg":
+            q = 1.0 / (C - 1)
+            for i in range(B):
+                param = squeeze_param[i].item()
+                squeeze_factor = torch.exp(torch.tensor(-param, device=device))
+                antisqueeze_factor = torch.exp(torch.tensor(q * param, device=device))
+                matrices.append(squeeze_factor * projection + antisqueeze_factor * orthogonal_projection)
+        else:
+            for i in range(B):
+                param = squeeze_param[i].item()
+                squeeze_factor = torch.exp(torch.tensor(-param, device=device))
+                matrices.append(squeeze_factor * projection + orthogonal_projection)
+        S = torch.stack(matrices)
+        # apply_squeeze
+        noise = torch.bmm(S.to(noise.dtype), noise.reshape(B, C, -1)).reshape(B, C, H, W)
+    x_t = _diffusers_add_noise(alphas_cumprod, x0, noise, timesteps)
+    return x_t, noise
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the SAGD appendix recipe
+# ---------------------------------------------------------------------------------------------
+def sagd_appendix(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                  variant="sdm", noise=None, generator=None):
+    """The spectrally anisotropic Gaussian diffusion appendix recipe (SAGD, arXiv 2510.09660,
+    App. E pseudo-code ``powerlaw_noise`` / ``bandpass_noise``; research/sagd.md section 6):
+    ``torch.randn`` -> ``torch.fft.fftn`` over (-2, -1) -> ``* w`` -> ``ifftn`` -> ``.real`` ->
+    divide each (b, c) plane by its spatial std (ddof=0) + 1e-8; then the stock diffusers
+    ``add_noise``. Per-sample normalisation: compare with anisodiff's
+    ``NoiseSpec(normalize="per_sample")``.
+
+    Spatial part only (the paper has no colour squeeze): ``axes``/``strength`` must be absent or
+    zero, ``weights`` is required.
+    """
+    if weights is None:
+        raise ValueError("weights: the SAGD recipe needs a spectral weight table")
+    if axes is not None and any(float(v) != 0 for v in torch.as_tensor(strength).reshape(-1)):
+        raise ValueError("axes/strength: the SAGD appendix recipe has no colour squeeze")
+    e = _white(x0, noise, generator)
+    E = torch.fft.fftn(e, dim=(-2, -1))
+    x = torch.fft.ifftn(E * weights.to(e.device), dim=(-2, -1)).real
+    x = x / (x.std(dim=(-2, -1), keepdim=True, correction=0) + 1e-8)
+    x_t = _diffusers_add_noise(alphas_cumprod, x0, x, timesteps)
+    return x_t, x
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the vectorised eager PyTorch a careful user writes
+# ---------------------------------------------------------------------------------------------
+def eager_vectorised(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                     variant="sdm", noise=None, generator=None, rfft=False):
+    """Vectorised eager PyTorch, the way a careful user writes the combined operator
+    ``n = (S(t) (x) T_w) eps`` (DESIGN.md section 1; the foundation issue's baseline
+    "randn + fft2/ifft2 + einsum + mix"):
+
+    * ``eps = torch.randn_like(x0)``;
+    * spatial part (if ``weights``): calibrated weights ``w / sqrt(mean(w^2))`` and
+      ``ifft2(fft2(eps) * w).real`` (``rfft=True``: ``irfft2(rfft2(eps) * w[:, :W//2+1])``, the
+      cheaper equivalent for a symmetric w, research/sagd.md section 6);
+    * channel part (if ``axes``): ``r[b, k] = s_k * (betas / betas.max())[t_b]`` gathered in one op
+      (no ``.item()``), ``S = I + V diag(exp(-r) - 1) V^T`` (SDM) or
+      ``g (I - V V^T) + V diag(exp(-r)) V^T`` with ``g = exp(sum_k r_k / (C - k))`` (HDM), built
+      with one ``einsum``, and applied with ``einsum("bij,bjhw->bihw")``;
+    * mix: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) n`` with per-sample gathered coefficients.
+    """
+    _check_variant(variant)
+    B, C, H, W = x0.shape
+    n = _white(x0, noise, generator)
+    n = _eager_operator(n, timesteps, betas, axes, strength, weights, variant, rfft, x0.dtype, x0.device)
+    ac = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[timesteps]
+    a = ac.sqrt().view(B, 1, 1, 1)
+    sig = (1.0 - ac).sqrt().view(B, 1, 1, 1)
+    x_t = a * x0 + sig * n
+    return x_t, n
+
+
+def _eager_operator(n, timesteps, betas, axes, strength, weights, variant, rfft, dtype, device):
+    """The shaping steps of :func:`eager_vectorised` (spatial filter, then the squeeze) on white
+    ``n``; ``dtype``/``device`` are x0's (the weights and the squeeze are built in them)."""
+    B, C, H, W = n.shape
+    if weights is not None:
+        w = weights.to(device=device, dtype=dtype)
+        w = w * torch.rsqrt(w.square().mean())
+        if rfft:
+            n = torch.fft.irfft2(torch.fft.rfft2(n) * w[:, : W // 2 + 1], s=(H, W))
+        else:
+            n = torch.fft.ifft2(torch.fft.fft2(n) * w).real
+    if axes is not None:
+        V = axes.to(device=device, dtype=dtype)
+        k = V.shape[1]
+        s = _strengths(strength, k, dtype, device)
+        b = betas.to(device=device, dtype=dtype)
+        r = (b / b.max())[timesteps][:, None] * s[None, :]                      # [B, k]
+        eye = torch.eye(C, dtype=dtype, device=device)
+        if variant == "sdm":
+            S = eye + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r) - 1.0, V)
+        else:
+            g = torch.exp(r.sum(dim=1) / (C - k))
+            S = g[:, None, None] * (eye - V @ V.T) + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r), V)
+        n = torch.einsum("bij,bjhw->bihw", S, n)
+    return n
+
+
+def eager_shaped_noise(shape, timesteps, betas, axes=None, strength=0.0, weights=None, *,
+                       variant="sdm", dtype=torch.float32, device=None, generator=None, rfft=False):
+    """Shaped noise ``n = (S(t) (x) T_w) eps`` of ``shape = [B, C, H, W]`` the way
+    :func:`eager_vectorised` computes it (``torch.randn``, then the same spatial filter and squeeze),
+    without the mix: the eager counterpart of ``anisodiff.shaped_noise``."""
+    _check_variant(variant)
+    eps = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    device = eps.device
+    return _eager_operator(eps, timesteps, betas, axes, strength, weights, variant, rfft, dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) torch.compile of (c)
+# ---------------------------------------------------------------------------------------------
+def make_compiled_eager(**compile_kwargs) -> tuple[Callable | None, str]:
+    """``torch.compile(eager_vectorised)`` if torch.compile works on this build, else ``(None,
+    reason)``. The check compiles and runs a tiny case (which also catches a missing C++
+    compiler for inductor). The compiled function recompiles per input shape and per spec
+    structure (axes / weights present or not), so warm it up on each case before timing.
+
+    Randomness: inside the compiled graph ``randn_like`` is inductor's own generator (not
+    torch's); the distribution is the same.
+
+    Benchmarks run one function over many shapes and spec structures; dynamo's default
+    ``recompile_limit`` (8) would silently fall back to EAGER after that, so it is raised to 64
+    here (a training run with one spec compiles once or twice).
+    """
+    if not hasattr(torch, "compile"):
+        return None, "torch.compile not available"
+    try:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < 64:
+                setattr(dynamo_config, name, 64)
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    try:
+        fn = torch.compile(eager_vectorised, **compile_kwargs)
+        x0 = torch.zeros(2, 3, 4, 4)
+        t = torch.tensor([0, 1])
+        betas = torch.linspace(1e-4, 0.02, 4)
+        ac = torch.cumprod(1 - betas, 0)
+        out = fn(x0, t, ac, betas)
+        if not torch.isfinite(out[0]).all():
+            return None, "torch.compile produced non-finite output"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
+        return None, f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return fn, "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) the isotropic floor
+# ---------------------------------------------------------------------------------------------
+def isotropic_floor(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                    variant="sdm", noise=None, generator=None):
+    """The white-noise floor: plain ``torch.randn_like`` + the stock diffusers
+    ``DDPMScheduler.add_noise`` (standard DDPM training, Ho et al. 2020 / diffusers). Ignores
+    ``axes``, ``strength`` and ``weights``: it is what the same training step costs WITHOUT any
+    anisotropy, the lower bound every anisotropic implementation is compared against."""
+    eps = _white(x0, noise, generator)
+    return _diffusers_add_noise(alphas_cumprod, x0, eps, timesteps), eps
+
+
+BASELINES = {
+    "official_sdm": official_sdm,
+    "sagd_appendix": sagd_appendix,
+    "eager_vectorised": eager_vectorised,
+    "isotropic_floor": isotropic_floor,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark / test cases
+# ---------------------------------------------------------------------------------------------
+SPEC_KINDS = ("sdm", "sdm_powerlaw", "hdm", "band")
+_KIND_TITLES = {
+    "sdm": "SDM squeeze-only s=-0.4",
+    "sdm_powerlaw": "SDM s=-0.4 + power-law alpha=-0.04",
+    "hdm": "HDM (Heisenberg) s=-0.4",
+    "band": "band [0, 0.25] cycles/px",
+}
+
+
+@dataclass
+class Case:
+    """One benchmark / test problem: the inputs every baseline takes, and the matching anisodiff
+    spec and schedule (``anisodiff.add_noise(x0, timesteps, spec, schedule)``)."""
+
+    kind: str
+    title: str
+    x0: torch.Tensor
+    timesteps: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    betas: torch.Tensor
+    axes: torch.Tensor | None
+    strength: float
+    weights: torch.Tensor | None
+    variant: str
+    spec: object          # anisodiff.NoiseSpec
+    schedule: object      # anisodiff.VPSchedule
+
+    def baseline_args(self, impl: str | None = None) -> tuple:
+        """Positional inputs for a baseline; ``sagd_appendix`` gets no squeeze (see :func:`supports`)."""
+        axes, strength = self.axes, self.strength
+        if impl == "sagd_appendix":
+            axes, strength = None, 0.0
+        return (self.x0, self.timesteps, self.alphas_cumprod, self.betas, axes, strength, self.weights)
+
+    def baseline_kwargs(self) -> dict:
+        return {"variant": self.variant}
+
+
+def supports(impl: str, kind: str) -> bool:
+    """Which baseline can express which spec kind. ``official_sdm``: squeeze-only specs (the
+    official code has no spectral part). ``sagd_appendix``: specs with a spectral part; for
+    ``sdm_powerlaw`` it computes ONLY the spatial part (no published code does both), so its
+    time there is a lower bound for user code doing the full operator."""
+    if impl == "official_sdm":
+        return kind in ("sdm", "hdm")
+    if impl == "sagd_appendix":
+        return kind in ("sdm_powerlaw", "band")
+    return True
+
+
+def make_case(kind: str, B: int = 64, C: int = 3, H: int = 32, W: int = 32, *, seed: int = 0,
+              dtype=torch.float32, timesteps: torch.Tensor | None = None, normalize: str = "calibrated",
+              strength: float = -0.4, alpha: float = -0.04, band: tuple[float, float] = (0.0, 0.25)) -> Case:
+    """The inputs for spec ``kind`` (one of :data:`SPEC_KINDS`): x0 uniform in [-1, 1], timesteps
+    uniform in [0, 1000), diffusers' linear beta schedule, the luminance-like principal axis
+    (C = 3; otherwise a fixed random unit vector), ``Squeeze(schedule="beta")``."""
+    import anisodiff as ad
+
+    if kind not in SPEC_KINDS:
+        raise ValueError(f"kind: must be one of {SPEC_KINDS}, got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    schedule = ad.VPSchedule.linear(T=1000)
+    x0 = (torch.rand(B, C, H, W, generator=g) * 2 - 1).to(dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, schedule.num_train_timesteps, (B,), generator=g)
+    if C == 3:
+        v = torch.tensor(LUMINANCE_AXIS, dtype=torch.float64)
+    else:
+        v = torch.randn(C, generator=g, dtype=torch.float64)
+    axes = (v / v.norm())[:, None]
+    squeeze = spectral = None
+    weights = None
+    variant = "sdm"
+    s = 0.0
+    if kind in ("sdm", "sdm_powerlaw", "hdm"):
+        variant = "heisenberg" if kind == "hdm" else "sdm"
+        s = float(strength)
+        squeeze = ad.Squeeze(axes, s, variant=variant, schedule="beta")
+    else:
+        axes = None
+    if kind == "sdm_powerlaw":
+        spectral = ad.PowerLaw(alpha)
+        weights = power_law_table(H, W, alpha)
+    elif kind == "band":
+        spectral = ad.Band(*band)
+        weights = band_table(H, W, *band)
+    spec = ad.NoiseSpec(squeeze, spectral, normalize=normalize)
+    return Case(kind, _KIND_TITLES[kind], x0, timesteps.to(torch.int64), schedule.alphas_cumprod,
+                schedule.betas, None if axes is None else axes.to(torch.float32), s, weights,
+                variant, spec, schedule)
+
