@@ -437,6 +437,19 @@ def _alphas(schedule, timesteps, batch: int):
     return ac[t.clamp_min(0)] * (t >= 0) + (t < 0).double()
 
 
+def _step_inputs(model_output, timestep, sample, schedule, prev_timestep):
+    """Timesteps (``prev`` defaults to ``t - 1``), abar_t and abar_prev ([B] float64), the float64
+    sample and model output, and ``x0_hat = (x - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``."""
+    B = sample.shape[0]
+    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
+    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
+    x, eps_hat = sample.double(), model_output.double()
+    view = (-1, 1, 1, 1)
+    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
+    return t, prev, ab_t, ab_p, x, eps_hat, x0_hat
+
+
 def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
               prev_timestep=None, noise=None, mode: str = "official", clip_sample: bool = True,
               clip_range: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,14 +470,10 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
     if mode not in SAMPLING_MODES:
         raise ValueError(f"mode: must be one of {list(SAMPLING_MODES)}, got {mode!r}")
     B, C = sample.shape[:2]
-    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
-    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
-    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
+    t, prev, ab_t, ab_p, x, eps_hat, x0_hat = _step_inputs(model_output, timestep, sample, schedule,
+                                                           prev_timestep)
     alpha = ab_t / ab_p
     view = (-1, 1, 1, 1)
-    x = sample.double()
-    eps_hat = model_output.double()
-    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
     lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)
     if mode == "official":
         if clip_sample:
@@ -509,14 +518,10 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
     with ``sigma = eta sqrt(s_prev^2 delta) / s_t`` (the exact posterior std times eta). For a
     time-invariant spec this is standard DDIM (eta = 0 needs no noise at all)."""
     B, C = sample.shape[:2]
-    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
-    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
-    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
+    t, prev, ab_t, ab_p, x, eps_hat, x0_hat = _step_inputs(model_output, timestep, sample, schedule,
+                                                           prev_timestep)
     alpha = ab_t / ab_p
     view = (-1, 1, 1, 1)
-    x = sample.double()
-    eps_hat = model_output.double()
-    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
     if clip_sample:
         x0_hat = x0_hat.clamp(-clip_range, clip_range)
     lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)

@@ -220,7 +220,25 @@ class _AnisoSchedulerMixin:
 # ---------------------------------------------------------------------------------------------
 # DDPM
 # ---------------------------------------------------------------------------------------------
-class AnisoDDPMScheduler(_AnisoSchedulerMixin, DDPMScheduler):
+class _AnisoVPMixin(_AnisoSchedulerMixin):
+    """add_noise / get_velocity of the VP schedulers (DDPM, DDIM): ``noise`` is WHITE and shaped."""
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.IntTensor) -> torch.Tensor:
+        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) A(t) noise`` for WHITE ``noise`` (one fused pass)."""
+        if self.is_white:
+            return super().add_noise(original_samples, noise, timesteps)
+        backend = "auto" if original_samples.dtype in _KERNEL_DTYPES else "reference"
+        x_t, _ = _add_noise(original_samples, timesteps, self.noise_spec, self._noise_vp, noise=noise,
+                            backend=backend)
+        return x_t
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-target for WHITE ``noise``: ``sqrt(abar_t) A(t) noise - sqrt(1 - abar_t) x0``."""
+        return super().get_velocity(sample, self.shape_noise(noise, timesteps), timesteps)
+
+
+class AnisoDDPMScheduler(_AnisoVPMixin, DDPMScheduler):
     """``DDPMScheduler`` with shaped noise. Extra config entries: ``noise_spec`` (a NoiseSpec, its
     dict or JSON; default white) and ``sampling_mode``: ``"official"`` (the SDM code: isotropic
     posterior coefficients, step noise ``A(t) z``, x0 clipped in ``S(t)^-1`` coordinates, default)
@@ -236,20 +254,6 @@ class AnisoDDPMScheduler(_AnisoSchedulerMixin, DDPMScheduler):
 
     __init__.__signature__ = _init_signature(DDPMScheduler, noise_spec=None, sampling_mode="official")
     __init__ = register_to_config(__init__)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.IntTensor) -> torch.Tensor:
-        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) A(t) noise`` for WHITE ``noise`` (one fused pass)."""
-        if self.is_white:
-            return super().add_noise(original_samples, noise, timesteps)
-        backend = "auto" if original_samples.dtype in _KERNEL_DTYPES else "reference"
-        x_t, _ = _add_noise(original_samples, timesteps, self.noise_spec, self._noise_vp, noise=noise,
-                            backend=backend)
-        return x_t
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """The v-target for WHITE ``noise``: ``sqrt(abar_t) A(t) noise - sqrt(1 - abar_t) x0``."""
-        return super().get_velocity(sample, self.shape_noise(noise, timesteps), timesteps)
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
@@ -279,7 +283,7 @@ class AnisoDDPMScheduler(_AnisoSchedulerMixin, DDPMScheduler):
 # ---------------------------------------------------------------------------------------------
 # DDIM
 # ---------------------------------------------------------------------------------------------
-class AnisoDDIMScheduler(_AnisoSchedulerMixin, DDIMScheduler):
+class AnisoDDIMScheduler(_AnisoVPMixin, DDIMScheduler):
     """``DDIMScheduler`` with shaped noise (extra config entry ``noise_spec``). ``step`` delegates to
     :func:`anisodiff.reference.ddim_step`: per eigen-direction of the squeeze, DDIM with the exact
     posterior std times ``eta``; ``variance_noise`` is WHITE noise (it is shaped here). For a
@@ -291,20 +295,6 @@ class AnisoDDIMScheduler(_AnisoSchedulerMixin, DDIMScheduler):
 
     __init__.__signature__ = _init_signature(DDIMScheduler, noise_spec=None)
     __init__ = register_to_config(__init__)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  timesteps: torch.IntTensor) -> torch.Tensor:
-        """``sqrt(abar_t) x0 + sqrt(1 - abar_t) A(t) noise`` for WHITE ``noise`` (one fused pass)."""
-        if self.is_white:
-            return super().add_noise(original_samples, noise, timesteps)
-        backend = "auto" if original_samples.dtype in _KERNEL_DTYPES else "reference"
-        x_t, _ = _add_noise(original_samples, timesteps, self.noise_spec, self._noise_vp, noise=noise,
-                            backend=backend)
-        return x_t
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """The v-target for WHITE ``noise``."""
-        return super().get_velocity(sample, self.shape_noise(noise, timesteps), timesteps)
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
