@@ -358,6 +358,11 @@ def _register() -> None:
                            noise, dtype):
         return coef.new_empty(shape, dtype=dtype)
 
+    @torch.library.register_fake("anisodiff::ddpm_step")
+    def _ddpm_step_fake(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
+                        stream, noise):
+        return torch.empty_like(sample), torch.empty_like(sample)
+
     def _setup_context(ctx, inputs, output):
         _, timesteps, coef = inputs[:3]
         ctx.target = inputs[8]

@@ -472,42 +472,51 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
     B, C = sample.shape[:2]
     t, prev, ab_t, ab_p, x, eps_hat, x0_hat = _step_inputs(model_output, timestep, sample, schedule,
                                                            prev_timestep)
+    k = ddpm_coefficients(spec, schedule, t, prev, mode)
+    if clip_sample:
+        if mode == "official":  # clip in S(t)^-1 coordinates
+            S_inv = channel_matrix(spec, 1 / k["s"][0], 1 / k["s"][1], C)
+            x0_hat = _channels(channel_matrix(spec, *k["s"], C),
+                               _channels(S_inv, x0_hat).clamp(-clip_range, clip_range))
+        else:
+            x0_hat = x0_hat.clamp(-clip_range, clip_range)
+    x_prev = _channels(channel_matrix(spec, *k["c0"], C), x0_hat) + _channels(channel_matrix(spec, *k["ct"], C), x)
+    if noise is not None and bool((prev >= 0).any()):
+        spatial = _apply(noise, _spatial_spec(spec), None, None)  # N(T_w z): the channels still white
+        x_prev = x_prev + _channels(channel_matrix(spec, *k["sig"], C), spatial)
+    return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
+
+
+def ddpm_coefficients(spec: NoiseSpec, schedule, t: torch.Tensor, prev: torch.Tensor, mode: str) -> dict:
+    """The per-sample channel matrices of one DDPM step, each as ``(e_perp [B], e_axes [B, k])``
+    (see :func:`channel_matrix`): ``x_prev = M(c0) x0_hat + M(ct) x_t + M(sig) N(T_w z)``, and
+    ``s`` = S(t) (official mode clips x0_hat in S(t)^-1 coordinates)."""
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode: must be one of {list(SAMPLING_MODES)}, got {mode!r}")
+    B = t.shape[0]
+    ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
     alpha = ab_t / ab_p
-    view = (-1, 1, 1, 1)
     lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)
+    k = lt_axes.shape[1]
     if mode == "official":
-        if clip_sample:
-            S_inv = channel_matrix(spec, 1 / lt_perp, 1 / lt_axes, C)
-            S = channel_matrix(spec, lt_perp, lt_axes, C)
-            x0_hat = _channels(S, _channels(S_inv, x0_hat).clamp(-clip_range, clip_range))
         c0 = ab_p.sqrt() * (1 - alpha) / (1 - ab_t)
         ct = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
         sigma = ((1 - ab_p) / (1 - ab_t) * (1 - alpha)).clamp_min(1e-20).sqrt() * (prev >= 0).double()
-        x_prev = c0.view(view).to(x.device) * x0_hat + ct.view(view).to(x.device) * x
-        if noise is not None and bool((prev >= 0).any()):
-            fresh = _apply(noise, spec, t, schedule)  # A(t) z
-            x_prev = x_prev + sigma.view(view).to(x.device) * fresh
-        return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
-    if clip_sample:
-        x0_hat = x0_hat.clamp(-clip_range, clip_range)
+        return {"s": (lt_perp, lt_axes), "c0": (c0, c0[:, None].expand(B, k)),
+                "ct": (ct, ct[:, None].expand(B, k)),
+                "sig": (sigma * lt_perp, sigma[:, None] * lt_axes)}
     lp_perp, lp_axes = squeeze_eigenvalues(spec, prev, schedule, B)
 
     def per_direction(l_t, l_p):
-        s_t2 = (1 - ab_t).view(-1, *([1] * (l_t.dim() - 1))) * l_t**2
-        s_p2 = (1 - ab_p).view(-1, *([1] * (l_t.dim() - 1))) * l_p**2
-        a = alpha.view(-1, *([1] * (l_t.dim() - 1)))
+        shape = (-1, *([1] * (l_t.dim() - 1)))
+        s_t2, s_p2 = (1 - ab_t).view(shape) * l_t**2, (1 - ab_p).view(shape) * l_p**2
+        a = alpha.view(shape)
         delta = (s_t2 - a * s_p2).clamp_min(0)
-        c0 = ab_p.sqrt().view(-1, *([1] * (l_t.dim() - 1))) * delta / s_t2
-        return c0, a.sqrt() * s_p2 / s_t2, (s_p2 * delta).sqrt() / s_t2.sqrt()
+        return ab_p.sqrt().view(shape) * delta / s_t2, a.sqrt() * s_p2 / s_t2, (s_p2 * delta).sqrt() / s_t2.sqrt()
 
-    c0_perp, ct_perp, sd_perp = per_direction(lt_perp, lp_perp)
-    c0_axes, ct_axes, sd_axes = per_direction(lt_axes, lp_axes)
-    x_prev = (_channels(channel_matrix(spec, c0_perp, c0_axes, C), x0_hat)
-              + _channels(channel_matrix(spec, ct_perp, ct_axes, C), x))
-    if noise is not None and bool((prev >= 0).any()):
-        spatial = _apply(noise, _spatial_spec(spec), None, None)  # T_w z, the channels still white
-        x_prev = x_prev + _channels(channel_matrix(spec, sd_perp, sd_axes, C), spatial)
-    return x_prev.to(sample.dtype), x0_hat.to(sample.dtype)
+    perp, axes = per_direction(lt_perp, lp_perp), per_direction(lt_axes, lp_axes)
+    return {"s": (lt_perp, lt_axes), "c0": (perp[0], axes[0]), "ct": (perp[1], axes[1]),
+            "sig": (perp[2], axes[2])}
 
 
 def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,

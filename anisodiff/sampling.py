@@ -14,12 +14,14 @@ import os
 import torch
 
 from . import reference
-from .ops import add_noise, shaped_noise, white_noise
+from ._ext import has_compiled_ops
+from .ops import _KERNEL_DTYPES, add_noise, shaped_noise, white_noise
+from .plan import kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec
 
-__all__ = ["AnisotropicNoise", "CONFIG_NAME"]
+__all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step"]
 
 CONFIG_NAME = "anisodiff_noise.json"
 _FORMAT = "anisodiff.AnisotropicNoise"
@@ -71,18 +73,30 @@ class AnisotropicNoise:
 
     def ddpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
                   prev_timestep=None, generator: torch.Generator | None = None, mode: str = "official",
-                  clip_sample: bool = True, clip_range: float = 1.0):
+                  clip_sample: bool = True, clip_range: float = 1.0, backend: str = "auto"):
         """One ancestral step ``x_t -> x_prev`` for a model that predicts the shaped noise.
 
         ``mode="official"`` reproduces the SDM code (isotropic posterior coefficients, step noise
         ``A(t) z``, x0_hat clipped in ``S(t)^-1`` coordinates); ``mode="exact"`` uses the exact
         Gaussian posterior of the time-varying marginal per eigen-direction. Both are standard DDPM
         with shaped step noise for a time-invariant spec. ``prev_timestep`` defaults to ``t - 1``.
-        Returns ``(prev_sample, pred_original_sample)``.
+        Returns ``(prev_sample, pred_original_sample)``. ``backend="auto"`` runs the fused one-pass
+        kernel (``torch.ops.anisodiff.ddpm_step``) where it exists (CPU, float32/16/bf16), else the
+        float64 reference.
         """
-        return reference.ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
-                                   prev_timestep=prev_timestep, noise=self._white(sample, generator),
-                                   mode=mode, clip_sample=clip_sample, clip_range=clip_range)
+        if backend not in ("auto", "cpu", "reference"):
+            raise ValueError(f"backend: must be 'auto', 'cpu' or 'reference', got {backend!r}")
+        fused = (has_compiled_ops() and sample.device.type == "cpu" and sample.dtype in _KERNEL_DTYPES
+                 and model_output.dtype in _KERNEL_DTYPES)
+        if backend == "cpu" and not fused:
+            raise RuntimeError("backend: the fused cpu ddpm_step needs CPU float32/float16/bfloat16 tensors")
+        if backend == "reference" or not fused:
+            return reference.ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
+                                       prev_timestep=prev_timestep, noise=self._white(sample, generator),
+                                       mode=mode, clip_sample=clip_sample, clip_range=clip_range)
+        return fused_ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
+                               prev_timestep=prev_timestep, stream=stream_tensor(None, generator, 0),
+                               mode=mode, clip_sample=clip_sample, clip_range=clip_range)
 
     def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
                   prev_timestep=None, eta: float = 0.0, generator: torch.Generator | None = None,
@@ -134,3 +148,35 @@ class AnisotropicNoise:
 
     def __repr__(self) -> str:
         return f"AnisotropicNoise({self.spec!r}, {self.schedule!r})"
+
+
+def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
+                    prev_timestep=None, stream: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                    mode: str = "official", clip_sample: bool = True, clip_range: float = 1.0):
+    """:func:`anisodiff.reference.ddpm_step` as one pass of the CPU kernel: read x_t and the model
+    output, draw and shape the step noise (the canonical stream ``stream = [seed, offset]``, or the
+    caller's WHITE ``noise``), write x_prev and x0_hat. The per-sample channel matrices come from
+    :func:`anisodiff.reference.ddpm_coefficients` (a few [B]-sized ops, no per-sample Python)."""
+    schedule = as_schedule(schedule)
+    B, C, H, W = sample.shape
+    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
+    coeffs = reference.ddpm_coefficients(spec, schedule, t, prev, mode)
+    ab_t = reference._alphas(schedule, t, B)
+    columns = [ab_t.sqrt()[:, None], (1 - ab_t).sqrt()[:, None]]
+    for name in ("s", "c0", "ct", "sig"):
+        perp, axes = coeffs[name]
+        columns += [perp[:, None], axes]
+    params = torch.cat(columns, dim=1).to(torch.float32).contiguous()
+    k = spec.squeeze.k if spec.squeeze is not None else 0
+    axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
+    spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, sample.device)
+    clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
+    if noise is not None:
+        noise = noise[None] if spec.draws == 1 else noise
+        stream = torch.tensor([0, 0], dtype=torch.int64)
+    elif stream is None:
+        raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
+    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes, spatial.weights,
+                                         list(spatial.gammas), spatial.normalize, clip, float(clip_range),
+                                         stream, noise)

@@ -32,15 +32,22 @@ TensorArg tensor_arg(const at::Tensor& t, const char* name) {
   return a;
 }
 
-// Fills the parts of the problem shared by every op and checks them against the sizes.
+void fill_spatial(NoiseProblem& p, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
+                  int64_t normalize, const at::Tensor& st);
+
+at::Tensor checked_stream(const at::Tensor& stream) {
+  TORCH_CHECK(stream.device().is_cpu() && stream.scalar_type() == at::kLong && stream.numel() == 2,
+              "stream: expected an int64 CPU tensor [seed, offset]");
+  return stream.contiguous();
+}
+
+// Fills the parts of the problem shared by add_noise and shaped_noise and checks them.
 void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tensor& coef,
                    const at::Tensor& axes, const std::optional<at::Tensor>& weights,
                    at::ArrayRef<double> gammas, int64_t variant, int64_t normalize,
                    const at::Tensor& stream) {
   for (const at::Tensor* t : {&timesteps, &coef, &axes})
     TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
-  TORCH_CHECK(!weights.has_value() || weights->device().is_cpu(),
-              "anisodiff CPU kernel: every tensor must be on the CPU");
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous(),
               "coef: expected a contiguous float32 [T, 2 + k] table");
   TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous(),
@@ -56,13 +63,7 @@ void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tenso
               "timesteps: expected a contiguous int64 tensor of shape [", p.batch, "]");
   TORCH_CHECK(variant == 0 || variant == 1, "variant: expected 0 (sdm) or 1 (heisenberg)");
   TORCH_CHECK(variant == 0 || k < p.channels, "variant: heisenberg needs k < C");
-  TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
-  TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
-  TORCH_CHECK(stream.device().is_cpu() && stream.scalar_type() == at::kLong && stream.numel() == 2,
-              "stream: expected an int64 CPU tensor [seed, offset]");
-  const at::Tensor st = stream.contiguous();
-  const int64_t seed = st.data_ptr<int64_t>()[0], offset = st.data_ptr<int64_t>()[1];
-  TORCH_CHECK(seed >= 0 && offset >= 0, "stream: seed and offset must be non-negative");
+  const at::Tensor st = checked_stream(stream);
   const int64_t* ts = timesteps.data_ptr<int64_t>();
   for (int64_t b = 0; b < p.batch; ++b)
     TORCH_CHECK(ts[b] >= 0 && ts[b] < coef.size(0), "timesteps: value ", ts[b], " at index ", b,
@@ -73,6 +74,18 @@ void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tenso
   p.k = (int)k;
   p.axes = axes.data_ptr<float>();
   p.variant = variant == 1 ? SqueezeVariant::kHeisenberg : SqueezeVariant::kSDM;
+  fill_spatial(p, weights, gammas, normalize, st);
+}
+
+// The spatial part and the stream, shared by every op.
+void fill_spatial(NoiseProblem& p, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
+                  int64_t normalize, const at::Tensor& st) {
+  TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
+  TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
+  TORCH_CHECK(!weights.has_value() || weights->device().is_cpu(),
+              "anisodiff CPU kernel: every tensor must be on the CPU");
+  const int64_t seed = st.data_ptr<int64_t>()[0], offset = st.data_ptr<int64_t>()[1];
+  TORCH_CHECK(seed >= 0 && offset >= 0, "stream: seed and offset must be non-negative");
   p.draws = (int)gammas.size();
   for (int d = 0; d < p.draws; ++d) p.gammas[d] = (float)gammas[d];
   if (weights.has_value()) {
@@ -153,6 +166,46 @@ at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timeste
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& params,
+    const at::Tensor& axes, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
+    int64_t normalize, int64_t clip, double clip_range, const at::Tensor& stream,
+    const std::optional<at::Tensor>& noise) {
+  TORCH_CHECK(sample.dim() == 4, "sample: expected a 4-D [B, C, H, W] tensor, got ", sample.dim(), "-D");
+  TORCH_CHECK(model_output.sizes() == sample.sizes(), "model_output: expected shape ", sample.sizes(),
+              ", got ", model_output.sizes());
+  for (const at::Tensor* t : {&sample, &model_output, &params, &axes})
+    TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
+  NoiseProblem p;
+  p.batch = sample.size(0);
+  p.channels = sample.size(1);
+  p.height = sample.size(2);
+  p.width = sample.size(3);
+  TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous() &&
+                  axes.size(0) == p.channels && axes.size(1) <= kMaxAxes,
+              "axes: expected a contiguous float32 [C, k] tensor with k <= ", kMaxAxes);
+  const int64_t k = axes.size(1);
+  TORCH_CHECK(params.scalar_type() == at::kFloat && params.is_contiguous() && params.dim() == 2 &&
+                  params.size(0) == p.batch && params.size(1) == 2 + 4 * (1 + k),
+              "params: expected a contiguous float32 [", p.batch, ", ", 2 + 4 * (1 + k), "] tensor");
+  TORCH_CHECK(clip >= 0 && clip <= 2, "clip: expected 0 (none), 1 (plain) or 2 (in S^-1 coordinates)");
+  fill_spatial(p, weights, gammas, normalize, checked_stream(stream));
+  fill_noise(p, noise);
+  p.axes = axes.data_ptr<float>();
+  p.step_k = (int)k;
+  p.step_params = params.data_ptr<float>();
+  p.step_clip = (int)clip;
+  p.clip_range = (float)clip_range;
+  p.step_x = tensor_arg(sample, "sample");
+  p.step_eps = tensor_arg(model_output, "model_output");
+  at::Tensor x_prev = at::empty_like(sample);
+  at::Tensor x0 = at::empty_like(sample);
+  p.out = tensor_arg(x_prev, "x_prev");
+  p.out_x0 = tensor_arg(x0, "x0_hat");
+  launch_cpu(p);
+  return {x_prev, x0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(anisodiff, m) {
@@ -164,11 +217,16 @@ TORCH_LIBRARY(anisodiff, m) {
       "shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
       "float[] gammas, int variant, int normalize, Tensor stream, Tensor? noise, "
       "ScalarType dtype) -> Tensor");
+  m.def(
+      "ddpm_step(Tensor sample, Tensor model_output, Tensor params, Tensor axes, Tensor? weights, "
+      "float[] gammas, int normalize, int clip, float clip_range, Tensor stream, Tensor? noise) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(anisodiff, CPU, m) {
   m.impl("add_noise", &add_noise_cpu);
   m.impl("shaped_noise", &shaped_noise_cpu);
+  m.impl("ddpm_step", &ddpm_step_cpu);
 }
 
 }  // namespace anisodiff

@@ -32,8 +32,10 @@ struct Workspace {
   float* fft_re;     // [H * W]
   float* fft_im;     // [H * W]
   float* zero_plane; // [H * W], stays zero (partner of an unpaired plane)
-  float* proj;       // [k * H * W]
+  float* proj;       // [max(k, step_k) * H * W]
   float* row;        // [3 * W]
+  float* step_x;     // [C * H * W] (ddpm_step only)
+  float* step_e;     // [C * H * W] (ddpm_step only)
 };
 
 int64_t group_samples(const NoiseProblem& p);

@@ -41,8 +41,11 @@ int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
   w.fft_re = take(fft);
   w.fft_im = take(fft);
   w.zero_plane = take(fft);
-  w.proj = take((int64_t)p.k * HW);
+  const int64_t step_planes = p.step_params != nullptr ? p.channels * HW : 0;
+  w.proj = take((int64_t)(p.k > p.step_k ? p.k : p.step_k) * HW);
   w.row = take(3 * p.width);
+  w.step_x = take(step_planes);
+  w.step_e = take(step_planes);
   if (ws) *ws = w;
   return used;
 }

@@ -350,15 +350,14 @@ void normalize_plane(float* __restrict x, int64_t n) {
 // ------------------------------------------------------------------------------------------
 // Channel squeeze on one sample's planes e[C][HW], in place.
 // ------------------------------------------------------------------------------------------
-void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, float* __restrict proj,
-                    int64_t HW) {
-  const int k = p.k, C = (int)p.channels;
-  const SqueezeCoeffs sc = squeeze_coeffs(r, k, C, p.variant);
+// e <- (g I + sum_i f_minus_g[i] v_i v_i^T) e for one sample's planes e[C][HW], with k axes.
+void apply_channels(float* __restrict e, const float* axes, int k, int C, const SqueezeCoeffs& sc,
+                    float* __restrict proj, int64_t HW) {
   for (int i = 0; i < k; ++i) {  // proj_i = v_i . e per pixel
     float* u = proj + (int64_t)i * HW;
     for (int64_t x = 0; x < HW; ++x) u[x] = 0.f;
     for (int c = 0; c < C; ++c) {
-      const float v = p.axes[c * k + i];
+      const float v = axes[c * k + i];
       const float* ec = e + (int64_t)c * HW;
       for (int64_t x = 0; x < HW; ++x) u[x] += v * ec[x];
     }
@@ -368,11 +367,56 @@ void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, 
     if (sc.g != 1.f)
       for (int64_t x = 0; x < HW; ++x) ec[x] *= sc.g;
     for (int i = 0; i < k; ++i) {
-      const float coef = sc.f_minus_g[i] * p.axes[c * k + i];
+      const float coef = sc.f_minus_g[i] * axes[c * k + i];
       const float* u = proj + (int64_t)i * HW;
       for (int64_t x = 0; x < HW; ++x) ec[x] += coef * u[x];
     }
   }
+}
+
+void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, float* __restrict proj,
+                    int64_t HW) {
+  apply_channels(e, p.axes, p.k, (int)p.channels, squeeze_coeffs(r, p.k, (int)p.channels, p.variant), proj, HW);
+}
+
+// A step matrix given as (perp, axes[k]) eigenvalues.
+SqueezeCoeffs step_matrix(const float* m, int k, bool inverse) {
+  SqueezeCoeffs sc;
+  sc.g = inverse ? 1.f / m[0] : m[0];
+  for (int i = 0; i < kMaxAxes; ++i) sc.f_minus_g[i] = i < k ? (inverse ? 1.f / m[1 + i] : m[1 + i]) - sc.g : 0.f;
+  return sc;
+}
+
+// One DDPM step for sample b; n: its generated (spatially shaped) noise planes.
+void step_sample(const NoiseProblem& p, int64_t b, float* __restrict n, const Workspace& ws) {
+  const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W;
+  const int k = p.step_k;
+  const float* q = p.step_params + b * (2 + 4 * (1 + k));
+  const float a = q[0], bt = q[1];
+  const float *S = q + 2, *C0 = S + (1 + k), *Ct = C0 + (1 + k), *Sig = Ct + (1 + k);
+  float* x = ws.step_x;
+  float* x0 = ws.step_e;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < H; ++h) {
+      load_row(p.step_x, b, c, h, W, x + (c * H + h) * W);
+      load_row(p.step_eps, b, c, h, W, x0 + (c * H + h) * W);
+    }
+  const int64_t total = C * HW;
+  for (int64_t i = 0; i < total; ++i) x0[i] = (x[i] - bt * x0[i]) / a;
+  if (p.step_clip != 0) {
+    if (p.step_clip == 2) apply_channels(x0, p.axes, k, (int)C, step_matrix(S, k, true), ws.proj, HW);
+    const float lo = -p.clip_range, hi = p.clip_range;
+    for (int64_t i = 0; i < total; ++i) x0[i] = x0[i] < lo ? lo : (x0[i] > hi ? hi : x0[i]);
+    if (p.step_clip == 2) apply_channels(x0, p.axes, k, (int)C, step_matrix(S, k, false), ws.proj, HW);
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < H; ++h) store_row(p.out_x0, b, c, h, W, x0 + (c * H + h) * W);
+  apply_channels(x0, p.axes, k, (int)C, step_matrix(C0, k, false), ws.proj, HW);
+  apply_channels(x, p.axes, k, (int)C, step_matrix(Ct, k, false), ws.proj, HW);
+  apply_channels(n, p.axes, k, (int)C, step_matrix(Sig, k, false), ws.proj, HW);
+  for (int64_t i = 0; i < total; ++i) x[i] += x0[i] + n[i];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t h = 0; h < H; ++h) store_row(p.out, b, c, h, W, x + (c * H + h) * W);
 }
 
 // Mix one sample's shaped noise n[C][H][W] with x0 and store (or store the noise alone).
@@ -457,8 +501,12 @@ void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Works
     }
     for (int64_t s = 0; s < nb; ++s) {
       const int64_t b = b0 + s;
-      const float* row = p.coef + p.timesteps[b] * ncoef;
       float* e = ws.eps[0] + s * CHW;
+      if (p.step_params != nullptr) {
+        step_sample(p, b, e, ws);
+        continue;
+      }
+      const float* row = p.coef + p.timesteps[b] * ncoef;
       if (p.k > 0) squeeze_sample(e, p, row + 2, ws.proj, HW);
       store_sample(p, b, e, row[0], row[1], ws.row);
     }

@@ -47,6 +47,18 @@ struct NoiseProblem {
   // add_noise reads x0 and writes x_t and the target into out; shaped_noise writes the noise into out.
   TensorArg x0, x_t, out;
   Target target = Target::kEpsilon;
+
+  // ddpm_step (step_params != nullptr): reads step_x (x_t) and step_eps (the model's shaped-noise
+  // estimate), writes x_prev into out and x0_hat into out_x0. The generated noise gets no squeeze
+  // (k == 0); the step's channel matrices use the step_k axes. Per sample, step_params holds
+  // a_t, b_t, then (perp, axes[step_k]) of S(t), C0, Ct and Sig:
+  //   x0_hat = (x_t - b_t eps) / a_t, clipped (1: as is, 2: in S(t)^-1 coordinates),
+  //   x_prev = C0 x0_hat + Ct x_t + Sig N(T_w z).
+  TensorArg step_x, step_eps, out_x0;
+  const float* step_params = nullptr;
+  int step_k = 0;
+  int step_clip = 0;
+  float clip_range = 1.f;
 };
 
 }  // namespace anisodiff
