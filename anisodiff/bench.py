@@ -39,6 +39,7 @@ import torch
 
 from . import __version__
 from . import bench_baselines as bl
+from ._argtypes import int_in, nonneg_float
 from ._ext import available_backends, build_info
 from .ops import add_noise, shaped_noise
 from .spec import NoiseSpec
@@ -480,24 +481,7 @@ def _shape(text: str) -> tuple[int, int, int]:
     return dims
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+_POSITIVE_INT = int_in(1)
 
 
 def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str) -> None:
@@ -519,45 +503,45 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
     p.add_argument("--ops", nargs="+", choices=OPS, default=None, help="ops (default: both)")
     p.add_argument("--kinds", nargs="+", choices=KINDS + ("sdm+powerlaw",), default=None,
                    help="spec kinds (default: all)")
-    p.add_argument("--batch", type=_positive_int, nargs="+", default=None, metavar="B",
+    p.add_argument("--batch", type=_POSITIVE_INT, nargs="+", default=None, metavar="B",
                    help="batch sizes (full: 1 16 128 512; quick: 64)")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="CxHxW",
                    help="per-sample shapes (full: 3x32x32 3x64x64 4x64x64; quick: 3x32x32)")
-    p.add_argument("--size", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--size", type=_POSITIVE_INT, default=None, metavar="N",
                    help="shorthand for --shapes 3xNxN")
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None,
                    help="dtypes of x0 and the noise (default: fp32 bf16)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_POSITIVE_INT, default=None,
                    help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=_POSITIVE_INT, default=None,
                    help="timing rounds per case at most (full 15, quick 11)")
-    p.add_argument("--min-repeats", type=_positive_int, default=None,
+    p.add_argument("--min-repeats", type=_POSITIVE_INT, default=None,
                    help="timing rounds per case at least, however slow the case (full 3, quick 5)")
-    p.add_argument("--block-ms", type=_nonneg_float, default=None,
+    p.add_argument("--block-ms", type=nonneg_float, default=None,
                    help="target duration of one timing block in ms (full and quick 5)")
-    p.add_argument("--warmup", type=_nonneg_float, default=None, metavar="SECONDS",
+    p.add_argument("--warmup", type=nonneg_float, default=None, metavar="SECONDS",
                    help="warm-up per implementation after its first call, at least one more call "
                         "(full 0.01, quick 0.02)")
-    p.add_argument("--group-s", type=_nonneg_float, default=None, metavar="SECONDS",
+    p.add_argument("--group-s", type=nonneg_float, default=None, metavar="SECONDS",
                    help="time for the rounds of one case: fewer rounds (down to --min-repeats) for "
                         "slow cases (full 0.25, quick 0.4)")
-    p.add_argument("--max-group-s", type=_nonneg_float, default=None, metavar="SECONDS",
+    p.add_argument("--max-group-s", type=nonneg_float, default=None, metavar="SECONDS",
                    help="stop collecting replacement rounds for one case after this long (full 3, "
                         "quick 2)")
-    p.add_argument("--max-rounds-factor", type=_positive_int, default=None,
+    p.add_argument("--max-rounds-factor", type=_POSITIVE_INT, default=None,
                    help="run at most this many x the planned rounds to collect clean ones "
                         "(full 2, quick 3)")
-    p.add_argument("--max-other-load", type=_nonneg_float, default=0.2, metavar="CPUS",
+    p.add_argument("--max-other-load", type=nonneg_float, default=0.2, metavar="CPUS",
                    help="drop rounds during which other processes used more than this many CPUs "
                         "(default: %(default)s)")
-    p.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait-idle", type=nonneg_float, default=0.0, metavar="SECONDS",
                    help="before timing, wait up to SECONDS for other load to drop below 0.2 CPUs")
     p.add_argument("--given-noise", action="store_true",
                    help="add_noise only: pass the same pre-drawn white noise to every "
                         "implementation (noise=eps), timing the shaping + mix without the RNG")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="skip the torch.compile baselines (full run: add_noise, fp32, first shape)")
-    p.add_argument("--copy-mib", type=_positive_int, default=None, metavar="MIB",
+    p.add_argument("--copy-mib", type=_POSITIVE_INT, default=None, metavar="MIB",
                    help="buffer size of the copy-bandwidth measurement (full 256, quick 128)")
     p.add_argument("--details", action="store_true",
                    help="also print every implementation's row (median, IQR, GB/s, faults)")

@@ -27,6 +27,7 @@ from . import __version__, datasets, reference, viz
 from ._ext import available_backends, build_info
 from .fit import fit_statistics
 from .ops import covariance, shaped_noise
+from ._argtypes import finite_float, int_in
 from .schedule import VPSchedule
 from .spec import (RADIUS_CONVENTIONS, SQUEEZE_SCHEDULES, Band, NoiseSpec, PowerLaw, SpectralTable,
                    Squeeze)
@@ -36,31 +37,6 @@ __all__ = ["main", "build_parser", "demo_operators"]
 
 class UsageError(Exception):
     """A bad argument found after parsing (reported with exit code 2)."""
-
-
-def _int_in(minimum: int, maximum: int | None = None):
-    """argparse type: an integer in ``[minimum, maximum]``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-    return parse
-
-
-def _finite_float(text: str) -> float:
-    """argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
 
 
 def _check_output(path: Path, option: str) -> Path:
@@ -176,11 +152,11 @@ def _add_demo(subparsers) -> None:
                     "if a check fails.")
     p.add_argument("--out", default="anisodiff_demo", metavar="DIR",
                    help="output directory for demo.png and demo_report.json (default: %(default)s)")
-    p.add_argument("--samples", type=_int_in(500), default=DEFAULT_SAMPLES, metavar="N",
+    p.add_argument("--samples", type=int_in(500), default=DEFAULT_SAMPLES, metavar="N",
                    help="draws per operator for the covariance check (default: %(default)s)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0,
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
                    help="Philox seed of the noise stream (default: %(default)s)")
-    p.add_argument("--size", type=_int_in(8, 256), default=64,
+    p.add_argument("--size", type=int_in(8, 256), default=64,
                    help="plane size of the picture, in pixels (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the picture (table and JSON only)")
 
@@ -310,9 +286,9 @@ def _add_fit(subparsers) -> None:
                         "images with correlated colours, generated from --seed)")
     p.add_argument("-o", "--out", default="spec.json", metavar="SPEC.json",
                    help="where to write the spec (default: %(default)s)")
-    p.add_argument("--k", type=_int_in(1), default=1,
+    p.add_argument("--k", type=int_in(1), default=1,
                    help="number of principal colour axes to squeeze (default: %(default)s)")
-    p.add_argument("--strength", type=_finite_float, default=-0.4,
+    p.add_argument("--strength", type=finite_float, default=-0.4,
                    help="squeeze strength s, < 0 antisqueezes; the SDM paper's best is the default "
                         "(default: %(default)s)")
     p.add_argument("--variant", choices=("sdm", "heisenberg"), default="sdm",
@@ -324,19 +300,19 @@ def _add_fit(subparsers) -> None:
                         "spectrum as a table (fixes the plane size). Default none: the SAGD papers "
                         "gained with mild tilts |alpha| <= 0.08, while natural data fits alpha ~ -1; "
                         "the fitted alpha is always printed (default: %(default)s)")
-    p.add_argument("--eps", type=_finite_float, default=None,
+    p.add_argument("--eps", type=finite_float, default=None,
                    help="DC floor of the power law (default: half the lowest non-zero frequency)")
     p.add_argument("--radius", choices=RADIUS_CONVENTIONS, default="cycles",
                    help="radius convention of the spec and the printed radii (default: %(default)s)")
-    p.add_argument("--size", type=_int_in(2, 4096), default=None, metavar="N",
+    p.add_argument("--size", type=int_in(2, 4096), default=None, metavar="N",
                    help="image folders: resize the shorter side to N and center-crop N x N; "
                         f"procedural: the image side (default {datasets.PROCEDURAL_DEFAULT_SIZE})")
-    p.add_argument("--limit", type=_int_in(1), default=None, metavar="N",
+    p.add_argument("--limit", type=int_in(1), default=None, metavar="N",
                    help="use the first N images (procedural: generate N, default "
                         f"{datasets.PROCEDURAL_DEFAULT_COUNT})")
-    p.add_argument("--batch-size", type=_int_in(1), default=256, metavar="B",
+    p.add_argument("--batch-size", type=int_in(1), default=256, metavar="B",
                    help="images per batch (default: %(default)s)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0,
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
                    help="seed of the procedural dataset (default: %(default)s)")
 
 
@@ -403,7 +379,7 @@ SHOW_SIZE = 64
 
 def _timesteps(text: str) -> tuple[int, ...]:
     """argparse type: comma-separated timesteps in [0, SHOW_T)."""
-    parse = _int_in(0, SHOW_T - 1)
+    parse = int_in(0, SHOW_T - 1)
     values = tuple(parse(part.strip()) for part in text.split(","))
     if len(values) > 8:
         raise argparse.ArgumentTypeError(f"at most 8 timesteps, got {len(values)}")
@@ -423,11 +399,11 @@ def _add_show(subparsers) -> None:
                    help="where to write the picture (default: %(default)s)")
     p.add_argument("--timesteps", type=_timesteps, default=(0, 500, 999), metavar="T,T,...",
                    help="timesteps to draw (default: 0,500,999)")
-    p.add_argument("--size", type=_int_in(8, 512), default=None, metavar="N",
+    p.add_argument("--size", type=int_in(8, 512), default=None, metavar="N",
                    help=f"plane size (default: {SHOW_SIZE}, or the size of a SpectralTable)")
-    p.add_argument("--channels", type=_int_in(2, 64), default=None, metavar="C",
+    p.add_argument("--channels", type=int_in(2, 64), default=None, metavar="C",
                    help="channels (default: the squeeze's, else 3)")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0,
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
                    help="Philox seed of the noise (default: %(default)s)")
 
 
