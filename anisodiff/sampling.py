@@ -3,8 +3,9 @@
 :class:`AnisotropicNoise` is what a training loop and a sampler share: ``add_noise`` for training,
 ``sample_prior`` for x_T, ``ddpm_step`` / ``ddim_step`` for the reverse process, ``score`` for
 guidance or likelihoods, and ``save_pretrained`` / ``from_pretrained`` so a saved model keeps its
-noise. The step math is :func:`anisodiff.reference.ddpm_step` (vectorised PyTorch, no per-sample
-Python); the fused ddpm_step kernel is the next increment.
+noise. ``ddpm_step`` runs the fused one-pass kernel (``torch.ops.anisodiff.ddpm_step``) where a
+compiled backend exists for the tensors' device, else :func:`anisodiff.reference.ddpm_step`
+(vectorised float64 PyTorch, no per-sample Python); both draw the same noise for the same stream.
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import os
 import torch
 
 from . import reference
-from ._ext import has_compiled_ops
+from ._ext import available_backends, has_compiled_ops
 from .ops import _KERNEL_DTYPES, add_noise, shaped_noise, white_noise
 from .plan import kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec
 
-__all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step"]
+__all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step", "can_fuse_step"]
 
 CONFIG_NAME = "anisodiff_noise.json"
 _FORMAT = "anisodiff.AnisotropicNoise"
@@ -84,13 +85,14 @@ class AnisotropicNoise:
         kernel (``torch.ops.anisodiff.ddpm_step``) where it exists (CPU, float32/16/bf16), else the
         float64 reference.
         """
-        if backend not in ("auto", "cpu", "reference"):
-            raise ValueError(f"backend: must be 'auto', 'cpu' or 'reference', got {backend!r}")
-        fused = (has_compiled_ops() and sample.device.type == "cpu" and sample.dtype in _KERNEL_DTYPES
-                 and model_output.dtype in _KERNEL_DTYPES)
-        if backend == "cpu" and not fused:
-            raise RuntimeError("backend: the fused cpu ddpm_step needs CPU float32/float16/bfloat16 tensors")
-        if backend == "reference" or not fused:
+        if backend not in ("auto", "cpu", "cuda", "reference"):
+            raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda' or 'reference', got {backend!r}")
+        fused = can_fuse_step(model_output, sample)
+        if backend in ("cpu", "cuda") and fused != backend:
+            raise RuntimeError(f"backend: the fused {backend} ddpm_step needs float32/float16/bfloat16 "
+                               f"tensors on a {backend} device with the {backend} ops built "
+                               f"(available here: {available_backends(sample.device)})")
+        if backend == "reference" or fused is None:
             return reference.ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
                                        prev_timestep=prev_timestep, noise=self._white(sample, generator),
                                        mode=mode, clip_sample=clip_sample, clip_range=clip_range)
@@ -150,13 +152,27 @@ class AnisotropicNoise:
         return f"AnisotropicNoise({self.spec!r}, {self.schedule!r})"
 
 
+def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
+    """The compiled backend ("cpu" or "cuda") that runs the fused DDPM step for these tensors, or
+    None (no compiled ops for their device, or a dtype the kernels do not take)."""
+    if not has_compiled_ops() or sample.dtype not in _KERNEL_DTYPES or model_output.dtype not in _KERNEL_DTYPES:
+        return None
+    if model_output.device != sample.device:
+        return None
+    kind = sample.device.type
+    return kind if kind in ("cpu", "cuda") and kind in available_backends(sample.device) else None
+
+
 def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
                     prev_timestep=None, stream: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                     mode: str = "official", clip_sample: bool = True, clip_range: float = 1.0):
-    """:func:`anisodiff.reference.ddpm_step` as one pass of the CPU kernel: read x_t and the model
-    output, draw and shape the step noise (the canonical stream ``stream = [seed, offset]``, or the
-    caller's WHITE ``noise``), write x_prev and x0_hat. The per-sample channel matrices come from
-    :func:`anisodiff.reference.ddpm_coefficients` (a few [B]-sized ops, no per-sample Python)."""
+    """:func:`anisodiff.reference.ddpm_step` as one pass of the compiled kernel: read x_t and the
+    model output, draw and shape the step noise (the canonical stream ``stream = [seed, offset]``, or
+    the caller's WHITE ``noise``), write x_prev and x0_hat. The per-sample channel matrices come from
+    :func:`anisodiff.reference.ddpm_coefficients` (a few [B]-sized ops on the host, no per-sample
+    Python), then travel to the sample's device as one small table."""
+    if mode not in reference.SAMPLING_MODES:
+        raise ValueError(f"mode: must be one of {list(reference.SAMPLING_MODES)}, got {mode!r}")
     schedule = as_schedule(schedule)
     B, C, H, W = sample.shape
     t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
@@ -167,16 +183,17 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     for name in ("s", "c0", "ct", "sig"):
         perp, axes = coeffs[name]
         columns += [perp[:, None], axes]
-    params = torch.cat(columns, dim=1).to(torch.float32).contiguous()
+    device = sample.device
+    params = torch.cat(columns, dim=1).to(torch.float32).contiguous().to(device)
     k = spec.squeeze.k if spec.squeeze is not None else 0
     axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
-    spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, sample.device)
+    spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
     clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
     if noise is not None:
         noise = noise[None] if spec.draws == 1 else noise
         stream = torch.tensor([0, 0], dtype=torch.int64)
     elif stream is None:
         raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
-    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes, spatial.weights,
+    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes.to(device), spatial.weights,
                                          list(spatial.gammas), spatial.normalize, clip, float(clip_range),
                                          stream, noise)

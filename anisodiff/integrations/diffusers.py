@@ -18,8 +18,9 @@ What changes against the parent class:
   ``shape_noise(noise, t)`` returns ``A(t) noise``, the epsilon training target (flow matching:
   ``shape_noise(noise, t) - x0``); ``get_velocity`` shapes its noise the same way.
 * ``step`` draws its fresh noise white with diffusers' ``randn_tensor(generator=...)`` (so seeded
-  pipelines reproduce) and shapes it. DDPM delegates the math to :func:`anisodiff.reference.ddpm_step`
-  (``sampling_mode="official"``, the SDM code, or ``"exact"``, a config entry), DDIM to
+  pipelines reproduce) and shapes it. DDPM runs the fused step kernel on that noise (the math of
+  :func:`anisodiff.reference.ddpm_step`, which it falls back to for float64 or devices without
+  compiled ops; ``sampling_mode="official"``, the SDM code, or ``"exact"``, a config entry), DDIM to
   :func:`anisodiff.reference.ddim_step`, both with the scheduler's own timestep spacing. Euler shapes
   the ``s_churn`` noise, flow matching the ``stochastic_sampling`` re-noising; their deterministic
   updates are the parent's (exact for time-invariant specs when the model predicts shaped noise).
@@ -73,6 +74,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 from .. import reference
 from ..ops import add_noise as _add_noise
 from ..ops import apply_operator
+from ..sampling import can_fuse_step, fused_ddpm_step
 from ..schedule import VPSchedule
 from ..spec import NoiseSpec
 from .kdiffusion import sigma_to_timestep
@@ -257,8 +259,8 @@ class AnisoDDPMScheduler(_AnisoVPMixin, DDPMScheduler):
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
-        """One ancestral step for a model that predicts the SHAPED noise; see
-        :func:`anisodiff.reference.ddpm_step`. ``prev_timestep`` is diffusers' ``previous_timestep``
+        """One ancestral step for a model that predicts the SHAPED noise, in one pass of the fused
+        kernel where it runs (else :func:`anisodiff.reference.ddpm_step`, the same math). ``prev_timestep`` is diffusers' ``previous_timestep``
         (the next entry of ``self.timesteps`` after ``set_timesteps``, else ``t - 1``)."""
         if self.is_white:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
@@ -271,10 +273,16 @@ class AnisoDDPMScheduler(_AnisoVPMixin, DDPMScheduler):
         noise = None
         if _scalar_index(timestep) > 0:  # diffusers draws exactly when it would
             noise = self._draw_white(model_output.shape, generator, model_output.device, model_output.dtype)
-        prev_sample, x0 = reference.ddpm_step(
-            model_output, timestep, sample, self.noise_spec, self._noise_vp, prev_timestep=prev_t,
-            noise=noise, mode=self.config.sampling_mode, clip_sample=self.config.clip_sample,
-            clip_range=self.config.clip_sample_range)
+        step_args = dict(prev_timestep=prev_t, mode=self.config.sampling_mode,
+                         clip_sample=self.config.clip_sample, clip_range=self.config.clip_sample_range)
+        if can_fuse_step(model_output, sample):  # one pass of the compiled kernel
+            # t = 0 draws no noise (its posterior std is 0): any stream gives the same result.
+            stream = torch.zeros(2, dtype=torch.int64) if noise is None else None
+            prev_sample, x0 = fused_ddpm_step(model_output, timestep, sample, self.noise_spec, self._noise_vp,
+                                              noise=noise, stream=stream, **step_args)
+        else:
+            prev_sample, x0 = reference.ddpm_step(model_output, timestep, sample, self.noise_spec,
+                                                  self._noise_vp, noise=noise, **step_args)
         if not return_dict:
             return prev_sample, x0
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
