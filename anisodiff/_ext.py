@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import torch
+
+from . import _autoselect
 
 __all__ = ["build_info", "available_backends", "has_compiled_ops", "require_backend"]
 
@@ -31,32 +34,68 @@ def build_info() -> dict:
                 "cuda_archs": [], "cpu_capability": None, "cpu_capabilities_compiled": [],
                 "error": f"compiled extension not importable: {_IMPORT_ERROR}"}
     info = dict(_C.build_info())
-    info["triton"] = importlib.util.find_spec("triton") is not None
+    info["triton"] = _triton_state()["installed"]
     return info
 
 
+# Read once at import (find_spec does not import triton): whether triton can be imported, and whether
+# its interpreter is on (TRITON_INTERPRET=1: the kernels then run on CPU tensors). Plain data, so
+# torch.compile traces the backend choice; tests patch it to simulate a missing triton.
+_TRITON = {"installed": importlib.util.find_spec("triton") is not None,
+           "interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")}
+
+
+def _triton_state() -> dict:
+    return _TRITON
+
+
+_KNOWN = ("reference", "cpu", "cuda", "triton")
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on ``device``, fastest first. "reference" is always there."""
+    """Backends that can run on ``device``, in the order "auto" prefers them (anisodiff._autoselect);
+    "reference" is always there. "triton" is listed on CUDA devices when triton is installed, and on
+    the CPU only under Triton's interpreter (TRITON_INTERPRET=1), after every other backend: it is
+    there for tests and is never chosen by "auto" on the CPU."""
     device = torch.device(device)
-    out = []
+    present = ["reference"]
     if device.type == "cpu" and _COMPILED["cpu"]:
-        out.append("cpu")
+        present.append("cpu")
     if device.type == "cuda" and _COMPILED["cuda"]:
-        out.append("cuda")
-    out.append("reference")
-    return out
+        present.append("cuda")
+    triton = _triton_state()
+    if triton["installed"] and (device.type == "cuda" or (device.type == "cpu" and triton["interpret"])):
+        present.append("triton")
+    order = _autoselect.PREFERENCE.get(device.type, {}).get("spectral", _autoselect.FALLBACK)
+    ranked = [b for b in order if b in present]
+    return ranked + [b for b in present if b not in ranked]
 
 
-def require_backend(backend: str, device: torch.device) -> str:
-    """Resolve ``backend`` ("auto" or a name) for ``device``; raise a clear error if unavailable."""
+def _why_missing(backend: str, device: torch.device) -> str:
+    if backend in ("cpu", "cuda") and _C is None:
+        return f" (the compiled extension is not importable: {_IMPORT_ERROR})"
+    if backend == "cuda" and device.type == "cuda" and not _COMPILED["cuda"]:
+        return " (this install was built without CUDA)"
+    if backend == "triton":
+        if not _triton_state()["installed"]:
+            return " (triton is not installed: pip install triton)"
+        if device.type == "cpu":
+            return " (on the CPU it runs only in Triton's interpreter: set TRITON_INTERPRET=1 before importing triton)"
+    return ""
+
+
+def require_backend(backend: str, device: torch.device, kind: str = "spectral", plane=None) -> str:
+    """Resolve ``backend`` ("auto" or a name) for ``device``; raise a clear error if unavailable.
+
+    ``kind``: "elementwise" or "spectral" (anisodiff._autoselect.spec_kind); ``plane``: (C, H, W),
+    so "auto" skips a backend that cannot take the problem."""
+    device = torch.device(device)
     avail = available_backends(device)
     if backend == "auto":
-        return avail[0]
-    known = ("reference", "cpu", "cuda", "triton")
-    if backend not in known:
-        raise ValueError(f"backend: must be 'auto' or one of {list(known)}, got {backend!r}")
+        return _autoselect.choose(device.type, kind, avail, plane)
+    if backend not in _KNOWN:
+        raise ValueError(f"backend: must be 'auto' or one of {list(_KNOWN)}, got {backend!r}")
     if backend not in avail:
-        why = f" ({_IMPORT_ERROR})" if _C is None and backend in ("cpu", "cuda") else ""
-        raise RuntimeError(f"backend: {backend!r} is not available for device {device.type!r}{why}; "
-                           f"available: {avail}")
+        raise RuntimeError(f"backend: {backend!r} is not available for device {device.type!r}"
+                           f"{_why_missing(backend, device)}; available: {avail}")
     return backend

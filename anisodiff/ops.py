@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from . import reference
+from ._autoselect import spec_kind
 from ._ext import has_compiled_ops, require_backend
 from .plan import TARGET_CODES, kernel_args
 from .rng import check_offset, check_seed, stream_tensor
@@ -153,6 +154,14 @@ def _lowered(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.de
 _lowered._dynamo_marked_constant = True  # = torch._dynamo.assume_constant_result, without importing dynamo
 
 
+def _library(backend: str):
+    """The torch.ops namespace of a kernel backend: anisodiff (cpu, cuda) or anisodiff_triton."""
+    if backend == "triton":
+        from .triton import ops as _triton_ops  # noqa: F401 (registers the ops; triton is optional)
+        return torch.ops.anisodiff_triton
+    return torch.ops.anisodiff
+
+
 def _num_rows(spec: NoiseSpec, schedule) -> int:
     """Rows of the coefficient table, for the reference backend (which builds no table)."""
     if schedule is not None:
@@ -182,11 +191,13 @@ def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None
     dims = _check_sizes(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
     n = math.prod(dims)
-    if has_compiled_ops() and device.type == "cpu" and n > 0:
+    backend = require_backend("auto", device, "elementwise")
+    if backend != "reference" and n > 0:
         # The stream index is linear, so any [rows, 1, 1, row] view of it is the same stream.
         row = min(n, _WHITE_ROW)
         rows = -(-n // row)
-        flat = shaped_noise((rows, 1, 1, row), _IDENTITY, seed=seed, offset=offset, backend="cpu")
+        flat = shaped_noise((rows, 1, 1, row), _IDENTITY, seed=seed, offset=offset, device=device,
+                            backend=backend)
         return flat.reshape(-1)[:n].reshape(dims)
     return reference.white_noise(dims, seed, offset, device=device)
 
@@ -202,7 +213,7 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
         spec: the :class:`NoiseSpec`.
         timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t.
         schedule: a :class:`VPSchedule` or diffusers scheduler; needed by ``schedule="beta"``.
-        backend: "auto", "cpu" or "reference".
+        backend: "auto" (see :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
     Returns the shaped noise in ``eps``'s dtype.
     """
     spec = _check_spec(spec)
@@ -231,7 +242,8 @@ def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, sched
         seed: explicit Philox key; ``generator``: draw the key from this generator instead (default:
             torch's global generator). ``offset``: first counter of the stream.
         device, dtype: of the result (default CPU, float32).
-        backend: "auto" (fastest available), "cpu" or "reference".
+        backend: "auto" (the fastest available for the device and spec, see
+            :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
     """
     spec = _check_spec(spec)
     dims = _check_shape(shape)
@@ -245,7 +257,7 @@ def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset,
             backend: str, noise, noise_name: str) -> torch.Tensor:
     B, C, H, W = dims
     _check_channels(spec, C, "shape" if noise is None else noise_name)
-    backend = require_backend(backend, device)
+    backend = require_backend(backend, device, spec_kind(spec), (C, H, W))
     schedule = _check_schedule(schedule, required=False)
     if noise is not None:
         noise = _check_noise(noise, spec, dims, device, backend, noise_name)
@@ -265,7 +277,7 @@ def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset,
     args = _lowered(spec, schedule, int(C), int(H), int(W), device)
     ts = _check_timesteps(timesteps, B, args.num_timesteps, device, spec.time_varying)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
-    return torch.ops.anisodiff.shaped_noise(
+    return _library(backend).shaped_noise(
         [B, C, H, W], ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
         args.normalize, stream, packed, dtype)
 
@@ -289,7 +301,8 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
         target: ``"epsilon"`` (the shaped noise, what both papers train on), ``"v"``
             (``a n - b x0``), ``"x0"`` or ``"flow"`` (``n - x0``; the flow-matching velocity when
             the schedule is a flow path).
-        backend: "auto", "cpu" or "reference".
+        backend: "auto" (the fastest available for x0's device and the spec, see
+            :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
     Returns ``(x_t, target)`` in x0's dtype.
     """
     spec = _check_spec(spec)
@@ -297,10 +310,10 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
         raise TypeError(f"x0: expected a torch.Tensor, got {type(x0).__name__}")
     if x0.dim() != 4:
         raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got shape {list(x0.shape)}")
-    backend = require_backend(backend, x0.device)
+    B, C, H, W = x0.shape
+    backend = require_backend(backend, x0.device, spec_kind(spec), (C, H, W))
     _check_float_tensor(x0, "x0", backend)
     schedule = _check_schedule(schedule, required=True)
-    B, C, H, W = x0.shape
     _check_channels(spec, C, "x0")
     code = _check_target(target)
     if noise is not None:
@@ -317,7 +330,7 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
     args = _lowered(spec, schedule, int(C), int(H), int(W), x0.device)
     ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
-    return torch.ops.anisodiff.add_noise(
+    return _library(backend).add_noise(
         x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
         args.normalize, code, stream, packed)
 
@@ -347,6 +360,28 @@ def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedul
 # ---------------------------------------------------------------------------------------------
 # torch.library registrations: fake tensors (torch.compile) and autograd (w.r.t. x0)
 # ---------------------------------------------------------------------------------------------
+def add_noise_setup_context(ctx, inputs, output):
+    _, timesteps, coef = inputs[:3]
+    ctx.target = inputs[8]
+    ctx.save_for_backward(timesteps, coef)
+
+
+def add_noise_backward(ctx, grad_xt, grad_target):
+    """The add_noise autograd w.r.t. x0, shared by every backend's op (same schema)."""
+    # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow)
+    timesteps, coef = ctx.saved_tensors
+    a = coef[timesteps, 0].view(-1, 1, 1, 1)
+    b = coef[timesteps, 1].view(-1, 1, 1, 1)
+    grad = None
+    if grad_xt is not None:
+        grad = grad_xt * a.to(grad_xt.dtype)
+    if grad_target is not None and ctx.target != TARGET_CODES["epsilon"]:
+        d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
+             TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
+        grad = grad_target * d if grad is None else grad + grad_target * d
+    return (grad,) + (None,) * 10
+
+
 def _register() -> None:
     @torch.library.register_fake("anisodiff::add_noise")
     def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target,
@@ -363,26 +398,8 @@ def _register() -> None:
                         stream, noise):
         return torch.empty_like(sample), torch.empty_like(sample)
 
-    def _setup_context(ctx, inputs, output):
-        _, timesteps, coef = inputs[:3]
-        ctx.target = inputs[8]
-        ctx.save_for_backward(timesteps, coef)
-
-    def _backward(ctx, grad_xt, grad_target):
-        # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow)
-        timesteps, coef = ctx.saved_tensors
-        a = coef[timesteps, 0].view(-1, 1, 1, 1)
-        b = coef[timesteps, 1].view(-1, 1, 1, 1)
-        grad = None
-        if grad_xt is not None:
-            grad = grad_xt * a.to(grad_xt.dtype)
-        if grad_target is not None and ctx.target != TARGET_CODES["epsilon"]:
-            d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
-                 TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
-            grad = grad_target * d if grad is None else grad + grad_target * d
-        return (grad,) + (None,) * 10
-
-    torch.library.register_autograd("anisodiff::add_noise", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("anisodiff::add_noise", add_noise_backward,
+                                    setup_context=add_noise_setup_context)
 
 
 if has_compiled_ops():

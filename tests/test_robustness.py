@@ -933,6 +933,9 @@ def test_version_1_fixture_reproduces_add_noise():
         out = ad.add_noise(add["x0"], t, spec, SCHEDULE, seed=data["seed"], offset=data["offset"],
                            target=add["target"], backend=backend)
         for i in range(2):
+            close(out[i], add["reference"][i], what=f"add_noise output {i} on {backend} vs the stored reference")
+            if backend not in add:  # a backend newer than the fixture (triton): the reference decides
+                continue
             close(out[i], add[backend][i], what=f"add_noise output {i} on {backend}")
             if _same_environment(["torch", "aten_cpu_capability"] if backend == "reference"
                                  else ["torch", "anisodiff", "anisodiff_cpu_capability"]):

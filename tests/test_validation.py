@@ -110,10 +110,26 @@ def test_unknown_and_unavailable_backends(spec, schedule):
     x0 = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="backend: must be 'auto' or one of"):
         ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend="fast")
-    for missing in ("cuda", "triton"):  # not implemented / not for CPU tensors: never silently used
-        with pytest.raises(RuntimeError, match=f"backend: '{missing}' is not available"):
-            ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend=missing)
-    assert "triton" not in ad.available_backends("cpu")
+    missing = ["cuda"] + ([] if "triton" in ad.available_backends("cpu") else ["triton"])
+    for name in missing:  # not built / not for CPU tensors: never silently replaced
+        with pytest.raises(RuntimeError, match=f"backend: '{name}' is not available"):
+            ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend=name)
+    # Triton on the CPU only runs in its interpreter: listed (last) for tests, never "auto"
+    interpreted = ad._ext._TRITON["installed"] and ad._ext._TRITON["interpret"]
+    assert ("triton" in ad.available_backends("cpu")) == interpreted
+    assert ad.available_backends("cpu")[0] != "triton"
+
+
+def test_triton_unavailable_error_says_why(spec, schedule, monkeypatch):
+    x0 = torch.randn(2, 3, 8, 8)
+    monkeypatch.setitem(ad._ext._TRITON, "installed", True)
+    monkeypatch.setitem(ad._ext._TRITON, "interpret", False)
+    with pytest.raises(RuntimeError, match="backend: 'triton' is not available .*TRITON_INTERPRET=1"):
+        ad.add_noise(x0, torch.tensor([1, 2]), spec, schedule, seed=0, backend="triton")
+    monkeypatch.setitem(ad._ext._TRITON, "installed", False)
+    with pytest.raises(RuntimeError, match="backend: 'triton' is not available .*triton is not installed"):
+        ad.shaped_noise((2, 3, 8, 8), spec, timesteps=torch.tensor([1, 2]), schedule=schedule, seed=0,
+                        backend="triton")
 
 
 class TestShapedNoise:

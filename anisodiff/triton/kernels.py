@@ -1,0 +1,321 @@
+"""Triton kernels of the fused forward noise (DESIGN.md sections 1, 2 and 4).
+
+Two kernels, each one pass over memory (read x0 / the caller's eps, write the outputs):
+
+* :func:`squeeze_mix_kernel` - specs WITHOUT a spatial part (white or squeeze-only noise: the
+  bandwidth-bound case). Grid ``(pixel blocks, B)``; a program holds a ``[CP, BLOCK_PIX]`` tile, all
+  channels of BLOCK_PIX pixels of one sample, because the squeeze mixes the channels of a pixel.
+* :func:`spectral_kernel` - specs WITH spectral weights and/or per-sample normalisation. Grid
+  ``(B,)``; a program keeps a whole ``[CP, HP, WP]`` sample on chip: for each input channel c' it
+  draws the white plane, filters it with DFTs written as real ``tl.dot`` matmuls, normalises, mixes
+  the draws, and accumulates column c' of S(t) times that plane; then it mixes with x0 and stores.
+
+The white noise is the canonical stream: element ``i`` of the contiguous ``[B, C, H, W]`` tensor is
+lane ``i & 3`` of ``randn4x(seed, offset + (i >> 2))``, with the draw index in Philox counter word 2
+(the second draw of an independent two-band spec). It is built from triton.language.random's own
+philox / uint_to_uniform_float / pair_uniform_to_normal, so draw 0 is tl.randn4x bit for bit.
+Math is float32 throughout; inputs and outputs are float32, float16 or bfloat16 with any strides.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, philox, uint_to_uniform_float
+
+# target codes, as in anisodiff.plan.TARGET_CODES
+TARGET_V: tl.constexpr = tl.constexpr(1)
+TARGET_X0: tl.constexpr = tl.constexpr(2)
+TARGET_FLOW: tl.constexpr = tl.constexpr(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the noise stream
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _philox_words(seed, counter, DRAW: tl.constexpr):
+    """Philox4x32-10 of int64 counters: word 0/1 = counter low/high, word 2 = draw, word 3 = 0."""
+    low = counter.to(tl.uint32)  # truncation keeps the low word
+    high = (counter >> 32).to(tl.uint32)
+    zero = low * 0
+    return philox(seed, low, high, zero + DRAW, zero)
+
+
+@triton.jit
+def normals_per_element(seed, offset, index, DRAW: tl.constexpr):
+    """N(0, 1) of the stream elements ``index`` (int64, any shape): lane ``index & 3`` of
+    randn4x(seed, offset + (index >> 2)). Any alignment; one Philox call per element."""
+    w0, w1, w2, w3 = _philox_words(seed, offset + (index >> 2), DRAW)
+    lane = (index & 3).to(tl.int32)
+    first_pair = lane < 2  # lanes 0, 1 come from words (0, 1), lanes 2, 3 from words (2, 3)
+    u1 = uint_to_uniform_float(tl.where(first_pair, w0, w2))
+    u2 = uint_to_uniform_float(tl.where(first_pair, w1, w3))
+    n_cos, n_sin = pair_uniform_to_normal(u1, u2)
+    return tl.where((lane & 1) == 0, n_cos, n_sin)
+
+
+@triton.jit
+def normals_aligned(seed, counter, DRAW: tl.constexpr):
+    """All four lanes of 2-D int64 ``counter [R, N]``, interleaved to ``[R, 4 N]``: element
+    ``4 j + l`` is lane l of counter j. One Philox call per 4 elements (rows must start on a counter)."""
+    w0, w1, w2, w3 = _philox_words(seed, counter, DRAW)
+    n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
+    n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(w2), uint_to_uniform_float(w3))
+    # join(join(n0, n2), join(n1, n3))[..., a, b] = n_(2a + b); the row-major reshape flattens (a, b)
+    quad = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return tl.reshape(quad, [counter.shape[0], 4 * counter.shape[1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample coefficients, channel squeeze, mixing
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _coef_row(timesteps_ptr, sample, num_rows):
+    """This sample's row of the coefficient table, clamped so nothing is read out of bounds, and
+    whether the timestep was valid (an invalid one turns the sample's outputs into NaN)."""
+    t = tl.load(timesteps_ptr + sample)
+    valid = (t >= 0) & (t < num_rows)
+    return tl.where(valid, t, 0), valid
+
+
+@triton.jit
+def _complement_gain(coef_ptr, row, C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr):
+    """g in S = g (I - V V^T) + V diag(exp(-r)) V^T: 1 (SDM) or exp(sum_k r_k / (C - k)) (HDM)."""
+    g = 1.0
+    if HEISENBERG:
+        sum_r = 0.0
+        for k in tl.static_range(K):
+            sum_r += tl.load(coef_ptr + row * (2 + K) + 2 + k)
+        g = tl.exp(sum_r / (C - K))
+    return g
+
+
+@triton.jit
+def _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C: tl.constexpr, K: tl.constexpr,
+                  HEISENBERG: tl.constexpr):
+    """S e = g e + sum_k (f_k - g) (v_k . e) v_k for a ``[CP, N]`` tile (channels x pixels)."""
+    n = eps
+    if K > 0:
+        g = _complement_gain(coef_ptr, row, C, K, HEISENBERG)
+        n = g * eps
+        for k in tl.static_range(K):
+            f_minus_g = tl.exp(-tl.load(coef_ptr + row * (2 + K) + 2 + k)) - g
+            v_k = tl.load(axes_ptr + chan * K + k, mask=chan < C, other=0.0)
+            projection = tl.sum(v_k[:, None] * eps, axis=0)  # v_k . e per pixel
+            n += (f_minus_g * v_k)[:, None] * projection[None, :]
+    return n
+
+
+@triton.jit
+def _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b,
+                   HAS_X0: tl.constexpr, TARGET: tl.constexpr):
+    """add_noise: x_t = a x0 + b n and the target; shaped_noise (no x0): out = n."""
+    if HAS_X0:
+        x0 = tl.load(x0_ptr + x0_offs, mask=mask, other=0.0).to(tl.float32)
+        x_t = a * x0 + b * n
+        if TARGET == TARGET_V:
+            target = a * n - b * x0
+        elif TARGET == TARGET_X0:
+            target = x0
+        elif TARGET == TARGET_FLOW:
+            target = n - x0
+        else:  # epsilon: the shaped noise
+            target = n
+        tl.store(xt_ptr + xt_offs, x_t.to(xt_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out_offs, target.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out_offs, n.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# no spatial part: elementwise over pixels, all channels of a pixel in one program
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def squeeze_mix_kernel(
+    x0_ptr, noise_ptr, xt_ptr, out_ptr,
+    timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
+    H, W, num_rows, gamma,
+    x0_sb, x0_sc, x0_sh, x0_sw,
+    n_sb, n_sc, n_sh, n_sw,
+    xt_sb, xt_sc, xt_sh, xt_sw,
+    out_sb, out_sc, out_sh, out_sw,
+    C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, HAS_X0: tl.constexpr,
+    HAS_NOISE: tl.constexpr, TARGET: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+):
+    sample = tl.program_id(1).to(tl.int64)
+    first_pix = tl.program_id(0) * BLOCK_PIX  # int32: a plane has < 2**31 pixels (cheap division)
+    HW = H * W
+    pix = first_pix + tl.arange(0, BLOCK_PIX)  # h * W + w
+    chan = tl.arange(0, CP)
+    mask = (chan[:, None] < C) & (pix[None, :] < HW)
+    h = pix // W
+    w = pix - h * W
+
+    # white noise eps [CP, BLOCK_PIX]
+    if HAS_NOISE:
+        offs = sample * n_sb + chan[:, None] * n_sc + (h * n_sh + w * n_sw)[None, :]
+        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        seed = tl.load(stream_ptr)
+        offset = tl.load(stream_ptr + 1)
+        plane_start = (sample * C + chan) * HW  # linear index of (sample, c, 0, 0)
+        if ALIGNED:  # HW % 4 == 0: every block row starts on a counter
+            counter = offset + ((plane_start + first_pix) >> 2)[:, None] + tl.arange(0, BLOCK_PIX // 4)[None, :]
+            eps = normals_aligned(seed, counter, 0)
+        else:
+            eps = normals_per_element(seed, offset, plane_start[:, None] + pix[None, :], 0)
+    eps = eps * gamma
+
+    row, valid = _coef_row(timesteps_ptr, sample, num_rows)
+    a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
+    b = tl.load(coef_ptr + row * (2 + K) + 1)
+
+    n = tl.where(valid, _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C, K, HEISENBERG), float("nan"))
+
+    x0_offs = sample * x0_sb + chan[:, None] * x0_sc + (h * x0_sh + w * x0_sw)[None, :]
+    xt_offs = sample * xt_sb + chan[:, None] * xt_sc + (h * xt_sh + w * xt_sw)[None, :]
+    out_offs = sample * out_sb + chan[:, None] * out_sc + (h * out_sh + w * out_sw)[None, :]
+    _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
+
+
+# ---------------------------------------------------------------------------------------------
+# spatial part: one program per sample, planes on chip
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                 DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
+                 HP: tl.constexpr, WP: tl.constexpr):
+    """White plane (sample, c_in) of draw DRAW as an ``[HP, WP]`` tile, zero outside ``H x W``."""
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    mask = (rows[:, None] < H) & (cols[None, :] < W)
+    if HAS_NOISE:
+        offs = DRAW * n_sd + sample * n_sb + c_in * n_sc + rows[:, None] * n_sh + cols[None, :] * n_sw
+        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        row_start = ((sample * C + c_in) * H + rows) * W  # linear index of (sample, c_in, h, 0)
+        if ALIGNED:  # W % 4 == 0: every row starts on a counter
+            counter = offset + (row_start >> 2)[:, None] + tl.arange(0, WP // 4)[None, :]
+            eps = normals_aligned(seed, counter, DRAW)
+        else:
+            eps = normals_per_element(seed, offset, row_start[:, None] + cols[None, :], DRAW)
+        eps = tl.where(mask, eps, 0.0)
+    return eps
+
+
+@triton.jit
+def _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W,
+                  HP: tl.constexpr, WP: tl.constexpr, PRECISION: tl.constexpr):
+    """``Re(ifft2(w * fft2(x)))`` with the DFTs as real matmuls: F = cos - i sin (symmetric), from
+    ``[HP, HP]`` / ``[WP, WP]`` tables whose zero padding keeps the padded rows/columns at zero.
+    The tables and ``w`` are (re)loaded here, not held across the channel loop: they come from
+    L1/L2, and the registers stay free for the sample being accumulated."""
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    cos_h = tl.load(cos_h_ptr + rows[:, None] * HP + rows[None, :])
+    sin_h = tl.load(sin_h_ptr + rows[:, None] * HP + rows[None, :])
+    cos_w = tl.load(cos_w_ptr + cols[:, None] * WP + cols[None, :])
+    sin_w = tl.load(sin_w_ptr + cols[:, None] * WP + cols[None, :])
+    plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    # the weights, with the 1 / (H W) of the inverse transform
+    w = tl.load(w_ptr + rows[:, None] * W + cols[None, :], mask=plane_mask, other=0.0) * (1.0 / (H * W))
+    a = tl.dot(cos_h, x, input_precision=PRECISION)  # F_H x = a - i b
+    b = tl.dot(sin_h, x, input_precision=PRECISION)
+    # y = F_H x F_W = (a C_W - b S_W) - i (a S_W + b C_W)
+    y_re = tl.dot(a, cos_w, input_precision=PRECISION) - tl.dot(b, sin_w, input_precision=PRECISION)
+    y_im_neg = tl.dot(a, sin_w, input_precision=PRECISION) + tl.dot(b, cos_w, input_precision=PRECISION)
+    z_re = w * y_re
+    z_im_neg = w * y_im_neg
+    # Re(conj(F_H) z conj(F_W)): (C_H + i S_H) z = u + i v, then Re((u + i v)(C_W + i S_W))
+    u = tl.dot(cos_h, z_re, input_precision=PRECISION) + tl.dot(sin_h, z_im_neg, input_precision=PRECISION)
+    v = tl.dot(sin_h, z_re, input_precision=PRECISION) - tl.dot(cos_h, z_im_neg, input_precision=PRECISION)
+    return tl.dot(u, cos_w, input_precision=PRECISION) - tl.dot(v, sin_w, input_precision=PRECISION)
+
+
+@triton.jit
+def _normalize_plane(x, mask, num_pixels):
+    """The SAGD appendix normalisation x / (std(x, ddof=0) + 1e-8); padding entries are zero."""
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / num_pixels
+    centred = tl.where(mask, x - mean, 0.0)
+    std = tl.sqrt(tl.sum(tl.sum(centred * centred, axis=1), axis=0) / num_pixels)
+    return x * (1.0 / (std + 1e-8))
+
+
+@triton.jit
+def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                   w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+                   DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
+                   FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """N(T_w eps) for one plane of one draw."""
+    x = _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                     DRAW, HAS_NOISE, ALIGNED, HP, WP)
+    if FILTER:
+        x = _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W, HP, WP, PRECISION)
+    if NORMALIZE:
+        x = _normalize_plane(x, plane_mask, H * W)
+    return x
+
+
+@triton.jit
+def spectral_kernel(
+    x0_ptr, noise_ptr, xt_ptr, out_ptr,
+    timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
+    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr,
+    H, W, num_rows, gamma0, gamma1,
+    x0_sb, x0_sc, x0_sh, x0_sw,
+    n_sd, n_sb, n_sc, n_sh, n_sw,
+    xt_sb, xt_sc, xt_sh, xt_sw,
+    out_sb, out_sc, out_sh, out_sw,
+    C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_X0: tl.constexpr, HAS_NOISE: tl.constexpr, TARGET: tl.constexpr,
+    ALIGNED: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    sample = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    chan = tl.arange(0, CP)
+    plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+
+    seed = 0
+    offset = 0
+    if not HAS_NOISE:
+        seed = tl.load(stream_ptr)
+        offset = tl.load(stream_ptr + 1)
+
+    row, valid = _coef_row(timesteps_ptr, sample, num_rows)
+    g = 1.0
+    if K > 0:
+        g = _complement_gain(coef_ptr, row, C, K, HEISENBERG)
+
+    noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
+    for c_in in range(0, C):  # C is a constexpr: a plain loop (the interpreter cannot range over a runtime int)
+        plane = gamma0 * _spatial_plane(
+            noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+            weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+            0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+        if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
+            plane += gamma1 * _spatial_plane(
+                noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                weights_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+                1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+        # column c_in of S(t) = g I + sum_k (f_k - g) v_k v_k^T
+        column = tl.where(chan == c_in, g, 0.0)
+        for k in tl.static_range(K):
+            f_minus_g = tl.exp(-tl.load(coef_ptr + row * (2 + K) + 2 + k)) - g
+            v_k = tl.load(axes_ptr + chan * K + k, mask=chan < C, other=0.0)
+            column += (f_minus_g * tl.load(axes_ptr + c_in * K + k)) * v_k
+        noise += column[:, None, None] * plane[None, :, :]
+
+    a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
+    b = tl.load(coef_ptr + row * (2 + K) + 1)
+    noise = tl.where(valid, noise, float("nan"))
+    c3 = chan[:, None, None]
+    h3 = rows[None, :, None]
+    w3 = cols[None, None, :]
+    mask = (c3 < C) & plane_mask[None, :, :]
+    x0_offs = sample * x0_sb + c3 * x0_sc + h3 * x0_sh + w3 * x0_sw
+    xt_offs = sample * xt_sb + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
+    out_offs = sample * out_sb + c3 * out_sc + h3 * out_sh + w3 * out_sw
+    _mix_and_store(noise, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)

@@ -1,0 +1,232 @@
+"""``torch.ops.anisodiff_triton``: the Triton kernels as torch.library custom ops.
+
+The ops take exactly the arguments of ``torch.ops.anisodiff.*`` (anisodiff/plan.py KernelArgs), so
+anisodiff.ops calls either library the same way. They are ``torch.library.custom_op`` (opaque to
+torch.compile, with fake tensors and the x0 autograd of anisodiff.ops), not ``triton_op``: under the
+interpreter triton_op touches FakeTensor storage and breaks torch.compile and opcheck
+(research/ecosystem.md section 2.2).
+
+The checks here are the last line of defence (anisodiff.ops validates first, with friendlier
+messages): nothing reaches a kernel that could make it read out of bounds.
+"""
+import functools
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from .. import _autoselect
+from ..plan import MAX_AXES
+from . import kernels
+
+__all__ = ["add_noise", "shaped_noise", "dft_tables", "DOT_PRECISION"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# fp32 tl.dot defaults to TF32 on GPUs; "ieee" keeps full fp32 accuracy on GPU and interpreter
+# alike ("tf32x3" is the faster candidate on tensor cores once measured to stay within 1e-5).
+DOT_PRECISION = "ieee"
+# Elements (CP x BLOCK_PIX) per program of the elementwise kernel: enough work per program on a
+# GPU without spilling; the interpreter (~10 ms per program) gets bigger blocks.
+_ELEMENTWISE_TILE = 2048
+_ELEMENTWISE_TILE_INTERPRETED = 8192
+# Warps of the spectral kernel. sm_90 ptxas, compiled without a GPU (ieee fp32 dots): 16x16
+# planes at 4 warps use 196 registers, no spill; 32x32 at 8 warps 255 registers + 472 B stack
+# (at 4 warps ptxas falls back to 32 registers + 5 KB stack); 64x64 spills KBs at any count.
+# To be tuned on the GPU (see the report of issue 4).
+def _spectral_warps(HP: int, WP: int) -> int:
+    return 4 if HP * WP <= 256 else 8
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, triton.next_power_of_2(int(n)))
+
+
+def interpreted() -> bool:
+    """Whether the kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at import)."""
+    return isinstance(kernels.spectral_kernel, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=32)
+def dft_tables(n: int, padded: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``cos(2 pi k m / n)`` and ``sin(2 pi k m / n)`` as float32 ``[padded, padded]``, zero outside
+    ``n x n``. The angle is reduced mod n in integers, so large k m lose no precision."""
+    k = torch.arange(n, dtype=torch.int64)
+    angle = (2 * math.pi / n) * ((k[:, None] * k[None, :]) % n).double()
+    cos = torch.zeros(padded, padded, dtype=torch.float64)
+    sin = torch.zeros(padded, padded, dtype=torch.float64)
+    cos[:n, :n] = torch.cos(angle)
+    sin[:n, :n] = torch.sin(angle)
+    return cos.float().to(device), sin.float().to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: is on {t.device} but the op runs on {device}")
+
+
+def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, variant, normalize,
+                   stream, noise) -> None:
+    if device.type == "cpu" and not interpreted():
+        raise RuntimeError("backend: 'triton' on the CPU needs Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is imported")
+    for t, name in ((timesteps, "timesteps"), (coef, "coef"), (axes, "axes")):
+        _check_device(t, name, device)
+    if coef.dtype != torch.float32 or coef.dim() != 2 or not coef.is_contiguous() or coef.shape[0] < 1:
+        raise ValueError("coef: expected a contiguous float32 [T, 2 + k] table with T >= 1")
+    if axes.dtype != torch.float32 or axes.dim() != 2 or not axes.is_contiguous():
+        raise ValueError("axes: expected a contiguous float32 [C, k] tensor")
+    k = axes.shape[1]
+    if axes.shape[0] != C:
+        raise ValueError(f"axes: has {axes.shape[0]} rows but the noise has {C} channels")
+    if k > MAX_AXES:
+        raise ValueError(f"axes: at most {MAX_AXES} principal axes are supported, got {k}")
+    if coef.shape[1] != 2 + k:
+        raise ValueError(f"coef: expected {2 + k} columns, got {coef.shape[1]}")
+    if timesteps.dtype != torch.int64 or timesteps.dim() != 1 or timesteps.shape[0] != B:
+        raise ValueError(f"timesteps: expected an int64 tensor of shape [{B}]")
+    if variant not in (0, 1) or (variant == 1 and k >= C):
+        raise ValueError("variant: expected 0 (sdm) or 1 (heisenberg, which needs k < C)")
+    if normalize not in (0, 1):
+        raise ValueError("normalize: expected 0 (folded) or 1 (per_sample)")
+    if len(gammas) not in (1, 2):
+        raise ValueError("gammas: expected 1 or 2 values")
+    draws = len(gammas)
+    if weights is None:
+        if draws != 1:
+            raise ValueError("gammas: two draws need two weight tables")
+    else:
+        _check_device(weights, "weights", device)
+        if (weights.dtype != torch.float32 or not weights.is_contiguous()
+                or tuple(weights.shape) != (draws, H, W)):
+            raise ValueError(f"weights: expected a contiguous float32 [{draws}, {H}, {W}] tensor")
+    if stream.dtype != torch.int64 or stream.numel() != 2:
+        raise ValueError("stream: expected an int64 tensor [seed, offset]")
+    if noise is not None:
+        _check_device(noise, "noise", device)
+        if noise.dtype not in _DTYPES:
+            raise TypeError(f"noise: expected float32, float16 or bfloat16, got {noise.dtype}")
+        if tuple(noise.shape) != (draws, B, C, H, W):
+            raise ValueError(f"noise: expected shape {[draws, B, C, H, W]}, got {list(noise.shape)}")
+    if weights is not None or normalize == 1:
+        if not _autoselect.triton_supports("spectral", C, H, W):
+            raise ValueError(
+                f"shape: the Triton spectral kernel keeps one [C, H, W] sample on chip, padded to "
+                f"powers of two of at most {_autoselect.TRITON_MAX_SAMPLE_ELEMENTS} elements; "
+                f"[{C}, {H}, {W}] is too large (use backend='cuda', 'cpu' or 'reference')")
+
+
+def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------------
+def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize, target,
+            stream, noise) -> None:
+    B, C, H, W = shape
+    device = out.device
+    k = axes.shape[1]
+    stream = stream.to(device, non_blocking=True)  # read by the kernel: no host sync, graph-safe
+    timesteps = timesteps.contiguous()
+    has_x0, has_noise = x0 is not None, noise is not None
+    x0_arg = x0 if has_x0 else out  # unused pointers still need a tensor
+    noise_arg = noise if has_noise else out
+    x_t_arg = x_t if x_t is not None else out
+    common = dict(C=C, K=k, HEISENBERG=variant == 1, HAS_X0=has_x0, HAS_NOISE=has_noise, TARGET=target,
+                  CP=_pow2(C))
+    x0_s, xt_s, out_s = _strides(x0, 4), _strides(x_t, 4), out.stride()
+
+    if weights is None and normalize == 0:  # elementwise: white or squeeze-only
+        tile = _ELEMENTWISE_TILE_INTERPRETED if interpreted() else _ELEMENTWISE_TILE
+        block = min(_pow2(H * W, 4), max(4, tile // common["CP"]))
+        n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
+        grid = (triton.cdiv(H * W, block), B)
+        kernels.squeeze_mix_kernel[grid](
+            x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
+            H, W, coef.shape[0], float(gammas[0]),
+            *x0_s, *n_s, *xt_s, *out_s,
+            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
+        return
+
+    HP, WP = _pow2(H, 16), _pow2(W, 16)  # tl.dot needs every dim >= 16
+    if weights is not None:
+        cos_h, sin_h = dft_tables(H, HP, str(device))
+        cos_w, sin_w = dft_tables(W, WP, str(device))
+    else:  # per-sample normalisation without a filter
+        cos_h = sin_h = cos_w = sin_w = coef
+    gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
+    n_s = noise.stride() if has_noise else (0,) * 5
+    kernels.spectral_kernel[(B,)](
+        x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
+        weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w,
+        H, W, coef.shape[0], float(gammas[0]), gamma1,
+        *x0_s, *n_s, *xt_s, *out_s,
+        DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
+        ALIGNED=W % 4 == 0, HP=HP, WP=WP, PRECISION=DOT_PRECISION,
+        num_warps=_spectral_warps(HP, WP), **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops (same schemas as torch.ops.anisodiff.add_noise / shaped_noise)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("anisodiff_triton::add_noise", mutates_args=())
+def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axes: torch.Tensor,
+              weights: Optional[torch.Tensor], gammas: List[float], variant: int, normalize: int,
+              target: int, stream: torch.Tensor,
+              noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if x0.dim() != 4:
+        raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got {x0.dim()}-D")
+    if x0.dtype not in _DTYPES:
+        raise TypeError(f"x0: expected float32, float16 or bfloat16, got {x0.dtype}")
+    if target not in (0, 1, 2, 3):
+        raise ValueError("target: expected 0..3")
+    B, C, H, W = x0.shape
+    _check_problem(B, C, H, W, x0.device, timesteps, coef, axes, weights, gammas, variant, normalize,
+                   stream, noise)
+    x_t, out = torch.empty_like(x0), torch.empty_like(x0)
+    if x0.numel() > 0:
+        _launch((B, C, H, W), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
+                target, stream, noise)
+    return x_t, out
+
+
+@add_noise.register_fake
+def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target, stream, noise):
+    return torch.empty_like(x0), torch.empty_like(x0)
+
+
+@torch.library.custom_op("anisodiff_triton::shaped_noise", mutates_args=())
+def shaped_noise(shape: List[int], timesteps: torch.Tensor, coef: torch.Tensor, axes: torch.Tensor,
+                 weights: Optional[torch.Tensor], gammas: List[float], variant: int, normalize: int,
+                 stream: torch.Tensor, noise: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) != 4 or any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative [B, C, H, W], got {list(shape)}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype: the triton kernel produces float32, float16 or bfloat16, got {dtype}")
+    B, C, H, W = shape
+    _check_problem(B, C, H, W, coef.device, timesteps, coef, axes, weights, gammas, variant, normalize,
+                   stream, noise)
+    out = torch.empty(list(shape), device=coef.device, dtype=dtype)
+    if out.numel() > 0:
+        _launch((B, C, H, W), None, None, out, timesteps, coef, axes, weights, gammas, variant,
+                normalize, 0, stream, noise)
+    return out
+
+
+@shaped_noise.register_fake
+def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, stream, noise, dtype):
+    return coef.new_empty(shape, dtype=dtype)
+
+
+def _register_autograd() -> None:
+    from ..ops import add_noise_backward, add_noise_setup_context  # the same backward as anisodiff::add_noise
+    add_noise.register_autograd(add_noise_backward, setup_context=add_noise_setup_context)
+
+
+_register_autograd()
