@@ -1,6 +1,11 @@
 """``anisodiff bench``: the fused ops against the code users write today, side by side.
 
-    anisodiff bench [--device cpu|cuda] [--quick | --smoke] [--json OUT.json] [--plot OUT.png]
+    anisodiff bench [--device cpu|cuda] [--quick | --smoke] [--suite ops|train|sampling|all ...]
+                    [--json OUT.json] [--plot OUT.png]
+
+Suites: ``ops`` (default; this module) times the fused ops against the baselines; ``train`` (one
+optimizer step of the SDM paper's UNet with each noise implementation) and ``sampling`` (50 DDPM
+steps with each sampler) live in :mod:`anisodiff.bench_train` and need diffusers.
 
 For every case (op x spec kind x batch size x plane shape x dtype) every implementation is timed in
 ONE process, interleaved: each round runs one timing block of every implementation in turn (the
@@ -11,8 +16,10 @@ case and implementation: the median and inter-quartile range of the per-call tim
 bandwidth over the op's traffic floor (``add_noise``: read x0, write x_t and the target = 3 tensors;
 ``shaped_noise``: write 1 tensor), that bandwidth as a percentage of the machine's copy bandwidth
 (measured in the same run, before and after the cases), the speed-up of the fused op over every
-baseline and its overhead over the isotropic floor. Everything is measured by this run: no number is
-entered by hand or extrapolated. Methodology: benchmarks/README.md.
+baseline and its overhead over the isotropic floor. Every fused backend of the device is timed
+(``available_backends(device)`` minus ``reference``; the interpreted Triton backend on the CPU is
+skipped), side by side, with the time ratio of each to the first. Everything is measured by this
+run: no number is entered by hand or extrapolated. Methodology: benchmarks/README.md.
 
 The timing logic is here (library code) so the installed console script can run it;
 ``benchmarks/run_cpu.py`` is a thin wrapper with the source tree's default output paths.
@@ -46,11 +53,17 @@ from .spec import NoiseSpec
 
 __all__ = [
     "BenchError", "add_arguments", "resolve_settings", "run", "execute", "format_table",
-    "plot_report", "machine_info", "copy_bandwidth", "make_case", "KINDS", "OPS", "DTYPES",
+    "plot_report", "machine_info", "copy_bandwidth", "make_case", "case_matrix", "case_impls",
+    "make_callable", "compiled_fns", "fused_backends", "interleave", "Timer", "backend_goals",
+    "KINDS", "OPS", "DTYPES", "SUITES", "PRESETS", "CUDA_PRESETS",
 ]
 
 FORMAT = "anisodiff-bench"
-FORMAT_VERSION = 1
+# 2: several fused backends per case (rows with "fused": true, "backend", "primary"; per-case
+# "backends" and "backend_ratios"), "suites", "backend_goals", the "train_step" and "sampling"
+# sections. Every key of version 1 is still there with its meaning (the primary backend's numbers).
+FORMAT_VERSION = 2
+SUITES = ("ops", "train", "sampling")
 
 OPS = ("add_noise", "shaped_noise")
 # bytes moved by the op at least, in tensors of the noise's shape: add_noise reads x0 and writes x_t
@@ -76,11 +89,12 @@ WHITE = "anisodiff_white"
 COMPILED = ("compiled_eager", "compiled_eager_fallback_random")
 # every implementation's column in the table and slot in the plot, in this order (after the fused op)
 BASELINE_ORDER = ("eager_vectorised", "eager_rfft", *COMPILED, "official_sdm", "sagd_appendix")
-IMPL_ORDER = ("fused", *BASELINE_ORDER, FLOOR, WHITE)
+IMPL_ORDER = ("fused", "fused_alt", *BASELINE_ORDER, FLOOR, WHITE)
 
 IMPLS = {
-    "fused": "anisodiff.add_noise / shaped_noise on the device's fused backend (the JSON names it "
-             "anisodiff_<backend>), canonical Philox stream, seed drawn from torch's generator",
+    "fused": "anisodiff.add_noise / shaped_noise on each fused backend of the device (the JSON names "
+             "them anisodiff_<backend>; the first one is the primary), canonical Philox stream, seed "
+             "drawn from torch's generator",
     "eager_vectorised": "randn_like + fft2/ifft2 (calibrated w) + einsum S(t) (+ mix for add_noise)",
     "eager_rfft": "eager_vectorised with rfft2/irfft2 instead of fft2/ifft2 (spectral kinds)",
     "compiled_eager": "torch.compile(eager_vectorised), default inductor options (add_noise)",
@@ -99,8 +113,14 @@ IMPLS = {
 HEADLINE = {"op": "add_noise", "B": 64, "shape": (3, 32, 32), "dtype": "fp32",
             "kinds": ("sdm", "sdm_powerlaw"), "baseline": "eager_vectorised", "target": 2.0}
 
+# issue 4: the Triton backend within 1.3x of the CUDA backend's time, and faster than torch.compile
+# of the eager code, per case.
+TRITON_VS_CUDA_TARGET = 1.3
+
 # Presets. "full" is the matrix of the benchmark issue; "quick" the headline size for every kind,
 # op and dtype; "smoke" a tiny case of each for the test suite (it checks the plumbing, not speed).
+# On --device cuda, CUDA_PRESETS replace them: the full matrix of issue 7 item 2 and a quick run
+# sized for a target of about two minutes on an H100.
 PRESETS = {
     "full": {"batch": [1, 16, 128, 512], "shapes": [(3, 32, 32), (3, 64, 64), (4, 64, 64)],
              "dtypes": ["fp32", "bf16"], "repeats": 15, "min_repeats": 3, "block_ms": 5.0,
@@ -115,6 +135,26 @@ PRESETS = {
               "max_group_s": 0.3, "max_rounds_factor": 2, "compile": False, "copy_mib": 16,
               "copy_repeats": 3},
 }
+GPU_SHAPES = [(3, 32, 32), (3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 256, 256)]
+CUDA_PRESETS = {
+    # 2 ops x 6 kinds x 4 B x 5 shapes x 2 dtypes = 480 cases; torch.compile (default options only:
+    # fallback_random is a CPU matter) at fp32 and the first shape
+    "full": {"batch": [1, 16, 128, 512], "shapes": GPU_SHAPES, "dtypes": ["fp32", "bf16"],
+             "repeats": 11, "min_repeats": 3, "block_ms": 2.0, "warmup": 0.005, "group_s": 0.1,
+             "max_group_s": 1.0, "max_rounds_factor": 2, "compile": True,
+             "compile_impls": ["compiled_eager"], "copy_mib": 1024, "copy_repeats": 7},
+    # 2 ops x 6 kinds x B 128 x {3x32x32, 4x64x64, 3x256x256} x 2 dtypes = 72 cases, torch.compile
+    # once per kind (B = 128, fp32, 3x32x32)
+    "quick": {"batch": [128], "shapes": [(3, 32, 32), (4, 64, 64), (3, 256, 256)],
+              "dtypes": ["fp32", "bf16"], "repeats": 9, "min_repeats": 3, "block_ms": 2.0,
+              "warmup": 0.005, "group_s": 0.1, "max_group_s": 0.6, "max_rounds_factor": 2,
+              "compile": True, "compile_impls": ["compiled_eager"], "copy_mib": 1024,
+              "copy_repeats": 7},
+    "smoke": {**PRESETS["smoke"], "copy_mib": 64},
+}
+# the CPU-load filter: rounds during which other processes used more CPUs than this are dropped
+# (a GPU run is launch-bound at worst, and GPU hosts run their own daemons: a looser default)
+DEFAULT_MAX_OTHER_LOAD = {"cpu": 0.2, "cuda": 4.0}
 
 
 class BenchError(Exception):
@@ -228,7 +268,8 @@ def machine_info(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "env": {k: v for k, v in os.environ.items()
                 if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "LD_PRELOAD",
-                         "ANISODIFF_CPU_CAPABILITY", "CUDA_VISIBLE_DEVICES")
+                         "ANISODIFF_CPU_CAPABILITY", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET",
+                         "CUDA_LAUNCH_BLOCKING", "PYTORCH_CUDA_ALLOC_CONF")
                 or k.startswith("MALLOC_") or k.startswith("GOMP_") or k.startswith("KMP_")},
         "loadavg": _loadavg(),
     }
@@ -237,7 +278,17 @@ def machine_info(device: str = "cpu") -> dict:
         info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
                        "memory_gib": round(props.total_memory / 2**30, 1),
                        "multiprocessors": props.multi_processor_count,
-                       "cuda_runtime": torch.version.cuda}
+                       "cuda_runtime": torch.version.cuda,
+                       "cudnn": torch.backends.cudnn.version(),
+                       "device_count": torch.cuda.device_count(),
+                       "device_index": torch.cuda.current_device()}
+    try:
+        import importlib.metadata as _md
+
+        info["triton_version"] = _md.version("triton")
+    except Exception:  # noqa: BLE001 - not installed
+        info["triton_version"] = None
+    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET")
     return info
 
 
@@ -327,9 +378,10 @@ def make_case(kind: str, B: int, C: int, H: int, W: int, dtype: torch.dtype = to
     return case
 
 
-def impls_for(op: str, kind: str, compiled: tuple = ()) -> list[str]:
-    """The implementations timed for one case (``"fused"`` first)."""
-    out = ["fused"]
+def impls_for(op: str, kind: str, compiled: tuple = (), extra_backends: tuple = ()) -> list[str]:
+    """The implementations timed for one case: ``"fused"`` (the primary fused backend) first, then
+    ``"fused:<backend>"`` for every other fused backend, then the baselines."""
+    out = ["fused", *(f"fused:{b}" for b in extra_backends)]
     if not (op == "shaped_noise" and kind == "iso"):  # there it is torch.randn, the floor itself
         out.append("eager_vectorised")
     if kind in SPECTRAL_KINDS:
@@ -350,13 +402,18 @@ def same_operator(impl: str, kind: str) -> bool:
     """Whether ``impl`` computes the same noise operator as the fused op for ``kind`` (the
     candidates for "the fastest baseline"): not the white floors (except for ``iso``), not
     sagd_appendix on sdm_powerlaw (only the spatial half there)."""
-    if impl in ("fused", WHITE):
+    if is_fused(impl) or impl == WHITE:
         return False
     if impl == FLOOR:
         return kind == "iso"
     if impl == "sagd_appendix":
         return kind != "sdm_powerlaw"
     return True
+
+
+def is_fused(impl: str) -> bool:
+    """``impl`` is a fused backend (``"fused"``, ``"fused:<backend>"``)."""
+    return impl == "fused" or impl.startswith("fused:")
 
 
 def _note(op: str, kind: str, impl: str) -> str:
@@ -367,12 +424,15 @@ def _note(op: str, kind: str, impl: str) -> str:
     return ""
 
 
-def _callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device: str, backend: str,
-              compiled: dict, noise, upcast: bool):
-    """A zero-argument callable timing ``impl`` on ``case``. ``upcast``: run the baseline in float32
+def make_callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device: str, backend: str,
+                  compiled: dict, noise=None, upcast: bool = False):
+    """A zero-argument callable timing ``impl`` (a name of :func:`impls_for`) on ``case``; the
+    fused op runs on ``backend`` (``"fused:<b>"`` on ``b``). ``upcast``: run the baseline in float32
     and cast its outputs to ``dtype`` (for dtypes torch's ops lack, e.g. bfloat16 FFTs on the CPU)."""
     x0, t, spec, sched = case.x0, case.timesteps, case.spec, case.schedule
     nkw = {} if noise is None else {"noise": noise}
+    if impl.startswith("fused:"):
+        impl, backend = "fused", impl.split(":", 1)[1]
     if op == "add_noise":
         if impl == "fused":
             return lambda: add_noise(x0, t, spec, sched, backend=backend, **nkw)
@@ -423,18 +483,23 @@ def _first_call(fn, clock) -> float:
 class Timer:
     """One implementation's callable after its first call (torch.compile compiles there; MKL
     builds its FFT descriptors), warmed up (at least one more call and ``warmup_s``) and calibrated
-    so a block of ``inner`` calls lasts about ``block_s``."""
+    so a block of ``inner`` calls lasts about ``block_s``. With ``inner`` given, the block size is
+    fixed and there is no warm-up here (the caller has warmed the callable up)."""
 
-    def __init__(self, name: str, fn, clock, warmup_s: float, block_s: float, first_s: float):
+    def __init__(self, name: str, fn, clock, warmup_s: float, block_s: float, first_s: float,
+                 inner: int | None = None):
         self.name, self.fn, self.clock = name, fn, clock
         self.first_s = first_s
-        calls, spent = 0, 0.0
-        t0 = time.perf_counter()
-        while calls < 1 or time.perf_counter() - t0 < warmup_s:
-            spent += clock.time_block(fn, 1)
-            calls += 1
-        self.per_call = spent / calls
-        self.inner = max(1, min(10_000, round(block_s / max(self.per_call, 1e-7))))
+        if inner is not None:
+            self.per_call, self.inner = first_s, int(inner)
+        else:
+            calls, spent = 0, 0.0
+            t0 = time.perf_counter()
+            while calls < 1 or time.perf_counter() - t0 < warmup_s:
+                spent += clock.time_block(fn, 1)
+                calls += 1
+            self.per_call = spent / calls
+            self.inner = max(1, min(10_000, round(block_s / max(self.per_call, 1e-7))))
         self.samples: list[float] = []
         self.faults: list[float] = []  # minor page faults per call, per block
 
@@ -466,6 +531,34 @@ def _quantiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def interleave(timers: list, planned: int, *, max_rounds: int, max_s: float,
+               max_other_load: float) -> dict:
+    """Timing rounds: one ``block()`` of every timer in turn, the order rotated every round, until
+    ``planned`` rounds were clean (other processes used at most ``max_other_load`` CPUs during the
+    round), ``max_rounds`` rounds ran, or (after ``planned`` rounds) ``max_s`` seconds passed.
+    Returns the rounds to keep (the clean ones; all of them, flagged unreliable, when fewer than
+    half the planned rounds were clean) and the load statistics."""
+    loads, clean, r = [], 0, 0
+    t0 = time.perf_counter()
+    while (clean < planned and r < max_rounds
+           and (r < planned or time.perf_counter() - t0 < max_s)):
+        k = r % len(timers)
+        before = _cpu_snapshot()
+        for tm in timers[k:] + timers[:k]:  # rotate the order every round
+            tm.block()
+        load = other_load(before, _cpu_snapshot())
+        loads.append(load)
+        clean += load is None or load <= max_other_load
+        r += 1
+    keep = [i for i, ld in enumerate(loads) if ld is None or ld <= max_other_load]
+    reliable = len(keep) >= max(min(3, planned), planned // 2)
+    if not reliable:
+        keep = list(range(len(loads)))
+    known = [x for x in loads if x is not None]
+    return {"keep": keep, "rounds": len(loads), "planned_rounds": planned, "clean_rounds": clean,
+            "reliable": reliable, "other_load_median": statistics.median(known) if known else None}
+
+
 # ---------------------------------------------------------------------------------------------
 # options
 # ---------------------------------------------------------------------------------------------
@@ -490,13 +583,20 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where to run (default: %(default)s); cuda needs a CUDA device and a fused "
                         "CUDA backend, timed with CUDA events")
+    p.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=None,
+                   help="what to time (default: ops): ops = the fused ops against the baselines; "
+                        "train = one optimizer step of the SDM paper's UNet with each noise "
+                        "implementation; sampling = 50 DDPM steps with each sampler (train and "
+                        "sampling need diffusers); all = the three, into one JSON")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="B=64 at 3x32x32 for every kind, op and dtype, no torch.compile: well "
-                           "under a minute on 2 cores")
+                      help="ops: B=64 at 3x32x32 for every kind, op and dtype, no torch.compile, "
+                           "well under a minute on 2 cores (cuda: B=128 at 3x32x32, 4x64x64, "
+                           "3x256x256 with torch.compile, about two minutes on an H100); train / "
+                           "sampling: fewer rounds (cpu: the tiny UNet, small batches)")
     mode.add_argument("--smoke", action="store_true",
-                      help="a tiny case of every kind, op and dtype in a few seconds: checks that "
-                           "everything runs (the test suite); its times mean little")
+                      help="a tiny case of everything in a few seconds: checks that everything "
+                           "runs (the test suite); its times mean little")
     p.add_argument("--json", type=pathlib.Path, default=None, metavar="OUT.json", help=json_help)
     p.add_argument("--plot", type=pathlib.Path, default=None, metavar="OUT.png", help=plot_help)
     p.add_argument("--no-plot", action="store_true", help="write no picture")
@@ -504,9 +604,10 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
     p.add_argument("--kinds", nargs="+", choices=KINDS + ("sdm+powerlaw",), default=None,
                    help="spec kinds (default: all)")
     p.add_argument("--batch", type=_POSITIVE_INT, nargs="+", default=None, metavar="B",
-                   help="batch sizes (full: 1 16 128 512; quick: 64)")
+                   help="batch sizes (full: 1 16 128 512; quick: 64, cuda 128)")
     p.add_argument("--shapes", type=_shape, nargs="+", default=None, metavar="CxHxW",
-                   help="per-sample shapes (full: 3x32x32 3x64x64 4x64x64; quick: 3x32x32)")
+                   help="per-sample shapes (full: 3x32x32 3x64x64 4x64x64, cuda also 4x128x128 "
+                        "3x256x256; quick: 3x32x32, cuda 3x32x32 4x64x64 3x256x256)")
     p.add_argument("--size", type=_POSITIVE_INT, default=None, metavar="N",
                    help="shorthand for --shapes 3xNxN")
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None,
@@ -531,9 +632,9 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
     p.add_argument("--max-rounds-factor", type=_POSITIVE_INT, default=None,
                    help="run at most this many x the planned rounds to collect clean ones "
                         "(full 2, quick 3)")
-    p.add_argument("--max-other-load", type=nonneg_float, default=0.2, metavar="CPUS",
+    p.add_argument("--max-other-load", type=nonneg_float, default=None, metavar="CPUS",
                    help="drop rounds during which other processes used more than this many CPUs "
-                        "(default: %(default)s)")
+                        "(default: 0.2 on cpu, 4 on cuda)")
     p.add_argument("--wait-idle", type=nonneg_float, default=0.0, metavar="SECONDS",
                    help="before timing, wait up to SECONDS for other load to drop below 0.2 CPUs")
     p.add_argument("--given-noise", action="store_true",
@@ -545,12 +646,23 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
                    help="buffer size of the copy-bandwidth measurement (full 256, quick 128)")
     p.add_argument("--details", action="store_true",
                    help="also print every implementation's row (median, IQR, GB/s, faults)")
+    from . import bench_train  # its options (the module imports diffusers only when it runs)
+
+    bench_train.add_arguments(p)
+
+
+def _suites(args) -> list[str]:
+    chosen = getattr(args, "suite", None) or ["ops"]
+    return list(SUITES) if "all" in chosen else [x for x in SUITES if x in chosen]
 
 
 def resolve_settings(args) -> dict:
-    """The settings of a run: the preset (full, quick or smoke) overridden by the options."""
+    """The settings of a run: the preset (full, quick or smoke; :data:`CUDA_PRESETS` on cuda)
+    overridden by the options. The train / sampling suites' settings are under ``"train"`` and
+    ``"sampling"`` (:func:`anisodiff.bench_train.resolve_settings`)."""
     mode = "smoke" if getattr(args, "smoke", False) else "quick" if args.quick else "full"
-    s = dict(PRESETS[mode])
+    s = {"compile_impls": list(COMPILED),
+         **(CUDA_PRESETS if args.device == "cuda" else PRESETS)[mode]}
     s["mode"] = mode
     for key in ("batch", "dtypes", "repeats", "min_repeats", "block_ms", "warmup", "group_s",
                 "max_group_s", "max_rounds_factor", "copy_mib"):
@@ -570,40 +682,62 @@ def resolve_settings(args) -> dict:
     if args.given_noise and "shaped_noise" in s["ops"]:
         raise BenchError("--given-noise applies to add_noise only (shaped_noise draws the noise)")
     s["min_repeats"] = min(s["min_repeats"], s["repeats"])
-    for key in ("device", "given_noise", "max_other_load", "wait_idle"):
+    for key in ("device", "given_noise", "wait_idle"):
         s[key] = getattr(args, key)
+    s["max_other_load"] = (args.max_other_load if args.max_other_load is not None
+                           else DEFAULT_MAX_OTHER_LOAD[args.device])
     s["threads"] = args.threads
+    s["suites"] = _suites(args)
+    if "train" in s["suites"] or "sampling" in s["suites"]:
+        from . import bench_train
+
+        s.update(bench_train.resolve_settings(args, mode, s["suites"]))
     return s
 
 
-def _fused_backend(device: str) -> str:
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device cuda: no CUDA device (torch.cuda.is_available() is False; "
-                             f"torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'})")
-        fused = [b for b in available_backends("cuda") if b != "reference"]
-        if not fused:
+def fused_backends(device: str) -> tuple[list[str], dict]:
+    """The fused backends the benchmark times on ``device``: ``available_backends(device)`` minus
+    ``"reference"``, fastest first (the first is the primary), and ``{backend: why}`` for those
+    skipped (Triton under ``TRITON_INTERPRET=1`` on the CPU: an interpreter, not a kernel).
+    Raises :class:`BenchError` when nothing is left to time."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device cuda: no CUDA device (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'})")
+    avail = available_backends(device)
+    skipped = {}
+    if device == "cpu" and "triton" in avail:
+        skipped["triton"] = ("Triton on the CPU runs under TRITON_INTERPRET=1 (the interpreter, "
+                             "for tests): not a kernel worth timing; skipped")
+    fused = [b for b in avail if b != "reference" and b not in skipped]
+    if not fused:
+        if device == "cuda":
             raise BenchError("--device cuda: this anisodiff build has no fused CUDA backend "
-                             f"(available: {', '.join(available_backends('cuda'))}); nothing to time")
-        return fused[0]
-    if not build_info().get("cpu"):
+                             f"(available: {', '.join(avail)}); nothing to time")
         raise BenchError("anisodiff's compiled CPU ops are not built: nothing to benchmark "
                          f"({build_info().get('error')})")
-    return "cpu"
+    return fused, skipped
+
+
+def _fused_backend(device: str) -> str:
+    """The primary fused backend of ``device`` (see :func:`fused_backends`)."""
+    return fused_backends(device)[0][0]
 
 
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def _compiled_fns(s: dict) -> tuple[dict, dict]:
+_COMPILE_OPTIONS = {"compiled_eager": {},
+                    "compiled_eager_fallback_random": {"options": {"fallback_random": True}}}
+
+
+def compiled_fns(s: dict) -> tuple[dict, dict]:
     compiled, notes = {}, {}
     if not s["compile"]:
         return compiled, notes
     warnings.filterwarnings("ignore",
                             message=".*Torchinductor does not support code generation for complex.*")
-    for name, opts in (("compiled_eager", {}),
-                       ("compiled_eager_fallback_random", {"options": {"fallback_random": True}})):
-        fn, why = bl.make_compiled_eager(**opts)
+    for name in s.get("compile_impls", COMPILED):
+        fn, why = bl.make_compiled_eager(device=s["device"], **_COMPILE_OPTIONS[name])
         notes[name] = why
         if fn is not None:
             compiled[name] = fn
@@ -615,55 +749,53 @@ def _progress(msg: str, stream) -> None:
         print(msg, file=stream, flush=True)
 
 
-def _time_case(op, kind, B, shape, dtype_name, s, backend, compiled, clock, fused_name) -> list[dict]:
-    """Every implementation of one case, interleaved; one row each."""
+def case_matrix(s: dict) -> list[tuple]:
+    """The cases of a run with settings ``s``, in the order they run: ``(op, kind, B, (C, H, W),
+    dtype name)``. ``anisodiff bench`` and the pytest-benchmark suite (benchmarks/) share it."""
+    return [(op, kind, B, tuple(shape), dt) for op in s["ops"] for shape in s["shapes"]
+            for dt in s["dtypes"] for kind in s["kinds"] for B in s["batch"]]
+
+
+def case_impls(op: str, kind: str, shape, dtype_name: str, s: dict, compiled: dict,
+               backends) -> tuple[list[str], dict]:
+    """The implementations of one case (:func:`impls_for`) and the compiled callables it uses:
+    torch.compile baselines only for add_noise at fp32 and the run's first shape."""
+    use = compiled if (op == "add_noise" and dtype_name == "fp32"
+                       and tuple(shape) == tuple(s["shapes"][0])) else {}
+    return impls_for(op, kind, tuple(use), tuple(backends[1:])), use
+
+
+def _time_case(op, kind, B, shape, dtype_name, s, backends, compiled, clock) -> list[dict]:
+    """Every implementation of one case (every fused backend of ``backends``, the first the
+    primary, then the baselines), interleaved; one row each."""
     device, dtype = s["device"], DTYPES[dtype_name]
     C, H, W = shape
+    primary = backends[0]
     case = make_case(kind, B, C, H, W, dtype, device)
-    use_compiled = {} if (op != "add_noise" or dtype_name != "fp32" or shape != s["shapes"][0]) \
-        else compiled
-    names = impls_for(op, kind, tuple(use_compiled))
+    names, use_compiled = case_impls(op, kind, shape, dtype_name, s, compiled, backends)
     noise = None
     if s["given_noise"] and op == "add_noise":
         noise = torch.randn(case.x0.shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     timers, notes = [], {}
     for name in names:
         upcast = False
-        fn = _callable(op, name, case, dtype, device, backend, use_compiled, noise, upcast)
+        fn = make_callable(op, name, case, dtype, device, primary, use_compiled, noise, upcast)
         try:
             first = _first_call(fn, clock)
         except RuntimeError as exc:  # e.g. "Unsupported dtype BFloat16" from torch.fft on the CPU
-            if name in ("fused", WHITE) or dtype == torch.float32:
+            if is_fused(name) or name == WHITE or dtype == torch.float32:
                 raise
             upcast = True
-            fn = _callable(op, name, case, dtype, device, backend, use_compiled, noise, upcast)
+            fn = make_callable(op, name, case, dtype, device, primary, use_compiled, noise, upcast)
             first = _first_call(fn, clock)
             notes[name] = (f"{dtype_name}: computed in float32 and cast, as torch raises "
                            f"{str(exc).splitlines()[0][:60]!r} in {dtype_name}")
         timers.append(Timer(name, fn, clock, s["warmup"], s["block_ms"] / 1e3, first))
     round_cost = sum(tm.per_call * tm.inner for tm in timers)
     planned = max(s["min_repeats"], min(s["repeats"], int(s["group_s"] / max(round_cost, 1e-9))))
-    loads, clean, r = [], 0, 0
-    t_group = time.perf_counter()
-    while (clean < planned and r < s["max_rounds_factor"] * planned
-           and (r < planned or time.perf_counter() - t_group < s["max_group_s"])):
-        k = r % len(timers)
-        before = _cpu_snapshot()
-        for tm in timers[k:] + timers[:k]:  # rotate the order every round
-            tm.block()
-        load = other_load(before, _cpu_snapshot())
-        loads.append(load)
-        clean += load is None or load <= s["max_other_load"]
-        r += 1
-    # keep only the rounds no other process disturbed (all implementations alike); if too few were
-    # clean, keep everything and flag the case
-    keep = [i for i, ld in enumerate(loads) if ld is None or ld <= s["max_other_load"]]
-    reliable = len(keep) >= max(min(3, planned), planned // 2)
-    if not reliable:
-        keep = list(range(len(loads)))
-    known = [x for x in loads if x is not None]
-    group = {"rounds": len(loads), "planned_rounds": planned, "clean_rounds": clean,
-             "reliable": reliable, "other_load_median": statistics.median(known) if known else None}
+    group = interleave(timers, planned, max_rounds=s["max_rounds_factor"] * planned,
+                       max_s=s["max_group_s"], max_other_load=s["max_other_load"])
+    keep = group.pop("keep")
     nbytes = TRAFFIC_TENSORS[op] * B * C * H * W * (torch.finfo(dtype).bits // 8)
     stats = {tm.name: _quantiles([tm.samples[i] for i in keep]) for tm in timers}
     fused_med, floor_med = stats["fused"][1], stats[FLOOR][1]
@@ -671,10 +803,13 @@ def _time_case(op, kind, B, shape, dtype_name, s, backend, compiled, clock, fuse
     for tm in timers:
         q1, q2, q3 = stats[tm.name]
         gbps = nbytes / q2 / 1e9
+        backend = (primary if tm.name == "fused" else tm.name.split(":", 1)[1]) \
+            if is_fused(tm.name) else None
         rows.append({
             "op": op, "kind": kind, "title": KIND_TITLES[kind], "B": B, "C": C, "H": H, "W": W,
             "dtype": dtype_name,
-            "impl": fused_name if tm.name == "fused" else tm.name, "fused": tm.name == "fused",
+            "impl": f"anisodiff_{backend}" if backend else tm.name, "fused": backend is not None,
+            "backend": backend, "primary": tm.name == "fused",
             "median_ms": q2 * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
             "min_ms": min(tm.samples[i] for i in keep) * 1e3,
             "bytes": nbytes, "gbps": gbps, "pct_copy_bw": None,  # filled in by run()
@@ -690,19 +825,12 @@ def _time_case(op, kind, B, shape, dtype_name, s, backend, compiled, clock, fuse
     return rows
 
 
-def _case_summary(rows: list[dict]) -> dict:
-    """One case: the fused op's numbers and its speed-up over each baseline."""
-    fused = next(r for r in rows if r["fused"])
-    floor = next(r for r in rows if r["impl"] == FLOOR)
-    base = [r for r in rows if not r["fused"]]
+def _vs_baselines(fused: dict, base: list[dict], floor: dict) -> dict:
+    """One fused row against the case's baselines: speed-up over each, over the fastest computing
+    the same noise, and the cost relative to the isotropic floor."""
     same = [r for r in base if same_operator(r["impl"], r["kind"])]
     best = min(same, key=lambda r: r["median_ms"]) if same else None
     return {
-        **{k: fused[k] for k in ("op", "kind", "title", "B", "C", "H", "W", "dtype", "bytes",
-                                 "median_ms", "q1_ms", "q3_ms", "iqr_ms", "gbps", "pct_copy_bw",
-                                 "repeats", "rounds", "planned_rounds", "clean_rounds", "reliable",
-                                 "other_load_median")},
-        "fused_impl": fused["impl"],
         "speedups": {r["impl"]: r["median_ms"] / fused["median_ms"] for r in base},
         "fastest_baseline": best["impl"] if best else None,
         "speedup_vs_fastest": best["median_ms"] / fused["median_ms"] if best else None,
@@ -712,29 +840,90 @@ def _case_summary(rows: list[dict]) -> dict:
     }
 
 
+def _case_summary(rows: list[dict]) -> dict:
+    """One case: the primary fused backend's numbers and its speed-up over each baseline (the
+    version-1 keys), every fused backend's under ``backends`` and the time ratio of each other
+    backend to the primary under ``backend_ratios`` (``"triton/cuda"``: > 1 means Triton slower)."""
+    fused_rows = [r for r in rows if r["fused"]]
+    fused = next(r for r in fused_rows if r["primary"])
+    floor = next(r for r in rows if r["impl"] == FLOOR)
+    base = [r for r in rows if not r["fused"]]
+    per_backend = {}
+    for r in fused_rows:
+        per_backend[r["backend"]] = {
+            **{k: r[k] for k in ("impl", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "gbps",
+                                 "pct_copy_bw")},
+            **_vs_baselines(r, base, floor)}
+    return {
+        **{k: fused[k] for k in ("op", "kind", "title", "B", "C", "H", "W", "dtype", "bytes",
+                                 "median_ms", "q1_ms", "q3_ms", "iqr_ms", "gbps", "pct_copy_bw",
+                                 "repeats", "rounds", "planned_rounds", "clean_rounds", "reliable",
+                                 "other_load_median")},
+        "fused_impl": fused["impl"],
+        **_vs_baselines(fused, base, floor),
+        "backends": per_backend,
+        "backend_ratios": {f"{r['backend']}/{fused['backend']}": r["median_ms"] / fused["median_ms"]
+                           for r in fused_rows if not r["primary"]},
+    }
+
+
+def backend_goals(cases: list[dict]) -> list[dict]:
+    """Issue 4's goals per case where the Triton and the CUDA backend both ran: Triton's time
+    within :data:`TRITON_VS_CUDA_TARGET` x CUDA's, and Triton faster than torch.compile of the
+    eager code (where that baseline ran in the case)."""
+    out = []
+    for c in cases:
+        b = c.get("backends", {})
+        if "triton" not in b or "cuda" not in b:
+            continue
+        key = {k: c[k] for k in ("op", "kind", "B", "C", "H", "W", "dtype")}
+        ratio = b["triton"]["median_ms"] / b["cuda"]["median_ms"]
+        out.append({"goal": "triton_within_cuda", "issue": 4, **key, "value": ratio,
+                    "target": TRITON_VS_CUDA_TARGET, "met": ratio <= TRITON_VS_CUDA_TARGET,
+                    "reliable": c["reliable"]})
+        x = b["triton"]["speedups"].get("compiled_eager")
+        if x is not None:
+            out.append({"goal": "triton_beats_compile", "issue": 4, **key, "value": x,
+                        "target": 1.0, "met": x > 1.0, "reliable": c["reliable"]})
+    return out
+
+
+def _base_report(s: dict, argv, device: str) -> dict:
+    """The keys every report has, whatever suites ran."""
+    argv = list(sys.argv if argv is None else argv)
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "command": " ".join(shlex.quote(a) for a in argv),
+        "argv": argv,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "suites": list(s.get("suites", ["ops"])),
+        "machine": machine_info(device),
+    }
+
+
 def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
-    """Run the benchmark with settings ``s`` (:func:`resolve_settings`); returns the report.
+    """Run the op benchmark with settings ``s`` (:func:`resolve_settings`); returns the report.
     ``progress``: a stream for one line per case (None: silent)."""
     device = s["device"]
-    backend = _fused_backend(device)
+    backends, skipped = fused_backends(device)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
-    fused_name = f"anisodiff_{backend}"
     clock = _clock(device)
-    compiled, compile_notes = _compiled_fns(s)
+    compiled, compile_notes = compiled_fns(s)
     busy_before = wait_for_idle(s["wait_idle"]) if s["wait_idle"] > 0 else busy_cpus(0.5)
     load_before = _loadavg()
     t_start = time.perf_counter()
     copy_before = copy_bandwidth(device, s["copy_mib"], s["copy_repeats"], clock)
-    matrix = [(op, kind, B, shape, dt) for op in s["ops"] for shape in s["shapes"]
-              for dt in s["dtypes"] for kind in s["kinds"] for B in s["batch"]]
+    matrix = case_matrix(s)
     results = []
     for i, (op, kind, B, shape, dt) in enumerate(matrix):
         t0 = time.perf_counter()
-        rows = _time_case(op, kind, B, shape, dt, s, backend, compiled, clock, fused_name)
+        rows = _time_case(op, kind, B, shape, dt, s, backends, compiled, clock)
         results += rows
+        fused_txt = ", ".join(f"{r['impl']} {r['median_ms']:.3f} ms" for r in rows if r["fused"])
         _progress(f"[{i + 1}/{len(matrix)}] {op} {kind} B={B} {'x'.join(map(str, shape))} {dt}: "
-                  f"fused {rows[0]['median_ms']:.3f} ms ({time.perf_counter() - t0:.1f} s)", progress)
+                  f"{fused_txt} ({time.perf_counter() - t0:.1f} s)", progress)
     copy_after = copy_bandwidth(device, s["copy_mib"], s["copy_repeats"], clock)
     elapsed = time.perf_counter() - t_start
     samples = copy_before["samples_GBps"] + copy_after["samples_GBps"]
@@ -761,18 +950,16 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
             x = c["speedups"][hl["baseline"]]
             goal.append({"kind": kind, "B": hl["B"], "baseline": hl["baseline"], "speedup": x,
                          "target": hl["target"], "met": x >= hl["target"], "reliable": c["reliable"]})
-    argv = list(sys.argv if argv is None else argv)
-    settings = {k: v for k, v in s.items()}
+    settings = {k: v for k, v in s.items() if k not in ("train", "sampling")}
     settings["shapes"] = ["x".join(map(str, sh)) for sh in s["shapes"]]
     settings.update({"threads": torch.get_num_threads(), "compile_notes": compile_notes,
-                     "clock": clock.name, "fused_backend": backend})
+                     "clock": clock.name, "fused_backend": backends[0], "fused_backends": backends,
+                     "skipped_backends": skipped})
+    implementations = {k: v for k, v in IMPLS.items() if k != "fused"}
+    implementations.update({f"anisodiff_{b}": IMPLS["fused"] + ("" if i else " (primary)")
+                            for i, b in enumerate(backends)})
     return {
-        "format": FORMAT, "version": FORMAT_VERSION,
-        "command": " ".join(shlex.quote(a) for a in argv),
-        "argv": argv,
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": machine_info(device),
+        **_base_report(s, argv, device),
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
         "busy_cpus_before": busy_before,
@@ -780,11 +967,12 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
         "settings": settings,
         "traffic": {op: f"{n} x B*C*H*W*itemsize bytes" for op, n in TRAFFIC_TENSORS.items()},
         "copy_bandwidth": copy,
-        "implementations": {(fused_name if k == "fused" else k): v for k, v in IMPLS.items()},
+        "implementations": implementations,
         "elapsed_s": elapsed,
         "results": results,
         "cases": cases,
         "goal": goal,
+        "backend_goals": backend_goals(cases),
     }
 
 
@@ -805,6 +993,8 @@ def format_table(report: dict, details: bool = False) -> str:
     over each baseline (baseline median / fused median) and its cost relative to the floor."""
     m, st, cp = report["machine"], report["settings"], report["copy_bandwidth"]
     cols = [(k, h) for k, h in _COLUMNS if any(k in c["speedups"] for c in report["cases"])]
+    ratio_cols = list(dict.fromkeys(k for c in report["cases"] for k in c.get("backend_ratios", {})))
+    primary = st.get("fused_backend", "")
     lines = [
         f"anisodiff {m['anisodiff_version']} bench on {report['device']} ({st['mode']} run) | "
         f"{m['cpu_model']} ({m['logical_cpus']} logical CPUs) | torch {m['torch_version']}, "
@@ -821,21 +1011,27 @@ def format_table(report: dict, details: bool = False) -> str:
         f"other load: busy CPUs before {report['busy_cpus_before']}, after "
         f"{report['busy_cpus_after']}; loadavg before {report['loadavg_before']}, after "
         f"{report['loadavg_after']}",
+        f"fused backends: {', '.join(st.get('fused_backends', [primary]))} (the columns are "
+        f"{primary}'s"
+        + (f"; {', '.join(ratio_cols)} = time ratio, > 1: slower than {primary}" if ratio_cols else "")
+        + ")" + "".join(f"; {b} skipped: {why}" for b, why in st.get("skipped_backends", {}).items()),
         "",
     ]
-    head = (f"{'op':<13}{'kind':<13}{'B':>4}  {'shape':<8}{'dtype':<6}{'fused ms':>10}{'[IQR]':>9}"
+    head = (f"{'op':<13}{'kind':<13}{'B':>4}  {'shape':<10}{'dtype':<6}{'fused ms':>10}{'[IQR]':>9}"
             f"{'GB/s':>8}{'%copy':>7} |" + "".join(f"{h:>9}" for _, h in cols)
-            + f"{'best':>8} | {'vs floor':>16}")
+            + f"{'best':>8} | {'vs floor':>16}" + "".join(f"{h:>13}" for h in ratio_cols))
     lines += [head, "-" * len(head)]
     for c in report["cases"]:
         shape = f"{c['C']}x{c['H']}x{c['W']}"
         flag = "" if c["reliable"] else "  UNRELIABLE (busy machine)"
         lines.append(
-            f"{c['op']:<13}{c['kind']:<13}{c['B']:>4}  {shape:<8}{c['dtype']:<6}"
+            f"{c['op']:<13}{c['kind']:<13}{c['B']:>4}  {shape:<10}{c['dtype']:<6}"
             f"{c['median_ms']:>10.3f}{c['iqr_ms']:>9.3f}{c['gbps']:>8.2f}{c['pct_copy_bw']:>6.0f}% |"
             + "".join(f"{_ratio(c['speedups'].get(k)):>9}" for k, _ in cols)
             + f"{_ratio(c['speedup_vs_fastest']):>8} | {c['overhead_vs_floor_ms']:>+8.3f} ms "
-            f"{c['ratio_vs_floor']:>4.2f}x{flag}")
+            f"{c['ratio_vs_floor']:>4.2f}x"
+            + "".join(f"{_ratio(c.get('backend_ratios', {}).get(k)):>13}" for k in ratio_cols)
+            + flag)
     notes = {}
     for r in report["results"]:
         for note in filter(None, r["note"].split("; ")):
@@ -853,11 +1049,32 @@ def format_table(report: dict, details: bool = False) -> str:
             lines.append(f"foundation goal (fused add_noise >= {g['target']:g}x faster than "
                          f"{g['baseline']}, B={g['B']}, 3x32x32 fp32, {g['kind']}): measured "
                          f"{g['speedup']:.2f}x -> {verdict}")
+    lines += _backend_goal_lines(report.get("backend_goals", []))
     if any(not c["reliable"] for c in report["cases"]):
         lines.append(f"WARNING: other processes kept the CPUs busy during some cases (more than "
                      f"{st['max_other_load']} CPUs in most rounds): times are inflated and ratios "
                      "unreliable there. Re-run on an idle machine (--wait-idle, --threads 1).")
     return "\n".join(lines)
+
+
+def _backend_goal_lines(goals: list[dict]) -> list[str]:
+    """Issue 4's verdicts, one line per goal: met in how many cases, the worst case."""
+    lines = []
+    for name, what, worst in (
+            ("triton_within_cuda", f"Triton time <= {TRITON_VS_CUDA_TARGET:g} x CUDA time", max),
+            ("triton_beats_compile", "Triton faster than torch.compile(eager)", min)):
+        gs = [g for g in goals if g["goal"] == name]
+        if not gs:
+            continue
+        w = worst(gs, key=lambda g: g["value"])
+        met = sum(g["met"] for g in gs)
+        unrel = sum(not g["reliable"] for g in gs)
+        unit = "x CUDA" if name == "triton_within_cuda" else "x speed-up"
+        lines.append(f"issue 4 goal ({what}): met in {met} of {len(gs)} cases -> "
+                     f"{'MET' if met == len(gs) else 'NOT MET'}; worst {w['value']:.2f} {unit} at "
+                     f"{w['op']} {w['kind']} B={w['B']} {w['C']}x{w['H']}x{w['W']} {w['dtype']}"
+                     + (f" ({unrel} cases UNRELIABLE)" if unrel else ""))
+    return ([""] + lines) if lines else []
 
 
 def _details(report: dict) -> str:
@@ -885,7 +1102,7 @@ def _details(report: dict) -> str:
 # report: picture
 # ---------------------------------------------------------------------------------------------
 _COLORS = {
-    "fused": "#d62728", "eager_vectorised": "#1f77b4", "eager_rfft": "#6baed6",
+    "fused": "#d62728", "fused_alt": "#e377c2", "eager_vectorised": "#1f77b4", "eager_rfft": "#6baed6",
     "compiled_eager": "#9467bd", "compiled_eager_fallback_random": "#c5b0d5",
     "official_sdm": "#ff7f0e", "sagd_appendix": "#2ca02c", FLOOR: "#7f7f7f", WHITE: "#c7c7c7",
 }
@@ -952,7 +1169,7 @@ def plot_report(report: dict, path) -> pathlib.Path:
                         x0 = g - width * (len(grp) - 1) / 2
                         for j, r in enumerate(grp):
                             slot = _slot(r)
-                            fused = slot == "fused"
+                            fused = slot in ("fused", "fused_alt")
                             lo, hi = r["median_ms"] - r["q1_ms"], r["q3_ms"] - r["median_ms"]
                             ax.bar(x0 + j * width, r["median_ms"], width * 0.92,
                                    color=_COLORS[slot], edgecolor="black" if fused else "none",
@@ -986,10 +1203,12 @@ def plot_report(report: dict, path) -> pathlib.Path:
             ax.tick_params(axis="y", labelsize=7)
             ax.grid(axis="y", which="major", color="#e5e5e5", linewidth=0.6, zorder=0)
     m, st, cp = report["machine"], report["settings"], report["copy_bandwidth"]
-    fused_name = next(r["impl"] for r in results if r["fused"])
-    labels = {"fused": f"{fused_name} (fused)", FLOOR: "isotropic floor (torch.randn [+ mix])",
+    fused_name = next(r["impl"] for r in results if _slot(r) == "fused")
+    alt_names = ", ".join(dict.fromkeys(r["impl"] for r in results if _slot(r) == "fused_alt"))
+    labels = {"fused": f"{fused_name} (fused)", "fused_alt": f"{alt_names} (fused)",
+              FLOOR: "isotropic floor (torch.randn [+ mix])",
               WHITE: "anisodiff white (NoiseSpec())"}
-    handles = [Patch(facecolor=_COLORS[i], edgecolor="black" if i == "fused" else "none",
+    handles = [Patch(facecolor=_COLORS[i], edgecolor="black" if i in ("fused", "fused_alt") else "none",
                      label=labels.get(i, i)) for i in present]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8,
                frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.5 / fig_h))
@@ -1009,16 +1228,32 @@ def plot_report(report: dict, path) -> pathlib.Path:
 
 
 def _slot(row: dict) -> str:
-    return "fused" if row["fused"] else row["impl"]
+    if not row["fused"]:
+        return row["impl"]
+    return "fused" if row.get("primary", True) else "fused_alt"  # version-1 rows: one fused
 
 
 # ---------------------------------------------------------------------------------------------
 # driver shared by `anisodiff bench` and benchmarks/run_cpu.py
 # ---------------------------------------------------------------------------------------------
-def default_paths(device: str, folder: pathlib.Path = pathlib.Path("."), prefix: str = "anisodiff-bench-"):
+def default_paths(device: str, folder: pathlib.Path = pathlib.Path("."), prefix: str = "anisodiff-bench-",
+                  suites=("ops",)):
+    """``<prefix><device>-<host>[-<suites>].json`` and ``.png`` in ``folder`` (the suites named
+    unless the run is the op benchmark alone)."""
     host = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in socket.gethostname())
     stem = f"{prefix}{device}-{host or 'local'}"
+    if list(suites) != ["ops"]:
+        stem += "-" + "-".join(suites)
     return folder / f"{stem}.json", folder / f"{stem}.png"
+
+
+def models_plot_path(plot_path: pathlib.Path, suites) -> pathlib.Path:
+    """Where the train / sampling picture goes: ``--plot`` itself when the op benchmark did not
+    run, else next to it (``<stem>-train-sampling.png``)."""
+    if "ops" not in suites:
+        return plot_path
+    rest = "-".join(x for x in suites if x != "ops")
+    return plot_path.with_name(f"{plot_path.stem}-{rest}{plot_path.suffix or '.png'}")
 
 
 def command_argv(parser: argparse.ArgumentParser, args, prog: list[str]) -> list[str]:
@@ -1058,7 +1293,8 @@ def execute(args, *, default_folder: pathlib.Path = pathlib.Path("."), prefix: s
     out = sys.stdout if out is None else out
     progress = sys.stderr if progress is None else progress
     s = resolve_settings(args)
-    json_default, plot_default = default_paths(s["device"], default_folder, prefix)
+    suites = s["suites"]
+    json_default, plot_default = default_paths(s["device"], default_folder, prefix, suites)
     json_path = check_output(args.json or json_default, "--json")
     plot_path = None if args.no_plot else check_output(args.plot or plot_default, "--plot")
     if plot_path is not None:
@@ -1067,11 +1303,51 @@ def execute(args, *, default_folder: pathlib.Path = pathlib.Path("."), prefix: s
         if importlib.util.find_spec("matplotlib") is None:
             raise BenchError("the picture needs matplotlib: pip install matplotlib (or "
                              "anisodiff[viz]), or pass --no-plot")
-    _fused_backend(s["device"])  # fail fast: no CUDA device, no compiled ops
-    report = run(s, progress=progress, argv=argv)
-    print(format_table(report, details=args.details), file=out)
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {json_path} ({report['elapsed_s']:.1f} s of timing)", file=out)
+    backends, _ = fused_backends(s["device"])  # fail fast: no CUDA device, no compiled ops
+    models = [x for x in suites if x != "ops"]
+    if models:
+        from . import bench_train
+
+        bench_train.require_diffusers()
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    t0 = time.perf_counter()
+    if "ops" in suites:
+        report = run(s, progress=progress, argv=argv)
+        print(format_table(report, details=args.details), file=out)
+    else:
+        busy_before = wait_for_idle(s["wait_idle"]) if s["wait_idle"] > 0 else busy_cpus(0.5)
+        settings = {k: v for k, v in s.items() if k in ("mode", "device", "threads", "suites",
+                                                        "max_other_load", "wait_idle")}
+        settings.update(threads=torch.get_num_threads(), fused_backend=backends[0],
+                        fused_backends=backends)
+        report = {**_base_report(s, argv, s["device"]), "settings": settings,
+                  "loadavg_before": _loadavg(), "busy_cpus_before": busy_before,
+                  "copy_bandwidth": None, "elapsed_s": 0.0, "results": [], "cases": [], "goal": [],
+                  "backend_goals": []}
+    if "train" in suites:
+        report["train_step"] = bench_train.run_train(s["train"], backends=backends, progress=progress)
+        print(("\n" if "ops" in suites else "") + bench_train.format_train(report["train_step"]), file=out)
+    if "sampling" in suites:
+        report["sampling"] = bench_train.run_sampling(s["sampling"], backends=backends,
+                                                      progress=progress)
+        print("\n" + bench_train.format_sampling(report["sampling"]), file=out)
+    report["total_elapsed_s"] = time.perf_counter() - t0
+    if "ops" not in suites:
+        report.update(loadavg_after=_loadavg(), busy_cpus_after=busy_cpus(0.5))
+    pictures = []
     if plot_path is not None:
-        print(f"picture: {plot_report(report, plot_path)}", file=out)
+        if "ops" in suites:
+            pictures.append(str(plot_path))
+        if models:
+            pictures.append(str(models_plot_path(plot_path, suites)))
+    report["pictures"] = pictures
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {json_path} ({report['total_elapsed_s']:.1f} s in all)", file=out)
+    if plot_path is not None:
+        if "ops" in suites:
+            print(f"picture: {plot_report(report, plot_path)}", file=out)
+        if models:
+            print(f"picture: {bench_train.plot_models(report, models_plot_path(plot_path, suites))}",
+                  file=out)
     return report

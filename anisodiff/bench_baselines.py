@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 __all__ = [
-    "official_sdm", "sagd_appendix", "eager_vectorised", "eager_shaped_noise", "isotropic_floor",
+    "official_sdm", "official_sdm_squeeze_matrices", "official_sdm_apply", "official_sdm_prior",
+    "official_sdm_ddpm_step", "sagd_appendix", "eager_vectorised", "eager_shaped_noise", "isotropic_floor",
     "make_compiled_eager",
     "power_law_table", "band_table", "radius_table", "SPEC_KINDS", "Case", "make_case",
     "BASELINES", "supports", "LUMINANCE_AXIS",
@@ -118,31 +119,78 @@ def _check_variant(variant: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # (a) the official SDM code pattern
 # ---------------------------------------------------------------------------------------------
+def _check_official_axes(axes) -> None:
+    if axes is None:
+        raise ValueError("axes: the official SDM code needs the principal axis")
+    if axes.dim() != 2 or axes.shape[1] != 1:
+        raise ValueError(f"axes: the official SDM code uses ONE principal axis ([C, 1]), got "
+                         f"{list(axes.shape)}")
+
+
+def official_sdm_squeeze_matrices(x, t, betas, axes, strength, variant="sdm") -> torch.Tensor:
+    """``NoiseSqueezer.get_squeeze_matrix(x, t, scheduler)`` of the official SDM code (research/sdm.md
+    section 7.3), with the same structure and cost: ``r = s * betas[t] / betas.max()`` viewed as
+    ``[-1, 1, 1]``, then a Python loop over the batch (``B = x.shape[0]``) that calls ``.item()`` per
+    sample (a 0-d ``t``, as in the sampler, reuses its single value for every sample, still one
+    ``.item()`` each) and builds ``S_i = exp(-r_i) P + Q`` (SDM) or ``exp(-r_i) P + exp(r_i / (C -
+    1)) Q`` (HDM, the code's "quantum_limited" branch with ``q = 1 / (n - 1)``), each exponential via
+    ``torch.exp(torch.tensor(...))``; ``torch.stack`` to ``[B, C, C]`` (float32)."""
+    _check_variant(variant)
+    _check_official_axes(axes)
+    B, C = x.shape[0], x.shape[1]
+    device = x.device
+    s = float(torch.as_tensor(strength).reshape(-1)[0])
+    identity = torch.eye(C, device=device)
+    principal_direction = axes[:, 0].to(device=device, dtype=torch.float32)
+    projection = torch.outer(principal_direction, principal_direction)
+    orthogonal_projection = identity - projection
+    b = betas.to(device)
+    beta_max = b.max()
+    beta_t = b[t]
+    time_scale = (beta_t / beta_max).view(-1, 1, 1)
+    squeeze_param = s * time_scale
+    n = squeeze_param.shape[0]
+    matrices = []
+    if variant == "heisenberg":
+        q = 1.0 / (C - 1)
+        for i in range(B):
+            param = squeeze_param[i].item() if i < n else squeeze_param[-1].item()
+            squeeze_factor = torch.exp(torch.tensor(-param, device=device))
+            antisqueeze_factor = torch.exp(torch.tensor(q * param, device=device))
+            matrices.append(squeeze_factor * projection + antisqueeze_factor * orthogonal_projection)
+    else:
+        for i in range(B):
+            param = squeeze_param[i].item() if i < n else squeeze_param[-1].item()
+            squeeze_factor = torch.exp(torch.tensor(-param, device=device))
+            matrices.append(squeeze_factor * projection + orthogonal_projection)
+    return torch.stack(matrices)
+
+
+def official_sdm_apply(noise: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``NoiseSqueezer.apply_squeeze``: ``torch.bmm(S, noise.reshape(B, C, H * W))`` (S cast to the
+    noise's dtype, which the official float32-only code does not need)."""
+    B, C, H, W = noise.shape
+    return torch.bmm(S.to(noise.dtype), noise.reshape(B, C, -1)).reshape(B, C, H, W)
+
+
 def official_sdm(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
                  variant="sdm", noise=None, generator=None):
     """The official Squeezed Diffusion Models code pattern (arXiv 2508.14871; research/sdm.md
     section 7.3: ``NoiseSqueezer.get_squeeze_matrix`` / ``apply_squeeze`` and
     ``ConsistentCustomDDPMScheduler.add_noise``), re-written here with the same structure and cost:
 
-    * ``r = s * betas[t] / betas.max()``, then a Python loop over the batch that calls ``.item()``
-      per sample and builds ``S_i = exp(-r_i) P + Q`` (SDM) or ``exp(-r_i) P + exp(r_i / (C - 1)) Q``
-      (HDM, the code's "quantum_limited" branch with ``q = 1 / (n - 1)``), each exponential via
-      ``torch.exp(torch.tensor(...))``; ``torch.stack`` to ``[B, C, C]``;
-    * ``torch.bmm(S, noise.reshape(B, C, H * W))``;
+    * the per-sample ``.item()`` loop building ``S`` (:func:`official_sdm_squeeze_matrices`);
+    * ``torch.bmm(S, noise.reshape(B, C, H * W))`` (:func:`official_sdm_apply`);
     * the stock diffusers ``add_noise`` (gather ``sqrt(abar)``, 4 elementwise ops).
 
     Only one principal axis (``k = 1``) and no spectral part, as in the official code. White noise
-    comes from ``torch.randn`` (the official training loop: ``torch.randn(shape).to(device)``).
+    comes from ``torch.randn`` on the CPU, copied to the device (the official training loop:
+    ``torch.randn(shape).to(device)``).
     """
     _check_variant(variant)
     if weights is not None:
         raise ValueError("weights: the official SDM code has no spectral part")
-    if axes is None:
-        raise ValueError("axes: the official SDM code needs the principal axis")
-    if axes.dim() != 2 or axes.shape[1] != 1:
-        raise ValueError(f"axes: the official SDM code uses ONE principal axis ([C, 1]), got "
-                         f"{list(axes.shape)}")
-    B, C, H, W = x0.shape
+    _check_official_axes(axes)
     device = x0.device
     if noise is None:
         if generator is None:
@@ -153,34 +201,44 @@ def official_sdm(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, 
         raise ValueError(f"noise: expected shape {list(x0.shape)}, got {list(noise.shape)}")
     s = float(torch.as_tensor(strength).reshape(-1)[0])
     if s != 0:  # the official code skips all squeeze logic when the strength is 0
-        # get_squeeze_matrix
-        identity = torch.eye(C, device=device)
-        principal_direction = axes[:, 0].to(device=device, dtype=torch.float32)
-        projection = torch.outer(principal_direction, principal_direction)
-        orthogonal_projection = identity - projection
-        b = betas.to(device)
-        beta_max = b.max()
-        beta_t = b[timesteps]
-        time_scale = (beta_t / beta_max).view(-1, 1, 1)
-        squeeze_param = s * time_scale
-        matrices = []
-        if variant == "heisenberg":
-            q = 1.0 / (C - 1)
-            for i in range(B):
-                param = squeeze_param[i].item()
-                squeeze_factor = torch.exp(torch.tensor(-param, device=device))
-                antisqueeze_factor = torch.exp(torch.tensor(q * param, device=device))
-                matrices.append(squeeze_factor * projection + antisqueeze_factor * orthogonal_projection)
-        else:
-            for i in range(B):
-                param = squeeze_param[i].item()
-                squeeze_factor = torch.exp(torch.tensor(-param, device=device))
-                matrices.append(squeeze_factor * projection + orthogonal_projection)
-        S = torch.stack(matrices)
-        # apply_squeeze
-        noise = torch.bmm(S.to(noise.dtype), noise.reshape(B, C, -1)).reshape(B, C, H, W)
+        S = official_sdm_squeeze_matrices(x0, timesteps, betas, axes, s, variant)
+        noise = official_sdm_apply(noise, S)
     x_t = _diffusers_add_noise(alphas_cumprod, x0, noise, timesteps)
     return x_t, noise
+
+
+def official_sdm_prior(shape, betas, axes, strength, *, variant="sdm", device=None,
+                       generator=None) -> torch.Tensor:
+    """The official sampler's initial state (``evaluate_and_save_samples``): ``torch.randn(shape,
+    device=device)``, then ``S(T - 1)`` applied through the per-sample loop with ``t =
+    torch.full((B,), T - 1)``; plain white noise when the strength is 0."""
+    noise = torch.randn(tuple(shape), device=device, generator=generator)
+    if float(torch.as_tensor(strength).reshape(-1)[0]) == 0:
+        return noise
+    t = torch.full((noise.shape[0],), betas.shape[0] - 1, device=noise.device)
+    return official_sdm_apply(noise, official_sdm_squeeze_matrices(noise, t, betas, axes, strength,
+                                                                   variant))
+
+
+def official_sdm_ddpm_step(scheduler, model_output, timestep, sample, axes, strength, *,
+                           variant="sdm", generator=None):
+    """``ConsistentCustomDDPMScheduler.step`` of the official SDM code (research/sdm.md section 4.2):
+    ``S = get_squeeze_matrix(eps_sq, t)`` (the per-sample ``.item()`` loop, ``B`` syncs per step),
+    ``S_inv = torch.linalg.inv(S)``, map the sample and the model output to unsqueezed coordinates
+    (two ``bmm``), the stock ``DDPMScheduler.step`` (white noise from ``randn_tensor(generator=...)``,
+    x0 clipped there), then map ``prev_sample`` and ``pred_original_sample`` back with ``S`` (two
+    more ``bmm``). ``scheduler`` is a plain diffusers ``DDPMScheduler`` (its ``step`` is the parent
+    class's ``super().step``). Returns ``(prev_sample, pred_original_sample)``; strength 0 is the
+    parent's step unchanged."""
+    if float(torch.as_tensor(strength).reshape(-1)[0]) == 0:
+        out = scheduler.step(model_output, timestep, sample, generator=generator, return_dict=True)
+        return out.prev_sample, out.pred_original_sample
+    S = official_sdm_squeeze_matrices(model_output, timestep, scheduler.betas, axes, strength, variant)
+    S_inv = torch.linalg.inv(S)
+    x_t = official_sdm_apply(sample, S_inv)
+    eps_pred = official_sdm_apply(model_output, S_inv)
+    out = scheduler.step(eps_pred, timestep, x_t, generator=generator, return_dict=True)
+    return official_sdm_apply(out.prev_sample, S), official_sdm_apply(out.pred_original_sample, S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +339,12 @@ def eager_shaped_noise(shape, timesteps, betas, axes=None, strength=0.0, weights
 # ---------------------------------------------------------------------------------------------
 # (d) torch.compile of (c)
 # ---------------------------------------------------------------------------------------------
-def make_compiled_eager(**compile_kwargs) -> tuple[Callable | None, str]:
-    """``torch.compile(eager_vectorised)`` if torch.compile works on this build, else ``(None,
-    reason)``. The check compiles and runs a tiny case (which also catches a missing C++
-    compiler for inductor). The compiled function recompiles per input shape and per spec
-    structure (axes / weights present or not), so warm it up on each case before timing.
+def make_compiled_eager(device="cpu", **compile_kwargs) -> tuple[Callable | None, str]:
+    """``torch.compile(eager_vectorised)`` if torch.compile works on this build and ``device``,
+    else ``(None, reason)``. The check compiles and runs a tiny case on ``device`` (which also
+    catches a missing C++ compiler for inductor on the CPU, or a missing Triton on CUDA). The
+    compiled function recompiles per input shape and per spec structure (axes / weights present or
+    not), so warm it up on each case before timing.
 
     Randomness: inside the compiled graph ``randn_like`` is inductor's own generator (not
     torch's); the distribution is the same.
@@ -306,9 +365,9 @@ def make_compiled_eager(**compile_kwargs) -> tuple[Callable | None, str]:
         pass
     try:
         fn = torch.compile(eager_vectorised, **compile_kwargs)
-        x0 = torch.zeros(2, 3, 4, 4)
-        t = torch.tensor([0, 1])
-        betas = torch.linspace(1e-4, 0.02, 4)
+        x0 = torch.zeros(2, 3, 4, 4, device=device)
+        t = torch.tensor([0, 1], device=device)
+        betas = torch.linspace(1e-4, 0.02, 4, device=device)
         ac = torch.cumprod(1 - betas, 0)
         out = fn(x0, t, ac, betas)
         if not torch.isfinite(out[0]).all():

@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Side-by-side timing of anisodiff's fused ops against the baselines (benchmarks/baselines.py).
 
-    python benchmarks/run_cpu.py [--quick | --smoke] [--json PATH] [--plot PATH] [--threads N]
+    python benchmarks/run_cpu.py [--suite ops|train|sampling|all ...] [--quick | --smoke]
+                                 [--json PATH] [--plot PATH] [--threads N]
                                  [--batch B ...] [--shapes CxHxW ... | --size N] [--kinds ...]
                                  [--ops ...] [--dtypes ...] [--no-compile] [--given-noise]
                                  [--wait-idle SECONDS] [--max-other-load CPUS] [--details]
+                                 [--unet ...] [--train-batch B] [--sample-batch B] ...
 
 A thin wrapper around :mod:`anisodiff.bench`, the driver of ``anisodiff bench`` (same options,
-same table, same JSON), that writes to ``benchmarks/results/<device>-<hostname>.json`` and ``.png``
-unless ``--json`` / ``--plot`` say otherwise. Numbers are whatever the run measured: nothing is
+same tables, same JSON), that writes to ``benchmarks/results/<device>-<hostname>[-<suites>].json``
+and ``.png`` unless ``--json`` / ``--plot`` say otherwise. Numbers are whatever the run measured: nothing is
 extrapolated or hard-coded. Methodology: benchmarks/README.md.
 """
 from __future__ import annotations

@@ -1,95 +1,165 @@
-"""pytest-benchmark cases: fused CPU ``anisodiff.add_noise`` vs the baselines (benchmarks/baselines.py).
+"""pytest-benchmark cases: the SAME cases as ``anisodiff bench`` (anisodiff/bench.py), CPU.
 
-    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only
-    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only -k "B64"           # headline size
-    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-json out.json
+    python -m pytest benchmarks/ --benchmark-only                      # the --quick matrix + train
+    python -m pytest benchmarks/ --benchmark-only -k "sdm and fp32"
+    ANISODIFF_BENCH_PRESET=full python -m pytest benchmarks/ --benchmark-only --benchmark-json out.json
 
-Matrix: spec kind {sdm: SDM squeeze-only s=-0.4, sdm_powerlaw: SDM s=-0.4 + power law alpha=-0.04,
-hdm: HDM s=-0.4, band: Band(0, 0.25)} x implementation {anisodiff_cpu (fused), eager_vectorised,
-eager_rfft, official_sdm (squeeze-only kinds), sagd_appendix (kinds with a spectral part; for
-sdm_powerlaw only the spatial half), isotropic_floor, compiled_eager (B=64 only, where torch.compile
-works)} x B {16, 64, 128}, fp32 [B, 3, 32, 32]. Each (spec kind, B) is one comparison group.
+The parametrisation is generated from the benchmark driver: ``bench.case_matrix`` (op x spec kind x
+B x shape x dtype of a preset: ``quick`` by default, ``ANISODIFF_BENCH_PRESET=full|quick|smoke``)
+and ``bench.case_impls`` (the fused backends of the CPU, the baselines, torch.compile where the
+preset has it), each callable built by ``bench.make_callable`` - so these cases and ``anisodiff
+bench [--quick]`` cannot drift apart. Each (op, kind, B, shape, dtype) is one pytest-benchmark
+group. ``test_train_step`` adds the train-step suite's variants (anisodiff/bench_train.py, the
+preset's CPU configuration: tiny UNet) when diffusers is installed.
 
 These are measurements, never timed assertions: nothing here fails because something is slow.
-For side-by-side ratios in one run use ``python benchmarks/run_cpu.py``.
+pytest-benchmark times each case on its own (its calibration, rounds in a row); for side-by-side
+interleaved ratios in one run, with the load filter, use ``anisodiff bench`` (benchmarks/README.md).
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib.util
+import os
 import time
-import warnings
 
 import pytest
 import torch
 
 import anisodiff as ad
-import baselines as bl
+from anisodiff import bench
 
-BATCHES = (16, 64, 128)
-SIZE = 32
-IMPLS = ("anisodiff_cpu", "eager_vectorised", "eager_rfft", "compiled_eager", "official_sdm",
-         "sagd_appendix", "isotropic_floor")
+PRESET = os.environ.get("ANISODIFF_BENCH_PRESET", "quick")
+if PRESET not in bench.PRESETS:
+    raise pytest.UsageError(f"ANISODIFF_BENCH_PRESET: one of {sorted(bench.PRESETS)}, got {PRESET!r}")
+DEVICE = "cpu"
 WARMUP_S = 0.2
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 pytestmark = pytest.mark.skipif(not ad.build_info().get("cpu"),
                                 reason="anisodiff's compiled CPU ops are not built")
 
 
-def _wanted(kind: str, impl: str, B: int) -> bool:
-    if impl == "compiled_eager":
-        return B == 64
-    return bl.supports(impl, kind)
+def _settings(suites=("ops",)) -> dict:
+    """The settings ``anisodiff bench --<preset>`` resolves to (cpu)."""
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p, json_help="", plot_help="")
+    argv = ["--suite", *suites] + ([] if PRESET == "full" else [f"--{PRESET}"])
+    return bench.resolve_settings(p.parse_args(argv))
 
 
-CASES = [(kind, impl, B) for kind in bl.SPEC_KINDS for B in BATCHES for impl in IMPLS
-         if _wanted(kind, impl, B)]
+SETTINGS = _settings()
+try:
+    BACKENDS = bench.fused_backends(DEVICE)[0]
+except bench.BenchError:  # not built: every case is skipped by pytestmark
+    BACKENDS = ["cpu"]
+COMPILE_NAMES = {n: None for n in SETTINGS["compile_impls"]} if SETTINGS["compile"] else {}
+
+
+def _impl_label(name: str) -> str:
+    if name == "fused":
+        return f"anisodiff_{BACKENDS[0]}"
+    if name.startswith("fused:"):
+        return "anisodiff_" + name.split(":", 1)[1]
+    return name
+
+
+CASES = [(op, kind, B, shape, dt, impl)
+         for op, kind, B, shape, dt in bench.case_matrix(SETTINGS)
+         for impl in bench.case_impls(op, kind, shape, dt, SETTINGS, COMPILE_NAMES, BACKENDS)[0]]
+
+
+def _case_id(c) -> str:
+    op, kind, B, shape, dt, impl = c
+    return f"{op}-{kind}-B{B}-{'x'.join(map(str, shape))}-{dt}-{_impl_label(impl)}"
 
 
 @functools.lru_cache(maxsize=None)
-def _case(kind: str, B: int):
-    return bl.make_case(kind, B, 3, SIZE, SIZE, seed=0)
+def _case(kind: str, B: int, shape: tuple, dt: str):
+    return bench.make_case(kind, B, *shape, bench.DTYPES[dt], DEVICE)
 
 
 @functools.lru_cache(maxsize=1)
-def _compiled():
-    warnings.filterwarnings("ignore", message=".*Torchinductor does not support code generation for complex.*")
-    return bl.make_compiled_eager()
+def _compiled() -> dict:
+    return bench.compiled_fns({**SETTINGS, "device": DEVICE})[0]
 
 
-def _fn(kind: str, impl: str, B: int):
-    case = _case(kind, B)
-    args, kw = case.baseline_args(impl), case.baseline_kwargs()
-    if impl == "anisodiff_cpu":
-        return lambda: ad.add_noise(case.x0, case.timesteps, case.spec, case.schedule, backend="cpu")
-    if impl == "eager_rfft":
-        return lambda: bl.eager_vectorised(*args, **kw, rfft=True)
-    if impl == "compiled_eager":
-        fn, why = _compiled()
-        if fn is None:
-            pytest.skip(why)
-        return lambda: fn(*args, **kw)
-    fn = bl.BASELINES[impl]
-    return lambda: fn(*args, **kw)
+def _fn(op, kind, B, shape, dt, impl):
+    case = _case(kind, B, shape, dt)
+    compiled = {}
+    if impl in COMPILE_NAMES:
+        compiled = _compiled()
+        if impl not in compiled:
+            pytest.skip(f"{impl}: torch.compile does not work here")
+    fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, BACKENDS[0], compiled)
+    try:
+        fn()
+    except RuntimeError:  # a dtype torch lacks (bf16 FFTs on the CPU): as the driver, in float32
+        if bench.is_fused(impl) or dt == "fp32":
+            raise
+        fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, BACKENDS[0], compiled,
+                                 upcast=True)
+    return fn, case
 
 
-@pytest.mark.parametrize("kind,impl,B", CASES, ids=[f"{k}-{i}-B{b}" for k, i, b in CASES])
-def test_add_noise(benchmark, kind, impl, B):
-    fn = _fn(kind, impl, B)
+def _warm(fn) -> float:
     t0 = time.perf_counter()
     fn()  # first call: torch.compile compiles here
-    first_call_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    calls = 1
-    while calls < 3 or time.perf_counter() - t0 < WARMUP_S:  # warm-up: caches, allocator, threads
+    first = time.perf_counter() - t0
+    t0, calls = time.perf_counter(), 1
+    while calls < 3 or time.perf_counter() - t0 < WARMUP_S:  # caches, allocator, threads
         fn()
         calls += 1
-    case = _case(kind, B)
-    benchmark.group = f"{kind}: {case.title}, B={B}, 3x{SIZE}x{SIZE} fp32"
+    return first
+
+
+@pytest.mark.parametrize("op,kind,B,shape,dt,impl", CASES, ids=[_case_id(c) for c in CASES])
+def test_op(benchmark, op, kind, B, shape, dt, impl):
+    fn, case = _fn(op, kind, B, shape, dt, impl)
+    first_call_s = _warm(fn)
+    C, H, W = shape
+    benchmark.group = f"{op} {kind}: {bench.KIND_TITLES[kind]}, B={B}, {C}x{H}x{W} {dt}"
     benchmark.extra_info.update({
-        "kind": kind, "impl": impl, "B": B, "shape": [B, 3, SIZE, SIZE], "dtype": "float32",
-        "torch_num_threads": torch.get_num_threads(), "first_call_s": first_call_s,
-        "note": "sagd_appendix computes only the spatial part" if
-                (impl == "sagd_appendix" and kind == "sdm_powerlaw") else "",
+        "op": op, "kind": kind, "impl": _impl_label(impl), "B": B, "shape": [B, C, H, W],
+        "dtype": dt, "preset": PRESET, "torch_num_threads": torch.get_num_threads(),
+        "first_call_s": first_call_s, "note": bench._note(op, kind, impl),
+        "bytes": bench.TRAFFIC_TENSORS[op] * B * C * H * W * (torch.finfo(bench.DTYPES[dt]).bits // 8),
     })
     out = benchmark(fn)
-    assert out[0].shape == case.x0.shape  # a smoke check on the result, not on the time
+    first = out[0] if isinstance(out, tuple) else out
+    assert first.shape == case.x0.shape  # a smoke check on the result, not on the time
+
+
+# ---------------------------------------------------------------------------------------------
+# the train-step suite's variants (anisodiff bench --suite train)
+# ---------------------------------------------------------------------------------------------
+TRAIN = _settings(("train",))["train"] if HAVE_DIFFUSERS else None
+
+
+@functools.lru_cache(maxsize=1)
+def _train_steps() -> dict:
+    from anisodiff import bench_train as bt
+
+    return bt.make_train_steps(TRAIN, BACKENDS)[0]
+
+
+def _train_variants() -> list[str]:
+    if not HAVE_DIFFUSERS:
+        return []
+    from anisodiff import bench_train as bt
+
+    return list(bt.TRAIN_VARIANTS) + [f"anisodiff_sdm_{b}" for b in BACKENDS[1:]]
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="the train-step suite needs diffusers")
+@pytest.mark.parametrize("variant", _train_variants())
+def test_train_step(benchmark, variant):
+    step = _train_steps()[variant]
+    first_call_s = _warm(step)
+    benchmark.group = (f"train step: {TRAIN['unet']} UNet, B={TRAIN['batch']}, amp {TRAIN['amp']} "
+                       f"({PRESET} preset)")
+    benchmark.extra_info.update({"variant": variant, "preset": PRESET, "settings": dict(TRAIN),
+                                 "first_call_s": first_call_s})
+    loss = benchmark(step)
+    assert torch.isfinite(loss)

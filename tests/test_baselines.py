@@ -314,3 +314,58 @@ def test_baselines_reject_what_their_source_cannot_do():
         bl.official_sdm(case.x0, case.timesteps, case.alphas_cumprod, case.betas, two_axes, -0.4)
     assert bl.supports("official_sdm", "sdm") and not bl.supports("official_sdm", "band")
     assert bl.supports("sagd_appendix", "band") and not bl.supports("sagd_appendix", "hdm")
+
+
+# ---------------------------------------------------------------------------------------------
+# the official SDM sampler pattern (the sampling benchmark's baseline)
+# ---------------------------------------------------------------------------------------------
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+
+
+def test_official_squeeze_matrices_one_per_sample():
+    """A 0-d t (the sampler) gives the same S for every sample, a [B] t (training) one each; S is
+    exp(-r) P + (I - P) with r = s beta_t / beta_max (HDM: exp(r / 2) on the complement)."""
+    case = _case("sdm")
+    x = torch.zeros(5, C, 2, 2)
+    v = case.axes[:, 0].double()
+    P = torch.outer(v, v)
+    betas = case.betas.double()
+    for t in (torch.tensor(980), torch.tensor([0, 1, 500, 980, 999])):
+        S = bl.official_sdm_squeeze_matrices(x, t, case.betas, case.axes, -0.4)
+        Sh = bl.official_sdm_squeeze_matrices(x, t, case.betas, case.axes, -0.4, "heisenberg")
+        assert S.shape == Sh.shape == (5, C, C)
+        for i in range(5):
+            r = -0.4 * float(betas[t if t.dim() == 0 else t[i]] / betas.max())
+            I = torch.eye(C, dtype=torch.float64)
+            assert torch.allclose(S[i].double(), math.exp(-r) * P + (I - P), atol=1e-6)
+            assert torch.allclose(Sh[i].double(), math.exp(-r) * P + math.exp(r / 2) * (I - P), atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="needs diffusers")
+def test_official_sampler_step_matches_aniso_ddpm_scheduler():
+    """The official ConsistentCustomDDPMScheduler.step pattern (S^-1, stock step, S) and
+    anisodiff's AnisoDDPMScheduler.step (sampling_mode="official", the closed form of
+    research/sdm.md 4.2) draw the same white noise from the same generator and must agree, clipping
+    included, at every step of a 50-step run; the official prior is S(T-1) z."""
+    from diffusers import DDPMScheduler
+
+    from anisodiff.integrations.diffusers import AnisoDDPMScheduler
+
+    case = bl.make_case("sdm", 8, C, 4, 4, seed=2)
+    stock = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    aniso = AnisoDDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", noise_spec=case.spec)
+    stock.set_timesteps(50)
+    aniso.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, C, 4, 4, generator=g) * 1.5       # large enough that clipping happens
+    for t in stock.timesteps:
+        eps = torch.randn(8, C, 4, 4, generator=g)
+        a, a0 = bl.official_sdm_ddpm_step(stock, eps, t, x, case.axes, -0.4,
+                                          generator=torch.Generator().manual_seed(int(t)))
+        out = aniso.step(eps, t, x, generator=torch.Generator().manual_seed(int(t)))
+        assert torch.allclose(a, out.prev_sample, atol=2e-5), int(t)
+        assert torch.allclose(a0, out.pred_original_sample, atol=2e-5), int(t)
+        x = a
+    prior = bl.official_sdm_prior((4096, C, 2, 2), case.betas, case.axes, -0.4)
+    u = torch.einsum("c,bchw->bhw", case.axes[:, 0], prior)
+    assert u.var().item() == pytest.approx(math.exp(0.8), rel=0.05)   # r(999) = s exactly

@@ -4,7 +4,14 @@ One in-process ``anisodiff bench --smoke`` run (a tiny case of every op, spec ki
 seconds) is checked for its JSON schema (machine info, command, every case with median / IQR / GB/s /
 % of the copy bandwidth / speed-ups, a positive copy bandwidth), its arithmetic (GB/s recomputed
 here from the op's traffic floor and the reported median, so a unit slip fails), its table and its
-picture. The presets (--quick, the full matrix) are checked without running them.
+picture. The presets (--quick, the full matrix, the CUDA ones) are checked without running them.
+Several fused backends side by side are checked with "reference" standing in for a second fused
+backend (this machine has one); the issue-4 verdicts on synthetic cases.
+
+With diffusers, one ``anisodiff bench --smoke --suite train sampling`` run checks the train-step and
+sampling sections (every variant ran, finite times, losses and samples, the goal entries) and the
+noise of every train-step variant is checked for its distribution (variance along and across the
+squeeze axis, x_t = sqrt(abar) x0 + sqrt(1 - abar) target).
 """
 import contextlib
 import importlib.util
@@ -17,12 +24,14 @@ import sys
 import pytest
 import torch
 
-from anisodiff import bench, cli
+from anisodiff import bench, bench_train, cli
 from conftest import requires_compiled
 
 pytestmark = requires_compiled
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+needs_diffusers = pytest.mark.skipif(not HAVE_DIFFUSERS, reason="the train/sampling suites need diffusers")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("add_noise", "shaped_noise")
 KINDS = ("iso", "sdm", "hdm", "powerlaw", "band", "sdm_powerlaw")
@@ -56,8 +65,9 @@ def _finite_positive(x) -> bool:
 def test_runs_and_records_machine_and_command(smoke):
     code, _, report, _ = smoke
     assert code == 0
-    assert report["format"] == "anisodiff-bench" and report["version"] == 1
-    assert report["device"] == "cpu"
+    assert report["format"] == "anisodiff-bench" and report["version"] == 2
+    assert report["device"] == "cpu" and report["suites"] == ["ops"]
+    assert "train_step" not in report and "sampling" not in report
     assert report["command"].startswith("anisodiff bench") and "--smoke" in report["command"]
     m = report["machine"]
     for key in ("cpu_model", "logical_cpus", "torch_version", "torch_num_threads",
@@ -91,6 +101,9 @@ def test_every_case_is_there_with_its_numbers(smoke):
         assert _finite_positive(c["median_ms"]) and c["iqr_ms"] >= 0
         assert _finite_positive(c["gbps"]) and _finite_positive(c["pct_copy_bw"])
         assert c["fused_impl"] == "anisodiff_cpu"
+        assert set(c["backends"]) == {"cpu"} and c["backend_ratios"] == {}
+        assert c["backends"]["cpu"]["median_ms"] == c["median_ms"]
+        assert c["backends"]["cpu"]["speedups"] == c["speedups"]
         # speed-ups over every baseline of the case; the floor always runs, the eager code too
         # (except for white shaped_noise, where it is torch.randn: the floor itself)
         assert "isotropic_floor" in c["speedups"]
@@ -172,6 +185,77 @@ def _settings(argv):
     return bench.resolve_settings(cli.build_parser().parse_args(["bench", *argv]))
 
 
+def test_cuda_presets_cover_issue_7_item_2():
+    """--device cuda resolves (without a GPU) to the full matrix of issue 7 item 2 and a short
+    quick run; the default suite stays the op benchmark."""
+    full = _settings(["--device", "cuda"])
+    assert full["suites"] == ["ops"]
+    assert full["batch"] == [1, 16, 128, 512]
+    assert full["shapes"] == [(3, 32, 32), (3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 256, 256)]
+    assert full["dtypes"] == ["fp32", "bf16"] and full["kinds"] == list(KINDS)
+    assert full["compile"] is True and full["compile_impls"] == ["compiled_eager"]
+    assert full["max_other_load"] > 0.2            # GPU hosts: CPU load matters little
+    quick = _settings(["--device", "cuda", "--quick"])
+    assert set(quick["shapes"]) <= set(full["shapes"]) and quick["batch"] == [128]
+    assert _settings(["--max-other-load", "1.5"])["max_other_load"] == 1.5
+    assert _settings([])["max_other_load"] == 0.2
+    allx = _settings(["--device", "cuda", "--quick", "--suite", "all"])
+    assert allx["suites"] == ["ops", "train", "sampling"]
+    assert allx["train"]["unet"] == "sdm_paper" and allx["train"]["batch"] == 128
+    assert allx["train"]["amp"] == "bf16"
+    assert allx["sampling"]["batch"] == 1024 and allx["sampling"]["steps"] == 50
+    cpu = _settings(["--quick", "--suite", "train", "--train-batch", "4", "--unet", "tiny"])
+    assert cpu["suites"] == ["train"] and "sampling" not in cpu
+    assert cpu["train"]["batch"] == 4 and cpu["train"]["amp"] == "none"
+
+
+def test_every_fused_backend_is_timed(tmp_path, monkeypatch):
+    """Every fused backend runs side by side: a second one ("reference" standing in for Triton)
+    gets its own row, its speed-ups and its time ratio to the primary."""
+    monkeypatch.setattr(bench, "fused_backends", lambda device: (["cpu", "reference"], {}))
+    code, out, _ = _main(["bench", "--smoke", "--kinds", "sdm", "--dtypes", "fp32", "--ops",
+                          "add_noise", "--json", str(tmp_path / "b.json"), "--no-plot"])
+    assert code == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["settings"]["fused_backends"] == ["cpu", "reference"]
+    (c,) = report["cases"]
+    fused = [r for r in report["results"] if r["fused"]]
+    assert [(r["impl"], r["backend"], r["primary"]) for r in fused] == [
+        ("anisodiff_cpu", "cpu", True), ("anisodiff_reference", "reference", False)]
+    assert c["fused_impl"] == "anisodiff_cpu" and set(c["backends"]) == {"cpu", "reference"}
+    ref, cpu = c["backends"]["reference"], c["backends"]["cpu"]
+    assert c["backend_ratios"]["reference/cpu"] == pytest.approx(ref["median_ms"] / cpu["median_ms"])
+    assert "anisodiff_reference" not in c["speedups"]          # a backend is not a baseline
+    for name in ("eager_vectorised", "official_sdm", "isotropic_floor"):
+        base = next(r for r in report["results"] if r["impl"] == name)
+        assert ref["speedups"][name] == pytest.approx(base["median_ms"] / ref["median_ms"])
+    assert "reference/cpu" in out
+
+
+def test_interpreted_triton_is_skipped_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(bench, "available_backends", lambda device: ["cpu", "triton", "reference"])
+    fused, skipped = bench.fused_backends("cpu")
+    assert fused == ["cpu"] and "TRITON_INTERPRET" in skipped["triton"]
+
+
+def test_issue_4_goals_from_the_cases():
+    """Triton within 1.3x of CUDA, and faster than torch.compile, per case (synthetic numbers)."""
+    def case(tri, cu, comp=None):
+        base = {"op": "add_noise", "kind": "sdm", "B": 128, "C": 3, "H": 32, "W": 32,
+                "dtype": "fp32", "reliable": True}
+        sp = {} if comp is None else {"compiled_eager": comp / tri}
+        return {**base, "backends": {"cuda": {"median_ms": cu, "speedups": {}},
+                                     "triton": {"median_ms": tri, "speedups": sp}}}
+    goals = bench.backend_goals([case(1.2, 1.0, comp=2.0), case(1.4, 1.0), {"backends": {"cpu": {}}}])
+    within = [g for g in goals if g["goal"] == "triton_within_cuda"]
+    assert [g["met"] for g in within] == [True, False]
+    assert within[1]["value"] == pytest.approx(1.4)
+    (beats,) = [g for g in goals if g["goal"] == "triton_beats_compile"]
+    assert beats["met"] and beats["value"] == pytest.approx(2.0 / 1.2)
+    lines = "\n".join(bench._backend_goal_lines(goals))
+    assert "met in 1 of 2 cases -> NOT MET" in lines and "worst 1.40 x CUDA" in lines
+
+
 def test_presets_cover_the_matrix():
     full = _settings([])
     assert full["batch"] == [1, 16, 128, 512]
@@ -201,3 +285,145 @@ def test_run_cpu_script_wraps_the_same_driver(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert [(c["op"], c["kind"]) for c in report["cases"]] == [(op, "sdm") for op in OPS]
     assert "run_cpu.py" in report["command"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the train-step and sampling suites (need diffusers)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """One `anisodiff bench --smoke --suite train sampling --threads 1` run (tiny UNet, a few
+    steps; one thread: a 2-thread pool on a shared 2-core CI machine makes it several times slower)."""
+    if not HAVE_DIFFUSERS:
+        pytest.skip("the train/sampling suites need diffusers")
+    d = tmp_path_factory.mktemp("bench_models")
+    argv = ["bench", "--smoke", "--suite", "train", "sampling", "--threads", "1",
+            "--json", str(d / "m.json")]
+    argv += ["--plot", str(d / "m.png")] if HAVE_MATPLOTLIB else ["--no-plot"]
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = _main(argv)
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    assert code == 0, err
+    return json.loads((d / "m.json").read_text()), out, d
+
+
+def _finite_ms(d: dict, *keys) -> None:
+    for key in keys:
+        assert isinstance(d[key], float) and math.isfinite(d[key]) and d[key] >= 0, (key, d)
+
+
+@needs_diffusers
+def test_train_step_section(models):
+    report, out, _ = models
+    assert report["version"] == 2 and report["suites"] == ["train", "sampling"]
+    assert report["cases"] == [] and report["copy_bandwidth"] is None  # the op suite did not run
+    sec = report["train_step"]
+    assert sec["suite"] == "train_step" and sec["reference"] == "isotropic"
+    for key in ("cpu_model", "torch_version", "anisodiff_build_info"):
+        assert key in sec["machine"]
+    assert sec["model"]["name"] == "tiny" and sec["model"]["parameters"] > 0
+    names = [v["name"] for v in sec["variants"]]
+    assert names == list(bench_train.TRAIN_VARIANTS)      # every variant ran, none dropped
+    for v in sec["variants"]:
+        _finite_ms(v, "median_ms", "q1_ms", "q3_ms", "iqr_ms", "noise_ms")
+        assert v["median_ms"] > 0 and v["q1_ms"] <= v["median_ms"] <= v["q3_ms"]
+        assert len(v["samples_ms"]) >= 1 and all(math.isfinite(x) and x > 0 for x in v["samples_ms"])
+        assert math.isfinite(v["overhead_pct"]) and math.isfinite(v["paired_overhead_pct"])
+        assert v["loss_finite"] is True
+        assert v["anisodiff"] == v["name"].startswith("anisodiff_")
+        assert (v["backend"] == "cpu") == v["anisodiff"]
+    iso = next(v for v in sec["variants"] if v["name"] == "isotropic")
+    assert iso["overhead_pct"] == 0 and iso["paired_overhead_pct"] == 0
+    assert {g["variant"] for g in sec["goal"]} == {n for n in names if n.startswith("anisodiff_")}
+    assert all(g["target_pct"] == 2.0 for g in sec["goal"])
+    assert "train step" in out and "issue 7 goal" in out
+
+
+@needs_diffusers
+def test_sampling_section(models):
+    report, out, _ = models
+    sec = report["sampling"]
+    assert sec["suite"] == "sampling" and sec["reference"] == "diffusers_ddpm"
+    assert [v["name"] for v in sec["variants"]] == list(bench_train.SAMPLERS)
+    assert sec["shape"][0] == sec["settings"]["batch"]
+    assert math.isfinite(sec["unet_forward_ms"])
+    for v in sec["variants"]:
+        _finite_ms(v["sampler_only"], "median_ms", "iqr_ms", "per_step_ms")
+        _finite_ms(v["with_unet"], "median_ms", "iqr_ms")
+        assert math.isfinite(v["sampler_overhead_pct_of_total"])
+        assert v["output_finite"] is True and v["output_finite_with_unet"] is True
+    paths = {v["name"]: v["path"] for v in sec["variants"]}
+    assert paths["anisodiff_ddpm_step"].startswith(("fused", "reference"))
+    assert "sampling" in out and "official_sdm" in out
+
+
+@needs_diffusers
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_models_picture(models):
+    report, _, d = models
+    assert report["pictures"] == [str(d / "m.png")]
+    assert (d / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_diffusers
+def test_train_variants_draw_the_right_noise():
+    """Every train-step variant's target has the variance its spec says along the squeeze axis v
+    (e^{-2r} with r = s = -0.4 at t = 999: 2.2255 for the SDM kinds, 1 otherwise) and across it (1),
+    and x_t = sqrt(abar) x0 + sqrt(1 - abar) target. 4096 samples of 3x8x8: the per-pixel variance
+    has a relative s.e. under 1 %, the bound is 6 %; e^{-r/2} instead of e^{-r} (1.49) fails.
+    The SAGD appendix recipe divides each plane by its std, which leaves out the DC bin (np.std
+    subtracts the mean, research/sagd.md 2.5): its mean square is sum(w^2) / sum_{f != 0}(w^2),
+    1.092 for alpha = -0.04 on 8x8."""
+    B, size = 4096, 8
+    fns = bench_train.train_noise_fns(B, size, "cpu")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(B, 3, size, size, generator=g) * 2 - 1
+    t = torch.full((B,), 999, dtype=torch.int64)
+    case = bench.make_case("sdm", 1, 3, size, size)
+    v = case.axes[:, 0].double()
+    ab = case.alphas_cumprod[999].double()
+    w2 = bench_train.bl.power_law_table(size, size, bench_train.ALPHA).double().square()
+    dc_excluded = (w2.sum() / (w2.sum() - w2[0, 0])).item()
+    torch.manual_seed(0)
+    for name, fn in fns.items():
+        x_t, target = fn(x0, t)
+        n = target.double()
+        assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * n,
+                              atol=1e-5), name
+        along = torch.einsum("c,bchw->bhw", v, n)
+        perp = n - v[None, :, None, None] * along[:, None]
+        var_v = along.var().item()
+        var_perp = perp.square().sum(1).mean().item() / 2
+        scale = dc_excluded if name == "sagd_appendix" else 1.0
+        want = math.exp(0.8) if "sdm" in name else 1.0
+        assert var_v == pytest.approx(want * scale, rel=0.06), (name, var_v)
+        assert var_perp == pytest.approx(scale, rel=0.06), (name, var_perp)
+
+
+def test_train_and_sampling_say_when_diffusers_is_missing(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(bench_train.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "diffusers" else real(name, *a))
+    for suite in ("train", "sampling", "all"):
+        code, _, err = _main(["bench", "--smoke", "--suite", suite, "--json",
+                              str(tmp_path / "x.json"), "--no-plot"])
+        assert code == 2 and "need diffusers" in err and "pip install diffusers" in err
+        assert not (tmp_path / "x.json").exists()
+
+
+def test_pytest_benchmark_suite_times_the_same_cases(smoke, monkeypatch):
+    """benchmarks/test_bench_cpu.py (pytest-benchmark) is generated from the driver's case list:
+    at the smoke preset its cases are exactly the (case, implementation) rows of `anisodiff bench
+    --smoke`."""
+    monkeypatch.setenv("ANISODIFF_BENCH_PRESET", "smoke")
+    spec = importlib.util.spec_from_file_location("anisodiff_bench_pytest",
+                                                  ROOT / "benchmarks" / "test_bench_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ours = {(op, kind, B, tuple(shape), dt, mod._impl_label(impl))
+            for op, kind, B, shape, dt, impl in mod.CASES}
+    theirs = {(r["op"], r["kind"], r["B"], (r["C"], r["H"], r["W"]), r["dtype"], r["impl"])
+              for r in smoke[2]["results"]}
+    assert ours == theirs
