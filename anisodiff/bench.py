@@ -867,11 +867,48 @@ def _case_summary(rows: list[dict]) -> dict:
     }
 
 
+# Issue 3's goals for the CUDA add_noise (fractions of the measured copy bandwidth, speed-ups).
+CUDA_GOALS = {"squeeze_pct_copy": 85.0, "squeeze_min_tensor_bytes": 32 * 2**20,
+              "spectral_pct_copy": 60.0, "spectral_planes": (32, 64),
+              "vs_official_sdm": 50.0, "official_case": {"B": 128, "shape": (3, 32, 32)},
+              "vs_eager": 4.0, "vs_compile": 2.0}
+
+
+def cuda_goals(cases: list[dict]) -> list[dict]:
+    """Issue 3's goals per add_noise case where the CUDA backend ran: % of copy bandwidth for
+    squeeze-only fp32 (>= 32 MB per tensor) and spectral (32x32, 64x64) cases, and the speed-ups
+    over the official SDM loop (B=128, 3x32x32), eager PyTorch and torch.compile of it."""
+    g, out = CUDA_GOALS, []
+    for c in cases:
+        cu = c.get("backends", {}).get("cuda")
+        if cu is None or c["op"] != "add_noise":
+            continue
+        key = {k: c[k] for k in ("op", "kind", "B", "C", "H", "W", "dtype")}
+
+        def add(goal, value, target):
+            out.append({"goal": goal, "issue": 3, **key, "value": value, "target": target,
+                        "met": value >= target, "reliable": c["reliable"]})
+        per_tensor = c["bytes"] / TRAFFIC_TENSORS["add_noise"]
+        if c["kind"] in SQUEEZE_ONLY_KINDS and c["dtype"] == "fp32" and per_tensor >= g["squeeze_min_tensor_bytes"]:
+            add("cuda_squeeze_pct_copy", cu["pct_copy_bw"], g["squeeze_pct_copy"])
+        if c["kind"] in SPECTRAL_KINDS and c["H"] == c["W"] and c["H"] in g["spectral_planes"]:
+            add("cuda_spectral_pct_copy", cu["pct_copy_bw"], g["spectral_pct_copy"])
+        sp = cu["speedups"]
+        oc = g["official_case"]
+        if "official_sdm" in sp and c["B"] == oc["B"] and (c["C"], c["H"], c["W"]) == oc["shape"]:
+            add("cuda_vs_official_sdm", sp["official_sdm"], g["vs_official_sdm"])
+        if "eager_vectorised" in sp:
+            add("cuda_vs_eager", sp["eager_vectorised"], g["vs_eager"])
+        if "compiled_eager" in sp:
+            add("cuda_vs_compile", sp["compiled_eager"], g["vs_compile"])
+    return out
+
+
 def backend_goals(cases: list[dict]) -> list[dict]:
     """Issue 4's goals per case where the Triton and the CUDA backend both ran: Triton's time
     within :data:`TRITON_VS_CUDA_TARGET` x CUDA's, and Triton faster than torch.compile of the
-    eager code (where that baseline ran in the case)."""
-    out = []
+    eager code (where that baseline ran in the case); then issue 3's (:func:`cuda_goals`)."""
+    out = cuda_goals(cases)
     for c in cases:
         b = c.get("backends", {})
         if "triton" not in b or "cuda" not in b:
@@ -1058,19 +1095,27 @@ def format_table(report: dict, details: bool = False) -> str:
 
 
 def _backend_goal_lines(goals: list[dict]) -> list[str]:
-    """Issue 4's verdicts, one line per goal: met in how many cases, the worst case."""
+    """Issue 3's and 4's verdicts, one line per goal: met in how many cases, the worst case."""
     lines = []
-    for name, what, worst in (
-            ("triton_within_cuda", f"Triton time <= {TRITON_VS_CUDA_TARGET:g} x CUDA time", max),
-            ("triton_beats_compile", "Triton faster than torch.compile(eager)", min)):
+    g3 = CUDA_GOALS
+    for name, what, worst, unit, issue in (
+            ("cuda_squeeze_pct_copy", f"CUDA squeeze-only fp32 >= {g3['squeeze_pct_copy']:g}% of copy "
+             "bandwidth at >= 32 MB per tensor", min, "% copy", 3),
+            ("cuda_spectral_pct_copy", f"CUDA spectral 32x32/64x64 >= {g3['spectral_pct_copy']:g}% of "
+             "copy bandwidth", min, "% copy", 3),
+            ("cuda_vs_official_sdm", f"CUDA >= {g3['vs_official_sdm']:g}x the official SDM loop", min,
+             "x speed-up", 3),
+            ("cuda_vs_eager", f"CUDA >= {g3['vs_eager']:g}x eager PyTorch", min, "x speed-up", 3),
+            ("cuda_vs_compile", f"CUDA >= {g3['vs_compile']:g}x torch.compile(eager)", min, "x speed-up", 3),
+            ("triton_within_cuda", f"Triton time <= {TRITON_VS_CUDA_TARGET:g} x CUDA time", max, "x CUDA", 4),
+            ("triton_beats_compile", "Triton faster than torch.compile(eager)", min, "x speed-up", 4)):
         gs = [g for g in goals if g["goal"] == name]
         if not gs:
             continue
         w = worst(gs, key=lambda g: g["value"])
         met = sum(g["met"] for g in gs)
         unrel = sum(not g["reliable"] for g in gs)
-        unit = "x CUDA" if name == "triton_within_cuda" else "x speed-up"
-        lines.append(f"issue 4 goal ({what}): met in {met} of {len(gs)} cases -> "
+        lines.append(f"issue {issue} goal ({what}): met in {met} of {len(gs)} cases -> "
                      f"{'MET' if met == len(gs) else 'NOT MET'}; worst {w['value']:.2f} {unit} at "
                      f"{w['op']} {w['kind']} B={w['B']} {w['C']}x{w['H']}x{w['W']} {w['dtype']}"
                      + (f" ({unrel} cases UNRELIABLE)" if unrel else ""))

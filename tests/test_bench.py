@@ -244,8 +244,9 @@ def test_issue_4_goals_from_the_cases():
         base = {"op": "add_noise", "kind": "sdm", "B": 128, "C": 3, "H": 32, "W": 32,
                 "dtype": "fp32", "reliable": True}
         sp = {} if comp is None else {"compiled_eager": comp / tri}
-        return {**base, "backends": {"cuda": {"median_ms": cu, "speedups": {}},
-                                     "triton": {"median_ms": tri, "speedups": sp}}}
+        return {**base, "bytes": 3 * 128 * 3 * 32 * 32 * 4,
+                "backends": {"cuda": {"median_ms": cu, "speedups": {}, "pct_copy_bw": 50.0},
+                             "triton": {"median_ms": tri, "speedups": sp}}}
     goals = bench.backend_goals([case(1.2, 1.0, comp=2.0), case(1.4, 1.0), {"backends": {"cpu": {}}}])
     within = [g for g in goals if g["goal"] == "triton_within_cuda"]
     assert [g["met"] for g in within] == [True, False]
@@ -254,6 +255,33 @@ def test_issue_4_goals_from_the_cases():
     assert beats["met"] and beats["value"] == pytest.approx(2.0 / 1.2)
     lines = "\n".join(bench._backend_goal_lines(goals))
     assert "met in 1 of 2 cases -> NOT MET" in lines and "worst 1.40 x CUDA" in lines
+
+
+def test_issue_3_goals_from_the_cases():
+    """CUDA add_noise: % of copy bandwidth where the issue sets it, speed-ups over the baselines."""
+    def case(kind, B, C, H, pct, dtype="fp32", **speedups):
+        return {"op": "add_noise", "kind": kind, "B": B, "C": C, "H": H, "W": H, "dtype": dtype,
+                "reliable": True, "bytes": 3 * B * C * H * H * 4,
+                "backends": {"cuda": {"median_ms": 1.0, "pct_copy_bw": pct, "speedups": speedups}}}
+    cases = [case("sdm", 512, 4, 128, 90.0),                 # 128 MB per tensor: counted, met
+             case("sdm", 16, 3, 32, 10.0),                   # 196 KB per tensor: not counted
+             case("hdm", 512, 4, 128, 80.0, dtype="bf16"),   # bf16: not counted
+             case("sdm_powerlaw", 128, 3, 64, 59.0),         # spectral 64x64: counted, missed
+             case("band", 128, 3, 128, 10.0),                # 128x128: not counted
+             case("sdm", 128, 3, 32, 30.0, official_sdm=60.0, eager_vectorised=3.9, compiled_eager=2.5)]
+    goals = bench.cuda_goals(cases)
+    by = {}
+    for g in goals:
+        by.setdefault(g["goal"], []).append((g["kind"], g["value"], g["met"]))
+    assert by["cuda_squeeze_pct_copy"] == [("sdm", 90.0, True)]
+    assert by["cuda_spectral_pct_copy"] == [("sdm_powerlaw", 59.0, False)]
+    assert by["cuda_vs_official_sdm"] == [("sdm", 60.0, True)]
+    assert by["cuda_vs_eager"] == [("sdm", 3.9, False)]
+    assert by["cuda_vs_compile"] == [("sdm", 2.5, True)]
+    assert all(g["issue"] == 3 for g in goals)
+    lines = "\n".join(bench._backend_goal_lines(goals))
+    assert "issue 3 goal (CUDA spectral 32x32/64x64 >= 60% of copy bandwidth): met in 0 of 1" in lines
+    assert "issue 3 goal (CUDA >= 4x eager PyTorch): met in 0 of 1 cases -> NOT MET; worst 3.90" in lines
 
 
 def test_presets_cover_the_matrix():
