@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 
 #include "cpu/noise_cpu.h"
+#ifdef ANISO_WITH_CUDA
+#include "cuda/noise_cuda.h"
+#endif
 
 #ifndef ANISO_VERSION
 #define ANISO_VERSION "unknown"
@@ -41,8 +44,42 @@ PYBIND11_MODULE(_C, m) {
       }
     }
     info["cuda_archs"] = archs;
+#ifdef ANISO_WITH_CUDA
+    // Spectral specs (and per-sample normalisation) run fused, one CTA per sample, when a sample's
+    // planes fit in shared memory; otherwise two-pass through a global workspace (cuda_plan tells).
+    info["cuda_fused_smem_limit"] =
+        "device opt-in shared memory per block (227 KiB on sm_90): 16*ceil(C/2)*H*W + 8*(H+W) bytes "
+        "(+ 4*C*H*W for two independent draws), e.g. 64x64 with C <= 4 is fused, 128x128 is two-pass";
+#endif
     info["cpu_capability"] = anisodiff::cpu::capability();
     info["cpu_capabilities_compiled"] = anisodiff::cpu::compiled_capabilities();
     return info;
   });
+#ifdef ANISO_WITH_CUDA
+  // Which CUDA path a [B, C, H, W] problem takes on `device` (for benchmarks and reports).
+  m.def(
+      "cuda_plan",
+      [](int64_t batch, int64_t channels, int64_t height, int64_t width, bool spectral, int draws,
+         bool per_sample_norm, int device) {
+        anisodiff::NoiseProblem p;
+        p.batch = batch;
+        p.channels = channels;
+        p.height = height;
+        p.width = width;
+        p.draws = draws;
+        static const float dummy = 0.f;  // only tested against nullptr by the planner
+        p.weights = spectral ? &dummy : nullptr;
+        p.per_sample_norm = per_sample_norm;
+        const anisodiff::cuda::LaunchPlan plan = anisodiff::cuda::plan_launch(p, device);
+        py::dict out;
+        out["path"] = plan.error ? "unsupported" : anisodiff::cuda::path_name(plan.path);
+        out["smem_bytes"] = plan.smem_bytes;
+        out["smem_limit"] = plan.smem_limit;
+        out["workspace_bytes"] = plan.workspace_bytes;
+        if (plan.error) out["error"] = plan.error;
+        return out;
+      },
+      py::arg("batch"), py::arg("channels"), py::arg("height"), py::arg("width"), py::arg("spectral") = true,
+      py::arg("draws") = 1, py::arg("per_sample_norm") = false, py::arg("device") = 0);
+#endif
 }

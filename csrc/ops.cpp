@@ -1,120 +1,20 @@
-// torch glue: the anisodiff op schemas and their CPU implementations. Checks here are the last line
-// of defence (the Python layer validates first with friendlier messages): nothing reaches the kernel
-// that could make it read out of bounds.
+// torch glue: the anisodiff op schemas and their CPU implementations. The argument checks are shared
+// with the CUDA glue (ops_common.cpp); the CUDA implementations live in cuda/ops_cuda.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "cpu/noise_cpu.h"
+#include "ops_common.h"
 
 namespace anisodiff {
 namespace {
 
-DType storage_dtype(at::ScalarType st, const char* name) {
-  switch (st) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", st);
-  }
-}
-
-TensorArg tensor_arg(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D [B, C, H, W] tensor, got ", t.dim(), "-D");
-  TensorArg a;
-  a.data = const_cast<void*>(t.data_ptr());
-  a.dtype = storage_dtype(t.scalar_type(), name);
-  for (int i = 0; i < 4; ++i) a.stride[i] = t.stride(i);
-  return a;
-}
-
-void fill_spatial(NoiseProblem& p, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
-                  int64_t normalize, const at::Tensor& st);
-
-at::Tensor checked_stream(const at::Tensor& stream) {
-  TORCH_CHECK(stream.device().is_cpu() && stream.scalar_type() == at::kLong && stream.numel() == 2,
-              "stream: expected an int64 CPU tensor [seed, offset]");
-  return stream.contiguous();
-}
-
-// Fills the parts of the problem shared by add_noise and shaped_noise and checks them.
-void fill_operator(NoiseProblem& p, const at::Tensor& timesteps, const at::Tensor& coef,
-                   const at::Tensor& axes, const std::optional<at::Tensor>& weights,
-                   at::ArrayRef<double> gammas, int64_t variant, int64_t normalize,
-                   const at::Tensor& stream) {
-  for (const at::Tensor* t : {&timesteps, &coef, &axes})
-    TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
-  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous(),
-              "coef: expected a contiguous float32 [T, 2 + k] table");
-  TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous(),
-              "axes: expected a contiguous float32 [C, k] tensor");
-  const int64_t k = axes.size(1);
-  TORCH_CHECK(axes.size(0) == p.channels, "axes: has ", axes.size(0), " rows but the noise has ",
-              p.channels, " channels");
-  TORCH_CHECK(k <= kMaxAxes, "axes: at most ", kMaxAxes, " principal axes are supported, got ", k);
-  TORCH_CHECK(coef.size(1) == 2 + k, "coef: expected ", 2 + k, " columns, got ", coef.size(1));
-  TORCH_CHECK(coef.size(0) >= 1, "coef: must have at least one row");
-  TORCH_CHECK(timesteps.scalar_type() == at::kLong && timesteps.dim() == 1 &&
-                  timesteps.size(0) == p.batch && timesteps.is_contiguous(),
-              "timesteps: expected a contiguous int64 tensor of shape [", p.batch, "]");
-  TORCH_CHECK(variant == 0 || variant == 1, "variant: expected 0 (sdm) or 1 (heisenberg)");
-  TORCH_CHECK(variant == 0 || k < p.channels, "variant: heisenberg needs k < C");
-  const at::Tensor st = checked_stream(stream);
-  const int64_t* ts = timesteps.data_ptr<int64_t>();
-  for (int64_t b = 0; b < p.batch; ++b)
-    TORCH_CHECK(ts[b] >= 0 && ts[b] < coef.size(0), "timesteps: value ", ts[b], " at index ", b,
-                " is outside [0, ", coef.size(0), ")");
-  p.timesteps = ts;
-  p.coef = coef.data_ptr<float>();
-  p.coef_rows = coef.size(0);
-  p.k = (int)k;
-  p.axes = axes.data_ptr<float>();
-  p.variant = variant == 1 ? SqueezeVariant::kHeisenberg : SqueezeVariant::kSDM;
-  fill_spatial(p, weights, gammas, normalize, st);
-}
-
-// The spatial part and the stream, shared by every op.
-void fill_spatial(NoiseProblem& p, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
-                  int64_t normalize, const at::Tensor& st) {
-  TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
-  TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
-  TORCH_CHECK(!weights.has_value() || weights->device().is_cpu(),
-              "anisodiff CPU kernel: every tensor must be on the CPU");
-  const int64_t seed = st.data_ptr<int64_t>()[0], offset = st.data_ptr<int64_t>()[1];
-  TORCH_CHECK(seed >= 0 && offset >= 0, "stream: seed and offset must be non-negative");
-  p.draws = (int)gammas.size();
-  for (int d = 0; d < p.draws; ++d) p.gammas[d] = (float)gammas[d];
-  if (weights.has_value()) {
-    const at::Tensor& w = *weights;
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
-                    w.size(0) == p.draws && w.size(1) == p.height && w.size(2) == p.width,
-                "weights: expected a contiguous float32 [", p.draws, ", ", p.height, ", ", p.width,
-                "] tensor");
-    p.weights = w.data_ptr<float>();
-  }
-  TORCH_CHECK(weights.has_value() || p.draws == 1, "gammas: two draws need two weight tables");
-  p.per_sample_norm = normalize == 1;
-  p.seed = (uint64_t)seed;
-  p.offset = (uint64_t)offset;
-}
-
-void fill_noise(NoiseProblem& p, const std::optional<at::Tensor>& noise) {
-  if (!noise.has_value()) return;
-  const at::Tensor& n = *noise;
-  TORCH_CHECK(n.device().is_cpu(), "noise: the CPU kernel needs it on the CPU");
-  TORCH_CHECK(n.dim() == 5 && n.size(0) == p.draws && n.size(1) == p.batch &&
-                  n.size(2) == p.channels && n.size(3) == p.height && n.size(4) == p.width,
-              "noise: expected shape [", p.draws, ", ", p.batch, ", ", p.channels, ", ", p.height,
-              ", ", p.width, "], got ", n.sizes());
-  for (int d = 0; d < p.draws; ++d) p.noise[d] = tensor_arg(n.select(0, d), "noise");
-}
-
 void launch_cpu(const NoiseProblem& p) {
-  if (p.batch == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return;
+  if (is_empty(p)) return;
   const cpu::CpuLaunch launch(p);
   at::parallel_for(0, launch.num_groups(), 1,
                    [&](int64_t begin, int64_t end) { launch.run(begin, end); });
@@ -125,24 +25,10 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
     const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
     int64_t normalize, int64_t target, const at::Tensor& stream,
     const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(x0.dim() == 4, "x0: expected a 4-D [B, C, H, W] tensor, got ", x0.dim(), "-D");
-  TORCH_CHECK(target >= 0 && target <= 3, "target: expected 0..3");
-  TORCH_CHECK(x0.device().is_cpu(), "x0: the CPU kernel needs it on the CPU");
-  NoiseProblem p;
-  p.batch = x0.size(0);
-  p.channels = x0.size(1);
-  p.height = x0.size(2);
-  p.width = x0.size(3);
-  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, stream);
-  fill_noise(p, noise);
-  at::Tensor x_t = at::empty_like(x0);
-  at::Tensor out = at::empty_like(x0);
-  p.x0 = tensor_arg(x0, "x0");
-  p.x_t = tensor_arg(x_t, "x_t");
-  p.out = tensor_arg(out, "target");
-  p.target = static_cast<Target>(target);
-  launch_cpu(p);
-  return {x_t, out};
+  PreparedOp op = prepare_add_noise(KernelDevice::cpu(), x0, timesteps, coef, axes, weights, gammas,
+                                    variant, normalize, target, stream, noise);
+  launch_cpu(op.problem);
+  return {op.out0, op.out1};
 }
 
 at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timesteps,
@@ -150,20 +36,10 @@ at::Tensor shaped_noise_cpu(c10::SymIntArrayRef shape, const at::Tensor& timeste
                             const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
                             int64_t variant, int64_t normalize, const at::Tensor& stream,
                             const std::optional<at::Tensor>& noise, at::ScalarType dtype) {
-  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
-  TORCH_CHECK(sizes.size() == 4, "shape: expected [B, C, H, W], got ", sizes);
-  for (int64_t s : sizes) TORCH_CHECK(s >= 0, "shape: sizes must be non-negative, got ", sizes);
-  NoiseProblem p;
-  p.batch = sizes[0];
-  p.channels = sizes[1];
-  p.height = sizes[2];
-  p.width = sizes[3];
-  fill_operator(p, timesteps, coef, axes, weights, gammas, variant, normalize, stream);
-  fill_noise(p, noise);
-  at::Tensor out = at::empty(sizes, coef.options().dtype(dtype));
-  p.out = tensor_arg(out, "out");
-  launch_cpu(p);
-  return out;
+  PreparedOp op = prepare_shaped_noise(KernelDevice::cpu(), shape, timesteps, coef, axes, weights,
+                                       gammas, variant, normalize, stream, noise, dtype);
+  launch_cpu(op.problem);
+  return op.out0;
 }
 
 std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
@@ -171,39 +47,10 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
     const at::Tensor& axes, const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
     int64_t normalize, int64_t clip, double clip_range, const at::Tensor& stream,
     const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(sample.dim() == 4, "sample: expected a 4-D [B, C, H, W] tensor, got ", sample.dim(), "-D");
-  TORCH_CHECK(model_output.sizes() == sample.sizes(), "model_output: expected shape ", sample.sizes(),
-              ", got ", model_output.sizes());
-  for (const at::Tensor* t : {&sample, &model_output, &params, &axes})
-    TORCH_CHECK(t->device().is_cpu(), "anisodiff CPU kernel: every tensor must be on the CPU");
-  NoiseProblem p;
-  p.batch = sample.size(0);
-  p.channels = sample.size(1);
-  p.height = sample.size(2);
-  p.width = sample.size(3);
-  TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous() &&
-                  axes.size(0) == p.channels && axes.size(1) <= kMaxAxes,
-              "axes: expected a contiguous float32 [C, k] tensor with k <= ", kMaxAxes);
-  const int64_t k = axes.size(1);
-  TORCH_CHECK(params.scalar_type() == at::kFloat && params.is_contiguous() && params.dim() == 2 &&
-                  params.size(0) == p.batch && params.size(1) == 2 + 4 * (1 + k),
-              "params: expected a contiguous float32 [", p.batch, ", ", 2 + 4 * (1 + k), "] tensor");
-  TORCH_CHECK(clip >= 0 && clip <= 2, "clip: expected 0 (none), 1 (plain) or 2 (in S^-1 coordinates)");
-  fill_spatial(p, weights, gammas, normalize, checked_stream(stream));
-  fill_noise(p, noise);
-  p.axes = axes.data_ptr<float>();
-  p.step_k = (int)k;
-  p.step_params = params.data_ptr<float>();
-  p.step_clip = (int)clip;
-  p.clip_range = (float)clip_range;
-  p.step_x = tensor_arg(sample, "sample");
-  p.step_eps = tensor_arg(model_output, "model_output");
-  at::Tensor x_prev = at::empty_like(sample);
-  at::Tensor x0 = at::empty_like(sample);
-  p.out = tensor_arg(x_prev, "x_prev");
-  p.out_x0 = tensor_arg(x0, "x0_hat");
-  launch_cpu(p);
-  return {x_prev, x0};
+  PreparedOp op = prepare_ddpm_step(KernelDevice::cpu(), sample, model_output, params, axes, weights,
+                                    gammas, normalize, clip, clip_range, stream, noise);
+  launch_cpu(op.problem);
+  return {op.out0, op.out1};
 }
 
 }  // namespace

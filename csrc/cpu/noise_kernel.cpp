@@ -379,14 +379,6 @@ void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, 
   apply_channels(e, p.axes, p.k, (int)p.channels, squeeze_coeffs(r, p.k, (int)p.channels, p.variant), proj, HW);
 }
 
-// A step matrix given as (perp, axes[k]) eigenvalues.
-SqueezeCoeffs step_matrix(const float* m, int k, bool inverse) {
-  SqueezeCoeffs sc;
-  sc.g = inverse ? 1.f / m[0] : m[0];
-  for (int i = 0; i < kMaxAxes; ++i) sc.f_minus_g[i] = i < k ? (inverse ? 1.f / m[1 + i] : m[1 + i]) - sc.g : 0.f;
-  return sc;
-}
-
 // One DDPM step for sample b; n: its generated (spatially shaped) noise planes.
 void step_sample(const NoiseProblem& p, int64_t b, float* __restrict n, const Workspace& ws) {
   const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W;

@@ -11,7 +11,7 @@
 namespace anisodiff {
 
 ANISO_HD uint32_t float_bits(float f) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -21,7 +21,7 @@ ANISO_HD uint32_t float_bits(float f) {
 }
 
 ANISO_HD float bits_float(uint32_t u) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
   float f;

@@ -42,6 +42,10 @@ struct NoiseProblem {
 
   // White noise: the canonical stream (seed, offset), or the caller's draws when noise[d].data is set.
   uint64_t seed = 0, offset = 0;
+  // CUDA only: when set, seed and offset are read by the kernel from this device pointer to the int64
+  // [seed, offset] stream tensor (no host read, so CUDA-graph replays see the caller's updates).
+  // The CPU kernel ignores it.
+  const int64_t* stream_ptr = nullptr;
   TensorArg noise[2];
 
   // add_noise reads x0 and writes x_t and the target into out; shaped_noise writes the noise into out.

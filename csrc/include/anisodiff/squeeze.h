@@ -40,4 +40,13 @@ ANISO_HD void squeeze_pixel(const float* e, float* out, const float* axes, int c
   }
 }
 
+// A ddpm_step channel matrix given by its eigenvalues (perp, axes[k]): m[0] on the orthogonal
+// complement, m[1 + i] on axis i (or their reciprocals, for the inverse).
+ANISO_HD SqueezeCoeffs step_matrix(const float* m, int k, bool inverse) {
+  SqueezeCoeffs sc;
+  sc.g = inverse ? 1.f / m[0] : m[0];
+  for (int i = 0; i < kMaxAxes; ++i) sc.f_minus_g[i] = i < k ? (inverse ? 1.f / m[1 + i] : m[1 + i]) - sc.g : 0.f;
+  return sc;
+}
+
 }  // namespace anisodiff

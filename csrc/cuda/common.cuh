@@ -1,0 +1,620 @@
+// Device helpers shared by the CUDA kernels: the stream, strided I/O, the per-pixel epilogues
+// (squeeze + mix, the DDPM step), block reductions and the shared-memory Stockham FFT. The math
+// itself (Philox, squeeze, mix, dtype conversions, FFT factorisation) is the header-only code in
+// csrc/include/anisodiff, identical to the CPU kernel's.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "anisodiff/dtype.h"
+#include "anisodiff/mix.h"
+#include "anisodiff/philox.h"
+#include "anisodiff/problem.h"
+#include "anisodiff/spectral.h"
+#include "anisodiff/squeeze.h"
+
+namespace anisodiff {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Stream, coefficients
+// ---------------------------------------------------------------------------------------------
+struct Stream {
+  uint64_t seed, offset;
+};
+
+// A device stream tensor is read here, at run time (CUDA-graph replays see its current value);
+// negative values are not checked on the device and act as their unsigned bit patterns.
+__device__ __forceinline__ Stream read_stream(const NoiseProblem& p) {
+  if (p.stream_ptr != nullptr) return Stream{(uint64_t)p.stream_ptr[0], (uint64_t)p.stream_ptr[1]};
+  return Stream{p.seed, p.offset};
+}
+
+// Row of the coefficient table for sample b. Timesteps on the device are not validated on the host
+// (that would synchronise); the index is clamped into [0, coef_rows) so it never reads out of bounds.
+__device__ __forceinline__ const float* coef_row(const NoiseProblem& p, int64_t b) {
+  int64_t t = __ldg(p.timesteps + b);
+  t = t < 0 ? 0 : (t >= p.coef_rows ? p.coef_rows - 1 : t);
+  return p.coef + t * (2 + p.k);
+}
+
+// Element `lane` (0..3, known only at run time) of a 4-vector without dynamic register indexing.
+__device__ __forceinline__ float pick4(const float v[4], int lane) {
+  return lane == 0 ? v[0] : (lane == 1 ? v[1] : (lane == 2 ? v[2] : v[3]));
+}
+
+// One white normal: element i of draw `draw` of the stream.
+__device__ __forceinline__ float stream_normal(const Stream& st, uint32_t draw, int64_t i) {
+  float v[4];
+  randn4(st.seed, st.offset + (uint64_t)(i >> 2), draw, v);
+  return pick4(v, (int)(i & 3));
+}
+
+// Elements i0 .. i0 + n - 1 (n <= 4) of draw `draw`: at most two Philox calls.
+__device__ __forceinline__ void stream_quad(const Stream& st, uint32_t draw, int64_t i0, int n, float out[4]) {
+  const uint64_t q = (uint64_t)(i0 >> 2);
+  const int r = (int)(i0 & 3);
+  float lo[4], hi[4] = {0.f, 0.f, 0.f, 0.f};
+  randn4(st.seed, st.offset + q, draw, lo);
+  if (r == 0) {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = lo[l];
+    return;
+  }
+  if (r + n > 4) randn4(st.seed, st.offset + q + 1, draw, hi);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) out[l] = (r + l < 4) ? pick4(lo, r + l) : pick4(hi, r + l - 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strided I/O of float32 / float16 / bfloat16 tensors
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
+  return dt == DType::kFloat16 ? fp16_to_float(bits) : bf16_to_float(bits);
+}
+
+__device__ __forceinline__ uint16_t from_float(float v, DType dt) {
+  return dt == DType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
+}
+
+__device__ __forceinline__ float load_elem(const TensorArg& t, int64_t idx) {
+  if (t.dtype == DType::kFloat32) return static_cast<const float*>(t.data)[idx];
+  return to_float(static_cast<const uint16_t*>(t.data)[idx], t.dtype);
+}
+
+__device__ __forceinline__ void store_elem(const TensorArg& t, int64_t idx, float v) {
+  if (t.dtype == DType::kFloat32) {
+    static_cast<float*>(t.data)[idx] = v;
+  } else {
+    static_cast<uint16_t*>(t.data)[idx] = from_float(v, t.dtype);
+  }
+}
+
+// The (h, w) of 4 consecutive pixels hw0 .. hw0 + 3 of a plane (rows may wrap).
+struct QuadPos {
+  int64_t h[4], w[4];
+};
+
+__device__ __forceinline__ QuadPos quad_pos(int64_t hw0, int64_t W) {
+  QuadPos q;
+  int64_t h = hw0 / W, w = hw0 - h * W;
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    q.h[l] = h;
+    q.w[l] = w;
+    if (++w == W) {
+      w = 0;
+      ++h;
+    }
+  }
+  return q;
+}
+
+// kVec: every tensor is plane-contiguous (stride[3] == 1, stride[2] == W), its batch and channel
+// strides and base address are multiples of 4 elements and H * W % 4 == 0 (checked by the
+// launcher), so the 4 pixels of a quad are one aligned 16-byte (fp32) or 8-byte (16-bit) access.
+template <bool kVec>
+__device__ __forceinline__ void load_quad(const TensorArg& t, int64_t b, int64_t c, int64_t hw0, int n,
+                                          const QuadPos& pos, float out[4]) {
+  if (kVec) {
+    const int64_t base = b * t.stride[0] + c * t.stride[1] + hw0;
+    if (t.dtype == DType::kFloat32) {
+      const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + base);
+      out[0] = v.x;
+      out[1] = v.y;
+      out[2] = v.z;
+      out[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(t.data) + base);
+      out[0] = to_float((uint16_t)(v.x & 0xFFFFu), t.dtype);
+      out[1] = to_float((uint16_t)(v.x >> 16), t.dtype);
+      out[2] = to_float((uint16_t)(v.y & 0xFFFFu), t.dtype);
+      out[3] = to_float((uint16_t)(v.y >> 16), t.dtype);
+    }
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = l < n ? load_elem(t, t.index(b, c, pos.h[l], pos.w[l])) : 0.f;
+  }
+}
+
+template <bool kVec>
+__device__ __forceinline__ void store_quad(const TensorArg& t, int64_t b, int64_t c, int64_t hw0, int n,
+                                           const QuadPos& pos, const float v[4]) {
+  if (kVec) {
+    const int64_t base = b * t.stride[0] + c * t.stride[1] + hw0;
+    if (t.dtype == DType::kFloat32) {
+      *reinterpret_cast<float4*>(static_cast<float*>(t.data) + base) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      uint2 o;
+      o.x = (uint32_t)from_float(v[0], t.dtype) | ((uint32_t)from_float(v[1], t.dtype) << 16);
+      o.y = (uint32_t)from_float(v[2], t.dtype) | ((uint32_t)from_float(v[3], t.dtype) << 16);
+      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + base) = o;
+    }
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+      if (l < n) store_elem(t, t.index(b, c, pos.h[l], pos.w[l]), v[l]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel loops with a register cache: channels c < K keep the values `load` produced in `cache`
+// (compile-time indices, so the cache stays in registers); channels c >= K are loaded again.
+// ---------------------------------------------------------------------------------------------
+template <int K, class V, class Load, class Body>
+__device__ __forceinline__ void channels_fill(int C, V (&cache)[K], Load load, Body body) {
+#pragma unroll
+  for (int c = 0; c < K; ++c)
+    if (c < C) {
+      cache[c] = load(c);
+      body(c, cache[c]);
+    }
+  for (int c = K; c < C; ++c) body(c, load(c));
+}
+
+template <int K, class V, class Load, class Body>
+__device__ __forceinline__ void channels_cached(int C, const V (&cache)[K], Load load, Body body) {
+#pragma unroll
+  for (int c = 0; c < K; ++c)
+    if (c < C) body(c, cache[c]);
+  for (int c = K; c < C; ++c) body(c, load(c));
+}
+
+// m e for one channel c of a pixel: g e_c + sum_i (f_i - g) v_ci u_i with u_i = v_i . e (the CPU
+// kernel's apply_channels, same operation order).
+// KA: the most axes the caller handles (k <= KA); register arrays are sized by it.
+template <int KA>
+__device__ __forceinline__ float apply_matrix(const SqueezeCoeffs& m, float e_c, const float* axes, int c, int k,
+                                              const float (&u)[KA]) {
+  float out = m.g * e_c;
+#pragma unroll
+  for (int i = 0; i < KA; ++i)
+    if (i < k) out += (m.f_minus_g[i] * __ldg(axes + c * k + i)) * u[i];
+  return out;
+}
+
+template <int KA>
+__device__ __forceinline__ void project_add(float (&u)[KA], const float* axes, int c, int k, float e_c) {
+#pragma unroll
+  for (int i = 0; i < KA; ++i)
+    if (i < k) u[i] += __ldg(axes + c * k + i) * e_c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue of add_noise / shaped_noise for 4 consecutive pixels hw0 .. hw0 + n - 1 of sample b:
+// fetch(c, e) gives the shaped, not yet squeezed noise of channel c; apply S(t), then mix with x0
+// and store x_t and the target, or store the noise.
+// ---------------------------------------------------------------------------------------------
+struct Quad {
+  float v[4];
+};
+
+// KA (0, 2 or 8): the most axes handled (k <= KA; KA = 0 compiles the no-squeeze case only).
+template <int K, int KA, bool kVec, class Fetch>
+__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, int64_t b, int64_t hw0, int n,
+                                               const QuadPos& pos, Fetch fetch) {
+  const int C = (int)p.channels, k = p.k;
+  const float* row = coef_row(p, b);
+  const float a = __ldg(row), bc = __ldg(row + 1);
+  const SqueezeCoeffs sc = squeeze_coeffs(row + 2, k, C, p.variant);
+  auto load = [&](int c) {
+    Quad q;
+    fetch(c, q.v);
+    return q;
+  };
+  auto emit = [&](int c, const float nz[4]) {
+    if (p.x0.data != nullptr) {
+      float x0[4], xt[4], tg[4];
+      load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
+      store_quad<kVec>(p.x_t, b, c, hw0, n, pos, xt);
+      store_quad<kVec>(p.out, b, c, hw0, n, pos, tg);
+    } else {
+      store_quad<kVec>(p.out, b, c, hw0, n, pos, nz);
+    }
+  };
+  if (KA == 0 || k == 0) {  // no squeeze (the CPU kernel skips it too, so s = 0 stays bit-exact)
+    for (int c = 0; c < C; ++c) emit(c, load(c).v);
+    return;
+  }
+  // Two passes over the channels: the projections u_i = v_i . e, then S e per channel.
+  constexpr int KU = KA > 0 ? KA : 1;
+  float u[KU][4];
+#pragma unroll
+  for (int i = 0; i < KU; ++i)
+#pragma unroll
+    for (int l = 0; l < 4; ++l) u[i][l] = 0.f;
+  Quad cache[K];
+  channels_fill<K>(C, cache, load, [&](int c, const Quad& e) {
+#pragma unroll
+    for (int i = 0; i < KU; ++i)
+      if (i < k) {
+        const float v = __ldg(p.axes + c * k + i);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) u[i][l] += v * e.v[l];
+      }
+  });
+  channels_cached<K>(C, cache, load, [&](int c, const Quad& e) {
+    float s[4];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) s[l] = sc.g * e.v[l];
+#pragma unroll
+    for (int i = 0; i < KU; ++i)
+      if (i < k) {
+        const float coef = sc.f_minus_g[i] * __ldg(p.axes + c * k + i);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) s[l] += coef * u[i][l];
+      }
+    emit(c, s);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue of ddpm_step for one pixel (b, h, w); noise(c): the shaped step noise of channel c.
+//   x0_hat = (x_t - b_t eps) / a_t, clipped (1: as is, 2: in S(t)^-1 coordinates),
+//   x_prev = Ct x_t + (C0 x0_hat + Sig n)          (the CPU kernel's step_sample)
+// ---------------------------------------------------------------------------------------------
+struct StepVals {
+  float x, x0, n;
+};
+
+__device__ __forceinline__ float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+template <int K, int KA, class Noise>
+__device__ __forceinline__ void step_pixel(const NoiseProblem& p, int64_t b, int64_t h, int64_t w, Noise noise) {
+  const int C = (int)p.channels, k = p.step_k;
+  const float* q = p.step_params + b * (2 + 4 * (1 + k));
+  const float a = __ldg(q), bt = __ldg(q + 1);
+  const float* S = q + 2;
+  const float* C0 = S + (1 + k);
+  const float* Ct = C0 + (1 + k);
+  const float* Sig = Ct + (1 + k);
+  const float lo = -p.clip_range, hi = p.clip_range;
+  const float* axes = p.axes;
+  auto load = [&](int c) {
+    const float x = load_elem(p.step_x, p.step_x.index(b, c, h, w));
+    const float e = load_elem(p.step_eps, p.step_eps.index(b, c, h, w));
+    return StepVals{x, (x - bt * e) / a, noise(c)};
+  };
+  float u0[KA], uy[KA], uc0[KA], uct[KA], usig[KA];
+#pragma unroll
+  for (int i = 0; i < KA; ++i) u0[i] = uy[i] = uc0[i] = uct[i] = usig[i] = 0.f;
+  StepVals cache[K];
+  channels_fill<K>(C, cache, load, [&](int c, const StepVals& s) {
+    if (p.step_clip == 2) project_add(u0, axes, c, k, s.x0);
+    project_add(uct, axes, c, k, s.x);
+    project_add(usig, axes, c, k, s.n);
+  });
+  SqueezeCoeffs inv_s{}, mat_s{};
+  if (p.step_clip == 2) {
+    inv_s = step_matrix(S, k, true);
+    mat_s = step_matrix(S, k, false);
+    channels_cached<K>(C, cache, load, [&](int c, const StepVals& s) {
+      project_add(uy, axes, c, k, clampf(apply_matrix(inv_s, s.x0, axes, c, k, u0), lo, hi));
+    });
+  }
+  auto x0_hat = [&](int c, const StepVals& s) {
+    if (p.step_clip == 2) {
+      const float y = clampf(apply_matrix(inv_s, s.x0, axes, c, k, u0), lo, hi);
+      return apply_matrix(mat_s, y, axes, c, k, uy);
+    }
+    return p.step_clip == 1 ? clampf(s.x0, lo, hi) : s.x0;
+  };
+  channels_cached<K>(C, cache, load, [&](int c, const StepVals& s) {
+    const float x0 = x0_hat(c, s);
+    store_elem(p.out_x0, p.out_x0.index(b, c, h, w), x0);
+    project_add(uc0, axes, c, k, x0);
+  });
+  const SqueezeCoeffs m0 = step_matrix(C0, k, false), mt = step_matrix(Ct, k, false),
+                      ms = step_matrix(Sig, k, false);
+  channels_cached<K>(C, cache, load, [&](int c, const StepVals& s) {
+    const float x0 = x0_hat(c, s);
+    const float xt = apply_matrix(mt, s.x, axes, c, k, uct);
+    const float out = xt + (apply_matrix(m0, x0, axes, c, k, uc0) + apply_matrix(ms, s.n, axes, c, k, usig));
+    store_elem(p.out, p.out.index(b, c, h, w), out);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide double sum (blockDim.x a multiple of 32, at most 1024). Every thread returns the total;
+// the summation order is fixed, so the result is deterministic.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ double block_sum(double v, double* red /* [32] shared */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  double t = 0.0;
+  for (int i = 0; i < nw; ++i) t += red[i];
+  return t;
+}
+
+// 1 / (std(x, ddof=0) + 1e-8) of n values get(i), statistics in double (the CPU's normalize_plane).
+template <class Get>
+__device__ __forceinline__ float plane_inv_std(int n, double* red, Get get) {
+  double s = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)get(i);
+  const double mean = block_sum(s, red) / (double)n;
+  double ss = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const double d = (double)get(i) - mean;
+    ss += d * d;
+  }
+  ss = block_sum(ss, red);
+  return (float)(1.0 / (sqrt(ss / (double)n) + 1e-8));
+}
+
+// ---------------------------------------------------------------------------------------------
+// White noise into shared / global buffers: `nseg` segments of `len` consecutive stream elements,
+// segment s starting at element start(s); write(s, pos, value). One Philox call per counter.
+// ---------------------------------------------------------------------------------------------
+template <class Start, class Write>
+__device__ __forceinline__ void generate_segments(const Stream& st, uint32_t draw, int nseg, int len, Start start,
+                                                  Write write) {
+  const int per_seg = len / 4 + 2;  // counters a segment of len elements can touch
+  const int total = nseg * per_seg;
+  for (int it = threadIdx.x; it < total; it += blockDim.x) {
+    const int s = it / per_seg, jq = it - s * per_seg;
+    const int64_t first = start(s);
+    const int64_t q = (first >> 2) + jq;
+    if (4 * q >= first + len) continue;
+    float v[4];
+    randn4(st.seed, st.offset + (uint64_t)q, draw, v);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = 4 * q + l;
+      if (i >= first && i < first + len) write(s, (int)(i - first), v[l]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stockham FFT on lines held in shared memory. A line set addresses `count` lines of n complex
+// elements: line l starts at (l / inner) * outer_stride + (l % inner) * inner_stride, elements are
+// estride apart. tw[e] = exp(-2 pi i e / n) for e < n (sg = -1 conjugates: the inverse, unscaled).
+// Stage s with radix p and span ns: y[out0 + q ns] = sum_r (W_L^{r k} x[j + r m]) W_p^{r q},
+// L = ns p, k = j % ns, out0 = (j - k) p + k (as the CPU kernel's fft_stage).
+// ---------------------------------------------------------------------------------------------
+struct Lines {
+  int count, inner, inner_stride, outer_stride, estride;
+  __device__ __forceinline__ int base(int line) const {
+    const int o = line / inner;
+    return o * outer_stride + (line - o * inner) * inner_stride;
+  }
+};
+
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) {
+  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
+}
+__device__ __forceinline__ float2 cadd(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+__device__ __forceinline__ float2 csub(float2 a, float2 b) { return make_float2(a.x - b.x, a.y - b.y); }
+
+__device__ __forceinline__ float2 twiddle(const float2* tw, int e, float sg) {
+  const float2 t = tw[e];
+  return make_float2(t.x, sg * t.y);
+}
+
+// DFT4 of (a0, a1, a2, a3) in place; forward (sg = 1): y1 = d0 - i d1, y3 = d0 + i d1.
+__device__ __forceinline__ void dft4(float2& a0, float2& a1, float2& a2, float2& a3, float sg) {
+  const float2 s0 = cadd(a0, a2), d0 = csub(a0, a2), s1 = cadd(a1, a3), d1 = csub(a1, a3);
+  a0 = cadd(s0, s1);
+  a2 = csub(s0, s1);
+  a1 = make_float2(d0.x + sg * d1.y, d0.y - sg * d1.x);
+  a3 = make_float2(d0.x - sg * d1.y, d0.y + sg * d1.x);
+}
+
+// One butterfly (line base, j) of a radix-2/3/4/8 stage.
+__device__ __forceinline__ void butterfly(const float2* x, float2* y, int base, int es, int j, int m, int ns, int p,
+                                          int tstep, const float2* tw, float sg) {
+  const int k = j % ns;
+  const int out0 = (j - k) * p + k;
+  const float2* xin = x + base + j * es;
+  float2* yout = y + base + out0 * es;
+  const int xs = m * es, ys = ns * es;
+  if (p == 2) {
+    const float2 a = xin[0];
+    const float2 bb = cmul(xin[xs], twiddle(tw, k * tstep, sg));
+    yout[0] = cadd(a, bb);
+    yout[ys] = csub(a, bb);
+  } else if (p == 3) {
+    const float h = sg * 0.866025403784438647f;  // sin(2 pi / 3)
+    const float2 a0 = xin[0];
+    const float2 a1 = cmul(xin[xs], twiddle(tw, k * tstep, sg));
+    const float2 a2 = cmul(xin[2 * xs], twiddle(tw, 2 * k * tstep, sg));
+    const float2 s = cadd(a1, a2), d = csub(a1, a2);
+    const float2 mm = make_float2(a0.x - 0.5f * s.x, a0.y - 0.5f * s.y);
+    yout[0] = cadd(a0, s);
+    yout[ys] = make_float2(mm.x + h * d.y, mm.y - h * d.x);
+    yout[2 * ys] = make_float2(mm.x - h * d.y, mm.y + h * d.x);
+  } else if (p == 4) {
+    float2 a0 = xin[0];
+    float2 a1 = cmul(xin[xs], twiddle(tw, k * tstep, sg));
+    float2 a2 = cmul(xin[2 * xs], twiddle(tw, 2 * k * tstep, sg));
+    float2 a3 = cmul(xin[3 * xs], twiddle(tw, 3 * k * tstep, sg));
+    dft4(a0, a1, a2, a3, sg);
+    yout[0] = a0;
+    yout[ys] = a1;
+    yout[2 * ys] = a2;
+    yout[3 * ys] = a3;
+  } else {  // p == 8: DFT4 of the even and of the odd inputs, combined with w8^q
+    float2 a[8];
+    a[0] = xin[0];
+#pragma unroll
+    for (int r = 1; r < 8; ++r) a[r] = cmul(xin[r * xs], twiddle(tw, r * k * tstep, sg));
+    float2 e0 = a[0], e1 = a[2], e2 = a[4], e3 = a[6];
+    float2 o0 = a[1], o1 = a[3], o2 = a[5], o3 = a[7];
+    dft4(e0, e1, e2, e3, sg);
+    dft4(o0, o1, o2, o3, sg);
+    const float h = 0.707106781186547524f;
+    // forward w8 = (1 - i) / sqrt 2; the inverse conjugates
+    const float2 w1 = make_float2(h * (o1.x + sg * o1.y), h * (o1.y - sg * o1.x));
+    const float2 w2 = make_float2(sg * o2.y, -sg * o2.x);
+    const float2 w3 = make_float2(h * (sg * o3.y - o3.x), -h * (o3.y + sg * o3.x));
+    yout[0] = cadd(e0, o0);
+    yout[4 * ys] = csub(e0, o0);
+    yout[ys] = cadd(e1, w1);
+    yout[5 * ys] = csub(e1, w1);
+    yout[2 * ys] = cadd(e2, w2);
+    yout[6 * ys] = csub(e2, w2);
+    yout[3 * ys] = cadd(e3, w3);
+    yout[7 * ys] = csub(e3, w3);
+  }
+}
+
+// One output q of a generic-radix butterfly (any p): y_q = sum_r x_r W_L^{r (k + q ns) mod L}.
+__device__ __forceinline__ void butterfly_generic(const float2* x, float2* y, int base, int es, int j, int q, int m,
+                                                  int ns, int p, int tstep, const float2* tw, float sg) {
+  const int k = j % ns;
+  const int out0 = (j - k) * p + k;
+  const int L = ns * p;
+  const int step = k + q * ns;  // < L
+  const float2* xin = x + base + j * es;
+  float2 acc = xin[0];
+  int e = 0;
+  for (int r = 1; r < p; ++r) {
+    e += step;
+    if (e >= L) e -= L;
+    const float2 t = twiddle(tw, e * tstep, sg);
+    const float2 v = xin[r * m * es];
+    acc.x += v.x * t.x - v.y * t.y;
+    acc.y += v.x * t.y + v.y * t.x;
+  }
+  y[base + (out0 + q * ns) * es] = acc;
+}
+
+// Transforms every line of `lines` (length n, factors f) ping-ponging between x and y; returns the
+// buffer that holds the result. Called by all threads of the block (it synchronises per stage).
+__device__ __forceinline__ float2* fft_lines(float2* x, float2* y, int n, const FftFactors& f, const float2* tw,
+                                             float sg, const Lines& lines) {
+  int ns = 1;
+  for (int s = 0; s < f.count; ++s) {
+    const int p = f.radix[s], m = n / p, tstep = n / (ns * p);
+    const bool special = p == 2 || p == 3 || p == 4 || p == 8;
+    const int per_q = lines.count * m;
+    const int total = special ? per_q : per_q * p;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int qq = special ? 0 : idx / per_q;
+      const int rest = idx - qq * per_q;
+      int line, j;
+      if (lines.estride == 1) {  // rows: consecutive threads walk along the line
+        line = rest / m;
+        j = rest - line * m;
+      } else {  // columns: consecutive threads take neighbouring lines
+        j = rest / lines.count;
+        line = rest - j * lines.count;
+      }
+      const int base = lines.base(line);
+      if (special) {
+        butterfly(x, y, base, lines.estride, j, m, ns, p, tstep, tw, sg);
+      } else {
+        butterfly_generic(x, y, base, lines.estride, j, qq, m, ns, p, tstep, tw, sg);
+      }
+    }
+    __syncthreads();
+    float2* t = x;
+    x = y;
+    y = t;
+    ns *= p;
+  }
+  return x;
+}
+
+// tw[e] = exp(-2 pi i e / n), e < n, computed in double (as the CPU plan's tables) and rounded.
+__device__ __forceinline__ void build_twiddles(float2* tw, int n) {
+  for (int e = threadIdx.x; e < n; e += blockDim.x) {
+    double s, c;
+    sincospi(-2.0 * (double)e / (double)n, &s, &c);
+    tw[e] = make_float2((float)c, (float)s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory layouts (host and device agree on them).
+// ---------------------------------------------------------------------------------------------
+__host__ __device__ __forceinline__ size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+constexpr int kSpectralThreads = 512;
+
+// Fused path: twiddles, planes [P][H][W] complex (+ a ping-pong copy when spectral), a [C][H][W]
+// accumulator for two draws, the reduction scratch and per-channel scales.
+struct FusedLayout {
+  size_t tw_h, tw_w, buf_a, buf_b, acc, red, scale, total;
+};
+
+__host__ __device__ __forceinline__ FusedLayout fused_layout(int C, int H, int W, bool spectral, int draws) {
+  const size_t HW = (size_t)H * W, P = (size_t)(C + 1) / 2;
+  FusedLayout L;
+  L.tw_h = 0;
+  L.tw_w = align_up(L.tw_h + 8 * (size_t)H, 16);
+  L.buf_a = align_up(L.tw_w + 8 * (size_t)W, 16);
+  L.buf_b = align_up(L.buf_a + 8 * P * HW, 16);
+  L.acc = align_up(L.buf_b + (spectral ? 8 * P * HW : 0), 16);
+  L.red = align_up(L.acc + (draws > 1 ? 4 * (size_t)C * HW : 0), 16);
+  L.scale = L.red + 32 * sizeof(double);
+  L.total = align_up(L.scale + 4 * (size_t)C, 16);
+  return L;
+}
+
+// Two-pass filter kernel: twiddles, two tiles of `tile` complex elements, the reduction scratch.
+struct TileLayout {
+  size_t tw_h, tw_w, tile_a, tile_b, red, total;
+};
+
+__host__ __device__ __forceinline__ TileLayout tile_layout(int H, int W, int tile) {
+  TileLayout L;
+  L.tw_h = 0;
+  L.tw_w = align_up(8 * (size_t)H, 16);
+  L.tile_a = align_up(L.tw_w + 8 * (size_t)W, 16);
+  L.tile_b = align_up(L.tile_a + 8 * (size_t)tile, 16);
+  L.red = align_up(L.tile_b + 8 * (size_t)tile, 16);
+  L.total = L.red + 32 * sizeof(double);
+  return L;
+}
+
+// Geometry of a spectral launch (computed on the host).
+struct SpectralGeom {
+  int C, H, W, P;
+  FftFactors fh, fw;
+  int tile;           // two-pass: complex elements per tile
+  int rows_per_tile;  // two-pass row phases
+  int cols_per_tile;  // two-pass column phase
+};
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (defined in noise_elementwise.cu / noise_spectral.cu, used by noise_cuda.cu)
+// ---------------------------------------------------------------------------------------------
+// Elementwise add_noise / shaped_noise / ddpm_step; ws: the two-pass workspace [B, C, H, W] fp32
+// holding the finished spatial noise, or nullptr to generate / read the white noise here.
+cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec, int sm_count,
+                               cudaStream_t stream);
+cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, bool vec,
+                         cudaStream_t stream);
+cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, float2* cws,
+                                   float* ws, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace anisodiff

@@ -1,0 +1,51 @@
+// Launch interface of the fused CUDA noise kernels: a NoiseProblem (raw pointers, sizes, flags) and a
+// cudaStream_t, no torch types, so the kernels (*.cu) compile with nvcc alone. The torch glue
+// (ops_cuda.cpp) fills the problem, allocates the workspace a plan asks for and launches.
+//
+// Paths (see docs/cuda.md):
+//   elementwise  no spectral weights and no per-sample normalisation: one thread per 4 pixels of a
+//                sample (one Philox call serves 4 lanes), every channel, squeeze + mix in registers.
+//   fused        spectral weights or per-sample normalisation, and the sample's planes fit in shared
+//                memory: one CTA per sample, 2-D FFTs in shared memory, then the per-pixel epilogue.
+//   two_pass     the planes do not fit: one CTA per (sample, channel pair) filters through a global
+//                fp32 workspace, then the elementwise epilogue reads it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stddef.h>
+
+#include "anisodiff/problem.h"
+
+namespace anisodiff {
+namespace cuda {
+
+enum class Path : int { kNone = 0, kElementwise = 1, kFused = 2, kTwoPass = 3 };
+
+struct LaunchPlan {
+  Path path = Path::kNone;
+  size_t smem_bytes = 0;       // dynamic shared memory per CTA of the fused / two-pass filter kernel
+  size_t smem_limit = 0;       // the device's opt-in shared memory per block
+  size_t workspace_bytes = 0;  // global scratch the caller allocates on the stream's device
+  int tile = 0;                // two-pass: complex elements per row / column tile in shared memory
+  const char* error = nullptr; // set when the problem cannot run on this device
+};
+
+// Chooses the path for `p` on `device` (the current device). The environment variable
+// ANISODIFF_CUDA_PATH=two_pass forces the two-pass path for spectral problems (tests use it to cover
+// the fallback on small planes).
+LaunchPlan plan_launch(const NoiseProblem& p, int device);
+
+// Enqueues the kernels of `plan` on `stream`. `workspace`: plan.workspace_bytes on the device (256-byte
+// aligned), or nullptr when none is needed. No host synchronisation; returns the launch status.
+cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspace, cudaStream_t stream);
+
+const char* path_name(Path path);
+
+// Shared memory a fused (one CTA per sample) launch needs for [C, H, W] planes; compare with the
+// device's opt-in limit (227 KiB on sm_90).
+size_t fused_smem_bytes(int channels, int height, int width, bool spectral, int draws);
+size_t device_smem_limit(int device);
+
+}  // namespace cuda
+}  // namespace anisodiff
