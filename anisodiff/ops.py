@@ -138,12 +138,14 @@ def _check_channels(spec: NoiseSpec, channels: int, name: str) -> None:
                          f"{spec.squeeze.channels} rows")
 
 
-def _stream(seed, generator, offset, noise) -> torch.Tensor:
+def _stream(seed, generator, offset, noise, device=None) -> torch.Tensor:
+    """The ``[seed, offset]`` tensor: on the CPU, or on ``device`` when a CUDA generator there
+    draws the seed (see :func:`anisodiff.rng.stream_tensor`)."""
     if noise is not None:
         if seed is not None or generator is not None:
             raise ValueError("seed/generator: not used when white noise is passed; give one or the other")
         return stream_tensor(0, None, 0)
-    return stream_tensor(seed, generator, offset)
+    return stream_tensor(seed, generator, offset, device)
 
 
 def _lowered(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device):
@@ -262,7 +264,7 @@ def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset,
     if noise is not None:
         noise = _check_noise(noise, spec, dims, device, backend, noise_name)
     dtype = _check_dtype(dtype, backend)
-    stream = _stream(seed, generator, offset, noise)
+    stream = _stream(seed, generator, offset, noise, device)
     if B * C * H * W == 0:
         return torch.empty(dims, device=device, dtype=dtype)
     if backend == "reference":
@@ -318,7 +320,7 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
     code = _check_target(target)
     if noise is not None:
         noise = _check_noise(noise, spec, x0.shape, x0.device, backend)
-    stream = _stream(seed, generator, offset, noise)
+    stream = _stream(seed, generator, offset, noise, x0.device)
     if backend == "reference":
         sched = as_schedule(schedule)
         ts = _check_timesteps(timesteps, B, sched.num_train_timesteps, x0.device, True)

@@ -65,8 +65,10 @@ def _distributed_rank() -> int | None:
     return dist.get_rank() if dist.get_world_size() > 1 else None
 
 
-def stream_tensor(seed, generator: torch.Generator | None, offset) -> torch.Tensor:
-    """int64 ``[seed, offset]`` on the CPU for one call."""
+def stream_tensor(seed, generator: torch.Generator | None, offset, device=None) -> torch.Tensor:
+    """int64 ``[seed, offset]`` for one call. On the CPU, except when the seed is drawn from a CUDA
+    generator on ``device`` (the data's device): it then stays there, so drawing it needs no host
+    synchronisation and a CUDA graph that captured the call draws a fresh seed on every replay."""
     offset = check_offset(offset)
     if seed is not None:
         if generator is not None:
@@ -74,10 +76,12 @@ def stream_tensor(seed, generator: torch.Generator | None, offset) -> torch.Tens
         return torch.tensor([check_seed(seed), offset], dtype=torch.int64)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    device = generator.device if generator is not None else "cpu"
-    drawn = torch.randint(0, MAX_SEED, (1,), generator=generator, device=device, dtype=torch.int64)
-    drawn = drawn.cpu()  # a no-op for CPU generators
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    drawn = torch.randint(0, MAX_SEED, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    if drawn.device.type != "cpu" and (device is None or torch.device(device) != drawn.device):
+        drawn = drawn.cpu()  # the kernels of another device read the stream on the host
     rank = _distributed_rank()
     if rank is not None:
         drawn = (drawn + ((rank * _GOLDEN) & MAX_SEED)) & MAX_SEED
-    return torch.cat([drawn, torch.tensor([offset], dtype=torch.int64)])
+    # torch.full, not torch.tensor: building a device tensor from a Python value would synchronise
+    return torch.cat([drawn, torch.full((1,), offset, dtype=torch.int64, device=drawn.device)])

@@ -97,7 +97,7 @@ class AnisotropicNoise:
                                        prev_timestep=prev_timestep, noise=self._white(sample, generator),
                                        mode=mode, clip_sample=clip_sample, clip_range=clip_range)
         return fused_ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
-                               prev_timestep=prev_timestep, stream=stream_tensor(None, generator, 0),
+                               prev_timestep=prev_timestep, stream=stream_tensor(None, generator, 0, sample.device),
                                mode=mode, clip_sample=clip_sample, clip_range=clip_range)
 
     def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
@@ -184,7 +184,9 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         perp, axes = coeffs[name]
         columns += [perp[:, None], axes]
     device = sample.device
-    params = torch.cat(columns, dim=1).to(torch.float32).contiguous().to(device)
+    params = torch.cat(columns, dim=1).to(torch.float32).contiguous()
+    if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the copy
+        params = params.pin_memory().to(device, non_blocking=True)
     k = spec.squeeze.k if spec.squeeze is not None else 0
     axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
     spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
