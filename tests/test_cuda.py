@@ -337,20 +337,26 @@ def test_empty_batch(schedule):
     assert out.shape == (0, 3, 8, 8)
 
 
-def test_device_timesteps_are_clamped(schedule):
+@pytest.mark.parametrize("kind", ["sdm", "sdm+pl_neg"])
+def test_device_timesteps_out_of_range_give_nan(kind, schedule, path):
     """Device timesteps are not checked on the host (that would synchronise): the kernel clamps the
-    row index, so an out-of-range t reads the last (or first) row instead of out of bounds."""
-    spec = make_spec("sdm", 3)
+    row index (never reads out of bounds) and writes NaN for that sample, like the Triton kernels,
+    so the error shows up in the loss; the other samples are untouched."""
+    spec = make_spec(kind, 3)
     args = ad.plan.kernel_args(spec, schedule, 3, 8, 8, DEV)
-    x0 = torch.randn(2, 3, 8, 8, device=DEV)
+    x0 = torch.randn(3, 3, 8, 8, device=DEV)
+    weights = args.weights
+    normalize = args.normalize
 
     def run(t):
         t = torch.tensor(t, device=DEV)  # (the host-to-device copy itself synchronises)
         with no_sync():
-            return torch.ops.anisodiff.add_noise(x0, t, args.coef, args.axes, None,
-                                                 [1.0], args.variant, 0, 0, torch.tensor([5, 0]), None)
-    high, low = run([5000, -3]), run([args.num_timesteps - 1, 0])
-    assert torch.equal(high[0], low[0]) and torch.equal(high[1], low[1])
+            return torch.ops.anisodiff.add_noise(x0, t, args.coef, args.axes, weights, list(args.gammas),
+                                                 args.variant, normalize, 0, torch.tensor([5, 0]), None)
+    bad, good = run([5000, 10, -3]), run([0, 10, 0])
+    for out_bad, out_good in zip(bad, good):
+        assert torch.isnan(out_bad[0]).all() and torch.isnan(out_bad[2]).all()
+        assert torch.equal(out_bad[1], out_good[1])
 
 
 def test_gradient_flows_to_x0(schedule):

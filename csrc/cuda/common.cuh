@@ -32,9 +32,12 @@ __device__ __forceinline__ Stream read_stream(const NoiseProblem& p) {
 }
 
 // Row of the coefficient table for sample b. Timesteps on the device are not validated on the host
-// (that would synchronise); the index is clamped into [0, coef_rows) so it never reads out of bounds.
-__device__ __forceinline__ const float* coef_row(const NoiseProblem& p, int64_t b) {
+// (that would synchronise); the index is clamped into [0, coef_rows) so it never reads out of bounds,
+// and `valid` says whether it had to be: the caller then writes NaN for the sample (as the Triton
+// kernels do), so a bad timestep shows up in the loss instead of silently reusing another row.
+__device__ __forceinline__ const float* coef_row(const NoiseProblem& p, int64_t b, bool& valid) {
   int64_t t = __ldg(p.timesteps + b);
+  valid = t >= 0 && t < p.coef_rows;
   t = t < 0 ? 0 : (t >= p.coef_rows ? p.coef_rows - 1 : t);
   return p.coef + t * (2 + p.k);
 }
@@ -215,15 +218,20 @@ template <int K, int KA, bool kVec, class Fetch>
 __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, int64_t b, int64_t hw0, int n,
                                                const QuadPos& pos, Fetch fetch) {
   const int C = (int)p.channels, k = p.k;
-  const float* row = coef_row(p, b);
-  const float a = __ldg(row), bc = __ldg(row + 1);
+  bool valid;
+  const float* row = coef_row(p, b, valid);
+  const float nan = __int_as_float(0x7fc00000);
+  const float a = valid ? __ldg(row) : nan, bc = valid ? __ldg(row + 1) : nan;
   const SqueezeCoeffs sc = squeeze_coeffs(row + 2, k, C, p.variant);
   auto load = [&](int c) {
     Quad q;
     fetch(c, q.v);
     return q;
   };
-  auto emit = [&](int c, const float nz[4]) {
+  auto emit = [&](int c, const float nz_in[4]) {
+    float nz[4];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) nz[l] = valid ? nz_in[l] : nan;
     if (p.x0.data != nullptr) {
       float x0[4], xt[4], tg[4];
       load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
