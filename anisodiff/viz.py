@@ -13,6 +13,7 @@ The measurements need only torch; the figure needs matplotlib (the ``viz`` extra
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,8 @@ __all__ = [
     "LOW_HIGH_SPLIT", "Z_SCORE", "Comparison", "CovarianceCheck", "check_covariance",
     "empirical_covariance", "power_spectrum", "analytic_power_spectrum", "channel_covariance",
     "analytic_channel_covariance", "axis_variances", "radial_average", "low_frequency_share",
-    "FigureRow", "figure_row", "format_table", "plot_demo", "TOLERANCE_RULE",
+    "FigureRow", "figure_row", "format_table", "plot_demo", "TOLERANCE_RULE", "plot_sample_grid",
+    "plot_radial_spectra",
 ]
 
 LOW_HIGH_SPLIT = 0.25  # cycles/pixel: "low" frequencies are r < 0.25, "high" ones r >= 0.25
@@ -436,3 +438,86 @@ def _plot_power_2d(ax, row: FigureRow):
     ax.set_ylabel("f_y (cycles/pixel)", fontsize=8)
     ax.tick_params(labelsize=7)
     return image
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The training demo's figures
+# ---------------------------------------------------------------------------------------------
+def _montage(images: torch.Tensor, gap: int = 1):
+    """``[n, 3, H, W]`` images in ``[-1, 1]`` side by side, ``gap`` white pixels apart, as an
+    ``[H, n (W + gap) - gap, 3]`` array in [0, 1]. Values are clipped, never stretched, so every row
+    of a figure shares one colour scale."""
+    n, _, H, W = images.shape
+    canvas = torch.ones(3, H, n * (W + gap) - gap, dtype=torch.float64)
+    for i, image in enumerate(images.double()):
+        canvas[:, :, i * (W + gap):i * (W + gap) + W] = ((image + 1) / 2).clamp(0, 1)
+    return canvas.permute(1, 2, 0).numpy()
+
+
+def plot_sample_grid(rows: list[tuple[str, torch.Tensor]], path, *, title: str,
+                     dpi: int = 100) -> str:
+    """Save a PNG with one row of images per ``(label, [n, 3, H, W] images in [-1, 1])``. Needs
+    matplotlib. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(images.shape[0] for _, images in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8.0, 0.75 * n), 1.25 * len(rows) + 0.6),
+                             squeeze=False, layout="constrained")
+    fig.suptitle(textwrap.fill(title, width=int(14 * fig.get_figwidth())), fontsize=10)
+    for ax, (label, images) in zip(axes[:, 0], rows):
+        ax.imshow(_montage(images), interpolation="nearest")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.set_axis_off()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_radial_spectra(radii: torch.Tensor, real: torch.Tensor, generated: dict, path, *,
+                        title: str, floor: torch.Tensor | None = None, dpi: int = 100) -> str:
+    """Save a PNG with two panels: the radially averaged power spectra of the real images and of
+    each generated set (``{label: power}``), and their ratio to the real one (``floor``: the ratio
+    of a second real set, what sampling alone gives). Needs matplotlib. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter, ScalarFormatter
+
+    r = torch.as_tensor(radii, dtype=torch.float64).numpy()
+    real = torch.as_tensor(real, dtype=torch.float64)
+    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+    fig.suptitle(textwrap.fill(title, width=180), fontsize=10)
+    ax_p.loglog(r, real.numpy(), "k-", lw=2.5, label="real (held-out)")
+    ax_r.axhline(1.0, color="k", lw=1.5)
+    if floor is not None:
+        ratio = torch.as_tensor(floor, dtype=torch.float64) / real
+        ax_r.loglog(r, ratio.numpy(), color="0.6", ls="--", lw=1.2,
+                    label="a second real set (sampling noise)")
+    markers = "osD^v<>"
+    for i, (label, power) in enumerate(generated.items()):
+        power = torch.as_tensor(power, dtype=torch.float64)
+        style = {"marker": markers[i % len(markers)], "ms": 4, "lw": 1.2, "label": label}
+        ax_p.loglog(r, power.numpy(), **style)
+        ax_r.loglog(r, (power / real).numpy(), **style)
+    ax_p.set_title("power per frequency (image and channel average)", fontsize=9)
+    ax_p.set_ylabel("power", fontsize=8)
+    ax_r.set_title("generated / real (1 = exact)", fontsize=9)
+    ax_r.set_ylabel("ratio", fontsize=8)
+    low, high = ax_r.get_ylim()
+    ax_r.yaxis.set_major_formatter(ScalarFormatter())
+    # label the minor ticks (0.8, 0.9, 1.1 ...) only where they do not crowd
+    minor = FormatStrFormatter("%.1f") if high / low < 4 else NullFormatter()
+    ax_r.yaxis.set_minor_formatter(minor)
+    ticks = [x for x in (0.02, 0.05, 0.1, 0.2, 0.5) if r[0] / 1.2 <= x <= r[-1] * 1.2]
+    for ax in (ax_p, ax_r):
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(r[0] / 1.15, r[-1] * 1.15)
+        ax.set_xlabel("radial frequency r (cycles/pixel)", fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

@@ -1,5 +1,5 @@
-"""The command line, run in-process: `anisodiff demo` (table, JSON report, picture) and
-`anisodiff info`.
+"""The command line, run in-process: `anisodiff check` (table, JSON report, picture),
+`anisodiff info`, `fit` and `show` (`anisodiff demo` is in test_demo.py).
 
 The analytic values in the report are checked against closed forms computed here, independently of
 anisodiff: at t = 999 of the linear VP schedule tau = beta_t / beta_max = 1, so SDM with s = -0.4
@@ -24,17 +24,17 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One `anisodiff demo` run: (exit code, output directory, parsed report)."""
-    out = tmp_path_factory.mktemp("demo")
-    code = cli.main(["demo", "--out", str(out), "--samples", str(SAMPLES), "--size", "32",
+def check(tmp_path_factory):
+    """One `anisodiff check` run: (exit code, output directory, parsed report)."""
+    out = tmp_path_factory.mktemp("check")
+    code = cli.main(["check", "--out", str(out), "--samples", str(SAMPLES), "--size", "32",
                      "--seed", "3"])
-    report = json.loads((out / "demo_report.json").read_text())
+    report = json.loads((out / "check_report.json").read_text())
     return code, out, report
 
 
-def test_demo_succeeds_and_every_operator_passes(demo):
-    code, _, report = demo
+def test_check_succeeds_and_every_operator_passes(check):
+    code, _, report = check
     assert code == 0
     assert set(report["operators"]) == OPERATORS
     assert all(op["status"] == "PASS" for op in report["operators"].values())
@@ -43,11 +43,11 @@ def test_demo_succeeds_and_every_operator_passes(demo):
 
 
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
-def test_demo_writes_a_valid_png(demo):
+def test_check_writes_a_valid_png(check):
     import matplotlib.image
 
-    _, out, report = demo
-    png = out / "demo.png"
+    _, out, report = check
+    png = out / "check.png"
     assert report["figure"] == str(png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -56,8 +56,8 @@ def test_demo_writes_a_valid_png(demo):
     assert 600 <= width <= 2000 and 600 <= height <= 2000
 
 
-def test_demo_squeeze_variances_match_closed_forms(demo):
-    ops = demo[2]["operators"]
+def test_check_squeeze_variances_match_closed_forms(check):
+    ops = check[2]["operators"]
     cases = {"isotropic": (1.0, 1.0), "sdm": (math.exp(0.8), 1.0),
              "hdm": (math.exp(0.8), math.exp(-0.4)),
              "power_law": (1.0, 1.0), "band_pass": (1.0, 1.0)}
@@ -77,8 +77,8 @@ def _low_share_closed_form(weight_squared) -> float:
     return float(p[r < 0.25].sum() / p.sum())
 
 
-def test_demo_spectral_shares_match_closed_forms(demo):
-    ops = demo[2]["operators"]
+def test_check_spectral_shares_match_closed_forms(check):
+    ops = check[2]["operators"]
     exact = {
         "isotropic": 9 / 64,   # bins with kx^2 + ky^2 < 4
         "band_pass": 8 / 20,   # of the 20 bins with 0.1 <= r <= 0.3, 8 have r < 0.25
@@ -91,8 +91,8 @@ def test_demo_spectral_shares_match_closed_forms(demo):
         assert ops[name]["high_frequency_share"]["analytic"] == pytest.approx(1 - share, rel=1e-9)
 
 
-def test_demo_frobenius_error_is_at_the_sampling_level(demo):
-    ops = demo[2]["operators"]
+def test_check_frobenius_error_is_at_the_sampling_level(check):
+    ops = check[2]["operators"]
     n = 3 * 8 * 8
     expected_isotropic = math.sqrt((n + n * n) / SAMPLES / n)  # Sigma = I
     iso = ops["isotropic"]["rel_frobenius_error"]
@@ -102,28 +102,28 @@ def test_demo_frobenius_error_is_at_the_sampling_level(demo):
         assert 0 < err["measured"] <= err["tolerance"] < 0.5, name
 
 
-def test_demo_prints_the_table(demo, capsys):
-    code = cli.main(["demo", "--out", str(demo[1] / "again"), "--samples", "500", "--no-plot"])
+def test_check_prints_the_table(check, capsys):
+    code = cli.main(["check", "--out", str(check[1] / "again"), "--samples", "500", "--no-plot"])
     text = capsys.readouterr().out
     assert code == 0
     for name in OPERATORS:
         assert name in text
     assert text.count("PASS") >= 5 and "FAIL" not in text
     assert "standard errors" in text
-    assert not (demo[1] / "again" / "demo.png").exists()
+    assert not (check[1] / "again" / "check.png").exists()
 
 
-def test_demo_without_matplotlib_or_tqdm(tmp_path, monkeypatch, capsys):
+def test_check_without_matplotlib_or_tqdm(tmp_path, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
-    assert cli.main(["demo", "--out", str(tmp_path), "--samples", "500"]) == 0
+    assert cli.main(["check", "--out", str(tmp_path), "--samples", "500"]) == 0
     captured = capsys.readouterr()
     assert "pip install matplotlib" in captured.out and "anisodiff[viz]" in captured.out
     assert "covariance check: 5/5" in captured.err  # the plain progress fallback
-    assert json.loads((tmp_path / "demo_report.json").read_text())["figure"] is None
-    assert not (tmp_path / "demo.png").exists()
+    assert json.loads((tmp_path / "check_report.json").read_text())["figure"] is None
+    assert not (tmp_path / "check.png").exists()
 
 
 def test_info_prints_version_and_backends(capsys):
@@ -136,10 +136,11 @@ def test_info_prints_version_and_backends(capsys):
 @pytest.mark.parametrize("argv, message", [
     ([], "required"),
     (["frobnicate"], "invalid choice"),
-    (["demo", "--samples", "0"], "--samples"),
-    (["demo", "--samples", "many"], "expected an integer"),
-    (["demo", "--size", "4"], "--size"),
-    (["demo", "--seed", "-1"], "--seed"),
+    (["check", "--samples", "0"], "--samples"),
+    (["check", "--samples", "many"], "expected an integer"),
+    (["check", "--size", "4"], "--size"),
+    (["check", "--seed", "-1"], "--seed"),
+    (["check", "--bogus"], "unrecognized arguments"),
     (["demo", "--bogus"], "unrecognized arguments"),
 ])
 def test_bad_arguments_exit_with_code_2(argv, message, capsys):
@@ -151,7 +152,7 @@ def test_bad_arguments_exit_with_code_2(argv, message, capsys):
 def test_unwritable_out_exits_with_code_2(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert cli.main(["demo", "--out", str(blocker / "sub"), "--samples", "500"]) == 2
+    assert cli.main(["check", "--out", str(blocker / "sub"), "--samples", "500"]) == 2
     assert "--out" in capsys.readouterr().err
 
 
@@ -163,7 +164,7 @@ def test_runs_as_a_module():
 
 
 def test_covariance_check_rejects_a_wrong_operator():
-    """The demo's PASS means something: samples of SDM s = -0.4 fail against a slightly different
+    """The check's PASS means something: samples of SDM s = -0.4 fail against a slightly different
     strength (axis variance), an added spectral tilt (power share) and the HDM variant."""
     from anisodiff import viz
 
