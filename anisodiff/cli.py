@@ -903,7 +903,9 @@ def _add_bench(subparsers) -> None:
                     "the isotropic floor), interleaved in one process: op x spec kind x batch x "
                     "shape x dtype. Prints a table (median, IQR, GB/s, % of the measured copy "
                     "bandwidth, speed-ups) and writes a JSON record and a picture. Full run: a few "
-                    "minutes on 2 cores; --quick: well under a minute. See benchmarks/README.md.")
+                    "minutes on 2 cores; --quick: well under a minute. --suite train / sampling / all "
+                    "adds a UNet training step and a 50-step DDPM sampler with each noise (needs "
+                    "diffusers). See benchmarks/README.md.")
     bench.add_arguments(
         p, json_help="where to write the JSON record (default: anisodiff-bench-<device>-<host>.json)",
         plot_help="where to write the picture (default: anisodiff-bench-<device>-<host>.png)")
