@@ -1,5 +1,6 @@
-"""Property-based tests (hypothesis): the fused CPU kernel against anisodiff.reference over random
-shapes, dtypes, memory layouts, spec kinds, normalisations, radius conventions and targets.
+"""Property-based tests (hypothesis): every kernel backend available on the CPU (the fused C++ kernel,
+and the Triton kernels when the interpreter is on) against anisodiff.reference over random shapes,
+dtypes, memory layouts, spec kinds, normalisations, radius conventions and targets.
 
 Every drawn case is either valid, and then both backends must agree (float32: 1e-5 relative to the
 output's scale; float16/bfloat16: one rounding step of the storage type), or invalid, and then the
@@ -251,7 +252,7 @@ def run_one(case, spec, backend, data=None):
     return (ad.apply_operator(data, spec, timesteps=t, schedule=SCHEDULE, backend=backend),)
 
 
-def check_case(case):
+def check_case(case, backend: str = "cpu"):
     spec = build_spec(case)
     if spec is None:  # refused at construction (asserted in build_spec)
         event("invalid: refused by the constructor")
@@ -261,12 +262,12 @@ def check_case(case):
           f"squeeze={None if case['squeeze'] is None else case['squeeze']['variant']}")
     if err is not None:  # each backend must refuse on its own, with the documented message
         event("invalid: refused by both backends")
-        for backend in ("cpu", "reference"):
+        for each in (backend, "reference"):
             with pytest.raises(ValueError, match=err):
-                run_one(case, spec, backend)
+                run_one(case, spec, each)
         return
     data = make_input(case, spec)
-    cpu = run_one(case, spec, "cpu", data)
+    cpu = run_one(case, spec, backend, data)
     ref = run_one(case, spec, "reference", data)
     if case["op"] == "add_noise" and case["layout"] == "channels_last":
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in cpu)
@@ -292,6 +293,23 @@ def test_cpu_matches_reference(op, spectral_kind):
     @given(case=cases(op, spectral_kind))
     def prop(case):
         check_case(case)
+
+    prop()
+
+
+TRITON_INTERPRETED = "triton" in ad.available_backends("cpu")
+# The interpreter runs one Triton program at ~10 ms: fewer examples, the same strategies.
+TRITON_SETTINGS = settings(PROPERTY_SETTINGS, max_examples=5)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="triton not installed or TRITON_INTERPRET unset")
+@pytest.mark.parametrize("spectral_kind", SPECTRAL_KINDS, ids=str)
+@pytest.mark.parametrize("op", ["add_noise", "shaped_noise", "apply_operator"])
+def test_triton_matches_reference(op, spectral_kind):
+    @TRITON_SETTINGS
+    @given(case=cases(op, spectral_kind))
+    def prop(case):
+        check_case(case, "triton")
 
     prop()
 
