@@ -14,11 +14,13 @@ during which OTHER processes used more than ``--max-other-load`` CPUs (/proc/sta
 process's CPU time) are dropped for every implementation and replaced by extra rounds. Reported per
 case and implementation: the median and inter-quartile range of the per-call time, the achieved
 bandwidth over the op's traffic floor (``add_noise``: read x0, write x_t and the target = 3 tensors;
-``shaped_noise``: write 1 tensor), that bandwidth as a percentage of the machine's copy bandwidth
+``shaped_noise``: write 1 tensor; ``ddpm_step``: read x_t and the model output, write x_prev and
+x0_hat = 4 tensors), that bandwidth as a percentage of the machine's copy bandwidth
 (measured in the same run, before and after the cases), the speed-up of the fused op over every
 baseline and its overhead over the isotropic floor. Every fused backend of the device is timed
 (``available_backends(device)`` minus ``reference``; the interpreted Triton backend on the CPU is
-skipped), side by side, with the time ratio of each to the first. Everything is measured by this
+skipped; for ``ddpm_step`` only the backends with the op, :data:`STEP_BACKENDS`), side by side,
+with the time ratio of each to the first. Everything is measured by this
 run: no number is entered by hand or extrapolated. Methodology: benchmarks/README.md.
 
 The timing logic is here (library code) so the installed console script can run it;
@@ -49,13 +51,14 @@ from . import bench_baselines as bl
 from ._argtypes import int_in, nonneg_float
 from ._ext import available_backends, build_info
 from .ops import add_noise, shaped_noise
+from .sampling import AnisotropicNoise
 from .spec import NoiseSpec
 
 __all__ = [
     "BenchError", "add_arguments", "resolve_settings", "run", "execute", "format_table",
     "plot_report", "machine_info", "copy_bandwidth", "make_case", "case_matrix", "case_impls",
-    "make_callable", "compiled_fns", "fused_backends", "interleave", "Timer", "backend_goals",
-    "KINDS", "OPS", "DTYPES", "SUITES", "PRESETS", "CUDA_PRESETS",
+    "make_callable", "compiled_fns", "fused_backends", "op_backends", "interleave", "Timer",
+    "backend_goals", "KINDS", "OPS", "STEP_T", "STEP_PREV", "STEP_BACKENDS", "DTYPES", "SUITES", "PRESETS", "CUDA_PRESETS",
 ]
 
 FORMAT = "anisodiff-bench"
@@ -65,10 +68,20 @@ FORMAT = "anisodiff-bench"
 FORMAT_VERSION = 2
 SUITES = ("ops", "train", "sampling")
 
-OPS = ("add_noise", "shaped_noise")
+OPS = ("add_noise", "shaped_noise", "ddpm_step")
 # bytes moved by the op at least, in tensors of the noise's shape: add_noise reads x0 and writes x_t
-# and the target; shaped_noise writes the noise
-TRAFFIC_TENSORS = {"add_noise": 3, "shaped_noise": 1}
+# and the target; shaped_noise writes the noise; ddpm_step reads x_t and the model output and writes
+# x_prev and x0_hat
+TRAFFIC_TENSORS = {"add_noise": 3, "shaped_noise": 1, "ddpm_step": 4}
+# ddpm_step: one ancestral step (mode="official") at this fixed timestep, to STEP_PREV, with a random
+# model output and x_t = sqrt(abar) x0 + sqrt(1 - abar) e (bench_baselines.step_inputs)
+STEP_T, STEP_PREV = 500, 499
+# the fused backends that have the DDPM-step op (AnisotropicNoise.ddpm_step(backend=...));
+# "reference" is anisodiff's vectorised float64 step (the tests stand it in for a second backend)
+STEP_BACKENDS = ("cpu", "cuda", "reference")
+# ops with torch.compile baselines (compiled per op: add_noise's keys are the impl names,
+# the others' "<op>:<impl>")
+COMPILED_OPS = ("add_noise", "ddpm_step")
 
 KINDS = ("iso", "sdm", "hdm", "powerlaw", "band", "sdm_powerlaw")
 KIND_TITLES = {
@@ -92,20 +105,25 @@ BASELINE_ORDER = ("eager_vectorised", "eager_rfft", *COMPILED, "official_sdm", "
 IMPL_ORDER = ("fused", "fused_alt", *BASELINE_ORDER, FLOOR, WHITE)
 
 IMPLS = {
-    "fused": "anisodiff.add_noise / shaped_noise on each fused backend of the device (the JSON names "
-             "them anisodiff_<backend>; the first one is the primary), canonical Philox stream, seed "
+    "fused": "anisodiff.add_noise / shaped_noise / AnisotropicNoise.ddpm_step (mode='official') on "
+             "each fused backend of the device that has the op (the JSON names them "
+             "anisodiff_<backend>; the first one is the primary), canonical Philox stream, seed "
              "drawn from torch's generator",
-    "eager_vectorised": "randn_like + fft2/ifft2 (calibrated w) + einsum S(t) (+ mix for add_noise)",
+    "eager_vectorised": "randn_like + fft2/ifft2 (calibrated w) + einsum S(t) (+ mix for add_noise; "
+                        "+ x0_hat, clip in S^-1 coordinates and the DDPM update for ddpm_step)",
     "eager_rfft": "eager_vectorised with rfft2/irfft2 instead of fft2/ifft2 (spectral kinds)",
-    "compiled_eager": "torch.compile(eager_vectorised), default inductor options (add_noise)",
+    "compiled_eager": "torch.compile(eager_vectorised), default inductor options (add_noise, "
+                      "ddpm_step)",
     "compiled_eager_fallback_random": "torch.compile(eager_vectorised), inductor "
-                                      "fallback_random=True (aten randn) (add_noise)",
+                                      "fallback_random=True (aten randn) (add_noise, ddpm_step)",
     "official_sdm": "official SDM code: per-sample .item() loop building S, bmm, diffusers add_noise "
-                    "(add_noise, squeeze-only kinds)",
+                    "(add_noise, squeeze-only kinds); ddpm_step: the official sampler step "
+                    "(the loop, linalg.inv, 4 bmm around diffusers DDPMScheduler.step; needs "
+                    "diffusers)",
     "sagd_appendix": "SAGD App. E: randn, fftn/ifftn, per-plane std normalisation, diffusers "
                      "add_noise (add_noise, spectral kinds; only the spatial half of sdm_powerlaw)",
     FLOOR: "no anisotropy: torch.randn_like + diffusers add_noise (add_noise), torch.randn "
-           "(shaped_noise)",
+           "(shaped_noise), diffusers-style DDPMScheduler.step with torch.randn_like (ddpm_step)",
     WHITE: "anisodiff with NoiseSpec(): the fused op's own white-noise floor",
 }
 
@@ -137,13 +155,13 @@ PRESETS = {
 }
 GPU_SHAPES = [(3, 32, 32), (3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 256, 256)]
 CUDA_PRESETS = {
-    # 2 ops x 6 kinds x 4 B x 5 shapes x 2 dtypes = 480 cases; torch.compile (default options only:
+    # 3 ops x 6 kinds x 4 B x 5 shapes x 2 dtypes = 720 cases; torch.compile (default options only:
     # fallback_random is a CPU matter) at fp32 and the first shape
     "full": {"batch": [1, 16, 128, 512], "shapes": GPU_SHAPES, "dtypes": ["fp32", "bf16"],
              "repeats": 11, "min_repeats": 3, "block_ms": 2.0, "warmup": 0.005, "group_s": 0.1,
              "max_group_s": 1.0, "max_rounds_factor": 2, "compile": True,
              "compile_impls": ["compiled_eager"], "copy_mib": 1024, "copy_repeats": 7},
-    # 2 ops x 6 kinds x B 128 x {3x32x32, 4x64x64, 3x256x256} x 2 dtypes = 72 cases, torch.compile
+    # 3 ops x 6 kinds x B 128 x {3x32x32, 4x64x64, 3x256x256} x 2 dtypes = 108 cases, torch.compile
     # once per kind (B = 128, fp32, 3x32x32)
     "quick": {"batch": [128], "shapes": [(3, 32, 32), (4, 64, 64), (3, 256, 256)],
               "dtypes": ["fp32", "bf16"], "repeats": 9, "min_repeats": 3, "block_ms": 2.0,
@@ -357,10 +375,11 @@ def copy_bandwidth(device: str = "cpu", mib: int = 256, repeats: int = 7, clock=
 # cases
 # ---------------------------------------------------------------------------------------------
 def make_case(kind: str, B: int, C: int, H: int, W: int, dtype: torch.dtype = torch.float32,
-              device: str = "cpu") -> bl.Case:
+              device: str = "cpu", step: bool = False) -> bl.Case:
     """The inputs of one case (:func:`anisodiff.bench_baselines.make_case`, seed 0) for ``kind``
     in :data:`KINDS`: ``iso`` is the sdm case without its squeeze (``NoiseSpec()``), ``powerlaw``
-    the sdm_powerlaw case without its squeeze."""
+    the sdm_powerlaw case without its squeeze. ``step``: also the DDPM step's inputs at
+    :data:`STEP_T` (``case.model_output``, ``case.sample``; :func:`~anisodiff.bench_baselines.step_inputs`)."""
     if kind not in KINDS:
         raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
     base = {"iso": "sdm", "powerlaw": "sdm_powerlaw"}.get(kind, kind)
@@ -375,6 +394,8 @@ def make_case(kind: str, B: int, C: int, H: int, W: int, dtype: torch.dtype = to
         case = replace(case, x0=move(case.x0), timesteps=move(case.timesteps),
                        alphas_cumprod=move(case.alphas_cumprod), betas=move(case.betas),
                        axes=move(case.axes), weights=move(case.weights))
+    if step:
+        case.model_output, case.sample = bl.step_inputs(case.x0, case.alphas_cumprod.cpu(), STEP_T)
     return case
 
 
@@ -392,10 +413,20 @@ def impls_for(op: str, kind: str, compiled: tuple = (), extra_backends: tuple = 
             out.append("official_sdm")
         if kind in SPECTRAL_KINDS:
             out.append("sagd_appendix")
+    if op == "ddpm_step":
+        out += list(compiled)
+        if kind in SQUEEZE_ONLY_KINDS and _have_diffusers():  # the sampler step calls diffusers
+            out.append("official_sdm")
     out.append(FLOOR)
     if kind != "iso":  # for iso the fused op IS its white floor
         out.append(WHITE)
     return out
+
+
+def _have_diffusers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("diffusers") is not None
 
 
 def same_operator(impl: str, kind: str) -> bool:
@@ -456,6 +487,8 @@ def make_callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device:
             x_t, n = fn(x0.float(), *rest, **kw32)
             return x_t.to(dtype), n.to(dtype)
         return run_upcast
+    if op == "ddpm_step":
+        return _step_callable(impl, case, dtype, backend, compiled, upcast)
     # shaped_noise
     shape = tuple(x0.shape)
     if impl == "fused":
@@ -474,6 +507,48 @@ def make_callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device:
     if upcast:
         return lambda: bl.eager_shaped_noise(*a, **kw, dtype=torch.float32).to(dtype)
     return lambda: bl.eager_shaped_noise(*a, **kw, dtype=dtype)
+
+
+def _step_callable(impl: str, case: bl.Case, dtype: torch.dtype, backend: str, compiled: dict,
+                   upcast: bool):
+    """:func:`make_callable` for ``ddpm_step``: one step ``STEP_T -> STEP_PREV`` of
+    ``case.sample`` with ``case.model_output`` (:func:`make_case` with ``step=True``)."""
+    mo, x = case.model_output, case.sample
+    if mo is None or x is None:
+        raise ValueError("ddpm_step: the case has no step inputs (make_case(..., step=True))")
+    if impl in ("fused", WHITE):
+        noise = AnisotropicNoise(case.spec if impl == "fused" else NoiseSpec(), case.schedule)
+        return lambda: noise.ddpm_step(mo, STEP_T, x, prev_timestep=STEP_PREV, mode="official",
+                                       backend=backend)
+    if impl == "official_sdm":
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler(num_train_timesteps=case.schedule.num_train_timesteps,
+                              beta_schedule="linear")
+        t = torch.tensor(STEP_T)  # as the sampler loop passes it: a 0-d element of sched.timesteps
+
+        def fn(m, xt):
+            return bl.official_sdm_ddpm_step(sched, m, t, xt, case.axes, case.strength,
+                                             variant=case.variant)
+    else:
+        kw = {"variant": case.variant, "prev_timestep": STEP_PREV}
+        if impl == "eager_rfft":
+            base, kw = bl.eager_ddpm_step, {**kw, "rfft": True}
+        elif impl in compiled:
+            base = compiled[impl]
+        else:
+            base = bl.STEP_BASELINES[impl]
+        rest = (case.alphas_cumprod, case.betas, case.axes, case.strength, case.weights)
+
+        def fn(m, xt):
+            return base(m, STEP_T, xt, *rest, **kw)
+    if not upcast:
+        return lambda: fn(mo, x)
+
+    def run_upcast():  # the casts are part of the timed call, as for add_noise
+        x_prev, x0_hat = fn(mo.float(), x.float())
+        return x_prev.to(dtype), x0_hat.to(dtype)
+    return run_upcast
 
 
 def _first_call(fn, clock) -> float:
@@ -600,7 +675,8 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
     p.add_argument("--json", type=pathlib.Path, default=None, metavar="OUT.json", help=json_help)
     p.add_argument("--plot", type=pathlib.Path, default=None, metavar="OUT.png", help=plot_help)
     p.add_argument("--no-plot", action="store_true", help="write no picture")
-    p.add_argument("--ops", nargs="+", choices=OPS, default=None, help="ops (default: both)")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=None,
+                   help="ops (default: all: add_noise shaped_noise ddpm_step)")
     p.add_argument("--kinds", nargs="+", choices=KINDS + ("sdm+powerlaw",), default=None,
                    help="spec kinds (default: all)")
     p.add_argument("--batch", type=_POSITIVE_INT, nargs="+", default=None, metavar="B",
@@ -641,7 +717,8 @@ def add_arguments(p: argparse.ArgumentParser, *, json_help: str, plot_help: str)
                    help="add_noise only: pass the same pre-drawn white noise to every "
                         "implementation (noise=eps), timing the shaping + mix without the RNG")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                   help="skip the torch.compile baselines (full run: add_noise, fp32, first shape)")
+                   help="skip the torch.compile baselines (full run: add_noise and ddpm_step, "
+                        "fp32, first shape)")
     p.add_argument("--copy-mib", type=_POSITIVE_INT, default=None, metavar="MIB",
                    help="buffer size of the copy-bandwidth measurement (full 256, quick 128)")
     p.add_argument("--details", action="store_true",
@@ -679,8 +756,9 @@ def resolve_settings(args) -> dict:
     s["kinds"] = [("sdm_powerlaw" if k == "sdm+powerlaw" else k) for k in (args.kinds or KINDS)]
     s["kinds"] = list(dict.fromkeys(s["kinds"]))
     s["ops"] = list(dict.fromkeys(args.ops or (("add_noise",) if args.given_noise else OPS)))
-    if args.given_noise and "shaped_noise" in s["ops"]:
-        raise BenchError("--given-noise applies to add_noise only (shaped_noise draws the noise)")
+    if args.given_noise and set(s["ops"]) - {"add_noise"}:
+        raise BenchError("--given-noise applies to add_noise only (shaped_noise and ddpm_step draw "
+                         "the noise)")
     s["min_repeats"] = min(s["min_repeats"], s["repeats"])
     for key in ("device", "given_noise", "wait_idle"):
         s[key] = getattr(args, key)
@@ -718,6 +796,19 @@ def fused_backends(device: str) -> tuple[list[str], dict]:
     return fused, skipped
 
 
+def op_backends(op: str, backends) -> tuple[list[str], dict]:
+    """The fused backends of ``backends`` (:func:`fused_backends`) that time ``op``, in order, and
+    ``{backend: why}`` for those without the op: ``ddpm_step`` runs on :data:`STEP_BACKENDS`
+    only (Triton has no DDPM-step kernel)."""
+    if op != "ddpm_step":
+        return list(backends), {}
+    keep = [b for b in backends if b in STEP_BACKENDS]
+    why = {b: f"{b} has no ddpm_step op (AnisotropicNoise.ddpm_step runs on "
+              f"{', '.join(x for x in STEP_BACKENDS if x != 'reference')}): ddpm_step not timed there"
+           for b in backends if b not in STEP_BACKENDS}
+    return keep, why
+
+
 def _fused_backend(device: str) -> str:
     """The primary fused backend of ``device`` (see :func:`fused_backends`)."""
     return fused_backends(device)[0][0]
@@ -730,17 +821,28 @@ _COMPILE_OPTIONS = {"compiled_eager": {},
                     "compiled_eager_fallback_random": {"options": {"fallback_random": True}}}
 
 
+def compiled_key(op: str, name: str) -> str:
+    """The key of ``op``'s torch.compile baseline ``name`` in :func:`compiled_fns`' dict:
+    ``name`` for add_noise (as before ddpm_step had one), ``"<op>:<name>"`` otherwise."""
+    return name if op == "add_noise" else f"{op}:{name}"
+
+
 def compiled_fns(s: dict) -> tuple[dict, dict]:
+    """``({key: compiled fn}, {key: "ok" or why not})`` for every op of the run with torch.compile
+    baselines (:data:`COMPILED_OPS`) and every name of ``s["compile_impls"]``; keys from
+    :func:`compiled_key`. Empty when ``s["compile"]`` is off."""
     compiled, notes = {}, {}
     if not s["compile"]:
         return compiled, notes
     warnings.filterwarnings("ignore",
                             message=".*Torchinductor does not support code generation for complex.*")
-    for name in s.get("compile_impls", COMPILED):
-        fn, why = bl.make_compiled_eager(device=s["device"], **_COMPILE_OPTIONS[name])
-        notes[name] = why
-        if fn is not None:
-            compiled[name] = fn
+    for op in (o for o in COMPILED_OPS if o in s.get("ops", OPS)):
+        for name in s.get("compile_impls", COMPILED):
+            key = compiled_key(op, name)
+            fn, why = bl.make_compiled_eager(device=s["device"], op=op, **_COMPILE_OPTIONS[name])
+            notes[key] = why
+            if fn is not None:
+                compiled[key] = fn
     return compiled, notes
 
 
@@ -758,11 +860,15 @@ def case_matrix(s: dict) -> list[tuple]:
 
 def case_impls(op: str, kind: str, shape, dtype_name: str, s: dict, compiled: dict,
                backends) -> tuple[list[str], dict]:
-    """The implementations of one case (:func:`impls_for`) and the compiled callables it uses:
-    torch.compile baselines only for add_noise at fp32 and the run's first shape."""
-    use = compiled if (op == "add_noise" and dtype_name == "fp32"
-                       and tuple(shape) == tuple(s["shapes"][0])) else {}
-    return impls_for(op, kind, tuple(use), tuple(backends[1:])), use
+    """The implementations of one case (:func:`impls_for`; the fused ones on
+    :func:`op_backends` of ``backends``) and the compiled callables it uses, ``{impl name: fn}``:
+    torch.compile baselines only for add_noise and ddpm_step at fp32 and the run's first shape
+    (``compiled``: :func:`compiled_fns`' dict)."""
+    use = {}
+    if op in COMPILED_OPS and dtype_name == "fp32" and tuple(shape) == tuple(s["shapes"][0]):
+        use = {name: compiled[compiled_key(op, name)] for name in s.get("compile_impls", COMPILED)
+               if compiled_key(op, name) in compiled}
+    return impls_for(op, kind, tuple(use), tuple(op_backends(op, backends)[0][1:])), use
 
 
 def _time_case(op, kind, B, shape, dtype_name, s, backends, compiled, clock) -> list[dict]:
@@ -770,8 +876,8 @@ def _time_case(op, kind, B, shape, dtype_name, s, backends, compiled, clock) -> 
     primary, then the baselines), interleaved; one row each."""
     device, dtype = s["device"], DTYPES[dtype_name]
     C, H, W = shape
-    primary = backends[0]
-    case = make_case(kind, B, C, H, W, dtype, device)
+    primary = op_backends(op, backends)[0][0]
+    case = make_case(kind, B, C, H, W, dtype, device, step=op == "ddpm_step")
     names, use_compiled = case_impls(op, kind, shape, dtype_name, s, compiled, backends)
     noise = None
     if s["given_noise"] and op == "add_noise":
@@ -952,7 +1058,9 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
     load_before = _loadavg()
     t_start = time.perf_counter()
     copy_before = copy_bandwidth(device, s["copy_mib"], s["copy_repeats"], clock)
-    matrix = case_matrix(s)
+    op_skipped = {op: why for op in s["ops"] for why in [op_backends(op, backends)[1]] if why}
+    no_backend = [op for op in s["ops"] if not op_backends(op, backends)[0]]
+    matrix = [c for c in case_matrix(s) if c[0] not in no_backend]
     results = []
     for i, (op, kind, B, shape, dt) in enumerate(matrix):
         t0 = time.perf_counter()
@@ -991,7 +1099,13 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
     settings["shapes"] = ["x".join(map(str, sh)) for sh in s["shapes"]]
     settings.update({"threads": torch.get_num_threads(), "compile_notes": compile_notes,
                      "clock": clock.name, "fused_backend": backends[0], "fused_backends": backends,
-                     "skipped_backends": skipped})
+                     "skipped_backends": skipped, "op_skipped_backends": op_skipped,
+                     "ops_not_timed": {op: "no fused backend of the device has the op"
+                                       for op in no_backend},
+                     "ddpm_step": {"timestep": STEP_T, "prev_timestep": STEP_PREV,
+                                   "mode": "official", "model_output": "torch.randn, seeded",
+                                   "sample": "sqrt(abar_t) x0 + sqrt(1 - abar_t) e, e white, seeded"}
+                     if "ddpm_step" in s["ops"] else None})
     implementations = {k: v for k, v in IMPLS.items() if k != "fused"}
     implementations.update({f"anisodiff_{b}": IMPLS["fused"] + ("" if i else " (primary)")
                             for i, b in enumerate(backends)})
@@ -1041,9 +1155,11 @@ def format_table(report: dict, details: bool = False) -> str:
         f"{cp['GBps_after']:.2f}; {cp['method']})",
         f"median [IQR] per call over up to {st['repeats']} interleaved rounds of ~{st['block_ms']:g} "
         f"ms blocks (rounds where other processes used > {st['max_other_load']} CPUs dropped); "
-        "GB/s over the traffic floor (add_noise 3 tensors, shaped_noise 1); speed-up = baseline / "
-        "fused (> 1: fused faster); best = the fastest baseline computing the same noise; floor = "
-        "fused / isotropic floor (randn + mix)"
+        "GB/s over the traffic floor (add_noise 3 tensors, shaped_noise 1, ddpm_step 4); speed-up = "
+        "baseline / fused (> 1: fused faster); best = the fastest baseline computing the same noise; "
+        "floor = fused / isotropic floor (randn + mix; ddpm_step: the plain DDPM step)"
+        + (f"; ddpm_step: t = {st['ddpm_step']['timestep']} -> {st['ddpm_step']['prev_timestep']}, "
+           "mode='official', random model output" if st.get("ddpm_step") else "")
         + ("; WHITE NOISE GIVEN (noise=eps): RNG excluded" if st["given_noise"] else ""),
         f"other load: busy CPUs before {report['busy_cpus_before']}, after "
         f"{report['busy_cpus_after']}; loadavg before {report['loadavg_before']}, after "
@@ -1051,7 +1167,10 @@ def format_table(report: dict, details: bool = False) -> str:
         f"fused backends: {', '.join(st.get('fused_backends', [primary]))} (the columns are "
         f"{primary}'s"
         + (f"; {', '.join(ratio_cols)} = time ratio, > 1: slower than {primary}" if ratio_cols else "")
-        + ")" + "".join(f"; {b} skipped: {why}" for b, why in st.get("skipped_backends", {}).items()),
+        + ")" + "".join(f"; {b} skipped: {why}" for b, why in st.get("skipped_backends", {}).items())
+        + "".join(f"; {op}: {b} skipped: {why}" for op, d in st.get("op_skipped_backends", {}).items()
+                  for b, why in d.items())
+        + "".join(f"; {op} not timed: {why}" for op, why in st.get("ops_not_timed", {}).items()),
         "",
     ]
     head = (f"{'op':<13}{'kind':<13}{'B':>4}  {'shape':<10}{'dtype':<6}{'fused ms':>10}{'[IQR]':>9}"
@@ -1251,7 +1370,7 @@ def plot_report(report: dict, path) -> pathlib.Path:
     fused_name = next(r["impl"] for r in results if _slot(r) == "fused")
     alt_names = ", ".join(dict.fromkeys(r["impl"] for r in results if _slot(r) == "fused_alt"))
     labels = {"fused": f"{fused_name} (fused)", "fused_alt": f"{alt_names} (fused)",
-              FLOOR: "isotropic floor (torch.randn [+ mix])",
+              FLOOR: "isotropic floor (torch.randn [+ mix | plain DDPM step])",
               WHITE: "anisodiff white (NoiseSpec())"}
     handles = [Patch(facecolor=_COLORS[i], edgecolor="black" if i in ("fused", "fused_alt") else "none",
                      label=labels.get(i, i)) for i in present]

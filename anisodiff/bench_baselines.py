@@ -25,6 +25,18 @@ Every baseline has the same signature::
 The returned target is the shaped noise ``n`` (epsilon prediction, what both papers train on) and
 ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n``.
 
+The DDPM-step baselines (``anisodiff bench --ops ddpm_step``) share a second signature::
+
+    fn(model_output, timestep, sample, alphas_cumprod, betas, axes=None, strength=0.0, weights=None,
+       *, variant="sdm", prev_timestep=None, noise=None, generator=None, clip_sample=True,
+       clip_range=1.0) -> (x_prev, x0_hat)
+
+one ancestral step ``x_t -> x_prev`` for a model predicting the shaped noise, in the official SDM
+sampler's math (anisodiff's ``mode="official"``): x0_hat clipped in ``S(t)^-1`` coordinates, the
+isotropic DDPM posterior coefficients, fresh step noise ``sigma_t A(t) z``. :func:`eager_ddpm_step`
+(vectorised eager) and :func:`isotropic_ddpm_step` (the white floor); the official sampler pattern
+is :func:`official_sdm_ddpm_step` (a diffusers scheduler in place of the schedule tensors).
+
 Nothing here is tuned against anisodiff: each function is written the way its source writes it, so
 the benchmarks compare anisodiff against real user code. :func:`make_case` builds the benchmark and
 test inputs (and the matching anisodiff ``NoiseSpec``) for the four spec kinds.
@@ -39,7 +51,7 @@ import torch
 __all__ = [
     "official_sdm", "official_sdm_squeeze_matrices", "official_sdm_apply", "official_sdm_prior",
     "official_sdm_ddpm_step", "sagd_appendix", "eager_vectorised", "eager_shaped_noise", "isotropic_floor",
-    "make_compiled_eager",
+    "eager_ddpm_step", "isotropic_ddpm_step", "step_inputs", "make_compiled_eager", "STEP_BASELINES",
     "power_law_table", "band_table", "radius_table", "SPEC_KINDS", "Case", "make_case",
     "BASELINES", "supports", "LUMINANCE_AXIS",
 ]
@@ -310,19 +322,26 @@ def _eager_operator(n, timesteps, betas, axes, strength, weights, variant, rfft,
         else:
             n = torch.fft.ifft2(torch.fft.fft2(n) * w).real
     if axes is not None:
-        V = axes.to(device=device, dtype=dtype)
-        k = V.shape[1]
-        s = _strengths(strength, k, dtype, device)
-        b = betas.to(device=device, dtype=dtype)
-        r = (b / b.max())[timesteps][:, None] * s[None, :]                      # [B, k]
-        eye = torch.eye(C, dtype=dtype, device=device)
-        if variant == "sdm":
-            S = eye + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r) - 1.0, V)
-        else:
-            g = torch.exp(r.sum(dim=1) / (C - k))
-            S = g[:, None, None] * (eye - V @ V.T) + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r), V)
-        n = torch.einsum("bij,bjhw->bihw", S, n)
+        n = torch.einsum("bij,bjhw->bihw", _eager_squeeze(timesteps, betas, axes, strength, variant, C,
+                                                          dtype, device), n)
     return n
+
+
+def _eager_squeeze(timesteps, betas, axes, strength, variant, C, dtype, device, inverse=False):
+    """``S(t)`` per sample ``[B, C, C]`` of :func:`eager_vectorised` (``inverse``: ``S(t)^-1``,
+    the same formula with ``-r``: ``exp(+r)`` along the axes, ``1 / g`` across them)."""
+    V = axes.to(device=device, dtype=dtype)
+    k = V.shape[1]
+    s = _strengths(strength, k, dtype, device)
+    b = betas.to(device=device, dtype=dtype)
+    r = (b / b.max())[timesteps][:, None] * s[None, :]                          # [B, k]
+    if inverse:
+        r = -r
+    eye = torch.eye(C, dtype=dtype, device=device)
+    if variant == "sdm":
+        return eye + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r) - 1.0, V)
+    g = torch.exp(r.sum(dim=1) / (C - k))
+    return g[:, None, None] * (eye - V @ V.T) + torch.einsum("ck,bk,dk->bcd", V, torch.exp(-r), V)
 
 
 def eager_shaped_noise(shape, timesteps, betas, axes=None, strength=0.0, weights=None, *,
@@ -336,11 +355,96 @@ def eager_shaped_noise(shape, timesteps, betas, axes=None, strength=0.0, weights
     return _eager_operator(eps, timesteps, betas, axes, strength, weights, variant, rfft, dtype, device)
 
 
+def _step_timesteps(timestep, prev_timestep, B: int, device):
+    """``t`` and ``prev`` as int64 ``[B]`` on ``device`` (an int or a 0-d tensor, as a sampler
+    passes it, is broadcast; ``prev`` defaults to ``t - 1``)."""
+    t = torch.as_tensor(timestep, device=device).reshape(-1).long().expand(B)
+    if prev_timestep is None:
+        return t, t - 1
+    return t, torch.as_tensor(prev_timestep, device=device).reshape(-1).long().expand(B)
+
+
+def eager_ddpm_step(model_output, timestep, sample, alphas_cumprod, betas, axes=None, strength=0.0,
+                    weights=None, *, variant="sdm", prev_timestep=None, noise=None, generator=None,
+                    clip_sample=True, clip_range=1.0, rfft=False):
+    """One ancestral DDPM step the way a careful user vectorises the official SDM sampler's math
+    (research/sdm.md 4.2; anisodiff's ``mode="official"``) for the operator ``A(t) = S(t) (x) T_w``,
+    no per-sample Python:
+
+    * per-sample coefficients gathered from the float32 schedule (``abar_t``, ``abar_prev``; 1 for
+      ``prev < 0``): ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``;
+    * clipping in ``S(t)^-1`` coordinates: ``S einsum clamp(S^-1 einsum x0_hat)`` (``S`` and its
+      closed-form inverse built as in :func:`eager_vectorised`), plain clamp without a squeeze;
+    * the DDPM posterior mean ``c0 x0_hat + ct x_t`` (isotropic coefficients, as diffusers);
+    * fresh noise ``sigma_t A(t) z``: ``randn_like`` + the same fft2/ifft2 filter and einsum squeeze
+      as :func:`eager_vectorised` (``sigma_t^2`` diffusers' "fixed_small" variance, 0 at the last
+      step).
+
+    Returns ``(x_prev, x0_hat)`` in ``sample``'s dtype."""
+    _check_variant(variant)
+    B, C, H, W = sample.shape
+    dtype, device = sample.dtype, sample.device
+    t, prev = _step_timesteps(timestep, prev_timestep, B, device)
+    ac = alphas_cumprod.to(device)                                               # float32 table
+    ab_t = ac[t]
+    ab_p = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.ones_like(ab_t))
+    alpha = ab_t / ab_p
+
+    def col(x):
+        return x.to(dtype).view(B, 1, 1, 1)
+    x0_hat = (sample - col((1 - ab_t).sqrt()) * model_output) / col(ab_t.sqrt())
+    if clip_sample:
+        if axes is not None:
+            sq = (t, betas, axes, strength, variant, C, dtype, device)
+            x0_hat = torch.einsum("bij,bjhw->bihw", _eager_squeeze(*sq), torch.einsum(
+                "bij,bjhw->bihw", _eager_squeeze(*sq, inverse=True), x0_hat).clamp(-clip_range, clip_range))
+        else:
+            x0_hat = x0_hat.clamp(-clip_range, clip_range)
+    c0 = ab_p.sqrt() * (1 - alpha) / (1 - ab_t)
+    ct = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
+    sigma = ((1 - ab_p) / (1 - ab_t) * (1 - alpha)).clamp_min(1e-20).sqrt() * (prev >= 0)
+    x_prev = col(c0) * x0_hat + col(ct) * sample
+    z = _white(sample, noise, generator)
+    n = _eager_operator(z, t, betas, axes, strength, weights, variant, rfft, dtype, device)
+    return x_prev + col(sigma) * n, x0_hat
+
+
+def isotropic_ddpm_step(model_output, timestep, sample, alphas_cumprod, betas, axes=None, strength=0.0,
+                        weights=None, *, variant="sdm", prev_timestep=None, noise=None, generator=None,
+                        clip_sample=True, clip_range=1.0):
+    """The white floor of a DDPM step: the stock diffusers ``DDPMScheduler.step`` as diffusers
+    writes it (epsilon prediction, ``variance_type="fixed_small"``): one timestep for the batch,
+    0-d float32 schedule values, ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` clamped,
+    ``c0 x0 + ct x_t``, plus ``sqrt(var) * torch.randn_like`` for ``t > 0``. Ignores ``axes``,
+    ``strength`` and ``weights``: what a sampler step costs WITHOUT any anisotropy."""
+    t = int(timestep)
+    prev_t = t - 1 if prev_timestep is None else int(prev_timestep)
+    ac = alphas_cumprod.to(sample.device)
+    alpha_prod_t = ac[t]
+    alpha_prod_t_prev = ac[prev_t] if prev_t >= 0 else torch.tensor(1.0, device=sample.device)
+    beta_prod_t = 1 - alpha_prod_t
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+    current_beta_t = 1 - current_alpha_t
+    pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+    if clip_sample:
+        pred_original_sample = pred_original_sample.clamp(-clip_range, clip_range)
+    pred_original_sample_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+    current_sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+    pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
+    if t > 0:
+        variance_noise = _white(sample, noise, generator)
+        variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
+        pred_prev_sample = pred_prev_sample + variance ** 0.5 * variance_noise
+    return pred_prev_sample, pred_original_sample
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) torch.compile of (c)
 # ---------------------------------------------------------------------------------------------
-def make_compiled_eager(device="cpu", **compile_kwargs) -> tuple[Callable | None, str]:
-    """``torch.compile(eager_vectorised)`` if torch.compile works on this build and ``device``,
+def make_compiled_eager(device="cpu", op="add_noise", **compile_kwargs) -> tuple[Callable | None, str]:
+    """``torch.compile(eager_vectorised)`` (``op="ddpm_step"``: of :func:`eager_ddpm_step`) if
+    torch.compile works on this build and ``device``,
     else ``(None, reason)``. The check compiles and runs a tiny case on ``device`` (which also
     catches a missing C++ compiler for inductor on the CPU, or a missing Triton on CUDA). The
     compiled function recompiles per input shape and per spec structure (axes / weights present or
@@ -363,13 +467,15 @@ def make_compiled_eager(device="cpu", **compile_kwargs) -> tuple[Callable | None
                 setattr(dynamo_config, name, 64)
     except ImportError:  # pragma: no cover - very old torch
         pass
+    if op not in ("add_noise", "ddpm_step"):
+        raise ValueError(f"op: 'add_noise' or 'ddpm_step', got {op!r}")
     try:
-        fn = torch.compile(eager_vectorised, **compile_kwargs)
+        fn = torch.compile(eager_vectorised if op == "add_noise" else eager_ddpm_step, **compile_kwargs)
         x0 = torch.zeros(2, 3, 4, 4, device=device)
         t = torch.tensor([0, 1], device=device)
         betas = torch.linspace(1e-4, 0.02, 4, device=device)
         ac = torch.cumprod(1 - betas, 0)
-        out = fn(x0, t, ac, betas)
+        out = fn(x0, t, ac, betas) if op == "add_noise" else fn(x0, 2, x0, ac, betas)
         if not torch.isfinite(out[0]).all():
             return None, "torch.compile produced non-finite output"
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
@@ -395,6 +501,12 @@ BASELINES = {
     "sagd_appendix": sagd_appendix,
     "eager_vectorised": eager_vectorised,
     "isotropic_floor": isotropic_floor,
+}
+# the DDPM-step baselines with the schedule-tensor signature (the official sampler pattern,
+# official_sdm_ddpm_step, takes a diffusers scheduler instead)
+STEP_BASELINES = {
+    "eager_vectorised": eager_ddpm_step,
+    "isotropic_floor": isotropic_ddpm_step,
 }
 
 
@@ -427,6 +539,9 @@ class Case:
     variant: str
     spec: object          # anisodiff.NoiseSpec
     schedule: object      # anisodiff.VPSchedule
+    # a DDPM step's inputs (step_inputs; anisodiff.bench.make_case(..., step=True)), else None
+    model_output: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
 
     def baseline_args(self, impl: str | None = None) -> tuple:
         """Positional inputs for a baseline; ``sagd_appendix`` gets no squeeze (see :func:`supports`)."""
@@ -437,6 +552,19 @@ class Case:
 
     def baseline_kwargs(self) -> dict:
         return {"variant": self.variant}
+
+
+def step_inputs(x0: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, seed: int = 1):
+    """``(model_output, sample)`` for one DDPM step at timestep ``t``: a random ``N(0, 1)``
+    model output and ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e`` for an independent white ``e``
+    (a realistic sample), in x0's dtype and device (drawn in float32 on the CPU, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(x0.shape)
+    model_output = torch.randn(shape, generator=g)
+    e = torch.randn(shape, generator=g)
+    ab = alphas_cumprod[t].double()
+    sample = (ab.sqrt() * x0.double().cpu() + (1 - ab).sqrt() * e.double()).float()
+    return model_output.to(x0.device, x0.dtype), sample.to(x0.device, x0.dtype)
 
 
 def supports(impl: str, kind: str) -> bool:

@@ -5,8 +5,9 @@
     ANISODIFF_BENCH_PRESET=full python -m pytest benchmarks/ --benchmark-only --benchmark-json out.json
 
 The parametrisation is generated from the benchmark driver: ``bench.case_matrix`` (op x spec kind x
-B x shape x dtype of a preset: ``quick`` by default, ``ANISODIFF_BENCH_PRESET=full|quick|smoke``)
-and ``bench.case_impls`` (the fused backends of the CPU, the baselines, torch.compile where the
+B x shape x dtype of a preset, every op of ``bench.OPS``: add_noise, shaped_noise, ddpm_step;
+``quick`` by default, ``ANISODIFF_BENCH_PRESET=full|quick|smoke``) and ``bench.case_impls`` (the
+fused backends of the CPU that have the op, the baselines, torch.compile where the
 preset has it), each callable built by ``bench.make_callable`` - so these cases and ``anisodiff
 bench [--quick]`` cannot drift apart. Each (op, kind, B, shape, dtype) is one pytest-benchmark
 group. ``test_train_step`` adds the train-step suite's variants (anisodiff/bench_train.py, the
@@ -54,12 +55,19 @@ try:
     BACKENDS = bench.fused_backends(DEVICE)[0]
 except bench.BenchError:  # not built: every case is skipped by pytestmark
     BACKENDS = ["cpu"]
-COMPILE_NAMES = {n: None for n in SETTINGS["compile_impls"]} if SETTINGS["compile"] else {}
+# every torch.compile key the driver would make (bench.compiled_key: per op), compiled lazily
+COMPILE_NAMES = ({bench.compiled_key(op, n): None for op in bench.COMPILED_OPS if op in SETTINGS["ops"]
+                  for n in SETTINGS["compile_impls"]} if SETTINGS["compile"] else {})
 
 
-def _impl_label(name: str) -> str:
+def _primary(op: str) -> str:
+    """The op's primary fused backend (ddpm_step: the first backend that has the op)."""
+    return bench.op_backends(op, BACKENDS)[0][0]
+
+
+def _impl_label(name: str, op: str = "add_noise") -> str:
     if name == "fused":
-        return f"anisodiff_{BACKENDS[0]}"
+        return f"anisodiff_{_primary(op)}"
     if name.startswith("fused:"):
         return "anisodiff_" + name.split(":", 1)[1]
     return name
@@ -67,17 +75,18 @@ def _impl_label(name: str) -> str:
 
 CASES = [(op, kind, B, shape, dt, impl)
          for op, kind, B, shape, dt in bench.case_matrix(SETTINGS)
+         if bench.op_backends(op, BACKENDS)[0]
          for impl in bench.case_impls(op, kind, shape, dt, SETTINGS, COMPILE_NAMES, BACKENDS)[0]]
 
 
 def _case_id(c) -> str:
     op, kind, B, shape, dt, impl = c
-    return f"{op}-{kind}-B{B}-{'x'.join(map(str, shape))}-{dt}-{_impl_label(impl)}"
+    return f"{op}-{kind}-B{B}-{'x'.join(map(str, shape))}-{dt}-{_impl_label(impl, op)}"
 
 
 @functools.lru_cache(maxsize=None)
-def _case(kind: str, B: int, shape: tuple, dt: str):
-    return bench.make_case(kind, B, *shape, bench.DTYPES[dt], DEVICE)
+def _case(kind: str, B: int, shape: tuple, dt: str, step: bool = False):
+    return bench.make_case(kind, B, *shape, bench.DTYPES[dt], DEVICE, step=step)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,19 +95,20 @@ def _compiled() -> dict:
 
 
 def _fn(op, kind, B, shape, dt, impl):
-    case = _case(kind, B, shape, dt)
+    case = _case(kind, B, shape, dt, op == "ddpm_step")
     compiled = {}
-    if impl in COMPILE_NAMES:
-        compiled = _compiled()
-        if impl not in compiled:
+    if bench.compiled_key(op, impl) in COMPILE_NAMES:
+        if bench.compiled_key(op, impl) not in _compiled():
             pytest.skip(f"{impl}: torch.compile does not work here")
-    fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, BACKENDS[0], compiled)
+        # the op's {impl: fn}, as the driver hands it to make_callable
+        compiled = bench.case_impls(op, kind, shape, dt, SETTINGS, _compiled(), BACKENDS)[1]
+    fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, _primary(op), compiled)
     try:
         fn()
     except RuntimeError:  # a dtype torch lacks (bf16 FFTs on the CPU): as the driver, in float32
         if bench.is_fused(impl) or dt == "fp32":
             raise
-        fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, BACKENDS[0], compiled,
+        fn = bench.make_callable(op, impl, case, bench.DTYPES[dt], DEVICE, _primary(op), compiled,
                                  upcast=True)
     return fn, case
 
@@ -121,7 +131,7 @@ def test_op(benchmark, op, kind, B, shape, dt, impl):
     C, H, W = shape
     benchmark.group = f"{op} {kind}: {bench.KIND_TITLES[kind]}, B={B}, {C}x{H}x{W} {dt}"
     benchmark.extra_info.update({
-        "op": op, "kind": kind, "impl": _impl_label(impl), "B": B, "shape": [B, C, H, W],
+        "op": op, "kind": kind, "impl": _impl_label(impl, op), "B": B, "shape": [B, C, H, W],
         "dtype": dt, "preset": PRESET, "torch_num_threads": torch.get_num_threads(),
         "first_call_s": first_call_s, "note": bench._note(op, kind, impl),
         "bytes": bench.TRAFFIC_TENSORS[op] * B * C * H * W * (torch.finfo(bench.DTYPES[dt]).bits // 8),

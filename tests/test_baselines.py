@@ -369,3 +369,159 @@ def test_official_sampler_step_matches_aniso_ddpm_scheduler():
     prior = bl.official_sdm_prior((4096, C, 2, 2), case.betas, case.axes, -0.4)
     u = torch.einsum("c,bchw->bhw", case.axes[:, 0], prior)
     assert u.var().item() == pytest.approx(math.exp(0.8), rel=0.05)   # r(999) = s exactly
+
+
+# ---------------------------------------------------------------------------------------------
+# the DDPM-step baselines (anisodiff bench --ops ddpm_step) against anisodiff's step
+# ---------------------------------------------------------------------------------------------
+from anisodiff import bench_baselines as abl  # noqa: E402  (the step baselines: not re-exported)
+from anisodiff import reference  # noqa: E402
+
+STEP_T, STEP_PREV = 500, 499
+_STEP_SAME = [("sdm", "eager"), ("hdm", "eager"), ("sdm_powerlaw", "eager"), ("band", "eager"),
+              ("sdm_powerlaw", "eager_rfft"), ("band", "eager_rfft"), ("sdm", "isotropic_floor"),
+              ("sdm", "official_sdm"), ("hdm", "official_sdm")]
+
+
+def _stock_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def _step(impl: str, case, mo, x, *, noise=None, seed=None):
+    """One step ``STEP_T -> STEP_PREV`` with a baseline; ``seed``: its own white noise from a seeded
+    generator (the official step draws it inside diffusers' ``DDPMScheduler.step``)."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    if impl == "official_sdm":
+        assert noise is None
+        return abl.official_sdm_ddpm_step(_stock_scheduler(), mo, torch.tensor(STEP_T), x, case.axes,
+                                          case.strength, variant=case.variant, generator=g)
+    fn = abl.isotropic_ddpm_step if impl == "isotropic_floor" else abl.eager_ddpm_step
+    kw = {"rfft": True} if impl == "eager_rfft" else {}
+    return fn(mo, STEP_T, x, case.alphas_cumprod, case.betas, case.axes, case.strength, case.weights,
+              variant=case.variant, prev_timestep=STEP_PREV, noise=noise, generator=g, **kw)
+
+
+@pytest.mark.parametrize("kind,impl", _STEP_SAME, ids=[f"{k}-{i}" for k, i in _STEP_SAME])
+def test_step_same_white_noise_matches_reference(kind, impl):
+    """Given the same white noise, every DDPM-step baseline reproduces ``anisodiff.reference.
+    ddpm_step(mode="official")`` to float32 rounding, x_prev and x0_hat (the sample is scaled up so
+    that the clipping in S(t)^-1 coordinates happens); the fused CPU kernel too. The official
+    sampler step draws its noise from the generator inside diffusers: the same seed gives the same
+    ``torch.randn``."""
+    if impl == "official_sdm" and not HAVE_DIFFUSERS:
+        pytest.skip("the official sampler step needs diffusers")
+    case = abl.make_case(kind, 16, C, 12, 10, seed=3)  # odd-ish plane: 12 x 10
+    mo, x = abl.step_inputs(case.x0, case.alphas_cumprod, STEP_T)
+    x = 1.5 * x
+    spec = ad.NoiseSpec() if impl == "isotropic_floor" else case.spec
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    want = reference.ddpm_step(mo, STEP_T, x, spec, case.schedule, prev_timestep=STEP_PREV, noise=eps)
+    assert float((want[1].abs() >= 1 - 1e-6).float().mean()) > 0.05   # clipping is exercised
+    got = _step(impl, case, mo, x, seed=5) if impl == "official_sdm" else _step(impl, case, mo, x, noise=eps)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    if HAS_CPU:
+        from anisodiff.sampling import fused_ddpm_step
+
+        fused = fused_ddpm_step(mo, STEP_T, x, spec, case.schedule, prev_timestep=STEP_PREV, noise=eps)
+        torch.testing.assert_close(fused[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+_STEP_DIST = {
+    "sdm": ["official_sdm", "eager", "anisodiff_cpu"],
+    "hdm": ["official_sdm", "eager", "anisodiff_cpu"],
+    "sdm_powerlaw": ["eager", "anisodiff_cpu"],
+    "band": ["eager", "anisodiff_cpu"],
+}
+_STEP_DIST_PARAMS = [(k, i) for k, impls in _STEP_DIST.items() for i in impls]
+
+
+@pytest.mark.parametrize("kind,impl", _STEP_DIST_PARAMS, ids=[f"{k}-{i}" for k, i in _STEP_DIST_PARAMS])
+def test_step_distribution_matches_anisodiff(kind, impl):
+    """Each DDPM-step baseline, drawing its own noise (torch.randn / diffusers' generator), and the
+    fused step as users call it (``AnisotropicNoise.ddpm_step(backend="cpu")``, its Philox stream)
+    give the same distribution of x_prev: the same mean (anisodiff's noise-free step, to float32
+    rounding: x0_hat is deterministic, and the noise has mean zero, checked to 5 SE) and step noise
+    ``(x_prev - mean) / sigma_t`` with the covariance of ``A(t) z`` from ``anisodiff.covariance``
+    (variance along and across the squeeze axis, radial power spectrum; 5 SE), at t = 500 for 4096
+    samples of 3x8x8 (the mean's SE from the per-plane means). Power: unshaped step noise (var 1 along v instead of e^{-2 r(500)} = 1.50
+    for s = -0.4, or the uncalibrated filter) lies >= 10 SE away."""
+    if impl == "official_sdm" and not HAVE_DIFFUSERS:
+        pytest.skip("the official sampler step needs diffusers")
+    if impl == "anisodiff_cpu" and not HAS_CPU:
+        pytest.skip("compiled CPU ops not built")
+    case = abl.make_case(kind, B, C, H, W, seed=1)
+    mo, x = abl.step_inputs(case.x0, case.alphas_cumprod, STEP_T)
+    mean, x0_want = reference.ddpm_step(mo, STEP_T, x, case.spec, case.schedule, prev_timestep=STEP_PREV)
+    if impl == "anisodiff_cpu":
+        noise = ad.AnisotropicNoise(case.spec, case.schedule)
+        x_prev, x0_hat = noise.ddpm_step(mo, STEP_T, x, prev_timestep=STEP_PREV, mode="official",
+                                         generator=torch.Generator().manual_seed(11), backend="cpu")
+    else:
+        x_prev, x0_hat = _step(impl, case, mo, x, seed=11)
+    assert x_prev.shape == x.shape and x_prev.dtype == torch.float32
+    torch.testing.assert_close(x0_hat, x0_want, rtol=1e-5, atol=1e-5)
+    ab = case.alphas_cumprod.double()
+    ab_t, ab_p = ab[STEP_T], ab[STEP_PREV]
+    sigma = math.sqrt(float((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)))
+    n = (x_prev.double() - mean.double()) / sigma
+    v = _axis(case)
+    truth = _truth(case.spec, STEP_T, v)
+    emp = _empirical(n, v)
+    m = emp["planes"]
+    se_v = truth["se_v"] / math.sqrt(m)
+    what = f"{impl} {kind} ddpm_step t={STEP_T}"
+    plane_means = n.mean(dim=(-2, -1))  # [B, C]: the SE of the mean from the per-plane means
+    _close(float(plane_means.mean()), 0.0, float(plane_means.std()) / math.sqrt(plane_means.numel()),
+           f"{what} noise mean")
+    _close(emp["var_v"], truth["var_v"], se_v, f"{what} var along v")
+    se_o = float(emp["perp_samples"].std()) / math.sqrt(emp["perp_samples"].numel())
+    _close(emp["var_perp"], truth["var_perp"], se_o, f"{what} var orthogonal to v")
+    for j, ring in enumerate(_RINGS):
+        _close(float(emp["ring_mean"][j]), truth["rings"][j], float(emp["ring_se"][j]),
+               f"{what} power on ring r={ring * 1e-9:.4f}")
+    if case.spec.squeeze is not None:
+        _assert_power(truth["var_v"] / math.exp(-2 * case.strength * float(
+            case.betas[STEP_T] / case.betas.max())), truth["var_v"], se_v, "unshaped step noise")
+    if case.weights is not None:
+        _assert_power(truth["var_v"] * float(case.weights.double().square().mean()), truth["var_v"],
+                      se_v, "uncalibrated step filter")
+
+
+def test_isotropic_step_is_white_and_is_diffusers():
+    """The isotropic floor of the step is the stock diffusers ``DDPMScheduler.step`` (same
+    generator: the same numbers) and its step noise is white."""
+    case = abl.make_case("sdm", B, C, H, W, seed=1)
+    mo, x = abl.step_inputs(case.x0, case.alphas_cumprod, STEP_T)
+    got = _step("isotropic_floor", case, mo, x, seed=4)
+    if HAVE_DIFFUSERS:
+        out = _stock_scheduler().step(mo, torch.tensor(STEP_T), x,
+                                      generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(got[0], out.prev_sample, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], out.pred_original_sample, rtol=1e-6, atol=1e-6)
+    mean, _ = reference.ddpm_step(mo, STEP_T, x, ad.NoiseSpec(), case.schedule)
+    ab = case.alphas_cumprod.double()
+    sigma = math.sqrt(float((1 - ab[STEP_PREV]) / (1 - ab[STEP_T]) * (1 - ab[STEP_T] / ab[STEP_PREV])))
+    emp = _empirical((got[0].double() - mean.double()) / sigma, _axis(case))
+    se = math.sqrt(2 / (HW * emp["planes"]))
+    _close(emp["var_v"], 1.0, se, "isotropic step var along v")
+    _close(emp["var_perp"], 1.0, se / math.sqrt(C - 1), "isotropic step var orthogonal")
+
+
+@pytest.mark.slow
+def test_compiled_eager_ddpm_step():
+    """torch.compile of eager_ddpm_step (the benchmark's compiled_eager for ddpm_step): given the
+    same white noise it is the eager step (cold compile: several seconds)."""
+    fn, why = abl.make_compiled_eager(op="ddpm_step")
+    assert fn is not None, why
+    case = abl.make_case("sdm_powerlaw", 64, C, 8, 8, seed=2)
+    mo, x = abl.step_inputs(case.x0, case.alphas_cumprod, STEP_T)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    args = (mo, STEP_T, x, case.alphas_cumprod, case.betas, case.axes, case.strength, case.weights)
+    got = fn(*args, variant=case.variant, prev_timestep=STEP_PREV, noise=eps)
+    want = abl.eager_ddpm_step(*args, variant=case.variant, prev_timestep=STEP_PREV, noise=eps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(fn(*args, variant=case.variant, prev_timestep=STEP_PREV)[0]).all()

@@ -1,7 +1,7 @@
 """`anisodiff bench`: the CI smoke test of the benchmark command (no timing assertions).
 
-One in-process ``anisodiff bench --smoke`` run (a tiny case of every op, spec kind and dtype; a few
-seconds) is checked for its JSON schema (machine info, command, every case with median / IQR / GB/s /
+One in-process ``anisodiff bench --smoke`` run (a tiny case of every op - add_noise, shaped_noise,
+ddpm_step -, spec kind and dtype; a few seconds) is checked for its JSON schema (machine info, command, every case with median / IQR / GB/s /
 % of the copy bandwidth / speed-ups, a positive copy bandwidth), its arithmetic (GB/s recomputed
 here from the op's traffic floor and the reported median, so a unit slip fails), its table and its
 picture. The presets (--quick, the full matrix, the CUDA ones) are checked without running them.
@@ -33,10 +33,12 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAVE_DIFFUSERS, reason="the train/sampling suites need diffusers")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OPS = ("add_noise", "shaped_noise")
+OPS = ("add_noise", "shaped_noise", "ddpm_step")
 KINDS = ("iso", "sdm", "hdm", "powerlaw", "band", "sdm_powerlaw")
 ITEMSIZE = {"fp32": 4, "bf16": 2}
-TENSORS = {"add_noise": 3, "shaped_noise": 1}   # read x0 + write x_t + write target; write noise
+# add_noise: read x0 + write x_t + write target; shaped_noise: write noise; ddpm_step: read x_t and
+# the model output + write x_prev and x0_hat
+TENSORS = {"add_noise": 3, "shaped_noise": 1, "ddpm_step": 4}
 
 
 def _main(argv):
@@ -115,8 +117,60 @@ def test_every_case_is_there_with_its_numbers(smoke):
         assert c["overhead_vs_floor_ms"] == pytest.approx(c["median_ms"] - c["floor_ms"])
         if c["op"] == "add_noise" and c["kind"] in ("sdm", "hdm"):
             assert "official_sdm" in c["speedups"]
+        if c["op"] == "ddpm_step" and c["kind"] in ("sdm", "hdm"):
+            assert ("official_sdm" in c["speedups"]) == HAVE_DIFFUSERS  # the sampler step pattern
         if c["op"] == "add_noise" and c["kind"] in ("powerlaw", "band", "sdm_powerlaw"):
             assert {"sagd_appendix", "eager_rfft"} <= set(c["speedups"])
+
+
+def test_ddpm_step_rows(smoke):
+    """The DDPM step is the third op: every kind and dtype, the fused CPU op, the eager and
+    isotropic-floor step baselines (the official sampler step on the squeeze-only kinds), white and
+    rfft where they apply, Triton never; finite positive numbers; the step's inputs recorded."""
+    report = smoke[2]
+    rows = [r for r in report["results"] if r["op"] == "ddpm_step"]
+    assert {(r["kind"], r["dtype"]) for r in rows} == {(k, dt) for k in KINDS for dt in ("fp32", "bf16")}
+    for kind in KINDS:
+        impls = {r["impl"] for r in rows if r["kind"] == kind and r["dtype"] == "fp32"}
+        want = {"anisodiff_cpu", "eager_vectorised", "isotropic_floor"}
+        want |= {"anisodiff_white"} if kind != "iso" else set()
+        want |= {"eager_rfft"} if kind in ("powerlaw", "band", "sdm_powerlaw") else set()
+        want |= {"official_sdm"} if kind in ("sdm", "hdm") and HAVE_DIFFUSERS else set()
+        assert impls == want, (kind, impls)
+    for r in rows:
+        for key in ("median_ms", "q1_ms", "q3_ms", "gbps", "pct_copy_bw", "speedup_vs_fused",
+                    "ratio_vs_floor"):
+            assert _finite_positive(r[key]), (key, r)
+        assert r["backend"] in (None, "cpu") and "triton" not in r["impl"]
+    st = report["settings"]["ddpm_step"]
+    assert (st["timestep"], st["prev_timestep"], st["mode"]) == (500, 499, "official")
+    assert report["traffic"]["ddpm_step"].startswith("4 x")
+    assert any(line.startswith(f"{'ddpm_step':<13}") for line in smoke[1].splitlines())
+
+
+def test_ddpm_step_callables_run_the_users_math():
+    """Every ddpm_step implementation of a case returns (x_prev, x0_hat) of the sample's shape and
+    dtype, finite; the fused one runs the fused anisodiff::ddpm_step op (the path users get), and
+    the anisotropic ones agree on x0_hat (the same clipping in S(t)^-1 coordinates: no noise in it)."""
+    case = bench.make_case("sdm", 4, 3, 8, 8, torch.float32, "cpu", step=True)
+    compiled = {}
+    x0s = {}
+    for impl in bench.impls_for("ddpm_step", "sdm"):
+        fn = bench.make_callable("ddpm_step", impl, case, torch.float32, "cpu", "cpu", compiled)
+        x_prev, x0_hat = fn()
+        assert x_prev.shape == x0_hat.shape == case.sample.shape and x_prev.dtype == torch.float32
+        assert torch.isfinite(x_prev).all() and torch.isfinite(x0_hat).all(), impl
+        x0s[impl] = x0_hat
+    assert bench_train._which_ddpm_step(bench.make_callable(
+        "ddpm_step", "fused", case, torch.float32, "cpu", "cpu", {})).startswith("fused")
+    for impl in ("eager_vectorised", "official_sdm"):
+        if impl in x0s:
+            torch.testing.assert_close(x0s[impl], x0s["fused"], rtol=1e-5, atol=1e-5)
+    # bf16 through the upcast path (the FFT-free squeeze runs natively; the spectral one upcasts)
+    case = bench.make_case("sdm_powerlaw", 2, 3, 8, 8, torch.bfloat16, "cpu", step=True)
+    out = bench.make_callable("ddpm_step", "eager_rfft", case, torch.bfloat16, "cpu", "cpu", {},
+                              upcast=True)()
+    assert out[0].dtype == torch.bfloat16 and torch.isfinite(out[0].float()).all()
 
 
 def test_gbps_is_bytes_over_the_reported_median(smoke):
@@ -174,9 +228,10 @@ def test_cuda_without_a_device_is_a_clear_error(tmp_path):
 def test_bad_options_fail_before_timing(tmp_path):
     code, _, err = _main(["bench", "--smoke", "--json", str(tmp_path / "missing" / "x.json")])
     assert code == 2 and "does not exist" in err
-    code, _, err = _main(["bench", "--smoke", "--given-noise", "--ops", "shaped_noise",
-                          "--json", str(tmp_path / "x.json"), "--no-plot"])
-    assert code == 2 and "--given-noise" in err
+    for op in ("shaped_noise", "ddpm_step"):
+        code, _, err = _main(["bench", "--smoke", "--given-noise", "--ops", op,
+                              "--json", str(tmp_path / "x.json"), "--no-plot"])
+        assert code == 2 and "--given-noise" in err
     code, _, _ = _main(["bench", "--shapes", "3x32"])
     assert code == 2
 
@@ -230,6 +285,25 @@ def test_every_fused_backend_is_timed(tmp_path, monkeypatch):
         base = next(r for r in report["results"] if r["impl"] == name)
         assert ref["speedups"][name] == pytest.approx(base["median_ms"] / ref["median_ms"])
     assert "reference/cpu" in out
+
+
+def test_ddpm_step_on_every_backend_with_the_op(tmp_path, monkeypatch):
+    """ddpm_step runs on every fused backend that has the op ("reference" standing in for a second
+    one) and skips Triton (no ddpm_step kernel) with the reason recorded and printed."""
+    monkeypatch.setattr(bench, "fused_backends",
+                        lambda device: (["cpu", "triton", "reference"], {}))
+    code, out, _ = _main(["bench", "--smoke", "--kinds", "sdm", "--dtypes", "fp32", "--ops",
+                          "ddpm_step", "--json", str(tmp_path / "d.json"), "--no-plot"])
+    assert code == 0
+    report = json.loads((tmp_path / "d.json").read_text())
+    (c,) = report["cases"]
+    assert c["op"] == "ddpm_step" and set(c["backends"]) == {"cpu", "reference"}
+    assert [r["impl"] for r in report["results"] if r["fused"]] == ["anisodiff_cpu", "anisodiff_reference"]
+    why = report["settings"]["op_skipped_backends"]["ddpm_step"]["triton"]
+    assert "no ddpm_step op" in why and "ddpm_step: triton skipped" in out
+    assert c["backend_ratios"].keys() == {"reference/cpu"}
+    assert bench.op_backends("add_noise", ["cuda", "triton"]) == (["cuda", "triton"], {})
+    assert bench.op_backends("ddpm_step", ["cuda", "triton"])[0] == ["cuda"]
 
 
 def test_interpreted_triton_is_skipped_on_the_cpu(monkeypatch):
