@@ -619,10 +619,12 @@ struct SpectralGeom {
 // holding the finished spatial noise, or nullptr to generate / read the white noise here.
 cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec, int sm_count,
                                cudaStream_t stream);
-cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, bool vec,
+// smem: the launch's dynamic shared memory; smem_cap: the device's opt-in limit (the kernels' opt-in
+// attribute is set to it, see allow_smem in noise_spectral.cu).
+cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
                          cudaStream_t stream);
-cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, float2* cws,
-                                   float* ws, cudaStream_t stream);
+cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
+                                   float2* cws, float* ws, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace anisodiff

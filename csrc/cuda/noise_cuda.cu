@@ -158,12 +158,12 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kElementwise:
       return launch_elementwise(p, nullptr, vec_ok(p, true), sm_count(device), stream);
     case Path::kFused:
-      return launch_fused(p, geometry(p, 0), plan.smem_bytes, vec_ok(p, false), stream);
+      return launch_fused(p, geometry(p, 0), plan.smem_bytes, plan.smem_limit, vec_ok(p, false), stream);
     case Path::kTwoPass: {
       if (workspace == nullptr) return cudaErrorInvalidValue;
       float* ws = static_cast<float*>(workspace);
       float2* cws = reinterpret_cast<float2*>(static_cast<char*>(workspace) + two_pass_offset(p));
-      err = launch_two_pass_filter(p, geometry(p, plan.tile), plan.smem_bytes, cws, ws, stream);
+      err = launch_two_pass_filter(p, geometry(p, plan.tile), plan.smem_bytes, plan.smem_limit, cws, ws, stream);
       if (err != cudaSuccess) return err;
       return launch_elementwise(p, ws, vec_ok(p, false), sm_count(device), stream);
     }

@@ -228,39 +228,47 @@ __global__ void __launch_bounds__(kSpectralThreads)
   }
 }
 
+// The opt-in attribute is set to the device's limit (smem_cap), not to this launch's size: the attribute
+// is per function, so two host threads launching the same kernel with different sizes would otherwise
+// race (one lowering it between the other's set and launch). It is only a cap; the launch still
+// reserves just `smem`.
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)(smem_cap > smem ? smem_cap : smem));
+}
+
 template <int KA, bool kVec>
-cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem, cudaStream_t stream) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(fused_spectral<KA, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-  }
+cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
+                                cudaStream_t stream) {
+  const cudaError_t err = allow_smem(fused_spectral<KA, kVec>, smem, smem_cap);
+  if (err != cudaSuccess) return err;
   fused_spectral<KA, kVec><<<(unsigned)p.batch, kSpectralThreads, smem, stream>>>(p, g);
   return cudaGetLastError();
 }
 
 // The step epilogue has no vectorised I/O (vec is false for it).
 template <int KA>
-cudaError_t launch_fused_as(const NoiseProblem& p, const SpectralGeom& g, size_t smem, bool vec, cudaStream_t stream) {
-  return vec ? launch_fused_kernel<KA, true>(p, g, smem, stream) : launch_fused_kernel<KA, false>(p, g, smem, stream);
+cudaError_t launch_fused_as(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
+                            cudaStream_t stream) {
+  return vec ? launch_fused_kernel<KA, true>(p, g, smem, smem_cap, stream)
+             : launch_fused_kernel<KA, false>(p, g, smem, smem_cap, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, bool vec,
+cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
                          cudaStream_t stream) {
   const int k = p.step_params != nullptr ? p.step_k : p.k;
-  if (k <= 2) return launch_fused_as<2>(p, g, smem, vec, stream);
-  return launch_fused_as<kMaxAxes>(p, g, smem, vec, stream);
+  if (k <= 2) return launch_fused_as<2>(p, g, smem, smem_cap, vec, stream);
+  return launch_fused_as<kMaxAxes>(p, g, smem, smem_cap, vec, stream);
 }
 
-cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, float2* cws,
-                                   float* ws, cudaStream_t stream) {
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(two_pass_filter, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-  }
+cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
+                                   float2* cws, float* ws, cudaStream_t stream) {
+  const cudaError_t err = allow_smem(two_pass_filter, smem, smem_cap);
+  if (err != cudaSuccess) return err;
   two_pass_filter<<<(unsigned)(p.batch * g.P), kSpectralThreads, smem, stream>>>(p, g, cws, ws);
   return cudaGetLastError();
 }
