@@ -1,0 +1,95 @@
+// Torch glue of the host emulation of the CUDA kernels (tests/cuda_emulation): the ops of csrc/ops.cpp
+// as torch.ops.anisodiff_emu.*, argument handling shared with the CPU/CUDA glue (ops_common), launches
+// through the rewritten .cu sources (kernels run by the coroutine scheduler of include/cuda_runtime.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <string>
+#include <tuple>
+#include <vector>
+#include "ops_common.h"
+#include "cuda/noise_cuda.h"
+
+static std::vector<unsigned char> g_smem(64 << 20);
+unsigned char* emu_smem = g_smem.data();
+
+namespace anisodiff {
+namespace {
+cuda::LaunchPlan g_last_plan;  // the plan of the last launch, for the tests' path assertions
+
+void launch_emu(const PreparedOp& op) {
+  g_last_plan = cuda::LaunchPlan{};
+  if (is_empty(op.problem)) return;
+  const cuda::LaunchPlan plan = cuda::plan_launch(op.problem, 0);
+  g_last_plan = plan;
+  TORCH_CHECK(plan.error == nullptr, plan.error ? plan.error : "");
+  TORCH_CHECK(plan.smem_bytes <= g_smem.size(), "emu smem");
+  at::Tensor ws;
+  if (plan.workspace_bytes > 0) { ws = at::empty({(int64_t)plan.workspace_bytes}, at::kByte); ws.fill_(255); }
+  TORCH_CHECK(cuda::launch(op.problem, plan, ws.defined() ? ws.data_ptr() : nullptr, nullptr) == 0);
+}
+std::tuple<at::Tensor, at::Tensor> add_noise_emu(
+    const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
+    const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
+    int64_t normalize, int64_t target, const at::Tensor& stream, const std::optional<at::Tensor>& noise) {
+  PreparedOp op = prepare_add_noise(KernelDevice::cpu(), x0, timesteps, coef, axes, weights, gammas, variant,
+                                    normalize, target, stream, noise);
+  launch_emu(op);
+  return {op.out0, op.out1};
+}
+at::Tensor shaped_noise_emu(c10::SymIntArrayRef shape, const at::Tensor& timesteps, const at::Tensor& coef,
+                            const at::Tensor& axes, const std::optional<at::Tensor>& weights,
+                            at::ArrayRef<double> gammas, int64_t variant, int64_t normalize,
+                            const at::Tensor& stream, const std::optional<at::Tensor>& noise, at::ScalarType dtype) {
+  PreparedOp op = prepare_shaped_noise(KernelDevice::cpu(), shape, timesteps, coef, axes, weights, gammas, variant,
+                                       normalize, stream, noise, dtype);
+  launch_emu(op);
+  return op.out0;
+}
+std::tuple<at::Tensor, at::Tensor> ddpm_step_emu(
+    const at::Tensor& sample, const at::Tensor& model_output, const at::Tensor& params, const at::Tensor& axes,
+    const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t normalize, int64_t clip,
+    double clip_range, const at::Tensor& stream, const std::optional<at::Tensor>& noise) {
+  PreparedOp op = prepare_ddpm_step(KernelDevice::cpu(), sample, model_output, params, axes, weights, gammas,
+                                    normalize, clip, clip_range, stream, noise);
+  launch_emu(op);
+  return {op.out0, op.out1};
+}
+// (path, dynamic smem bytes, tile, barriers completed so far in this process) of the last launch.
+std::tuple<std::string, int64_t, int64_t, int64_t> last_plan() {
+  return {cuda::path_name(g_last_plan.path), (int64_t)g_last_plan.smem_bytes, (int64_t)g_last_plan.tile,
+          (int64_t)g_emu.barriers};
+}
+
+// Self-test of the scheduler: a block of `threads` threads; thread t writes s[t] = t, then (with or
+// without a barrier) reads s[(t + 1) % threads]. Without the barrier the read races with the write
+// and, depending on EMU_ORDER, sees the NaN poison of the shared memory.
+at::Tensor race_selftest(int64_t threads, bool barrier) {
+  at::Tensor out = at::empty({threads}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const unsigned n = (unsigned)threads;
+  emu_launch(1u, n, n * sizeof(float), [&] {
+    float* s = reinterpret_cast<float*>(emu_smem);
+    const unsigned t = threadIdx.x;
+    s[t] = (float)t;
+    if (barrier) __syncthreads();
+    o[t] = s[(t + 1) % n];
+  });
+  return out;
+}
+}  // namespace
+TORCH_LIBRARY(anisodiff_emu, m) {
+  m.def("last_plan() -> (str, int, int, int)", &last_plan);
+  m.def("race_selftest(int threads, bool barrier) -> Tensor", &race_selftest);
+  m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
+        "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
+  m.def("shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
+        "float[] gammas, int variant, int normalize, Tensor stream, Tensor? noise, ScalarType dtype) -> Tensor");
+  m.def("ddpm_step(Tensor sample, Tensor model_output, Tensor params, Tensor axes, Tensor? weights, "
+        "float[] gammas, int normalize, int clip, float clip_range, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(anisodiff_emu, CPU, m) {
+  m.impl("add_noise", &add_noise_emu);
+  m.impl("shaped_noise", &shaped_noise_emu);
+  m.impl("ddpm_step", &ddpm_step_emu);
+}
+}  // namespace anisodiff

@@ -1,0 +1,221 @@
+"""The CUDA kernels (csrc/cuda/*.cu) run by the host emulator of tests/cuda_emulation against the CPU kernel.
+
+No GPU needed: the .cu sources are compiled as C++; every block's threads run as coroutines with
+__syncthreads as phase barriers, in forward and reverse thread order, on NaN-poisoned shared memory
+and workspace (a read before its write shows up as NaN). Grid: elementwise path (k = 0, 1, 2, odd
+H*W tails, channels_last / strided, fp16 / bf16), fused spectral path (power law, band, two bands
+independent with per-sample normalisation, HDM, odd C, prime sizes), forced two-pass path (incl.
+several tiles), ddpm_step; the path each case takes is asserted. Builds once (incrementally, into
+build/cuda_emulation); skipped without a C++ compiler / ninja; a compile error in the kernels fails.
+"""
+import pytest
+import torch
+
+import anisodiff as ad
+from conftest import random_axes, requires_compiled
+from cuda_emulation import emulator
+from test_cpu_kernel import close, make_spec
+
+pytestmark = requires_compiled
+
+ORDERS = ["fwd", "rev"]
+STREAM = torch.tensor([1234, 7])
+
+
+@pytest.fixture(scope="session")
+def emu():
+    try:
+        emulator.build()
+    except emulator.EnvironmentProblem as exc:
+        pytest.skip(f"CUDA host emulator cannot be built here: {str(exc)[:400]}")
+    except emulator.SourceError as exc:
+        pytest.fail(f"the CUDA sources do not compile under the host emulator:\n{exc}", pytrace=False)
+    return torch.ops.anisodiff_emu
+
+
+@pytest.fixture(params=ORDERS)
+def order(request, monkeypatch, emu):
+    monkeypatch.setenv("EMU_ORDER", request.param)
+    return request.param
+
+
+def kernel_common(spec, shape, schedule, t):
+    B, C, H, W = shape
+    args = ad.plan.kernel_args(spec, schedule, C, H, W, "cpu")
+    return (torch.tensor(t[:B]), args.coef, args.axes, args.weights, list(args.gammas), args.variant,
+            args.normalize)
+
+
+def check_pair(emu_out, cpu_out, dtype=torch.float32):
+    assert emu_out.dtype == cpu_out.dtype and emu_out.shape == cpu_out.shape
+    assert emu_out.stride() == cpu_out.stride()
+    bad = int((~torch.isfinite(emu_out.float())).sum())
+    assert bad == 0, f"{bad} NaN/inf outputs: a read of poisoned (not yet written / unsynchronised) memory"
+    close(emu_out, cpu_out, dtype)
+
+
+def expect_path(emu, path):
+    name, smem, tile, barriers = emu.last_plan()
+    assert name == path
+    return tile
+
+
+def run_add_noise(emu, x0, common, target, noise=None):
+    a = emu.add_noise(x0, *common, target, STREAM, noise)
+    b = torch.ops.anisodiff.add_noise(x0, *common, target, STREAM, noise)
+    check_pair(a[0], b[0], x0.dtype)
+    check_pair(a[1], b[1], x0.dtype)
+    return a
+
+
+def layout(x, how):
+    if how == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if how == "strided":  # a slice: no vectorised I/O
+        big = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x
+
+
+# -- elementwise path -------------------------------------------------------------------------------
+ELEMENTWISE = [  # (shape, kind, k, layout, dtype, target)
+    ((2, 3, 8, 8), "iso", 1, "contiguous", torch.float32, 1),          # k = 0, vectorised
+    ((2, 3, 7, 9), "sdm", 1, "contiguous", torch.float32, 0),          # odd H*W: quad tails
+    ((2, 4, 12, 10), "hdm", 2, "contiguous", torch.float32, 2),        # k = 2, heisenberg
+    ((2, 3, 7, 9), "sdm_pos", 2, "channels_last", torch.float32, 3),
+    ((2, 3, 6, 5), "sdm", 1, "strided", torch.float32, 1),
+    ((2, 3, 8, 8), "sdm_linear", 1, "contiguous", torch.float16, 1),
+    ((1, 4, 5, 7), "hdm", 2, "channels_last", torch.bfloat16, 0),
+]
+
+
+@pytest.mark.parametrize("shape,kind,k,how,dtype,target", ELEMENTWISE,
+                         ids=[f"{c[1]}-k{c[2]}-{'x'.join(map(str, c[0]))}-{c[3]}-{str(c[4])[6:]}"
+                              for c in ELEMENTWISE])
+def test_elementwise(emu, order, schedule, shape, kind, k, how, dtype, target):
+    common = kernel_common(make_spec(kind, shape[1], k=k), shape, schedule, [999, 0, 500])
+    x0 = layout(torch.randn(shape, generator=torch.Generator().manual_seed(1)), how).to(dtype)
+    run_add_noise(emu, x0, common, target)
+    expect_path(emu, "elementwise")
+    # caller noise through shaped_noise (apply_operator)
+    eps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(2))
+    a = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    check_pair(a, b)
+    expect_path(emu, "elementwise")
+
+
+# -- spectral paths (fused, and the forced two-pass fallback) ---------------------------------------
+SPECTRAL = [  # (shape, kind, k, normalize)
+    ((2, 3, 16, 16), "pl_neg", 1, "calibrated"),         # power law, radix-4/2 FFT
+    ((1, 4, 12, 10), "hdm+band", 2, "calibrated"),       # HDM + band, radix 3
+    ((2, 5, 7, 11), "two_indep", 1, "per_sample"),       # odd C, primes, two draws, per-sample norm
+    ((1, 3, 13, 9), "sdm+pl_pos", 1, "per_sample"),      # prime H
+    ((1, 3, 1, 30), "band", 1, "calibrated"),            # rows of length 1
+    ((1, 2, 30, 1), "pl_pos", 1, "per_sample"),          # columns of length 1
+    ((1, 3, 64, 64), "sdm+two_indep", 1, "calibrated"),  # the largest fused case (177 KiB smem)
+]
+
+
+@pytest.mark.parametrize("path", ["fused", "two_pass"])
+@pytest.mark.parametrize("shape,kind,k,normalize", SPECTRAL,
+                         ids=[f"{c[1]}-{c[3]}-{'x'.join(map(str, c[0]))}" for c in SPECTRAL])
+def test_spectral(emu, order, schedule, monkeypatch, path, shape, kind, k, normalize):
+    if path == "two_pass":
+        monkeypatch.setenv("ANISODIFF_CUDA_PATH", "two_pass")
+    else:
+        monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    common = kernel_common(make_spec(kind, shape[1], k=k, normalize=normalize), shape, schedule,
+                           [999, 3, 500])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    run_add_noise(emu, x0, common, 1)
+    expect_path(emu, path)
+    run_add_noise(emu, x0.contiguous(memory_format=torch.channels_last).half(), common, 3)
+    expect_path(emu, path)
+
+
+def test_two_pass_natural(emu, schedule, monkeypatch):
+    """128x128 does not fit in shared memory: two-pass without forcing it."""
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("EMU_ORDER", "mix")
+    shape = (1, 4, 128, 128)
+    common = kernel_common(make_spec("hdm+pl_neg", 4, k=2), shape, schedule, [400])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    run_add_noise(emu, x0, common, 1)
+    expect_path(emu, "two_pass")
+
+
+def test_two_pass_multi_tile(emu, schedule, monkeypatch):
+    """A plane larger than one tile (8192 complex elements): rows and columns in two tiles each."""
+    monkeypatch.setenv("EMU_ORDER", "rev")
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "two_pass")
+    shape = (1, 1, 40, 260)
+    common = kernel_common(make_spec("pl_pos", 1), shape, schedule, [700])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    run_add_noise(emu, x0, common, 1)
+    tile = expect_path(emu, "two_pass")
+    assert 0 < tile < shape[2] * shape[3]
+
+
+# -- ddpm_step --------------------------------------------------------------------------------------
+STEP_SPECS = {
+    "white": (lambda C: ad.NoiseSpec(), "elementwise"),
+    "hdm_k2": (lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 2, 6), [-0.4, 0.8], "heisenberg")),
+               "elementwise"),
+    "sdm_band": (lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 7), -0.6), ad.Band(0.1, 0.4)),
+                 "fused"),
+    "two_indep_ps": (lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 8), 0.5),
+                                            ad.TwoBand(0.6, (0, 0.3), 0.4, (0.3, 1.0), "independent"),
+                                            normalize="per_sample"), "fused"),
+}
+
+
+@pytest.mark.parametrize("name,mode,clip,t", [("white", "official", True, (999, 979)),
+                                              ("hdm_k2", "exact", False, (5, -1)),
+                                              ("hdm_k2", "official", True, (999, 979)),
+                                              ("sdm_band", "official", True, (999, 979)),
+                                              ("two_indep_ps", "exact", False, (5, -1))])
+def test_ddpm_step(emu, order, schedule, name, mode, clip, t):
+    from test_cuda import step_args
+
+    make, path = STEP_SPECS[name]
+    shape = (2, 4 if name == "hdm_k2" else 3, 9, 8)
+    spec = make(shape[1])
+    args = step_args(spec, schedule, t[0], t[1], mode, shape, "cpu", clip)
+    g = torch.Generator().manual_seed(11)
+    x, e = 1.5 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    z = torch.randn((spec.draws, *shape), generator=g)
+    for noise in (z, None):
+        a = emu.ddpm_step(x, e, *args, STREAM, noise)
+        b = torch.ops.anisodiff.ddpm_step(x, e, *args, STREAM, noise)
+        expect_path(emu, path)
+        check_pair(a[0], b[0])
+        assert torch.isfinite(a[1]).all()
+        torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)  # x0 estimate: 1/sqrt(ab) gain
+
+
+# -- the emulator itself ------------------------------------------------------------------------------
+def test_emulator_catches_missing_barrier(emu, monkeypatch):
+    """Shared memory starts as NaN, threads run to the next barrier one after another: a read that is
+    not ordered after its write by __syncthreads reads NaN in at least one thread order."""
+    n = 64
+    expect = torch.arange(1, n + 1, dtype=torch.float32) % n
+    for order in ORDERS:
+        monkeypatch.setenv("EMU_ORDER", order)
+        torch.testing.assert_close(emu.race_selftest(n, True), expect)
+    monkeypatch.setenv("EMU_ORDER", "fwd")  # threads 0..n-2 read before their neighbour wrote
+    assert torch.isnan(emu.race_selftest(n, False)[:-1]).all()
+    monkeypatch.setenv("EMU_ORDER", "rev")  # thread n-1 runs first and reads s[0] before thread 0
+    out = emu.race_selftest(n, False)
+    assert torch.isnan(out[-1]) and torch.equal(out[:-1], expect[:-1])
+
+
+def test_barriers_exercised(emu, schedule):
+    """The fused kernel really runs as phases separated by barriers (not one thread at a time)."""
+    shape = (1, 3, 8, 8)
+    common = kernel_common(make_spec("pl_neg", 3), shape, schedule, [10])
+    before = emu.last_plan()[3]
+    emu.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
+    name, smem, _, after = emu.last_plan()
+    assert name == "fused" and smem > 0 and after - before >= 4
