@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 
 import torch
 
 from . import reference
 from ._ext import available_backends, has_compiled_ops
 from .ops import _KERNEL_DTYPES, add_noise, shaped_noise, white_noise
-from .plan import kernel_args
+from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec
@@ -163,6 +164,56 @@ def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor) -> str | Non
     return kind if kind in ("cpu", "cuda") and kind in available_backends(sample.device) else None
 
 
+def _step_params(spec: NoiseSpec, schedule: VPSchedule, t: torch.Tensor, prev: torch.Tensor, mode: str) -> torch.Tensor:
+    """float32 ``[B, 2 + 4 (1 + k)]``: a_t, b_t, then (perp, axes) of S(t), C0, Ct and Sig per sample."""
+    B = t.shape[0]
+    coeffs = reference.ddpm_coefficients(spec, schedule, t, prev, mode)
+    ab_t = reference._alphas(schedule, t, B)
+    columns = [ab_t.sqrt()[:, None], (1 - ab_t).sqrt()[:, None]]
+    for name in ("s", "c0", "ct", "sig"):
+        perp, axes = coeffs[name]
+        columns += [perp[:, None], axes]
+    return torch.cat(columns, dim=1).to(torch.float32).contiguous()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the copy
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+# A sampling loop steps the same (t, prev) for the whole batch: its per-step table row, the axes
+# and the spatial lowering are computed once per (spec, schedule, t, prev, mode, device, plane) and
+# reused (on the device), so a step costs one kernel launch plus a broadcast of one row.
+_STEP_CACHE: OrderedDict = OrderedDict()
+_STEP_CACHE_SIZE = 8192  # a few sampling schedules of 1000 steps; one entry is ~100 bytes + keys
+
+
+def _scalar(value) -> int | None:
+    """The int of a Python int or a one-element integer tensor, else None (per-sample values)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value.reshape(()).item()) if value.device.type == "cpu" else None
+    return None
+
+
+def _step_tables(spec, schedule, t: int, prev: int, mode: str, device: torch.device, C: int, H: int, W: int):
+    key = (spec.to_json(), _schedule_key(schedule), t, prev, mode, str(device), C, H, W)
+    hit = _STEP_CACHE.get(key)
+    if hit is not None:
+        _STEP_CACHE.move_to_end(key)
+        return hit
+    row = _step_params(spec, schedule, torch.tensor([t]), torch.tensor([prev]), mode)
+    k = spec.squeeze.k if spec.squeeze is not None else 0
+    axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
+    entry = (_to_device(row, device), axes.to(device), kernel_args(reference._spatial_spec(spec), None, C, H, W, device))
+    _STEP_CACHE[key] = entry
+    if len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        _STEP_CACHE.popitem(last=False)
+    return entry
+
+
 def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
                     prev_timestep=None, stream: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                     mode: str = "official", clip_sample: bool = True, clip_range: float = 1.0):
@@ -170,32 +221,33 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     model output, draw and shape the step noise (the canonical stream ``stream = [seed, offset]``, or
     the caller's WHITE ``noise``), write x_prev and x0_hat. The per-sample channel matrices come from
     :func:`anisodiff.reference.ddpm_coefficients` (a few [B]-sized ops on the host, no per-sample
-    Python), then travel to the sample's device as one small table."""
+    Python), then travel to the sample's device as one small table; for one timestep shared by the
+    batch (a sampling loop) that table row is cached per step."""
     if mode not in reference.SAMPLING_MODES:
         raise ValueError(f"mode: must be one of {list(reference.SAMPLING_MODES)}, got {mode!r}")
     schedule = as_schedule(schedule)
     B, C, H, W = sample.shape
-    t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
-    prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
-    coeffs = reference.ddpm_coefficients(spec, schedule, t, prev, mode)
-    ab_t = reference._alphas(schedule, t, B)
-    columns = [ab_t.sqrt()[:, None], (1 - ab_t).sqrt()[:, None]]
-    for name in ("s", "c0", "ct", "sig"):
-        perp, axes = coeffs[name]
-        columns += [perp[:, None], axes]
     device = sample.device
-    params = torch.cat(columns, dim=1).to(torch.float32).contiguous()
-    if device.type == "cuda":  # pinned + non_blocking: the host does not wait for the copy
-        params = params.pin_memory().to(device, non_blocking=True)
+    t_int = _scalar(timestep)
+    prev_int = (t_int - 1 if t_int is not None else None) if prev_timestep is None else _scalar(prev_timestep)
+    if t_int is not None and prev_int is not None:
+        row, axes, spatial = _step_tables(spec, schedule, t_int, prev_int, mode, device, C, H, W)
+        params = row.expand(B, row.shape[1]).contiguous()
+    else:
+        t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
+        prev = (t - 1 if prev_timestep is None
+                else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B))
+        params = _to_device(_step_params(spec, schedule, t, prev, mode), device)
+        k = spec.squeeze.k if spec.squeeze is not None else 0
+        axes = (spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)).to(device)
+        spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
     k = spec.squeeze.k if spec.squeeze is not None else 0
-    axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
-    spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
     clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
     if noise is not None:
         noise = noise[None] if spec.draws == 1 else noise
         stream = torch.tensor([0, 0], dtype=torch.int64)
     elif stream is None:
         raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
-    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes.to(device), spatial.weights,
+    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes, spatial.weights,
                                          list(spatial.gammas), spatial.normalize, clip, float(clip_range),
                                          stream, noise)

@@ -376,3 +376,27 @@ def test_opcheck_fused_step(schedule):
             spatial.normalize, 2, 1.0, torch.tensor([3, 0]))
     torch.library.opcheck(torch.ops.anisodiff.ddpm_step.default, (*args, None))
     torch.library.opcheck(torch.ops.anisodiff.ddpm_step.default, (*args, torch.randn(1, *shape)))
+
+
+@requires_compiled
+@pytest.mark.parametrize("mode", ["official", "exact"])
+def test_fused_step_scalar_cache_and_per_sample_timesteps_agree(mode, schedule):
+    """A shared timestep takes the cached per-step table; per-sample timesteps build the table per
+    call. Both must give what stepping each sample on its own gives, bit for bit."""
+    spec = FUSED_SPECS["sdm_band"](3)
+    g = torch.Generator().manual_seed(5)
+    x_t, eps_hat = torch.randn(3, 3, 9, 8, generator=g), torch.randn(3, 3, 9, 8, generator=g)
+    z = torch.randn(3, 3, 9, 8, generator=g)
+    shared = fused_ddpm_step(eps_hat, 400, x_t, spec, schedule, noise=z, mode=mode)
+    again = fused_ddpm_step(eps_hat, torch.tensor(400), x_t, spec, schedule, noise=z, mode=mode)  # cache hit
+    per_sample = fused_ddpm_step(eps_hat, torch.tensor([400, 400, 400]), x_t, spec, schedule, noise=z, mode=mode)
+    for a, b, c in zip(shared, again, per_sample):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    ts, prevs = torch.tensor([999, 400, 3]), torch.tensor([979, 399, -1])
+    mixed = fused_ddpm_step(eps_hat, ts, x_t, spec, schedule, prev_timestep=prevs, noise=z, mode=mode)
+    for i in range(3):
+        one = fused_ddpm_step(eps_hat[i:i + 1], int(ts[i]), x_t[i:i + 1], spec, schedule,
+                              prev_timestep=int(prevs[i]), noise=z[i:i + 1], mode=mode)
+        assert torch.equal(mixed[0][i:i + 1], one[0]) and torch.equal(mixed[1][i:i + 1], one[1])
+    with pytest.raises(ValueError, match="mode"):
+        fused_ddpm_step(eps_hat, 400, x_t, spec, schedule, noise=z, mode="fast")
