@@ -248,7 +248,9 @@ def test_cuda_presets_cover_issue_7_item_2():
     assert full["batch"] == [1, 16, 128, 512]
     assert full["shapes"] == [(3, 32, 32), (3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 256, 256)]
     assert full["dtypes"] == ["fp32", "bf16"] and full["kinds"] == list(KINDS)
-    assert full["compile"] is True and full["compile_impls"] == ["compiled_eager"]
+    assert full["compile"] is True
+    assert full["compile_impls"] == ["compiled_eager", "compiled_eager_max_autotune"]  # issue 3's baseline
+    assert _settings([])["compile_impls"] == ["compiled_eager", "compiled_eager_fallback_random"]
     assert full["max_other_load"] > 0.2            # GPU hosts: CPU load matters little
     quick = _settings(["--device", "cuda", "--quick"])
     assert set(quick["shapes"]) <= set(full["shapes"]) and quick["batch"] == [128]
@@ -342,7 +344,8 @@ def test_issue_3_goals_from_the_cases():
              case("hdm", 512, 4, 128, 80.0, dtype="bf16"),   # bf16: not counted
              case("sdm_powerlaw", 128, 3, 64, 59.0),         # spectral 64x64: counted, missed
              case("band", 128, 3, 128, 10.0),                # 128x128: not counted
-             case("sdm", 128, 3, 32, 30.0, official_sdm=60.0, eager_vectorised=3.9, compiled_eager=2.5)]
+             case("sdm", 128, 3, 32, 30.0, official_sdm=60.0, eager_vectorised=3.9, compiled_eager=2.5),
+             case("hdm", 128, 3, 32, 30.0, compiled_eager=2.5, compiled_eager_max_autotune=1.5)]
     goals = bench.cuda_goals(cases)
     by = {}
     for g in goals:
@@ -351,7 +354,9 @@ def test_issue_3_goals_from_the_cases():
     assert by["cuda_spectral_pct_copy"] == [("sdm_powerlaw", 59.0, False)]
     assert by["cuda_vs_official_sdm"] == [("sdm", 60.0, True)]
     assert by["cuda_vs_eager"] == [("sdm", 3.9, False)]
-    assert by["cuda_vs_compile"] == [("sdm", 2.5, True)]
+    assert by["cuda_vs_compile"] == [("sdm", 2.5, True), ("hdm", 1.5, False)]  # max-autotune first
+    assert [g["baseline"] for g in goals if g["goal"] == "cuda_vs_compile"] == [
+        "compiled_eager", "compiled_eager_max_autotune"]
     assert all(g["issue"] == 3 for g in goals)
     lines = "\n".join(bench._backend_goal_lines(goals))
     assert "issue 3 goal (CUDA spectral 32x32/64x64 >= 60% of copy bandwidth): met in 0 of 1" in lines
