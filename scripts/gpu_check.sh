@@ -24,6 +24,13 @@ left() { echo $((${BUDGET:-560} - ($(date +%s) - START))); }
 # limit DEFAULT [RESERVE]: a stage's time limit, never eating into the time kept for later stages.
 limit() { local l=$(( $(left) - ${2:-90} )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 10 ] && l=10; echo "$l"; }
 
+# --- carried wheels (the GPU image has no package index: diffusers travels as .whl/*.whl) --------
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  note "carried wheels: $(ls .whl | tr '\n' ' ')"
+fi
+
 # --- build --------------------------------------------------------------------------------------
 if ! command -v nvcc >/dev/null 2>&1; then
   for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin; do [ -x "$d/nvcc" ] && export PATH="$d:$PATH" && break; done
