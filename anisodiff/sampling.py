@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from ._ext import available_backends, has_compiled_ops
-from .ops import _KERNEL_DTYPES, add_noise, shaped_noise, white_noise
+from .ops import _KERNEL_DTYPES, _library, add_noise, shaped_noise, white_noise
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
@@ -84,14 +84,20 @@ class AnisotropicNoise:
         with shaped step noise for a time-invariant spec. ``prev_timestep`` defaults to ``t - 1``.
         Returns ``(prev_sample, pred_original_sample)``. ``backend="auto"`` runs the fused one-pass
         kernel (``torch.ops.anisodiff.ddpm_step``) where it exists (CPU, float32/16/bf16), else the
-        float64 reference.
+        float64 reference; ``"triton"`` runs ``torch.ops.anisodiff_triton.ddpm_step`` (never chosen
+        by "auto").
         """
-        if backend not in ("auto", "cpu", "cuda", "reference"):
-            raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda' or 'reference', got {backend!r}")
-        fused = can_fuse_step(model_output, sample)
-        if backend in ("cpu", "cuda") and fused != backend:
+        if backend not in ("auto", "cpu", "cuda", "triton", "reference"):
+            raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
+        if backend == "triton":
+            fused = "triton" if _can_run_triton_step(model_output, sample) else None
+        else:
+            fused = can_fuse_step(model_output, sample)
+        if backend in ("cpu", "cuda", "triton") and fused != backend:
+            where = ("a cuda device (or the CPU under TRITON_INTERPRET=1) with triton installed"
+                     if backend == "triton" else f"a {backend} device with the {backend} ops built")
             raise RuntimeError(f"backend: the fused {backend} ddpm_step needs float32/float16/bfloat16 "
-                               f"tensors on a {backend} device with the {backend} ops built "
+                               f"tensors on {where} "
                                f"(available here: {available_backends(sample.device)})")
         if backend == "reference" or fused is None:
             return reference.ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
@@ -99,7 +105,7 @@ class AnisotropicNoise:
                                        mode=mode, clip_sample=clip_sample, clip_range=clip_range)
         return fused_ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
                                prev_timestep=prev_timestep, stream=stream_tensor(None, generator, 0, sample.device),
-                               mode=mode, clip_sample=clip_sample, clip_range=clip_range)
+                               mode=mode, clip_sample=clip_sample, clip_range=clip_range, backend=fused)
 
     def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
                   prev_timestep=None, eta: float = 0.0, generator: torch.Generator | None = None,
@@ -164,6 +170,12 @@ def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor) -> str | Non
     return kind if kind in ("cpu", "cuda") and kind in available_backends(sample.device) else None
 
 
+def _can_run_triton_step(model_output: torch.Tensor, sample: torch.Tensor) -> bool:
+    """Whether ``torch.ops.anisodiff_triton.ddpm_step`` runs for these tensors (backend="triton")."""
+    return (sample.dtype in _KERNEL_DTYPES and model_output.dtype in _KERNEL_DTYPES
+            and model_output.device == sample.device and "triton" in available_backends(sample.device))
+
+
 def _step_params(spec: NoiseSpec, schedule: VPSchedule, t: torch.Tensor, prev: torch.Tensor, mode: str) -> torch.Tensor:
     """float32 ``[B, 2 + 4 (1 + k)]``: a_t, b_t, then (perp, axes) of S(t), C0, Ct and Sig per sample."""
     B = t.shape[0]
@@ -216,13 +228,18 @@ def _step_tables(spec, schedule, t: int, prev: int, mode: str, device: torch.dev
 
 def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule, *,
                     prev_timestep=None, stream: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                    mode: str = "official", clip_sample: bool = True, clip_range: float = 1.0):
+                    mode: str = "official", clip_sample: bool = True, clip_range: float = 1.0,
+                    backend: str = "auto"):
     """:func:`anisodiff.reference.ddpm_step` as one pass of the compiled kernel: read x_t and the
     model output, draw and shape the step noise (the canonical stream ``stream = [seed, offset]``, or
     the caller's WHITE ``noise``), write x_prev and x0_hat. The per-sample channel matrices come from
     :func:`anisodiff.reference.ddpm_coefficients` (a few [B]-sized ops on the host, no per-sample
     Python), then travel to the sample's device as one small table; for one timestep shared by the
-    batch (a sampling loop) that table row is cached per step."""
+    batch (a sampling loop) that table row is cached per step. ``backend``: "auto", "cpu" or "cuda"
+    run ``torch.ops.anisodiff.ddpm_step`` (the compiled op of the tensors' device), "triton"
+    ``torch.ops.anisodiff_triton.ddpm_step``; both take the same arguments."""
+    if backend not in ("auto", "cpu", "cuda", "triton"):
+        raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda' or 'triton', got {backend!r}")
     if mode not in reference.SAMPLING_MODES:
         raise ValueError(f"mode: must be one of {list(reference.SAMPLING_MODES)}, got {mode!r}")
     schedule = as_schedule(schedule)
@@ -248,6 +265,6 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         stream = torch.tensor([0, 0], dtype=torch.int64)
     elif stream is None:
         raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
-    return torch.ops.anisodiff.ddpm_step(sample, model_output, params, axes, spatial.weights,
-                                         list(spatial.gammas), spatial.normalize, clip, float(clip_range),
-                                         stream, noise)
+    return _library(backend).ddpm_step(sample, model_output, params, axes, spatial.weights,
+                                       list(spatial.gammas), spatial.normalize, clip, float(clip_range),
+                                       stream, noise)

@@ -534,7 +534,7 @@ def compile_for_sm90(fn, constexprs, num_warps):
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         else:
-            sig[name] = "fp32" if name.startswith("gamma") else "i32"
+            sig[name] = "fp32" if name.startswith("gamma") or name == "clip_range" else "i32"
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -544,6 +544,11 @@ compile_for_sm90(k.squeeze_mix_kernel, dict(C=3, K=1, HEISENBERG=True, HAS_X0=Tr
 compile_for_sm90(k.spectral_kernel, dict(C=3, K=1, HEISENBERG=False, DRAWS=2, FILTER=True, NORMALIZE=True,
                                          HAS_X0=True, HAS_NOISE=False, TARGET=1, ALIGNED=False, CP=4,
                                          HP=16, WP=16, PRECISION="ieee"), 4)
+compile_for_sm90(k.step_elementwise_kernel, dict(C=3, K=1, CLIP=2, HAS_NOISE=False, ALIGNED=True, CP=4,
+                                                 BLOCK_PIX=256), 4)
+compile_for_sm90(k.step_spectral_kernel, dict(C=3, K=1, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True,
+                                              HAS_NOISE=False, ALIGNED=False, CP=4, HP=16, WP=16,
+                                              PRECISION="ieee"), 4)
 print("ok")
 '''
 
@@ -552,7 +557,7 @@ print("ok")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels for real")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter does not lower to a GPU, so GPU-only codegen errors (layouts, tl.dot shapes,
-    dtypes) would pass here unnoticed: compile both kernels to an H100 cubin with the ptxas bundled
+    dtypes) would pass here unnoticed: compile the kernels (noise and ddpm_step) to an H100 cubin with the ptxas bundled
     in triton (no driver needed), in a process without TRITON_INTERPRET."""
     import importlib.util
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
@@ -565,3 +570,116 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# ddpm_step: torch.ops.anisodiff_triton.ddpm_step == reference.ddpm_step (== the C++ CPU step)
+# ---------------------------------------------------------------------------------------------
+# the spec grid of tests/test_sampling.py FUSED_SPECS
+STEP_SPECS = {
+    "white": lambda C: ad.NoiseSpec(),
+    "sdm": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 5), 1.0)),
+    "hdm_k2": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 2, 6), [-0.4, 0.8], "heisenberg")),
+    "power_law": lambda C: ad.NoiseSpec(spectral=ad.PowerLaw(-0.2)),
+    "sdm_band": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 7), -0.6), ad.Band(0.1, 0.4)),
+    "two_indep_ps": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 8), 0.5),
+                                          ad.TwoBand(0.6, (0, 0.3), 0.4, (0.3, 1.0), "independent"),
+                                          normalize="per_sample"),
+}
+
+
+def _step_inputs(name, shape=None, dtype=torch.float32):
+    C = 4 if name == "hdm_k2" else 3
+    spec = STEP_SPECS[name](C)
+    shape = shape or (3, C, 9, 8)
+    g = torch.Generator().manual_seed(11)
+    x_t = (1.5 * torch.randn(shape, generator=g)).to(dtype)
+    eps_hat = torch.randn(shape, generator=g).to(dtype)
+    z = torch.randn((spec.draws, *shape) if spec.draws > 1 else shape, generator=g)
+    return spec, x_t, eps_hat, z
+
+
+def _step_close(got, want, t, x_t, schedule):
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-5)
+    # x0_hat = (x_t - b eps) / a: float32 cancellation amplified by 1 / a (157 at t = 999)
+    a_t = float(schedule.alphas_cumprod[t].sqrt())
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-5 + 2e-6 * float(x_t.abs().max()) / a_t)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(STEP_SPECS))
+@pytest.mark.parametrize("mode", ["official", "exact"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("t,prev", [(999, 979), (5, -1)])
+def test_ddpm_step_matches_reference(name, mode, clip, t, prev, schedule):
+    """Caller's white noise: == reference.ddpm_step; the canonical stream: == the C++ CPU step."""
+    from anisodiff.sampling import fused_ddpm_step
+    spec, x_t, eps_hat, z = _step_inputs(name)
+    kw = dict(prev_timestep=prev, mode=mode, clip_sample=clip)
+    want = R.ddpm_step(eps_hat, t, x_t, spec, schedule, noise=z, **kw)
+    got = fused_ddpm_step(eps_hat.to(DEVICE), t, x_t.to(DEVICE), spec, schedule, noise=z.to(DEVICE),
+                          backend="triton", **kw)
+    _step_close(got, want, t, x_t, schedule)
+    if clip and _ext.has_compiled_ops() and "cpu" in ad.available_backends("cpu"):
+        stream = torch.tensor([SEED, OFFSET])
+        cpu = fused_ddpm_step(eps_hat, t, x_t, spec, schedule, stream=stream, backend="cpu", **kw)
+        out = fused_ddpm_step(eps_hat.to(DEVICE), t, x_t.to(DEVICE), spec, schedule, stream=stream.to(DEVICE),
+                              backend="triton", **kw)
+        close(out[0], cpu[0])
+        close(out[1], cpu[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["sdm", "two_indep_ps"])
+def test_ddpm_step_stream_dtype_layout_and_api(name, schedule):
+    """The generated step noise is the canonical stream (draw d in counter word 2); half storage
+    and non-contiguous inputs; AnisotropicNoise.ddpm_step(backend="triton") uses the op."""
+    from anisodiff.rng import stream_tensor
+    from anisodiff.sampling import AnisotropicNoise, fused_ddpm_step
+    spec, x_t, eps_hat, _ = _step_inputs(name, (2, 3, 8, 8), torch.bfloat16)
+    z = torch.stack([R.white_noise(x_t.shape, 77, 5, draw=d) for d in range(spec.draws)])
+    want = R.ddpm_step(eps_hat, 500, x_t, spec, schedule, noise=z if spec.draws > 1 else z[0], mode="exact")
+    x_d = x_t.to(DEVICE).contiguous(memory_format=torch.channels_last)
+    e_d = eps_hat.to(DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
+    got = fused_ddpm_step(e_d, 500, x_d, spec, schedule, stream=torch.tensor([77, 5]), mode="exact",
+                          backend="triton")
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and a.shape == x_t.shape
+        close(a, b, torch.bfloat16)
+    noise = AnisotropicNoise(spec, schedule)
+    api = noise.ddpm_step(e_d, 500, x_d, mode="exact", generator=torch.Generator().manual_seed(3),
+                          backend="triton")
+    direct = fused_ddpm_step(e_d, 500, x_d, spec, schedule, mode="exact", backend="triton",
+                             stream=stream_tensor(None, torch.Generator().manual_seed(3), 0, DEVICE))
+    for a, b in zip(api, direct):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="triton"):
+        noise.ddpm_step(e_d.double(), 500, x_d.double(), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        fused_ddpm_step(e_d, 500, x_d, spec, schedule, stream=torch.tensor([1, 0]), backend="bogus")
+
+
+@needs_triton
+def test_ddpm_step_opcheck_and_checks(schedule):
+    """Schema and fake tensors of anisodiff_triton::ddpm_step (the args of anisodiff::ddpm_step);
+    bad inputs raise before any kernel."""
+    from anisodiff.triton import ops as triton_ops  # noqa: F401 (registers the ops)
+    for name, B, noise in (("sdm_band", 1, False), ("hdm_k2", 2, True)):
+        spec, x, e, _ = _step_inputs(name, (B, 4 if name == "hdm_k2" else 3, 8, 8))
+        C = x.shape[1]
+        t = torch.full((B,), 400)
+        coeffs = R.ddpm_coefficients(spec, schedule, t, t - 1, "official")
+        ab = R._alphas(schedule, t, B)
+        cols = [ab.sqrt()[:, None], (1 - ab).sqrt()[:, None]]
+        for key in ("s", "c0", "ct", "sig"):
+            cols += [coeffs[key][0][:, None], coeffs[key][1]]
+        params = torch.cat(cols, 1).float().contiguous().to(DEVICE)
+        spatial = ad.plan.kernel_args(R._spatial_spec(spec), None, C, 8, 8, DEVICE)
+        args = [x.to(DEVICE), e.to(DEVICE), params, spec.squeeze.axes.float().contiguous().to(DEVICE),
+                spatial.weights, list(spatial.gammas), spatial.normalize, 2, 1.0, torch.tensor([3, 0], device=DEVICE),
+                torch.randn(1, *x.shape, device=DEVICE) if noise else None]
+        torch.library.opcheck(torch.ops.anisodiff_triton.ddpm_step.default, tuple(args))
+    bad = {0: x.to(DEVICE)[0], 2: params[:, :-1], 7: 3, 10: torch.randn(2, *x.shape, device=DEVICE)}
+    for i, value in bad.items():
+        with pytest.raises((ValueError, TypeError)):
+            torch.ops.anisodiff_triton.ddpm_step(*[value if j == i else a for j, a in enumerate(args)])

@@ -1,6 +1,6 @@
 """Triton kernels of the fused forward noise (DESIGN.md sections 1, 2 and 4).
 
-Two kernels, each one pass over memory (read x0 / the caller's eps, write the outputs):
+Two noise kernels, each one pass over memory (read x0 / the caller's eps, write the outputs):
 
 * :func:`squeeze_mix_kernel` - specs WITHOUT a spatial part (white or squeeze-only noise: the
   bandwidth-bound case). Grid ``(pixel blocks, B)``; a program holds a ``[CP, BLOCK_PIX]`` tile, all
@@ -9,6 +9,10 @@ Two kernels, each one pass over memory (read x0 / the caller's eps, write the ou
   ``(B,)``; a program keeps a whole ``[CP, HP, WP]`` sample on chip: for each input channel c' it
   draws the white plane, filters it with DFTs written as real ``tl.dot`` matmuls, normalises, mixes
   the draws, and accumulates column c' of S(t) times that plane; then it mixes with x0 and stores.
+
+Their DDPM-step counterparts, :func:`step_elementwise_kernel` and :func:`step_spectral_kernel`, draw
+the same step noise with the same helpers but without the squeeze (the step's channel part is its
+Sig matrix), read x_t and the model output, and write x_prev and x0_hat (:func:`_step_and_store`).
 
 The white noise is the canonical stream: element ``i`` of the contiguous ``[B, C, H, W]`` tensor is
 lane ``i & 3`` of ``randn4x(seed, offset + (i >> 2))``, with the draw index in Philox counter word 2
@@ -90,6 +94,15 @@ def _complement_gain(coef_ptr, row, C: tl.constexpr, K: tl.constexpr, HEISENBERG
 
 
 @triton.jit
+def _axis_term(e, axes_ptr, chan, f_minus_g, k, C: tl.constexpr, K: tl.constexpr):
+    """``(f_k - g) (v_k . e) v_k`` for a ``[CP, N]`` tile (channels x pixels): the axis-k part of a
+    channel matrix ``g I + sum_k (f_k - g) v_k v_k^T``."""
+    v_k = tl.load(axes_ptr + chan * K + k, mask=chan < C, other=0.0)
+    projection = tl.sum(v_k[:, None] * e, axis=0)  # v_k . e per pixel
+    return (f_minus_g * v_k)[:, None] * projection[None, :]
+
+
+@triton.jit
 def _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C: tl.constexpr, K: tl.constexpr,
                   HEISENBERG: tl.constexpr):
     """S e = g e + sum_k (f_k - g) (v_k . e) v_k for a ``[CP, N]`` tile (channels x pixels)."""
@@ -99,10 +112,56 @@ def _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C: tl.constexpr, K: tl.con
         n = g * eps
         for k in tl.static_range(K):
             f_minus_g = tl.exp(-tl.load(coef_ptr + row * (2 + K) + 2 + k)) - g
-            v_k = tl.load(axes_ptr + chan * K + k, mask=chan < C, other=0.0)
-            projection = tl.sum(v_k[:, None] * eps, axis=0)  # v_k . e per pixel
-            n += (f_minus_g * v_k)[:, None] * projection[None, :]
+            n += _axis_term(eps, axes_ptr, chan, f_minus_g, k, C, K)
     return n
+
+
+@triton.jit
+def _step_matrix_tile(e, m_ptr, axes_ptr, chan, C: tl.constexpr, K: tl.constexpr, INVERSE: tl.constexpr):
+    """M e for a ddpm_step channel matrix given by its eigenvalues ``m = (perp, axes[K])``:
+    ``M = perp I + sum_k (m_k - perp) v_k v_k^T`` (INVERSE: the reciprocal eigenvalues), on a
+    ``[CP, N]`` tile; as csrc/include/anisodiff/squeeze.h step_matrix."""
+    g = tl.load(m_ptr)
+    if INVERSE:
+        g = 1.0 / g
+    n = g * e
+    for k in tl.static_range(K):
+        f = tl.load(m_ptr + 1 + k)
+        if INVERSE:
+            f = 1.0 / f
+        n += _axis_term(e, axes_ptr, chan, f - g, k, C, K)
+    return n
+
+
+@triton.jit
+def _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr, x_offs, e_offs, xprev_offs, x0hat_offs, mask,
+                    params_ptr, axes_ptr, sample, chan, clip_range, C: tl.constexpr, K: tl.constexpr,
+                    CLIP: tl.constexpr):
+    """One DDPM step on a ``[CP, N]`` tile, n the generated step noise N(T_w z) (no squeeze): per
+    sample, params holds a_t, b_t, then (perp, axes[K]) of S(t), C0, Ct and Sig (problem.h):
+    x0_hat = (x_t - b_t eps) / a_t, clipped (CLIP 1: as is, 2: in S(t)^-1 coordinates),
+    x_prev = C0 x0_hat + Ct x_t + Sig n."""
+    q = params_ptr + sample * (2 + 4 * (1 + K))
+    a = tl.load(q)
+    b = tl.load(q + 1)
+    s_ptr = q + 2
+    c0_ptr = s_ptr + (1 + K)
+    ct_ptr = c0_ptr + (1 + K)
+    sig_ptr = ct_ptr + (1 + K)
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + e_offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = (x - b * e) / a
+    if CLIP == 2:
+        x0 = _step_matrix_tile(x0, s_ptr, axes_ptr, chan, C, K, True)
+    if CLIP != 0:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    if CLIP == 2:
+        x0 = _step_matrix_tile(x0, s_ptr, axes_ptr, chan, C, K, False)
+    tl.store(x0hat_ptr + x0hat_offs, x0.to(x0hat_ptr.dtype.element_ty), mask=mask)
+    x_prev = (_step_matrix_tile(x, ct_ptr, axes_ptr, chan, C, K, False)
+              + (_step_matrix_tile(x0, c0_ptr, axes_ptr, chan, C, K, False)
+                 + _step_matrix_tile(n, sig_ptr, axes_ptr, chan, C, K, False)))
+    tl.store(xprev_ptr + xprev_offs, x_prev.to(xprev_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -130,28 +189,22 @@ def _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask,
 # no spatial part: elementwise over pixels, all channels of a pixel in one program
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def squeeze_mix_kernel(
-    x0_ptr, noise_ptr, xt_ptr, out_ptr,
-    timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
-    H, W, num_rows, gamma,
-    x0_sb, x0_sc, x0_sh, x0_sw,
-    n_sb, n_sc, n_sh, n_sw,
-    xt_sb, xt_sc, xt_sh, xt_sw,
-    out_sb, out_sc, out_sh, out_sw,
-    C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, HAS_X0: tl.constexpr,
-    HAS_NOISE: tl.constexpr, TARGET: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
-    BLOCK_PIX: tl.constexpr,
-):
+def _block_coords(H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK_PIX: tl.constexpr):
+    """This program's sample, first pixel, pixels (h * W + w), h, w, channels and mask."""
     sample = tl.program_id(1).to(tl.int64)
     first_pix = tl.program_id(0) * BLOCK_PIX  # int32: a plane has < 2**31 pixels (cheap division)
-    HW = H * W
     pix = first_pix + tl.arange(0, BLOCK_PIX)  # h * W + w
     chan = tl.arange(0, CP)
-    mask = (chan[:, None] < C) & (pix[None, :] < HW)
+    mask = (chan[:, None] < C) & (pix[None, :] < H * W)
     h = pix // W
     w = pix - h * W
+    return sample, first_pix, pix, h, w, chan, mask
 
-    # white noise eps [CP, BLOCK_PIX]
+
+@triton.jit
+def _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix, h, w, mask, HW,
+                C: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_PIX: tl.constexpr):
+    """White noise (draw 0) of a ``[CP, BLOCK_PIX]`` tile: the caller's, or the canonical stream."""
     if HAS_NOISE:
         offs = sample * n_sb + chan[:, None] * n_sc + (h * n_sh + w * n_sw)[None, :]
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -164,7 +217,26 @@ def squeeze_mix_kernel(
             eps = normals_aligned(seed, counter, 0)
         else:
             eps = normals_per_element(seed, offset, plane_start[:, None] + pix[None, :], 0)
-    eps = eps * gamma
+    return eps
+
+
+@triton.jit
+def squeeze_mix_kernel(
+    x0_ptr, noise_ptr, xt_ptr, out_ptr,
+    timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
+    H, W, num_rows, gamma,
+    x0_sb, x0_sc, x0_sh, x0_sw,
+    n_sb, n_sc, n_sh, n_sw,
+    xt_sb, xt_sc, xt_sh, xt_sw,
+    out_sb, out_sc, out_sh, out_sw,
+    C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, HAS_X0: tl.constexpr,
+    HAS_NOISE: tl.constexpr, TARGET: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+):
+    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)
+    HW = H * W
+    eps = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix,
+                              h, w, mask, HW, C, HAS_NOISE, ALIGNED, BLOCK_PIX)
 
     row, valid = _coef_row(timesteps_ptr, sample, num_rows)
     a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
@@ -176,6 +248,33 @@ def squeeze_mix_kernel(
     xt_offs = sample * xt_sb + chan[:, None] * xt_sc + (h * xt_sh + w * xt_sw)[None, :]
     out_offs = sample * out_sb + chan[:, None] * out_sc + (h * out_sh + w * out_sw)[None, :]
     _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
+
+
+@triton.jit
+def step_elementwise_kernel(
+    x_ptr, e_ptr, noise_ptr, xprev_ptr, x0hat_ptr, params_ptr, axes_ptr, stream_ptr,
+    H, W, gamma, clip_range,
+    x_sb, x_sc, x_sh, x_sw,
+    e_sb, e_sc, e_sh, e_sw,
+    n_sb, n_sc, n_sh, n_sw,
+    p_sb, p_sc, p_sh, p_sw,
+    o_sb, o_sc, o_sh, o_sw,
+    C: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
+    CP: tl.constexpr, BLOCK_PIX: tl.constexpr,
+):
+    """ddpm_step without a spatial part: the white step noise of squeeze_mix_kernel (no squeeze)."""
+    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)
+    n = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix,
+                            h, w, mask, H * W, C, HAS_NOISE, ALIGNED, BLOCK_PIX)
+    c2 = chan[:, None]
+    h2 = h[None, :]
+    w2 = w[None, :]
+    _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr,
+                    sample * x_sb + c2 * x_sc + h2 * x_sh + w2 * x_sw,
+                    sample * e_sb + c2 * e_sc + h2 * e_sh + w2 * e_sw,
+                    sample * p_sb + c2 * p_sc + h2 * p_sh + w2 * p_sw,
+                    sample * o_sb + c2 * o_sc + h2 * o_sh + w2 * o_sw,
+                    mask, params_ptr, axes_ptr, sample, chan, clip_range, C, K, CLIP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +357,36 @@ def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample
 
 
 @triton.jit
+def _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                  w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask, gamma0, gamma1,
+                  DRAWS: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
+                  FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """sum_d gamma_d N(T_{w_d} eps_d) for one plane (before any channel squeeze)."""
+    plane = gamma0 * _spatial_plane(
+        noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+        w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+        0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+    if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
+        plane += gamma1 * _spatial_plane(
+            noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+            w_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+            1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+    return plane
+
+
+@triton.jit
+def _stream_words(stream_ptr, HAS_NOISE: tl.constexpr):
+    """(seed, offset) of the canonical stream, or zeros when the caller gave the noise."""
+    seed = 0
+    offset = 0
+    if not HAS_NOISE:
+        seed = tl.load(stream_ptr)
+        offset = tl.load(stream_ptr + 1)
+    return seed, offset
+
+
+@triton.jit
 def spectral_kernel(
     x0_ptr, noise_ptr, xt_ptr, out_ptr,
     timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
@@ -278,11 +407,7 @@ def spectral_kernel(
     chan = tl.arange(0, CP)
     plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
 
-    seed = 0
-    offset = 0
-    if not HAS_NOISE:
-        seed = tl.load(stream_ptr)
-        offset = tl.load(stream_ptr + 1)
+    seed, offset = _stream_words(stream_ptr, HAS_NOISE)
 
     row, valid = _coef_row(timesteps_ptr, sample, num_rows)
     g = 1.0
@@ -291,15 +416,9 @@ def spectral_kernel(
 
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
     for c_in in range(0, C):  # C is a constexpr: a plain loop (the interpreter cannot range over a runtime int)
-        plane = gamma0 * _spatial_plane(
-            noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-            weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-            0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
-        if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
-            plane += gamma1 * _spatial_plane(
-                noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-                weights_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-                1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
         # column c_in of S(t) = g I + sum_k (f_k - g) v_k v_k^T
         column = tl.where(chan == c_in, g, 0.0)
         for k in tl.static_range(K):
@@ -319,3 +438,48 @@ def spectral_kernel(
     xt_offs = sample * xt_sb + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
     out_offs = sample * out_sb + c3 * out_sc + h3 * out_sh + w3 * out_sw
     _mix_and_store(noise, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
+
+
+@triton.jit
+def step_spectral_kernel(
+    x_ptr, e_ptr, noise_ptr, xprev_ptr, x0hat_ptr, params_ptr, axes_ptr, stream_ptr,
+    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr,
+    H, W, gamma0, gamma1, clip_range,
+    x_sb, x_sc, x_sh, x_sw,
+    e_sb, e_sc, e_sh, e_sw,
+    n_sd, n_sb, n_sc, n_sh, n_sw,
+    p_sb, p_sc, p_sh, p_sw,
+    o_sb, o_sc, o_sh, o_sw,
+    C: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
+    HP: tl.constexpr, WP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """ddpm_step with spectral weights and/or per-sample normalisation: the step noise of
+    spectral_kernel without the squeeze (its channel part is the step's Sig), then the step on the
+    sample, flattened to a ``[CP, HP WP]`` tile."""
+    sample = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    chan = tl.arange(0, CP)
+    plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    seed, offset = _stream_words(stream_ptr, HAS_NOISE)
+
+    noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
+    for c_in in range(0, C):
+        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+        noise += tl.where(chan == c_in, 1.0, 0.0)[:, None, None] * plane[None, :, :]
+
+    n = tl.reshape(noise, [CP, HP * WP])  # row-major: pixel h * WP + w
+    pix = tl.arange(0, HP * WP)
+    h2 = (pix // WP)[None, :]
+    w2 = (pix % WP)[None, :]
+    c2 = chan[:, None]
+    mask = (c2 < C) & (h2 < H) & (w2 < W)
+    _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr,
+                    sample * x_sb + c2 * x_sc + h2 * x_sh + w2 * x_sw,
+                    sample * e_sb + c2 * e_sc + h2 * e_sh + w2 * e_sw,
+                    sample * p_sb + c2 * p_sc + h2 * p_sh + w2 * p_sw,
+                    sample * o_sb + c2 * o_sc + h2 * o_sh + w2 * o_sw,
+                    mask, params_ptr, axes_ptr, sample, chan, clip_range, C, K, CLIP)

@@ -21,7 +21,7 @@ from .. import _autoselect
 from ..plan import MAX_AXES
 from . import kernels
 
-__all__ = ["add_noise", "shaped_noise", "dft_tables", "DOT_PRECISION"]
+__all__ = ["add_noise", "shaped_noise", "ddpm_step", "dft_tables", "DOT_PRECISION"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fp32 tl.dot defaults to TF32 on GPUs; "ieee" keeps full fp32 accuracy on GPU and interpreter
@@ -69,11 +69,15 @@ def _check_device(t: torch.Tensor, name: str, device: torch.device) -> None:
         raise ValueError(f"{name}: is on {t.device} but the op runs on {device}")
 
 
-def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, variant, normalize,
-                   stream, noise) -> None:
+def _check_interpreter(device) -> None:
     if device.type == "cpu" and not interpreted():
         raise RuntimeError("backend: 'triton' on the CPU needs Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before triton is imported")
+
+
+def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, variant, normalize,
+                   stream, noise) -> None:
+    _check_interpreter(device)
     for t, name in ((timesteps, "timesteps"), (coef, "coef"), (axes, "axes")):
         _check_device(t, name, device)
     if coef.dtype != torch.float32 or coef.dim() != 2 or not coef.is_contiguous() or coef.shape[0] < 1:
@@ -91,6 +95,11 @@ def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, v
         raise ValueError(f"timesteps: expected an int64 tensor of shape [{B}]")
     if variant not in (0, 1) or (variant == 1 and k >= C):
         raise ValueError("variant: expected 0 (sdm) or 1 (heisenberg, which needs k < C)")
+    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise)
+
+
+def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise) -> None:
+    """The spatial part, the stream and the caller's noise (shared by every op)."""
     if normalize not in (0, 1):
         raise ValueError("normalize: expected 0 (folded) or 1 (per_sample)")
     if len(gammas) not in (1, 2):
@@ -127,6 +136,24 @@ def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------
+def _elementwise_block(HW: int, CP: int) -> int:
+    """BLOCK_PIX of the elementwise kernels: CP x BLOCK_PIX elements per program."""
+    tile = _ELEMENTWISE_TILE_INTERPRETED if interpreted() else _ELEMENTWISE_TILE
+    return min(_pow2(HW, 4), max(4, tile // CP))
+
+
+def _spectral_tables(H, W, weights, device, placeholder):
+    """(HP, WP, cos_h, sin_h, cos_w, sin_w) of the spectral kernels; tl.dot needs every dim >= 16.
+    Without a filter (per-sample normalisation only) the tables are unused: ``placeholder``."""
+    HP, WP = _pow2(H, 16), _pow2(W, 16)
+    if weights is not None:
+        cos_h, sin_h = dft_tables(H, HP, str(device))
+        cos_w, sin_w = dft_tables(W, WP, str(device))
+    else:
+        cos_h = sin_h = cos_w = sin_w = placeholder
+    return HP, WP, cos_h, sin_h, cos_w, sin_w
+
+
 def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize, target,
             stream, noise) -> None:
     B, C, H, W = shape
@@ -143,8 +170,7 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
     x0_s, xt_s, out_s = _strides(x0, 4), _strides(x_t, 4), out.stride()
 
     if weights is None and normalize == 0:  # elementwise: white or squeeze-only
-        tile = _ELEMENTWISE_TILE_INTERPRETED if interpreted() else _ELEMENTWISE_TILE
-        block = min(_pow2(H * W, 4), max(4, tile // common["CP"]))
+        block = _elementwise_block(H * W, common["CP"])
         n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
         grid = (triton.cdiv(H * W, block), B)
         kernels.squeeze_mix_kernel[grid](
@@ -154,12 +180,7 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
             ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
         return
 
-    HP, WP = _pow2(H, 16), _pow2(W, 16)  # tl.dot needs every dim >= 16
-    if weights is not None:
-        cos_h, sin_h = dft_tables(H, HP, str(device))
-        cos_w, sin_w = dft_tables(W, WP, str(device))
-    else:  # per-sample normalisation without a filter
-        cos_h = sin_h = cos_w = sin_w = coef
+    HP, WP, cos_h, sin_h, cos_w, sin_w = _spectral_tables(H, W, weights, device, coef)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = noise.stride() if has_noise else (0,) * 5
     kernels.spectral_kernel[(B,)](
@@ -172,8 +193,39 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
         num_warps=_spectral_warps(HP, WP), **common)
 
 
+def _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range, stream,
+                 noise, x_prev, x0_hat) -> None:
+    """ddpm_step: the step noise of the shaped_noise path with no squeeze, then the step per pixel."""
+    B, C, H, W = sample.shape
+    device = sample.device
+    stream = stream.to(device, non_blocking=True)
+    has_noise = noise is not None
+    noise_arg = noise if has_noise else x_prev
+    common = dict(C=C, K=axes.shape[1], CLIP=clip, HAS_NOISE=has_noise, CP=_pow2(C))
+    io_s = (*sample.stride(), *model_output.stride())
+    out_s = (*x_prev.stride(), *x0_hat.stride())
+    if weights is None and normalize == 0:  # white step noise: elementwise
+        block = _elementwise_block(H * W, common["CP"])
+        n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
+        kernels.step_elementwise_kernel[(triton.cdiv(H * W, block), B)](
+            sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
+            H, W, float(gammas[0]), float(clip_range), *io_s, *n_s, *out_s,
+            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
+        return
+    HP, WP, cos_h, sin_h, cos_w, sin_w = _spectral_tables(H, W, weights, device, params)
+    gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
+    n_s = noise.stride() if has_noise else (0,) * 5
+    kernels.step_spectral_kernel[(B,)](
+        sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
+        weights if weights is not None else params, cos_h, sin_h, cos_w, sin_w,
+        H, W, float(gammas[0]), gamma1, float(clip_range), *io_s, *n_s, *out_s,
+        DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
+        ALIGNED=W % 4 == 0, HP=HP, WP=WP, PRECISION=DOT_PRECISION,
+        num_warps=_spectral_warps(HP, WP), **common)
+
+
 # ---------------------------------------------------------------------------------------------
-# the custom ops (same schemas as torch.ops.anisodiff.add_noise / shaped_noise)
+# the custom ops (same schemas as torch.ops.anisodiff.add_noise / shaped_noise / ddpm_step)
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("anisodiff_triton::add_noise", mutates_args=())
 def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axes: torch.Tensor,
@@ -222,6 +274,48 @@ def shaped_noise(shape: List[int], timesteps: torch.Tensor, coef: torch.Tensor, 
 @shaped_noise.register_fake
 def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, stream, noise, dtype):
     return coef.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("anisodiff_triton::ddpm_step", mutates_args=())
+def ddpm_step(sample: torch.Tensor, model_output: torch.Tensor, params: torch.Tensor, axes: torch.Tensor,
+              weights: Optional[torch.Tensor], gammas: List[float], normalize: int, clip: int,
+              clip_range: float, stream: torch.Tensor,
+              noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One fused DDPM step, as ``torch.ops.anisodiff.ddpm_step``: ``(x_prev, x0_hat)`` in the
+    sample's dtype (params: per sample a_t, b_t, then (perp, axes[k]) of S(t), C0, Ct and Sig)."""
+    if sample.dim() != 4:
+        raise ValueError(f"sample: expected a 4-D [B, C, H, W] tensor, got {sample.dim()}-D")
+    for t, name in ((sample, "sample"), (model_output, "model_output")):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output: expected shape {list(sample.shape)}, got {list(model_output.shape)}")
+    B, C, H, W = sample.shape
+    device = sample.device
+    _check_interpreter(device)
+    for t, name in ((model_output, "model_output"), (params, "params"), (axes, "axes")):
+        _check_device(t, name, device)
+    if (axes.dtype != torch.float32 or axes.dim() != 2 or not axes.is_contiguous()
+            or axes.shape[0] != C or axes.shape[1] > MAX_AXES):
+        raise ValueError(f"axes: expected a contiguous float32 [C, k] tensor with k <= {MAX_AXES}")
+    k = axes.shape[1]
+    if (params.dtype != torch.float32 or not params.is_contiguous()
+            or tuple(params.shape) != (B, 2 + 4 * (1 + k))):
+        raise ValueError(f"params: expected a contiguous float32 [{B}, {2 + 4 * (1 + k)}] tensor")
+    if clip not in (0, 1, 2):
+        raise ValueError("clip: expected 0 (none), 1 (plain) or 2 (in S^-1 coordinates)")
+    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise)
+    x_prev, x0_hat = torch.empty_like(sample), torch.empty_like(sample)
+    if sample.numel() > 0:
+        _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
+                     stream, noise, x_prev, x0_hat)
+    return x_prev, x0_hat
+
+
+@ddpm_step.register_fake
+def _ddpm_step_fake(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
+                    stream, noise):
+    return torch.empty_like(sample), torch.empty_like(sample)
 
 
 def _register_autograd() -> None:
