@@ -251,8 +251,8 @@ def train_noise_fns(B: int, size: int, device: str, backends=("cpu",)) -> dict:
 
 
 def _which_ddpm_step(fn) -> str:
-    """Whether one call of ``fn`` ran the fused ``anisodiff::ddpm_step`` op (every op dispatched
-    during the call is recorded)."""
+    """Which fused DDPM-step op one call of ``fn`` ran (``anisodiff::ddpm_step`` or
+    ``anisodiff_triton::ddpm_step``), if any (every op dispatched during the call is recorded)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Ops(TorchDispatchMode):
@@ -266,8 +266,9 @@ def _which_ddpm_step(fn) -> str:
 
     with _Ops() as ops:
         fn()
-    fused = any(n.startswith("anisodiff::ddpm_step") for n in ops.names)
-    return "fused anisodiff::ddpm_step" if fused else "reference.ddpm_step (vectorised PyTorch)"
+    fused = sorted(n.split(".")[0] for n in ops.names
+                   if n.startswith(("anisodiff::ddpm_step", "anisodiff_triton::ddpm_step")))
+    return f"fused {fused[0]}" if fused else "reference.ddpm_step (vectorised PyTorch)"
 
 
 def make_samplers(B: int, size: int, steps: int, device: str, model_fn) -> dict:

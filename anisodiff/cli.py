@@ -530,7 +530,7 @@ def _add_check(subparsers) -> None:
                     "band-pass; C = 3, luminance axis, linear VP schedule at t = 999), compare its "
                     "covariance with the analytic one, and draw samples and spectra. Exits with 1 "
                     "if a check fails.")
-    p.add_argument("--out", default="anisodiff_demo", metavar="DIR",
+    p.add_argument("--out", default="anisodiff_check", metavar="DIR",
                    help="output directory for check.png and check_report.json (default: "
                         "%(default)s)")
     p.add_argument("--samples", type=int_in(500), default=DEFAULT_SAMPLES, metavar="N",

@@ -3,9 +3,11 @@
 :class:`AnisotropicNoise` is what a training loop and a sampler share: ``add_noise`` for training,
 ``sample_prior`` for x_T, ``ddpm_step`` / ``ddim_step`` for the reverse process, ``score`` for
 guidance or likelihoods, and ``save_pretrained`` / ``from_pretrained`` so a saved model keeps its
-noise. ``ddpm_step`` runs the fused one-pass kernel (``torch.ops.anisodiff.ddpm_step``) where a
-compiled backend exists for the tensors' device, else :func:`anisodiff.reference.ddpm_step`
-(vectorised float64 PyTorch, no per-sample Python); both draw the same noise for the same stream.
+noise. ``ddpm_step`` runs the fused one-pass kernel of the backend ``backend="auto"`` picks for the
+tensors' device and spec (``torch.ops.anisodiff.ddpm_step`` on CPU / CUDA,
+``torch.ops.anisodiff_triton.ddpm_step`` with Triton; see :mod:`anisodiff._autoselect`), else
+:func:`anisodiff.reference.ddpm_step` (vectorised float64 PyTorch, no per-sample Python); all draw the
+same noise for the same stream.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from collections import OrderedDict
 import torch
 
 from . import reference
-from ._ext import available_backends, has_compiled_ops
-from .ops import _KERNEL_DTYPES, _library, add_noise, shaped_noise, white_noise
+from ._autoselect import spec_kind
+from ._ext import require_backend
+from .ops import _KERNEL_DTYPES, _check_noise, _library, add_noise, shaped_noise, white_noise
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
@@ -71,7 +74,7 @@ class AnisotropicNoise:
         """Fresh white noise for one step (two draws for an independent two-band spec)."""
         shape = tuple(like.shape) if self.spec.draws == 1 else (self.spec.draws, *like.shape)
         seed = int(stream_tensor(None, generator, 0)[0])
-        return white_noise(shape, seed=seed).to(like.device)
+        return white_noise(shape, seed=seed, device=like.device)
 
     def ddpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
                   prev_timestep=None, generator: torch.Generator | None = None, mode: str = "official",
@@ -83,23 +86,18 @@ class AnisotropicNoise:
         Gaussian posterior of the time-varying marginal per eigen-direction. Both are standard DDPM
         with shaped step noise for a time-invariant spec. ``prev_timestep`` defaults to ``t - 1``.
         Returns ``(prev_sample, pred_original_sample)``. ``backend="auto"`` runs the fused one-pass
-        kernel (``torch.ops.anisodiff.ddpm_step``) where it exists (CPU, float32/16/bf16), else the
-        float64 reference; ``"triton"`` runs ``torch.ops.anisodiff_triton.ddpm_step`` (never chosen
-        by "auto").
+        kernel of the fastest backend for the tensors' device and the spec (cpu; cuda, then triton;
+        :mod:`anisodiff._autoselect`), or the float64 reference for other dtypes and devices;
+        ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` force one.
         """
-        if backend not in ("auto", "cpu", "cuda", "triton", "reference"):
-            raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
-        if backend == "triton":
-            fused = "triton" if _can_run_triton_step(model_output, sample) else None
+        _check_step_timesteps(timestep, prev_timestep, self.num_train_timesteps)
+        if backend == "reference":
+            fused = None
+        elif backend == "auto":
+            fused = can_fuse_step(model_output, sample, self.spec)
         else:
-            fused = can_fuse_step(model_output, sample)
-        if backend in ("cpu", "cuda", "triton") and fused != backend:
-            where = ("a cuda device (or the CPU under TRITON_INTERPRET=1) with triton installed"
-                     if backend == "triton" else f"a {backend} device with the {backend} ops built")
-            raise RuntimeError(f"backend: the fused {backend} ddpm_step needs float32/float16/bfloat16 "
-                               f"tensors on {where} "
-                               f"(available here: {available_backends(sample.device)})")
-        if backend == "reference" or fused is None:
+            fused = _required_step_backend(backend, model_output, sample, self.spec)
+        if fused is None:
             return reference.ddpm_step(model_output, timestep, sample, self.spec, self.schedule,
                                        prev_timestep=prev_timestep, noise=self._white(sample, generator),
                                        mode=mode, clip_sample=clip_sample, clip_range=clip_range)
@@ -159,21 +157,49 @@ class AnisotropicNoise:
         return f"AnisotropicNoise({self.spec!r}, {self.schedule!r})"
 
 
-def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor) -> str | None:
-    """The compiled backend ("cpu" or "cuda") that runs the fused DDPM step for these tensors, or
-    None (no compiled ops for their device, or a dtype the kernels do not take)."""
-    if not has_compiled_ops() or sample.dtype not in _KERNEL_DTYPES or model_output.dtype not in _KERNEL_DTYPES:
+def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor, spec: NoiseSpec | None = None) -> str | None:
+    """The kernel backend ("cpu", "cuda" or "triton") that ``backend="auto"`` runs the fused DDPM
+    step on for these tensors (and ``spec``: its kind and plane size can rule Triton out), or None
+    when auto would use the reference (a dtype the kernels do not take, no kernel for the device)."""
+    if sample.dtype not in _KERNEL_DTYPES or model_output.dtype not in _KERNEL_DTYPES:
         return None
+    if model_output.device != sample.device or sample.dim() != 4:
+        return None
+    _, C, H, W = sample.shape
+    kind = spec_kind(spec) if spec is not None else "spectral"
+    chosen = require_backend("auto", sample.device, kind, (C, H, W))
+    return None if chosen == "reference" else chosen
+
+
+def _required_step_backend(backend: str, model_output: torch.Tensor, sample: torch.Tensor, spec) -> str:
+    """``backend`` ("cpu", "cuda" or "triton") if it can run the fused step here, else a clear error."""
+    if backend not in ("cpu", "cuda", "triton"):
+        raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
+    _, C, H, W = sample.shape
+    require_backend(backend, sample.device, spec_kind(spec), (C, H, W))  # raises, naming the reason
+    for name, t in (("sample", sample), ("model_output", model_output)):
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name}: the {backend} ddpm_step takes float32, float16 or bfloat16, got "
+                            f"{t.dtype} (cast it, or use backend='reference')")
     if model_output.device != sample.device:
-        return None
-    kind = sample.device.type
-    return kind if kind in ("cpu", "cuda") and kind in available_backends(sample.device) else None
+        raise ValueError(f"model_output: is on {model_output.device} but sample is on {sample.device}")
+    return backend
 
 
-def _can_run_triton_step(model_output: torch.Tensor, sample: torch.Tensor) -> bool:
-    """Whether ``torch.ops.anisodiff_triton.ddpm_step`` runs for these tensors (backend="triton")."""
-    return (sample.dtype in _KERNEL_DTYPES and model_output.dtype in _KERNEL_DTYPES
-            and model_output.device == sample.device and "triton" in available_backends(sample.device))
+def _check_step_timesteps(timestep, prev_timestep, num_train_timesteps: int) -> None:
+    """t in [0, T) and prev in [-1, T) (-1: the last step), for ints or CPU tensors; device tensors
+    are not read here (the step reads a shared one once, see :func:`_scalar`)."""
+    for name, value, lo in (("timestep", timestep, 0), ("prev_timestep", prev_timestep, -1)):
+        if value is None:
+            continue
+        t = torch.as_tensor(value)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integer timesteps, got {t.dtype}")
+        if t.device.type == "cpu" and t.numel() > 0:
+            low, high = int(t.min()), int(t.max())
+            if low < lo or high >= num_train_timesteps:
+                raise ValueError(f"{name}: values must lie in [{lo}, {num_train_timesteps}), got min {low}, "
+                                 f"max {high}")
 
 
 def _step_params(spec: NoiseSpec, schedule: VPSchedule, t: torch.Tensor, prev: torch.Tensor, mode: str) -> torch.Tensor:
@@ -202,11 +228,13 @@ _STEP_CACHE_SIZE = 8192  # a few sampling schedules of 1000 steps; one entry is 
 
 
 def _scalar(value) -> int | None:
-    """The int of a Python int or a one-element integer tensor, else None (per-sample values)."""
+    """The int of a Python int or a one-element integer tensor, else None (per-sample values).
+    A one-element DEVICE tensor (diffusers keeps ``scheduler.timesteps`` on the GPU) is read once
+    here: one small host sync per step, and the step's table then comes from the cache."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return int(value.reshape(()).item()) if value.device.type == "cpu" else None
+        return int(value.reshape(()).item())
     return None
 
 
@@ -237,12 +265,21 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     Python), then travel to the sample's device as one small table; for one timestep shared by the
     batch (a sampling loop) that table row is cached per step. ``backend``: "auto", "cpu" or "cuda"
     run ``torch.ops.anisodiff.ddpm_step`` (the compiled op of the tensors' device), "triton"
-    ``torch.ops.anisodiff_triton.ddpm_step``; both take the same arguments."""
-    if backend not in ("auto", "cpu", "cuda", "triton"):
-        raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda' or 'triton', got {backend!r}")
+    ``torch.ops.anisodiff_triton.ddpm_step``; both take the same arguments. "auto" picks as
+    :func:`can_fuse_step` and raises when no kernel runs these tensors (use
+    :meth:`AnisotropicNoise.ddpm_step`, which then falls back to the reference)."""
     if mode not in reference.SAMPLING_MODES:
         raise ValueError(f"mode: must be one of {list(reference.SAMPLING_MODES)}, got {mode!r}")
+    if backend == "auto":
+        backend = can_fuse_step(model_output, sample, spec)
+        if backend is None:
+            raise RuntimeError(f"backend: no fused ddpm_step kernel runs {sample.dtype} tensors on "
+                               f"{sample.device} here; use AnisotropicNoise.ddpm_step (it falls back to "
+                               "the reference) or anisodiff.reference.ddpm_step")
+    else:
+        _required_step_backend(backend, model_output, sample, spec)
     schedule = as_schedule(schedule)
+    _check_step_timesteps(timestep, prev_timestep, schedule.num_train_timesteps)
     B, C, H, W = sample.shape
     device = sample.device
     t_int = _scalar(timestep)
@@ -261,6 +298,7 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     k = spec.squeeze.k if spec.squeeze is not None else 0
     clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
     if noise is not None:
+        noise = _check_noise(noise, spec, sample.shape, device, backend)
         noise = noise[None] if spec.draws == 1 else noise
         stream = torch.tensor([0, 0], dtype=torch.int64)
     elif stream is None:

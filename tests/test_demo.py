@@ -69,6 +69,18 @@ def test_quick_demo_reports_every_metric_for_every_config(quick):
     assert "not which noise is better" in report["note"]
 
 
+def test_quick_demo_trains_each_config_on_its_own_noise(quick):
+    """Same weights, data, timesteps and white noise in every run: only the shaping differs, so the
+    loss curves must differ, and the antisqueezed SDM target (|S e| >= |e| for s < 0, the same e and
+    t) must carry more power than the isotropic one (final_loss / final_relative_loss)."""
+    configs = quick[2]["configs"]
+    curves = {name: tuple(c["loss_curve"]) for name, c in configs.items()}
+    assert len(set(curves.values())) == len(curves), "two configs trained on the same noise"
+    power = {name: c["final_loss"] / c["final_relative_loss"] for name, c in configs.items()}
+    assert power["sdm"] > power["isotropic"]
+    assert power["power_law"] != pytest.approx(power["sdm"])
+
+
 def test_quick_demo_specs_follow_the_fitted_axis(quick):
     configs, fitted = quick[2]["configs"], quick[2]["fitted"]
     axis = torch.tensor(fitted["axis"])

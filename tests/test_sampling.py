@@ -400,3 +400,31 @@ def test_fused_step_scalar_cache_and_per_sample_timesteps_agree(mode, schedule):
         assert torch.equal(mixed[0][i:i + 1], one[0]) and torch.equal(mixed[1][i:i + 1], one[1])
     with pytest.raises(ValueError, match="mode"):
         fused_ddpm_step(eps_hat, 400, x_t, spec, schedule, noise=z, mode="fast")
+
+
+@requires_compiled
+def test_step_arguments_are_validated_by_name(schedule):
+    """Bad step inputs raise before any kernel runs, naming the argument."""
+    spec = FUSED_SPECS["sdm_band"](3)
+    noise = AnisotropicNoise(spec, schedule)
+    x = torch.randn(2, 3, 8, 8)
+    for backend in ("auto", "cpu", "reference"):
+        with pytest.raises(ValueError, match=r"timestep: values must lie in \[0, 1000\)"):
+            noise.ddpm_step(x, 1000, x, backend=backend)
+        with pytest.raises(ValueError, match=r"prev_timestep: values must lie in \[-1, 1000\)"):
+            noise.ddpm_step(x, 10, x, prev_timestep=-2, backend=backend)
+        with pytest.raises(TypeError, match="timestep: expected integer"):
+            noise.ddpm_step(x, 10.0, x, backend=backend)
+    with pytest.raises(ValueError, match=r"noise: expected WHITE noise of shape \[2, 3, 8, 8\]"):
+        fused_ddpm_step(x, 10, x, spec, schedule, noise=torch.randn(2, 3, 8, 9))
+    with pytest.raises(RuntimeError, match="backend: no fused ddpm_step kernel runs torch.float64"):
+        fused_ddpm_step(x.double(), 10, x.double(), spec, schedule, noise=torch.randn(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="sample: the cpu ddpm_step takes float32"):
+        noise.ddpm_step(x, 10, x.double(), backend="cpu")
+    with pytest.raises(RuntimeError, match="backend: 'cuda' is not available"):
+        noise.ddpm_step(x, 10, x, backend="cuda")
+    with pytest.raises(ValueError, match="backend: must be"):
+        noise.ddpm_step(x, 10, x, backend="gpu")
+    # float64 on auto: the reference, not an error
+    out = noise.ddpm_step(x.double(), 10, x.double(), generator=torch.Generator().manual_seed(0))
+    assert out[0].dtype == torch.float64

@@ -275,11 +275,12 @@ class AnisoDDPMScheduler(_AnisoVPMixin, DDPMScheduler):
             noise = self._draw_white(model_output.shape, generator, model_output.device, model_output.dtype)
         step_args = dict(prev_timestep=prev_t, mode=self.config.sampling_mode,
                          clip_sample=self.config.clip_sample, clip_range=self.config.clip_sample_range)
-        if can_fuse_step(model_output, sample):  # one pass of the compiled kernel
+        fused = can_fuse_step(model_output, sample, self.noise_spec)
+        if fused is not None:  # one pass of the fused kernel
             # t = 0 draws no noise (its posterior std is 0): any stream gives the same result.
             stream = torch.zeros(2, dtype=torch.int64) if noise is None else None
             prev_sample, x0 = fused_ddpm_step(model_output, timestep, sample, self.noise_spec, self._noise_vp,
-                                              noise=noise, stream=stream, **step_args)
+                                              noise=noise, stream=stream, backend=fused, **step_args)
         else:
             prev_sample, x0 = reference.ddpm_step(model_output, timestep, sample, self.noise_spec,
                                                   self._noise_vp, noise=noise, **step_args)

@@ -92,7 +92,7 @@ def randn_like(spec: NoiseSpec, *, base=None, timesteps=None, schedule=None, see
             docstring); not needed for time-invariant specs.
         seed: explicit stream key (consecutive calls continue the stream); ``generator``: draw a key
             per call from it (default: torch's global generator).
-        backend: "auto", "cpu" or "reference".
+        backend: "auto" (see :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
 
     Runnable without EDM (the commented lines are the EDM calls)::
 

@@ -119,7 +119,7 @@ def noise_sampler(x: torch.Tensor, spec: NoiseSpec, *, schedule=None, base=None,
             properties for time-invariant specs). Default: anisodiff's fused stream.
         seed: explicit stream key (consecutive calls continue the stream); ``generator``: draw a key
             per call from it (default: torch's global generator, so ``torch.manual_seed`` reproduces).
-        backend: "auto", "cpu" or "reference".
+        backend: "auto" (see :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
 
     Runnable without k-diffusion (the commented line is the k-diffusion call)::
 
