@@ -26,7 +26,7 @@ from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec
 
-__all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step", "can_fuse_step"]
+__all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step", "can_fuse_step", "step_op_args"]
 
 CONFIG_NAME = "anisodiff_noise.json"
 _FORMAT = "anisodiff.AnisotropicNoise"
@@ -245,9 +245,8 @@ def _step_tables(spec, schedule, t: int, prev: int, mode: str, device: torch.dev
         _STEP_CACHE.move_to_end(key)
         return hit
     row = _step_params(spec, schedule, torch.tensor([t]), torch.tensor([prev]), mode)
-    k = spec.squeeze.k if spec.squeeze is not None else 0
-    axes = spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)
-    entry = (_to_device(row, device), axes.to(device), kernel_args(reference._spatial_spec(spec), None, C, H, W, device))
+    entry = (_to_device(row, device), _step_axes(spec, C, device),
+             kernel_args(reference._spatial_spec(spec), None, C, H, W, device))
     _STEP_CACHE[key] = entry
     if len(_STEP_CACHE) > _STEP_CACHE_SIZE:
         _STEP_CACHE.popitem(last=False)
@@ -280,8 +279,26 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         _required_step_backend(backend, model_output, sample, spec)
     schedule = as_schedule(schedule)
     _check_step_timesteps(timestep, prev_timestep, schedule.num_train_timesteps)
-    B, C, H, W = sample.shape
     device = sample.device
+    op_args = step_op_args(spec, schedule, timestep, prev_timestep, mode, clip_sample, clip_range,
+                           sample.shape, device)
+    if noise is not None:
+        noise = _check_noise(noise, spec, sample.shape, device, backend)
+        noise = noise[None] if spec.draws == 1 else noise
+        stream = torch.tensor([0, 0], dtype=torch.int64)
+    elif stream is None:
+        raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
+    return _library(backend).ddpm_step(sample, model_output, *op_args, stream, noise)
+
+
+def step_op_args(spec: NoiseSpec, schedule, timestep, prev_timestep, mode: str, clip_sample: bool,
+                 clip_range: float, shape, device) -> tuple:
+    """The ddpm_step op's arguments between ``model_output`` and ``stream``: ``(params, axes,
+    weights, gammas, normalize, clip, clip_range)`` on ``device`` for samples of ``shape``. One
+    timestep shared by the batch takes the cached per-step row (:func:`_step_tables`)."""
+    schedule = as_schedule(schedule)
+    B, C, H, W = shape
+    device = torch.device(device)
     t_int = _scalar(timestep)
     prev_int = (t_int - 1 if t_int is not None else None) if prev_timestep is None else _scalar(prev_timestep)
     if t_int is not None and prev_int is not None:
@@ -292,17 +309,13 @@ def fused_ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         prev = (t - 1 if prev_timestep is None
                 else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B))
         params = _to_device(_step_params(spec, schedule, t, prev, mode), device)
-        k = spec.squeeze.k if spec.squeeze is not None else 0
-        axes = (spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)).to(device)
-        spatial = kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
+        axes, spatial = _step_axes(spec, C, device), kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
     k = spec.squeeze.k if spec.squeeze is not None else 0
     clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
-    if noise is not None:
-        noise = _check_noise(noise, spec, sample.shape, device, backend)
-        noise = noise[None] if spec.draws == 1 else noise
-        stream = torch.tensor([0, 0], dtype=torch.int64)
-    elif stream is None:
-        raise ValueError("stream/noise: give the stream [seed, offset] or white noise")
-    return _library(backend).ddpm_step(sample, model_output, params, axes, spatial.weights,
-                                       list(spatial.gammas), spatial.normalize, clip, float(clip_range),
-                                       stream, noise)
+    return (params, axes, spatial.weights, list(spatial.gammas), spatial.normalize, clip, float(clip_range))
+
+
+def _step_axes(spec: NoiseSpec, C: int, device) -> torch.Tensor:
+    """float32 ``[C, k]`` axes of the squeeze (``[C, 0]`` without one) on ``device``."""
+    k = spec.squeeze.k if spec.squeeze is not None else 0
+    return (spec.squeeze.axes.to(torch.float32).contiguous() if k else torch.zeros(C, 0)).to(device)

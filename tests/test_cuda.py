@@ -389,21 +389,8 @@ STEP_SPECS = {
 def step_args(spec, schedule, t, prev, mode, shape, device, clip_sample=True):
     """The ddpm_step op's tensor arguments, as anisodiff.sampling.fused_ddpm_step builds them, on
     `device`."""
-    B, C, H, W = shape
-    t = torch.full((B,), t, dtype=torch.long)
-    prev = torch.full((B,), prev, dtype=torch.long)
-    coeffs = R.ddpm_coefficients(spec, schedule, t, prev, mode)
-    ab_t = R._alphas(schedule, t, B)
-    columns = [ab_t.sqrt()[:, None], (1 - ab_t).sqrt()[:, None]]
-    for name in ("s", "c0", "ct", "sig"):
-        perp, axes = coeffs[name]
-        columns += [perp[:, None], axes]
-    params = torch.cat(columns, dim=1).to(torch.float32).contiguous().to(device)
-    k = spec.squeeze.k if spec.squeeze is not None else 0
-    axes = (spec.squeeze.axes.to(torch.float32) if k else torch.zeros(C, 0)).contiguous().to(device)
-    spatial = ad.plan.kernel_args(R._spatial_spec(spec), None, C, H, W, device)
-    clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
-    return (params, axes, spatial.weights, list(spatial.gammas), spatial.normalize, clip, 1.0)
+    from anisodiff.sampling import step_op_args
+    return step_op_args(spec, schedule, t, prev, mode, clip_sample, 1.0, shape, device)
 
 
 def step_shape(name):
