@@ -1,8 +1,13 @@
 """Which backend ``backend="auto"`` runs, per device type and spec kind.
 
 The table lists, fastest first, the backends to try; "auto" takes the first one that is available
-on the device (see :func:`anisodiff.available_backends`) and supports the problem (the Triton
-spectral kernel keeps a whole ``[C, H, W]`` sample on chip, so it takes planes up to a size).
+on the device (see :func:`anisodiff.available_backends`) and supports the problem. The Triton
+spectral kernel runs one program per sample, accumulating the padded ``[CP, HP, WP]`` sample in
+registers and filtering each plane with DFT matmuls whose tables it loads per plane: registers and
+on-chip memory bound it, so it takes planes up to a size. ``backend="triton"`` takes samples up to
+TRITON_MAX_SAMPLE_ELEMENTS (beyond that ptxas spills to local memory: correct but slow); "auto" picks
+it only up to the smaller TRITON_AUTO_MAX_* limits, where sm_90 ptxas keeps everything in registers,
+and falls through to the next entry (the reference) beyond them.
 A missing backend simply falls through to the next entry; "reference" (pure PyTorch, any device)
 is always last, so "auto" never fails for lack of a compiled kernel.
 
@@ -22,7 +27,8 @@ Rationale of the current order (no GPU measurements yet; update the table from
 """
 from __future__ import annotations
 
-__all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "TRITON_MAX_SAMPLE_ELEMENTS"]
+__all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "TRITON_MAX_SAMPLE_ELEMENTS",
+           "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS"]
 
 # (device type) -> (spec kind) -> backends, fastest first
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
@@ -37,9 +43,25 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
 }
 FALLBACK: tuple[str, ...] = ("reference",)  # any other device type (mps, xpu, ...)
 
-# The Triton spectral kernel holds the padded sample [CP, HP, WP] (powers of two, H and W padded
-# to >= 16) in registers: up to 4 x 64 x 64, e.g. SD latents (4 x 64 x 64) or 3 x 64 x 64 images.
+# Sizes are of the padded sample [CP, HP, WP]: powers of two, H and W padded to >= 16.
+# Hard limit of backend="triton": up to 4 x 64 x 64 (SD latents, 3 x 64 x 64 images). It works, but
+# from 32 x 32 planes on ptxas spills to local memory.
 TRITON_MAX_SAMPLE_ELEMENTS = 4 * 64 * 64
+# Limits of backend="auto": no spill. Measured with sm_90 ptxas (triton 3.6, compiled without a GPU as
+# tests/test_triton.py test_kernels_compile_for_sm90_without_a_gpu does; cuobjdump -res-usage and
+# the ptxas -v log; worst case DRAWS=2, FILTER, NORMALIZE, K=1, ieee dots, warps of
+# ops._spectral_warps), spectral_kernel / step_spectral_kernel, registers + stack per thread:
+#   16x16, 4 warps:  CP=1 165/168 regs, CP=4 168/168, CP=8 226/168, CP=16 246/254   + 32 B stack
+#   16x32, 8 warps:  CP=4 190/182, CP=8 176/174                                     + 32 B stack
+#   32x16, 8 warps:  CP=4 247/246                                                   + 32 B stack
+#   32x32, 8 warps:  CP=1 255 + 608/624 B (744/764 B spill stores), CP=4 255 + 592/576 B
+#   32x64, 8 warps:  CP=1 80 + 3.9/3.8 KB;  64x64, 8 warps: CP=1..4 32 + ~16.3 KB (all spills)
+# The 32 B frame up to 32x16 is a fixed frame: ptxas reports 0 bytes spill stores there. So "auto"
+# takes planes of at most 16 x 32 / 32 x 16 padded pixels (32 x 32 already spills, whatever CP),
+# and samples of at most 4 x 16 x 32 = 8 x 16 x 16 elements (CP=16 at 16x16 reaches 254 registers:
+# no margin left, so it is not chosen automatically).
+TRITON_AUTO_MAX_PLANE_ELEMENTS = 16 * 32
+TRITON_AUTO_MAX_SAMPLE_ELEMENTS = 4 * 16 * 32
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -54,11 +76,16 @@ def spec_kind(spec) -> str:
     return "spectral"
 
 
-def triton_supports(kind: str, channels: int, height: int, width: int) -> bool:
-    """Whether the Triton kernels take this problem (the spectral kernel: one sample on chip)."""
+def triton_supports(kind: str, channels: int, height: int, width: int, auto: bool = False) -> bool:
+    """Whether the Triton kernels take this problem (the spectral kernel: one sample per program).
+    ``auto``: whether "auto" should pick them, i.e. the stricter no-spill limits."""
     if kind == "elementwise":
         return True
-    return _pow2(channels) * _pow2(height, 16) * _pow2(width, 16) <= TRITON_MAX_SAMPLE_ELEMENTS
+    plane = _pow2(height, 16) * _pow2(width, 16)
+    sample = _pow2(channels) * plane
+    if auto:
+        return plane <= TRITON_AUTO_MAX_PLANE_ELEMENTS and sample <= TRITON_AUTO_MAX_SAMPLE_ELEMENTS
+    return sample <= TRITON_MAX_SAMPLE_ELEMENTS
 
 
 def choose(device_type: str, kind: str, available, plane=None) -> str:
@@ -68,7 +95,7 @@ def choose(device_type: str, kind: str, available, plane=None) -> str:
     for backend in (*order, *FALLBACK):
         if backend not in available:
             continue
-        if backend == "triton" and plane is not None and not triton_supports(kind, *plane):
+        if backend == "triton" and plane is not None and not triton_supports(kind, *plane, auto=True):
             continue
         return backend
     return "reference"

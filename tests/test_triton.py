@@ -392,7 +392,8 @@ def test_out_of_range_timestep_in_the_op_gives_nan_not_a_crash(schedule):
 def test_bad_input_raises_before_any_kernel(schedule):
     spec = make_spec("sdm+pl_neg", 3)
     t = torch.tensor([1, 2])
-    with pytest.raises(ValueError, match="shape: the Triton spectral kernel keeps one"):
+    others = "'cuda' or 'reference'" if DEVICE.type == "cuda" else "'cpu' or 'reference'"
+    with pytest.raises(ValueError, match=f"shape: the Triton spectral kernel keeps one.*backend={others}"):
         ad.add_noise(torch.randn(1, 3, 65, 64, device=DEVICE), 1, spec, schedule, seed=0, backend="triton")
     with pytest.raises(TypeError, match="noise: the triton kernel takes float32"):
         ad.add_noise(torch.randn(2, 3, 8, 8, device=DEVICE), t, spec, schedule,
@@ -405,6 +406,23 @@ def test_bad_input_raises_before_any_kernel(schedule):
     with pytest.raises(ValueError, match="axes: has 3 rows but the noise has 4 channels"):
         triton_ops.add_noise(torch.randn(2, 4, 8, 8, device=DEVICE), t.to(DEVICE), args.coef, args.axes,
                              args.weights, list(args.gammas), 0, 0, 0, torch.tensor([0, 0]), None)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (1, 4, 60, 63)], ids=["64x64", "60x63"])
+@pytest.mark.parametrize("kind,normalize", [("pl_neg", "calibrated"), ("band", "calibrated"),
+                                            ("two_indep", "per_sample"), ("two_shared", "per_sample")])
+def test_spectral_kernel_at_the_size_limit(shape, kind, normalize, schedule):
+    """The largest sample backend="triton" takes (4 x 64 x 64 padded; the odd plane takes the
+    per-element stream and zero padding): == the reference. "auto" does not pick it (it spills)."""
+    B, C, H, W = shape
+    assert _autoselect.triton_supports("spectral", C, H, W)
+    assert not _autoselect.triton_supports("spectral", C, H, W, auto=True)
+    spec = make_spec(kind, C, normalize=normalize)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    out, ref = _add_noise_pair(x0, torch.tensor([640]), spec, schedule, seed=SEED, offset=OFFSET)
+    close(out[0], ref[0])
+    close(out[1], ref[1])
 
 
 @needs_triton
@@ -430,8 +448,14 @@ def test_preference_table_is_well_formed():
 
 @pytest.mark.parametrize("device,kind,available,plane,want", [
     ("cuda", "spectral", ["cuda", "triton", "reference"], (3, 32, 32), "cuda"),
-    ("cuda", "spectral", ["triton", "reference"], (3, 32, 32), "triton"),      # no CUDA build
-    ("cuda", "spectral", ["triton", "reference"], (4, 64, 64), "triton"),      # SD latents fit
+    ("cuda", "spectral", ["triton", "reference"], (3, 16, 16), "triton"),      # no CUDA build
+    ("cuda", "spectral", ["triton", "reference"], (4, 9, 30), "triton"),       # pads to 4 x 16 x 32
+    ("cuda", "spectral", ["triton", "reference"], (3, 32, 16), "triton"),
+    ("cuda", "spectral", ["triton", "reference"], (8, 16, 16), "triton"),      # 2048: the auto limit
+    ("cuda", "spectral", ["triton", "reference"], (5, 16, 32), "reference"),   # pads to 8 x 16 x 32
+    ("cuda", "spectral", ["triton", "reference"], (16, 16, 16), "reference"),  # 254 registers: no margin
+    ("cuda", "spectral", ["triton", "reference"], (1, 32, 32), "reference"),   # 32x32 planes spill
+    ("cuda", "spectral", ["triton", "reference"], (4, 64, 64), "reference"),   # explicit "triton" only
     ("cuda", "spectral", ["triton", "reference"], (3, 128, 128), "reference"),  # too big for one program
     ("cuda", "elementwise", ["triton", "reference"], (3, 512, 512), "triton"),  # no size limit
     ("cuda", "elementwise", ["reference"], None, "reference"),                  # no triton either
@@ -441,6 +465,15 @@ def test_preference_table_is_well_formed():
 ])
 def test_auto_choice(device, kind, available, plane, want):
     assert _autoselect.choose(device, kind, available, plane) == want
+
+
+def test_auto_limits_are_within_the_hard_limit():
+    """"auto" takes a subset of what backend="triton" takes: 4 x 64 x 64 stays explicit-only."""
+    assert _autoselect.TRITON_AUTO_MAX_SAMPLE_ELEMENTS <= _autoselect.TRITON_MAX_SAMPLE_ELEMENTS
+    assert _autoselect.triton_supports("spectral", 4, 64, 64)
+    assert not _autoselect.triton_supports("spectral", 4, 64, 64, auto=True)
+    assert not _autoselect.triton_supports("spectral", 4, 65, 64)
+    assert _autoselect.triton_supports("elementwise", 3, 512, 512, auto=True)
 
 
 def test_spec_kind():
@@ -518,8 +551,9 @@ def test_triton_package_imports_lazily():
 
 
 _SM90_COMPILE = r'''
-import sys
+import os, re, subprocess, sys, tempfile
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from anisodiff.triton import kernels as k
@@ -539,16 +573,41 @@ def compile_for_sm90(fn, constexprs, num_warps):
                     constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
+def stack_bytes(compiled):
+    """Per-thread stack (local memory) of the cubin, from cuobjdump -res-usage (no driver needed)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.remove(f.name)
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
 compile_for_sm90(k.squeeze_mix_kernel, dict(C=3, K=1, HEISENBERG=True, HAS_X0=True, HAS_NOISE=False,
                                             TARGET=1, ALIGNED=True, CP=4, BLOCK_PIX=256), 4)
-compile_for_sm90(k.spectral_kernel, dict(C=3, K=1, HEISENBERG=False, DRAWS=2, FILTER=True, NORMALIZE=True,
-                                         HAS_X0=True, HAS_NOISE=False, TARGET=1, ALIGNED=False, CP=4,
-                                         HP=16, WP=16, PRECISION="ieee"), 4)
 compile_for_sm90(k.step_elementwise_kernel, dict(C=3, K=1, CLIP=2, HAS_NOISE=False, ALIGNED=True, CP=4,
                                                  BLOCK_PIX=256), 4)
-compile_for_sm90(k.step_spectral_kernel, dict(C=3, K=1, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True,
-                                              HAS_NOISE=False, ALIGNED=False, CP=4, HP=16, WP=16,
-                                              PRECISION="ieee"), 4)
+# the spectral kernels at the largest samples backend="auto" picks (each plane shape at its largest
+# CP), worst case constexprs: no local-memory spill
+from anisodiff import _autoselect as sel
+from anisodiff.triton.ops import _spectral_warps
+for HP, WP in ((16, 16), (16, 32), (32, 16)):
+    assert HP * WP <= sel.TRITON_AUTO_MAX_PLANE_ELEMENTS
+    CP = sel.TRITON_AUTO_MAX_SAMPLE_ELEMENTS // (HP * WP)
+    assert sel.triton_supports("spectral", CP, HP, WP, auto=True)
+    assert not sel.triton_supports("spectral", 2 * CP, HP, WP, auto=True)
+    noise = compile_for_sm90(k.spectral_kernel, dict(
+        C=CP, K=1, HEISENBERG=False, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_X0=True, HAS_NOISE=False,
+        TARGET=1, ALIGNED=False, CP=CP, HP=HP, WP=WP, PRECISION="ieee"), _spectral_warps(HP, WP))
+    step = compile_for_sm90(k.step_spectral_kernel, dict(
+        C=CP, K=1, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_NOISE=False, ALIGNED=False, CP=CP,
+        HP=HP, WP=WP, PRECISION="ieee"), _spectral_warps(HP, WP))
+    for name, compiled in (("spectral_kernel", noise), ("step_spectral_kernel", step)):
+        # ptxas -v: a fixed 32 B stack frame with 0 bytes spill stores (triton 3.6); a spill is
+        # hundreds of bytes (32x32 planes: ~600 B, 64x64: ~16 KB)
+        stack = stack_bytes(compiled)
+        assert stack <= 32, f"{name} CP={CP} {HP}x{WP}: {stack} B of stack per thread (spill)"
 print("ok")
 '''
 
@@ -558,7 +617,9 @@ print("ok")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter does not lower to a GPU, so GPU-only codegen errors (layouts, tl.dot shapes,
     dtypes) would pass here unnoticed: compile the kernels (noise and ddpm_step) to an H100 cubin with the ptxas bundled
-    in triton (no driver needed), in a process without TRITON_INTERPRET."""
+    in triton (no driver needed), in a process without TRITON_INTERPRET. The spectral kernels are
+    compiled at the largest sizes backend="auto" picks, and must not spill there (cuobjdump -res-usage,
+    also bundled: the stack per thread)."""
     import importlib.util
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
     if nvidia is None:
@@ -653,7 +714,7 @@ def test_ddpm_step_stream_dtype_layout_and_api(name, schedule):
                              stream=stream_tensor(None, torch.Generator().manual_seed(3), 0, DEVICE))
     for a, b in zip(api, direct):
         assert torch.equal(a, b)
-    with pytest.raises(RuntimeError, match="triton"):
+    with pytest.raises(TypeError, match="sample: the triton ddpm_step takes float32"):
         noise.ddpm_step(e_d.double(), 500, x_d.double(), backend="triton")
     with pytest.raises(ValueError, match="backend"):
         fused_ddpm_step(e_d, 500, x_d, spec, schedule, stream=torch.tensor([1, 0]), backend="bogus")
@@ -679,7 +740,10 @@ def test_ddpm_step_opcheck_and_checks(schedule):
                 spatial.weights, list(spatial.gammas), spatial.normalize, 2, 1.0, torch.tensor([3, 0], device=DEVICE),
                 torch.randn(1, *x.shape, device=DEVICE) if noise else None]
         torch.library.opcheck(torch.ops.anisodiff_triton.ddpm_step.default, tuple(args))
-    bad = {0: x.to(DEVICE)[0], 2: params[:, :-1], 7: 3, 10: torch.randn(2, *x.shape, device=DEVICE)}
-    for i, value in bad.items():
-        with pytest.raises((ValueError, TypeError)):
+    bad = {0: (x.to(DEVICE)[0], "sample: expected a 4-D"),
+           2: (params[:, :-1], "params: expected a contiguous float32"),
+           7: (3, "clip: expected 0"),
+           10: (torch.randn(2, *x.shape, device=DEVICE), "noise: expected shape")}
+    for i, (value, message) in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message):
             torch.ops.anisodiff_triton.ddpm_step(*[value if j == i else a for j, a in enumerate(args)])

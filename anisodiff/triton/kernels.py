@@ -19,6 +19,9 @@ lane ``i & 3`` of ``randn4x(seed, offset + (i >> 2))``, with the draw index in P
 (the second draw of an independent two-band spec). It is built from triton.language.random's own
 philox / uint_to_uniform_float / pair_uniform_to_normal, so draw 0 is tl.randn4x bit for bit.
 Math is float32 throughout; inputs and outputs are float32, float16 or bfloat16 with any strides.
+Memory offsets are int64: Triton passes a stride below 2**31 as an i32, so every channel / row /
+column index is cast to tl.int64 BEFORE it is multiplied by a stride (an i32 product would wrap on
+permuted views whose per-sample span exceeds 2**31 elements).
 """
 from __future__ import annotations
 
@@ -75,7 +78,10 @@ def normals_aligned(seed, counter, DRAW: tl.constexpr):
 @triton.jit
 def _coef_row(timesteps_ptr, sample, num_rows):
     """This sample's row of the coefficient table, clamped so nothing is read out of bounds, and
-    whether the timestep was valid (an invalid one turns the sample's outputs into NaN)."""
+    whether the timestep was valid. For an invalid timestep (a device tensor: the host could not
+    check it without a sync) the kernels make a = NaN and the noise NaN, so x_t and every target
+    derived from the noise (epsilon, v, flow; the shaped_noise output) become NaN, while the x0
+    target is x0 itself (it does not involve the noise). The CUDA kernel behaves the same."""
     t = tl.load(timesteps_ptr + sample)
     valid = (t >= 0) & (t < num_rows)
     return tl.where(valid, t, 0), valid
@@ -190,15 +196,16 @@ def _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask,
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _block_coords(H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK_PIX: tl.constexpr):
-    """This program's sample, first pixel, pixels (h * W + w), h, w, channels and mask."""
+    """This program's sample, first pixel, pixels (h * W + w), h, w, channels and mask; h, w and
+    the channels are int64 (they are multiplied by strides), pix stays int32."""
     sample = tl.program_id(1).to(tl.int64)
     first_pix = tl.program_id(0) * BLOCK_PIX  # int32: a plane has < 2**31 pixels (cheap division)
     pix = first_pix + tl.arange(0, BLOCK_PIX)  # h * W + w
-    chan = tl.arange(0, CP)
+    chan = tl.arange(0, CP).to(tl.int64)
     mask = (chan[:, None] < C) & (pix[None, :] < H * W)
-    h = pix // W
+    h = pix // W  # int32 division, then int64 for the stride products
     w = pix - h * W
-    return sample, first_pix, pix, h, w, chan, mask
+    return sample, first_pix, pix, h.to(tl.int64), w.to(tl.int64), chan, mask
 
 
 @triton.jit
@@ -285,11 +292,13 @@ def _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, 
                  DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                  HP: tl.constexpr, WP: tl.constexpr):
     """White plane (sample, c_in) of draw DRAW as an ``[HP, WP]`` tile, zero outside ``H x W``."""
-    rows = tl.arange(0, HP)
-    cols = tl.arange(0, WP)
+    rows = tl.arange(0, HP).to(tl.int64)
+    cols = tl.arange(0, WP).to(tl.int64)
     mask = (rows[:, None] < H) & (cols[None, :] < W)
     if HAS_NOISE:
-        offs = DRAW * n_sd + sample * n_sb + c_in * n_sc + rows[:, None] * n_sh + cols[None, :] * n_sw
+        c64 = tl.full([], c_in, tl.int64)  # the loop index is int32
+        # DRAW is 0 or 1: DRAW * n_sd cannot wrap; it is added to the int64 part
+        offs = sample * n_sb + c64 * n_sc + (rows[:, None] * n_sh + cols[None, :] * n_sw) + DRAW * n_sd
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         row_start = ((sample * C + c_in) * H + rows) * W  # linear index of (sample, c_in, h, 0)
@@ -430,9 +439,9 @@ def spectral_kernel(
     a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
     b = tl.load(coef_ptr + row * (2 + K) + 1)
     noise = tl.where(valid, noise, float("nan"))
-    c3 = chan[:, None, None]
-    h3 = rows[None, :, None]
-    w3 = cols[None, None, :]
+    c3 = chan.to(tl.int64)[:, None, None]
+    h3 = rows.to(tl.int64)[None, :, None]
+    w3 = cols.to(tl.int64)[None, None, :]
     mask = (c3 < C) & plane_mask[None, :, :]
     x0_offs = sample * x0_sb + c3 * x0_sc + h3 * x0_sh + w3 * x0_sw
     xt_offs = sample * xt_sb + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
@@ -473,9 +482,9 @@ def step_spectral_kernel(
 
     n = tl.reshape(noise, [CP, HP * WP])  # row-major: pixel h * WP + w
     pix = tl.arange(0, HP * WP)
-    h2 = (pix // WP)[None, :]
-    w2 = (pix % WP)[None, :]
-    c2 = chan[:, None]
+    h2 = (pix // WP).to(tl.int64)[None, :]
+    w2 = (pix % WP).to(tl.int64)[None, :]
+    c2 = chan.to(tl.int64)[:, None]
     mask = (c2 < C) & (h2 < H) & (w2 < W)
     _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr,
                     sample * x_sb + c2 * x_sc + h2 * x_sh + w2 * x_sw,

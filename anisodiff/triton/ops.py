@@ -31,9 +31,11 @@ DOT_PRECISION = "ieee"
 # GPU without spilling; the interpreter (~10 ms per program) gets bigger blocks.
 _ELEMENTWISE_TILE = 2048
 _ELEMENTWISE_TILE_INTERPRETED = 8192
-# Warps of the spectral kernel. sm_90 ptxas, compiled without a GPU (ieee fp32 dots): 16x16
-# planes at 4 warps use 196 registers, no spill; 32x32 at 8 warps 255 registers + 472 B stack
-# (at 4 warps ptxas falls back to 32 registers + 5 KB stack); 64x64 spills KBs at any count.
+# Warps of the spectral kernel. sm_90 ptxas, compiled without a GPU (ieee fp32 dots, DRAWS=2,
+# FILTER, NORMALIZE, K=1): 16x16 planes at 4 warps use 165-254 registers (CP 1..16), 16x32 / 32x16
+# at 8 warps 174-247, no spill (a fixed 32 B frame); 32x32 at 8 warps 255 registers + ~600 B stack
+# (at 4 warps ptxas falls back to 32 registers + 5 KB stack, at 16 warps 128 + 672 B); 64x64 spills
+# ~16 KB at any count. Hence the smaller "auto" limits of anisodiff._autoselect (the table is there).
 # To be tuned on the GPU (see the report of issue 4).
 def _spectral_warps(HP: int, WP: int) -> int:
     return 4 if HP * WP <= 256 else 8
@@ -123,10 +125,11 @@ def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise
             raise ValueError(f"noise: expected shape {[draws, B, C, H, W]}, got {list(noise.shape)}")
     if weights is not None or normalize == 1:
         if not _autoselect.triton_supports("spectral", C, H, W):
+            others = "'cuda' or 'reference'" if device.type == "cuda" else "'cpu' or 'reference'"
             raise ValueError(
                 f"shape: the Triton spectral kernel keeps one [C, H, W] sample on chip, padded to "
                 f"powers of two of at most {_autoselect.TRITON_MAX_SAMPLE_ELEMENTS} elements; "
-                f"[{C}, {H}, {W}] is too large (use backend='cuda', 'cpu' or 'reference')")
+                f"[{C}, {H}, {W}] is too large (use backend={others})")
 
 
 def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
@@ -159,7 +162,11 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
     B, C, H, W = shape
     device = out.device
     k = axes.shape[1]
-    stream = stream.to(device, non_blocking=True)  # read by the kernel: no host sync, graph-safe
+    # The kernel reads [seed, offset] at run time. A stream drawn from a CUDA generator is already
+    # on the device (anisodiff.rng.stream_tensor): no copy, no host sync, and a CUDA graph replay
+    # draws a fresh seed. A CPU stream (an int seed, the default CPU generator, the caller's) is
+    # copied host-to-device here: NOT CUDA-graph safe (a replay re-reads that temporary host buffer).
+    stream = stream.to(device, non_blocking=True)
     timesteps = timesteps.contiguous()
     has_x0, has_noise = x0 is not None, noise is not None
     x0_arg = x0 if has_x0 else out  # unused pointers still need a tensor
@@ -198,7 +205,7 @@ def _launch_step(sample, model_output, params, axes, weights, gammas, normalize,
     """ddpm_step: the step noise of the shaped_noise path with no squeeze, then the step per pixel."""
     B, C, H, W = sample.shape
     device = sample.device
-    stream = stream.to(device, non_blocking=True)
+    stream = stream.to(device, non_blocking=True)  # graph-safe only if already on the device (_launch)
     has_noise = noise is not None
     noise_arg = noise if has_noise else x_prev
     common = dict(C=C, K=axes.shape[1], CLIP=clip, HAS_NOISE=has_noise, CP=_pow2(C))
