@@ -8,7 +8,8 @@
 #   2. stages a throw-away copy of the Python package (anisodiff/**/*.py + the sanitized _C*.so),
 #      of tests/ and of pyproject.toml (pytest markers/options) in a temp dir;
 #   3. runs the kernel test suite
-#        python3 -m pytest tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py
+#        python3 -m pytest tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py \
+#          tests/test_sampling.py (the fused ddpm_step)
 #      from that dir with libasan (+ libubsan) preloaded, then a small edge-case sweep (odd / prime /
 #      degenerate sizes, C = 1..5, caller noise with odd strides, channels_last, fp16/bf16 in and
 #      out, independent two-band with per_sample normalisation, every compiled instruction set,
@@ -241,7 +242,7 @@ echo "   LD_PRELOAD: $LD_PRELOAD"
 (cd "$stage" && logged guard "$PY" -c "import _sanitize_guard, anisodiff; print('   build_info:', anisodiff.build_info())")
 
 status=0
-read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py}"
+read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py tests/test_sampling.py}"
 echo "== sanitize_cpu: pytest ${tests[*]} $*"
 t0=$(date +%s)
 (cd "$stage" && logged pytest "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --capture=sys \
