@@ -3,11 +3,12 @@
 The table lists, fastest first, the backends to try; "auto" takes the first one that is available
 on the device (see :func:`anisodiff.available_backends`) and supports the problem. The Triton
 spectral kernel runs one program per sample, accumulating the padded ``[CP, HP, WP]`` sample in
-registers and filtering each plane with DFT matmuls whose tables it loads per plane: registers and
-on-chip memory bound it, so it takes planes up to a size. ``backend="triton"`` takes samples up to
-TRITON_MAX_SAMPLE_ELEMENTS (beyond that ptxas spills to local memory: correct but slow); "auto" picks
-it only up to the smaller TRITON_AUTO_MAX_* limits, where sm_90 ptxas keeps everything in registers,
-and falls through to the next entry (the reference) beyond them.
+registers and filtering each plane with DFT loops of rank-1 updates (through a per-program scratch
+that stays in L1/L2): the sample in registers bounds it, so it takes samples up to a size.
+``backend="triton"`` takes samples up to TRITON_MAX_SAMPLE_ELEMENTS (beyond 4096 elements ptxas
+spills to local memory: correct but slow); "auto" picks it only up to the smaller TRITON_AUTO_MAX_*
+limits, where sm_90 ptxas keeps everything in registers, and falls through to the next entry (the
+reference) beyond them.
 A missing backend simply falls through to the next entry; "reference" (pure PyTorch, any device)
 is always last, so "auto" never fails for lack of a compiled kernel.
 
@@ -28,7 +29,7 @@ Rationale of the current order (no GPU measurements yet; update the table from
 from __future__ import annotations
 
 __all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "TRITON_MAX_SAMPLE_ELEMENTS",
-           "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS"]
+           "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS", "TRITON_AUTO_MAX_CHANNELS"]
 
 # (device type) -> (spec kind) -> backends, fastest first
 PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
@@ -45,23 +46,28 @@ FALLBACK: tuple[str, ...] = ("reference",)  # any other device type (mps, xpu, .
 
 # Sizes are of the padded sample [CP, HP, WP]: powers of two, H and W padded to >= 16.
 # Hard limit of backend="triton": up to 4 x 64 x 64 (SD latents, 3 x 64 x 64 images). It works, but
-# from 32 x 32 planes on ptxas spills to local memory.
+# beyond 4096 elements ptxas spills to local memory.
 TRITON_MAX_SAMPLE_ELEMENTS = 4 * 64 * 64
 # Limits of backend="auto": no spill. Measured with sm_90 ptxas (triton 3.6, compiled without a GPU as
 # tests/test_triton.py test_kernels_compile_for_sm90_without_a_gpu does; cuobjdump -res-usage and
-# the ptxas -v log; worst case DRAWS=2, FILTER, NORMALIZE, K=1, ieee dots, warps of
-# ops._spectral_warps), spectral_kernel / step_spectral_kernel, registers + stack per thread:
-#   16x16, 4 warps:  CP=1 165/168 regs, CP=4 168/168, CP=8 226/168, CP=16 246/254   + 32 B stack
-#   16x32, 8 warps:  CP=4 190/182, CP=8 176/174                                     + 32 B stack
-#   32x16, 8 warps:  CP=4 247/246                                                   + 32 B stack
-#   32x32, 8 warps:  CP=1 255 + 608/624 B (744/764 B spill stores), CP=4 255 + 592/576 B
-#   32x64, 8 warps:  CP=1 80 + 3.9/3.8 KB;  64x64, 8 warps: CP=1..4 32 + ~16.3 KB (all spills)
-# The 32 B frame up to 32x16 is a fixed frame: ptxas reports 0 bytes spill stores there. So "auto"
-# takes planes of at most 16 x 32 / 32 x 16 padded pixels (32 x 32 already spills, whatever CP),
-# and samples of at most 4 x 16 x 32 = 8 x 16 x 16 elements (CP=16 at 16x16 reaches 254 registers:
-# no margin left, so it is not chosen automatically).
-TRITON_AUTO_MAX_PLANE_ELEMENTS = 16 * 32
-TRITON_AUTO_MAX_SAMPLE_ELEMENTS = 4 * 16 * 32
+# ptxas -v; DRAWS=2, FILTER, NORMALIZE, CLIP=2, K = CP axes (8 at most; HEISENBERG where K < C),
+# launch options of ops._spectral_launch_options: 8 warps, maxnreg 255), spectral_kernel /
+# step_spectral_kernel registers per thread, all with the fixed 32 B frame and 0 spill stores:
+#   K=1:   16x32 CP=8 252/252, 32x16 CP=8 202/194, 32x32 CP=4 236/232, 32x64 CP=2 247/238,
+#          64x32 CP=2 254/234, 64x64 CP=1 254/254
+#   K=CP:  16x16 CP=8 ok, 32x32 CP=4 236/254, 64x32 CP=2 254/229, 64x64 CP=1 254/254
+# and spilling: 16x32 CP=8 K=8 (the step: 280 B of stack; 16x16 CP=8 K=8 also at 4 warps, 280 B),
+# 16x16 CP=16 K=8 (the step: 200 B at 8 warps, 448 B at 4), 2x64x64 and 4x64x64 at 16 warps
+# (128 registers): 320-336 B / 328-1032 B; without maxnreg ptxas stops at 128 registers at 8 warps
+# (4x32x32: 160 B).
+# Before the rank-1 DFT loops (tl.dot DFTs, no maxnreg) 32x32 planes spilled ~600 B and 64x64 ~16 KB,
+# and "auto" stopped at 16 x 32 planes / 4 x 16 x 32 samples. Now "auto" takes samples of at most
+# 4096 padded elements (4 x 32 x 32, 2 x 64 x 32, 1 x 64 x 64) of at most 4 padded channels (the
+# channel count and the axes drive the step's registers; 5-8 channels go to the next backend).
+# Several sizes use 252-254 registers: no spill, but no margin; re-measure when the kernels change.
+TRITON_AUTO_MAX_PLANE_ELEMENTS = 64 * 64
+TRITON_AUTO_MAX_SAMPLE_ELEMENTS = 4 * 32 * 32
+TRITON_AUTO_MAX_CHANNELS = 4
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -84,7 +90,8 @@ def triton_supports(kind: str, channels: int, height: int, width: int, auto: boo
     plane = _pow2(height, 16) * _pow2(width, 16)
     sample = _pow2(channels) * plane
     if auto:
-        return plane <= TRITON_AUTO_MAX_PLANE_ELEMENTS and sample <= TRITON_AUTO_MAX_SAMPLE_ELEMENTS
+        return (plane <= TRITON_AUTO_MAX_PLANE_ELEMENTS and sample <= TRITON_AUTO_MAX_SAMPLE_ELEMENTS
+                and _pow2(channels) <= TRITON_AUTO_MAX_CHANNELS)
     return sample <= TRITON_MAX_SAMPLE_ELEMENTS
 
 

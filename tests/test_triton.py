@@ -426,6 +426,26 @@ def test_spectral_kernel_at_the_size_limit(shape, kind, normalize, schedule):
 
 
 @needs_triton
+def test_spectral_kernels_with_the_gpu_dft_loops(monkeypatch, schedule):
+    """A GPU runs the DFT loops one table row at a time (DFT_BLOCK=1, the path compiled for sm_90
+    below); the interpreter normally takes 16 rows per step. Run the GPU path here: == the reference,
+    for the noise (non-square padding, both draws, per-sample normalisation) and the DDPM step."""
+    from anisodiff.sampling import fused_ddpm_step
+    from anisodiff.triton import ops as triton_ops
+    monkeypatch.setattr(triton_ops, "_dft_block", lambda: 1)
+    spec = make_spec("two_indep", 2, normalize="per_sample")
+    x0 = torch.randn((1, 2, 20, 36), generator=torch.Generator().manual_seed(4))
+    out, ref = _add_noise_pair(x0, torch.tensor([640]), spec, schedule, seed=SEED, offset=OFFSET)
+    close(out[0], ref[0])
+    close(out[1], ref[1])
+    spec, x_t, eps_hat, z = _step_inputs("two_indep_ps", shape=(1, 3, 9, 8))
+    want = R.ddpm_step(eps_hat, 999, x_t, spec, schedule, noise=z, prev_timestep=979)
+    got = fused_ddpm_step(eps_hat.to(DEVICE), 999, x_t.to(DEVICE), spec, schedule, noise=z.to(DEVICE),
+                          backend="triton", prev_timestep=979)
+    _step_close(got, want, 999, x_t, schedule)
+
+
+@needs_triton
 @pytest.mark.parametrize("hw", [(80, 72), (45, 47)], ids=["aligned", "odd"])
 def test_elementwise_kernel_takes_large_planes_in_several_blocks(hw, schedule):
     """No size limit without a spatial part: a plane spans several programs (blocks of pixels)."""
@@ -451,10 +471,14 @@ def test_preference_table_is_well_formed():
     ("cuda", "spectral", ["triton", "reference"], (3, 16, 16), "triton"),      # no CUDA build
     ("cuda", "spectral", ["triton", "reference"], (4, 9, 30), "triton"),       # pads to 4 x 16 x 32
     ("cuda", "spectral", ["triton", "reference"], (3, 32, 16), "triton"),
-    ("cuda", "spectral", ["triton", "reference"], (8, 16, 16), "triton"),      # 2048: the auto limit
+    ("cuda", "spectral", ["triton", "reference"], (8, 16, 16), "reference"),   # > 4 channels (axes: spills)
     ("cuda", "spectral", ["triton", "reference"], (5, 16, 32), "reference"),   # pads to 8 x 16 x 32
-    ("cuda", "spectral", ["triton", "reference"], (16, 16, 16), "reference"),  # 254 registers: no margin
-    ("cuda", "spectral", ["triton", "reference"], (1, 32, 32), "reference"),   # 32x32 planes spill
+    ("cuda", "spectral", ["triton", "reference"], (2, 128, 16), "triton"),     # 4096: the auto limit
+    ("cuda", "spectral", ["triton", "reference"], (3, 32, 32), "triton"),      # pads to 4 x 32 x 32
+    ("cuda", "spectral", ["triton", "reference"], (2, 60, 17), "triton"),      # pads to 2 x 64 x 32
+    ("cuda", "spectral", ["triton", "reference"], (1, 64, 64), "triton"),
+    ("cuda", "spectral", ["triton", "reference"], (5, 32, 32), "reference"),   # pads to 8 x 32 x 32
+    ("cuda", "spectral", ["triton", "reference"], (2, 64, 64), "reference"),   # 64x64 planes: C = 1 only
     ("cuda", "spectral", ["triton", "reference"], (4, 64, 64), "reference"),   # explicit "triton" only
     ("cuda", "spectral", ["triton", "reference"], (3, 128, 128), "reference"),  # too big for one program
     ("cuda", "elementwise", ["triton", "reference"], (3, 512, 512), "triton"),  # no size limit
@@ -547,7 +571,7 @@ def test_triton_package_imports_lazily():
     assert at.is_installed()
     if HAS_TRITON:
         ops = at.load()
-        assert hasattr(torch.ops.anisodiff_triton, "add_noise") and ops.DOT_PRECISION in ("ieee", "tf32x3")
+        assert hasattr(torch.ops.anisodiff_triton, "add_noise") and callable(ops.dft_tables)
 
 
 _SM90_COMPILE = r'''
@@ -558,7 +582,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from anisodiff.triton import kernels as k
 
-def compile_for_sm90(fn, constexprs, num_warps):
+def compile_for_sm90(fn, constexprs, num_warps, **options):
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -571,7 +595,7 @@ def compile_for_sm90(fn, constexprs, num_warps):
             sig[name] = "fp32" if name.startswith("gamma") or name == "clip_range" else "i32"
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options})
 
 def stack_bytes(compiled):
     """Per-thread stack (local memory) of the cubin, from cuobjdump -res-usage (no driver needed)."""
@@ -588,26 +612,39 @@ compile_for_sm90(k.squeeze_mix_kernel, dict(C=3, K=1, HEISENBERG=True, HAS_X0=Tr
                                             TARGET=1, ALIGNED=True, CP=4, BLOCK_PIX=256), 4)
 compile_for_sm90(k.step_elementwise_kernel, dict(C=3, K=1, CLIP=2, HAS_NOISE=False, ALIGNED=True, CP=4,
                                                  BLOCK_PIX=256), 4)
-# the spectral kernels at the largest samples backend="auto" picks (each plane shape at its largest
-# CP), worst case constexprs: no local-memory spill
+# the spectral kernels at every padded plane shape backend="auto" picks, each at its largest CP, with
+# the launch options of ops (warps, maxnreg; the DFT loops of a GPU, DFT_BLOCK=1), worst case
+# constexprs (two filtered draws, normalisation, clip in S^-1 coordinates, as many axes as the channels
+# allow, up to 8): no local-memory spill. Two threads: ptxas runs as a subprocess.
+from concurrent.futures import ThreadPoolExecutor
 from anisodiff import _autoselect as sel
-from anisodiff.triton.ops import _spectral_warps
-for HP, WP in ((16, 16), (16, 32), (32, 16)):
-    assert HP * WP <= sel.TRITON_AUTO_MAX_PLANE_ELEMENTS
-    CP = sel.TRITON_AUTO_MAX_SAMPLE_ELEMENTS // (HP * WP)
+from anisodiff.triton import ops
+shapes = [(HP, WP) for HP in (16, 32, 64, 128) for WP in (16, 32, 64, 128)
+          if HP * WP <= sel.TRITON_AUTO_MAX_PLANE_ELEMENTS]
+assert (32, 32) in shapes and (64, 64) in shapes
+assert not sel.triton_supports("spectral", 1, 128, 64, auto=True)
+
+def check(shape):
+    HP, WP = shape
+    CP = min(sel.TRITON_AUTO_MAX_SAMPLE_ELEMENTS // (HP * WP), sel.TRITON_AUTO_MAX_CHANNELS)
     assert sel.triton_supports("spectral", CP, HP, WP, auto=True)
     assert not sel.triton_supports("spectral", 2 * CP, HP, WP, auto=True)
+    K = min(8, CP)
+    launch = ops._spectral_launch_options(HP, WP)
     noise = compile_for_sm90(k.spectral_kernel, dict(
-        C=CP, K=1, HEISENBERG=False, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_X0=True, HAS_NOISE=False,
-        TARGET=1, ALIGNED=False, CP=CP, HP=HP, WP=WP, PRECISION="ieee"), _spectral_warps(HP, WP))
+        C=CP, K=K, HEISENBERG=K < CP, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_X0=True, HAS_NOISE=False,
+        TARGET=1, ALIGNED=False, CP=CP, HP=HP, WP=WP, DFT_BLOCK=1), **launch)
     step = compile_for_sm90(k.step_spectral_kernel, dict(
-        C=CP, K=1, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_NOISE=False, ALIGNED=False, CP=CP,
-        HP=HP, WP=WP, PRECISION="ieee"), _spectral_warps(HP, WP))
+        C=CP, K=K, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_NOISE=False, ALIGNED=False, CP=CP,
+        HP=HP, WP=WP, DFT_BLOCK=1), **launch)
     for name, compiled in (("spectral_kernel", noise), ("step_spectral_kernel", step)):
-        # ptxas -v: a fixed 32 B stack frame with 0 bytes spill stores (triton 3.6); a spill is
-        # hundreds of bytes (32x32 planes: ~600 B, 64x64: ~16 KB)
+        # ptxas -v: a fixed 32 B stack frame with 0 bytes spill stores (triton 3.6); a spill is more
+        # (the tl.dot DFT this replaced: 32x32 planes ~600 B, 64x64 ~16 KB)
         stack = stack_bytes(compiled)
         assert stack <= 32, f"{name} CP={CP} {HP}x{WP}: {stack} B of stack per thread (spill)"
+
+with ThreadPoolExecutor(2) as pool:
+    list(pool.map(check, shapes))
 print("ok")
 '''
 

@@ -6,9 +6,12 @@ Two noise kernels, each one pass over memory (read x0 / the caller's eps, write 
   bandwidth-bound case). Grid ``(pixel blocks, B)``; a program holds a ``[CP, BLOCK_PIX]`` tile, all
   channels of BLOCK_PIX pixels of one sample, because the squeeze mixes the channels of a pixel.
 * :func:`spectral_kernel` - specs WITH spectral weights and/or per-sample normalisation. Grid
-  ``(B,)``; a program keeps a whole ``[CP, HP, WP]`` sample on chip: for each input channel c' it
-  draws the white plane, filters it with DFTs written as real ``tl.dot`` matmuls, normalises, mixes
-  the draws, and accumulates column c' of S(t) times that plane; then it mixes with x0 and stores.
+  ``(B,)``; a program keeps a whole ``[CP, HP, WP]`` sample in registers: for each input channel c'
+  it draws the white plane, filters it with real DFTs (loops of rank-1 updates whose operands it
+  reads back from a per-program ``[2, HP, WP]`` float32 scratch in L1/L2, :func:`_filter_plane`),
+  normalises, mixes the draws, and accumulates column c' of S(t) times that plane; then it mixes
+  with x0 and stores. DRAM traffic stays that of one pass (the scratch is written and read back by
+  the same program at once); nothing spills on sm_90 up to 4 x 32 x 32 samples (anisodiff._autoselect).
 
 Their DDPM-step counterparts, :func:`step_elementwise_kernel` and :func:`step_spectral_kernel`, draw
 the same step noise with the same helpers but without the squeeze (the step's channel part is its
@@ -312,32 +315,105 @@ def _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, 
 
 
 @triton.jit
-def _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W,
-                  HP: tl.constexpr, WP: tl.constexpr, PRECISION: tl.constexpr):
-    """``Re(ifft2(w * fft2(x)))`` with the DFTs as real matmuls: F = cos - i sin (symmetric), from
-    ``[HP, HP]`` / ``[WP, WP]`` tables whose zero padding keeps the padded rows/columns at zero.
-    The tables and ``w`` are (re)loaded here, not held across the channel loop: they come from
-    L1/L2, and the registers stay free for the sample being accumulated."""
+def _to_scratch(scratch_ptr, re, im, HP: tl.constexpr, WP: tl.constexpr):
+    """Store a complex ``[HP, WP]`` tile (real part, imaginary part) to this program's scratch,
+    between barriers: every thread of the program has finished reading the previous contents, and
+    sees all of the new ones before it reads them (the DFT loops read rows / columns that other
+    threads wrote). The scratch is global memory, but it stays in L1/L2: the program writes and
+    reads it back at once (``2 HP WP`` floats, 32 KB at 64 x 64)."""
+    offs = tl.arange(0, HP)[:, None] * WP + tl.arange(0, WP)[None, :]
+    tl.debug_barrier()
+    tl.store(scratch_ptr + offs, re)
+    tl.store(scratch_ptr + HP * WP + offs, im)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dft_left(scratch_ptr, cos_ptr, sin_ptr, HP: tl.constexpr, WP: tl.constexpr, KB: tl.constexpr):
+    """``(C p + S q, S p - C q)`` with ``p + i q`` the complex ``[HP, WP]`` tile in the scratch and
+    C, S the symmetric ``[HP, HP]`` DFT tables, as a loop of rank-KB updates over the table rows (row
+    k of C is column k; the zero rows of the padding add zeros): only the two accumulators stay
+    live, whatever the plane size (a tl.dot keeps whole operand rows / columns per thread and
+    spilled from 32 x 32 planes on). KB: 1 on a GPU, 16 in the interpreter (fewer, vectorised steps)."""
     rows = tl.arange(0, HP)
     cols = tl.arange(0, WP)
-    cos_h = tl.load(cos_h_ptr + rows[:, None] * HP + rows[None, :])
-    sin_h = tl.load(sin_h_ptr + rows[:, None] * HP + rows[None, :])
-    cos_w = tl.load(cos_w_ptr + cols[:, None] * WP + cols[None, :])
-    sin_w = tl.load(sin_w_ptr + cols[:, None] * WP + cols[None, :])
+    kb = tl.arange(0, KB)
+    first = tl.zeros([HP, WP], dtype=tl.float32)
+    second = tl.zeros([HP, WP], dtype=tl.float32)
+    # constexpr bounds (the interpreter cannot range over a runtime int), not unrolled (registers)
+    for k0 in tl.range(0, HP, KB, loop_unroll_factor=1):
+        if KB == 1:  # rank-1 update: 2-D tiles only (a [1, HP, WP] sum costs registers on sm_90)
+            p = tl.load(scratch_ptr + k0 * WP + cols)[None, :]  # row k0
+            q = tl.load(scratch_ptr + HP * WP + k0 * WP + cols)[None, :]
+            c = tl.load(cos_ptr + k0 * HP + rows)[:, None]  # column k0
+            s = tl.load(sin_ptr + k0 * HP + rows)[:, None]
+            first += c * p + s * q
+            second += s * p - c * q
+        else:
+            k = k0 + kb
+            p = tl.load(scratch_ptr + k[:, None] * WP + cols[None, :])[:, None, :]  # rows k: [KB, 1, WP]
+            q = tl.load(scratch_ptr + HP * WP + k[:, None] * WP + cols[None, :])[:, None, :]
+            c = tl.load(cos_ptr + k[:, None] * HP + rows[None, :])[:, :, None]  # columns k: [KB, HP, 1]
+            s = tl.load(sin_ptr + k[:, None] * HP + rows[None, :])[:, :, None]
+            first += tl.sum(c * p + s * q, axis=0)
+            second += tl.sum(s * p - c * q, axis=0)
+    return first, second
+
+
+@triton.jit
+def _dft_right(scratch_ptr, cos_ptr, sin_ptr, HP: tl.constexpr, WP: tl.constexpr, KB: tl.constexpr):
+    """``(p C - q S, p S + q C)`` with ``p + i q`` the complex ``[HP, WP]`` tile in the scratch and
+    C, S the symmetric ``[WP, WP]`` DFT tables: rank-KB updates over the table rows (as _dft_left)."""
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    kb = tl.arange(0, KB)
+    first = tl.zeros([HP, WP], dtype=tl.float32)
+    second = tl.zeros([HP, WP], dtype=tl.float32)
+    for k0 in tl.range(0, WP, KB, loop_unroll_factor=1):
+        if KB == 1:
+            p = tl.load(scratch_ptr + rows * WP + k0)[:, None]  # column k0
+            q = tl.load(scratch_ptr + HP * WP + rows * WP + k0)[:, None]
+            c = tl.load(cos_ptr + k0 * WP + cols)[None, :]  # row k0
+            s = tl.load(sin_ptr + k0 * WP + cols)[None, :]
+            first += p * c - q * s
+            second += p * s + q * c
+        else:
+            k = k0 + kb
+            p = tl.load(scratch_ptr + rows[None, :] * WP + k[:, None])[:, :, None]  # columns k: [KB, HP, 1]
+            q = tl.load(scratch_ptr + HP * WP + rows[None, :] * WP + k[:, None])[:, :, None]
+            c = tl.load(cos_ptr + k[:, None] * WP + cols[None, :])[:, None, :]  # rows k: [KB, 1, WP]
+            s = tl.load(sin_ptr + k[:, None] * WP + cols[None, :])[:, None, :]
+            first += tl.sum(p * c - q * s, axis=0)
+            second += tl.sum(p * s + q * c, axis=0)
+    return first, second
+
+
+@triton.jit
+def _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, H, W,
+                  HP: tl.constexpr, WP: tl.constexpr, KB: tl.constexpr):
+    """``Re(ifft2(w * fft2(x)))`` as real DFTs, F = cos - i sin (symmetric), from ``[HP, HP]`` /
+    ``[WP, WP]`` tables whose zero padding keeps the padded rows/columns at zero. Each of the four
+    one-dimensional transforms is a loop of rank-1 updates (:func:`_dft_left`, :func:`_dft_right`)
+    reading its input back from the program's ``[2, HP, WP]`` scratch, so the registers hold two
+    ``[HP, WP]`` accumulators (plus the caller's sample): on sm_90 nothing spills up to the "auto"
+    limits of anisodiff._autoselect (64 x 64 planes). Plain float32 FMAs (no TF32)."""
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
     plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    # F_H x = a - i b: a = C_H x, b = S_H x (x real: the imaginary part is zero)
+    _to_scratch(scratch_ptr, x, tl.zeros([HP, WP], dtype=tl.float32), HP, WP)
+    a, b = _dft_left(scratch_ptr, cos_h_ptr, sin_h_ptr, HP, WP, KB)
+    # y = F_H x F_W = (a C_W - b S_W) - i (a S_W + b C_W)
+    _to_scratch(scratch_ptr, a, b, HP, WP)
+    y_re, y_im_neg = _dft_right(scratch_ptr, cos_w_ptr, sin_w_ptr, HP, WP, KB)
     # the weights, with the 1 / (H W) of the inverse transform
     w = tl.load(w_ptr + rows[:, None] * W + cols[None, :], mask=plane_mask, other=0.0) * (1.0 / (H * W))
-    a = tl.dot(cos_h, x, input_precision=PRECISION)  # F_H x = a - i b
-    b = tl.dot(sin_h, x, input_precision=PRECISION)
-    # y = F_H x F_W = (a C_W - b S_W) - i (a S_W + b C_W)
-    y_re = tl.dot(a, cos_w, input_precision=PRECISION) - tl.dot(b, sin_w, input_precision=PRECISION)
-    y_im_neg = tl.dot(a, sin_w, input_precision=PRECISION) + tl.dot(b, cos_w, input_precision=PRECISION)
-    z_re = w * y_re
-    z_im_neg = w * y_im_neg
-    # Re(conj(F_H) z conj(F_W)): (C_H + i S_H) z = u + i v, then Re((u + i v)(C_W + i S_W))
-    u = tl.dot(cos_h, z_re, input_precision=PRECISION) + tl.dot(sin_h, z_im_neg, input_precision=PRECISION)
-    v = tl.dot(sin_h, z_re, input_precision=PRECISION) - tl.dot(cos_h, z_im_neg, input_precision=PRECISION)
-    return tl.dot(u, cos_w, input_precision=PRECISION) - tl.dot(v, sin_w, input_precision=PRECISION)
+    # Re(conj(F_H) z conj(F_W)) with z = w y: (C_H + i S_H) z = u + i v, then Re((u + i v)(C_W + i S_W))
+    _to_scratch(scratch_ptr, w * y_re, w * y_im_neg, HP, WP)
+    u, v = _dft_left(scratch_ptr, cos_h_ptr, sin_h_ptr, HP, WP, KB)  # z_re + i z_im_neg in the scratch
+    _to_scratch(scratch_ptr, u, v, HP, WP)
+    out, _ = _dft_right(scratch_ptr, cos_w_ptr, sin_w_ptr, HP, WP, KB)  # u C_W - v S_W
+    return out
 
 
 @triton.jit
@@ -351,15 +427,16 @@ def _normalize_plane(x, mask, num_pixels):
 
 @triton.jit
 def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-                   w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
+                   w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
                    DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                    FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   DFT_BLOCK: tl.constexpr):
     """N(T_w eps) for one plane of one draw."""
     x = _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
                      DRAW, HAS_NOISE, ALIGNED, HP, WP)
     if FILTER:
-        x = _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W, HP, WP, PRECISION)
+        x = _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, H, W, HP, WP,
+                          DFT_BLOCK)
     if NORMALIZE:
         x = _normalize_plane(x, plane_mask, H * W)
     return x
@@ -367,20 +444,20 @@ def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample
 
 @triton.jit
 def _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-                  w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask, gamma0, gamma1,
+                  w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask, gamma0, gamma1,
                   DRAWS: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                   FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  DFT_BLOCK: tl.constexpr):
     """sum_d gamma_d N(T_{w_d} eps_d) for one plane (before any channel squeeze)."""
     plane = gamma0 * _spatial_plane(
         noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-        w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-        0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+        w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
+        0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
         plane += gamma1 * _spatial_plane(
             noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-            w_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-            1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+            w_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
+            1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     return plane
 
 
@@ -399,7 +476,7 @@ def _stream_words(stream_ptr, HAS_NOISE: tl.constexpr):
 def spectral_kernel(
     x0_ptr, noise_ptr, xt_ptr, out_ptr,
     timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
-    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr,
+    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr,
     H, W, num_rows, gamma0, gamma1,
     x0_sb, x0_sc, x0_sh, x0_sw,
     n_sd, n_sb, n_sc, n_sh, n_sw,
@@ -407,8 +484,7 @@ def spectral_kernel(
     out_sb, out_sc, out_sh, out_sw,
     C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_X0: tl.constexpr, HAS_NOISE: tl.constexpr, TARGET: tl.constexpr,
-    ALIGNED: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
 ):
     sample = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, HP)
@@ -417,6 +493,7 @@ def spectral_kernel(
     plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
 
     seed, offset = _stream_words(stream_ptr, HAS_NOISE)
+    scratch = scratch_ptr + sample * (2 * HP * WP)  # this program's [2, HP, WP] (FILTER only)
 
     row, valid = _coef_row(timesteps_ptr, sample, num_rows)
     g = 1.0
@@ -426,8 +503,8 @@ def spectral_kernel(
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
     for c_in in range(0, C):  # C is a constexpr: a plain loop (the interpreter cannot range over a runtime int)
         plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
+                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
         # column c_in of S(t) = g I + sum_k (f_k - g) v_k v_k^T
         column = tl.where(chan == c_in, g, 0.0)
         for k in tl.static_range(K):
@@ -452,7 +529,7 @@ def spectral_kernel(
 @triton.jit
 def step_spectral_kernel(
     x_ptr, e_ptr, noise_ptr, xprev_ptr, x0hat_ptr, params_ptr, axes_ptr, stream_ptr,
-    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr,
+    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr,
     H, W, gamma0, gamma1, clip_range,
     x_sb, x_sc, x_sh, x_sw,
     e_sb, e_sc, e_sh, e_sw,
@@ -461,7 +538,7 @@ def step_spectral_kernel(
     o_sb, o_sc, o_sh, o_sw,
     C: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
-    HP: tl.constexpr, WP: tl.constexpr, PRECISION: tl.constexpr,
+    HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
 ):
     """ddpm_step with spectral weights and/or per-sample normalisation: the step noise of
     spectral_kernel without the squeeze (its channel part is the step's Sig), then the step on the
@@ -472,12 +549,13 @@ def step_spectral_kernel(
     chan = tl.arange(0, CP)
     plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
     seed, offset = _stream_words(stream_ptr, HAS_NOISE)
+    scratch = scratch_ptr + sample * (2 * HP * WP)  # this program's [2, HP, WP] (FILTER only)
 
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
     for c_in in range(0, C):
         plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
-                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, plane_mask,
-                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, PRECISION)
+                              weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
+                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
         noise += tl.where(chan == c_in, 1.0, 0.0)[:, None, None] * plane[None, :, :]
 
     n = tl.reshape(noise, [CP, HP * WP])  # row-major: pixel h * WP + w

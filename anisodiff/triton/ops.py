@@ -21,24 +21,35 @@ from .. import _autoselect
 from ..plan import MAX_AXES
 from . import kernels
 
-__all__ = ["add_noise", "shaped_noise", "ddpm_step", "dft_tables", "DOT_PRECISION"]
+__all__ = ["add_noise", "shaped_noise", "ddpm_step", "dft_tables"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# fp32 tl.dot defaults to TF32 on GPUs; "ieee" keeps full fp32 accuracy on GPU and interpreter
-# alike ("tf32x3" is the faster candidate on tensor cores once measured to stay within 1e-5).
-DOT_PRECISION = "ieee"
 # Elements (CP x BLOCK_PIX) per program of the elementwise kernel: enough work per program on a
 # GPU without spilling; the interpreter (~10 ms per program) gets bigger blocks.
 _ELEMENTWISE_TILE = 2048
 _ELEMENTWISE_TILE_INTERPRETED = 8192
-# Warps of the spectral kernel. sm_90 ptxas, compiled without a GPU (ieee fp32 dots, DRAWS=2,
-# FILTER, NORMALIZE, K=1): 16x16 planes at 4 warps use 165-254 registers (CP 1..16), 16x32 / 32x16
-# at 8 warps 174-247, no spill (a fixed 32 B frame); 32x32 at 8 warps 255 registers + ~600 B stack
-# (at 4 warps ptxas falls back to 32 registers + 5 KB stack, at 16 warps 128 + 672 B); 64x64 spills
-# ~16 KB at any count. Hence the smaller "auto" limits of anisodiff._autoselect (the table is there).
-# To be tuned on the GPU (see the report of issue 4).
-def _spectral_warps(HP: int, WP: int) -> int:
-    return 4 if HP * WP <= 256 else 8
+# Launch options of the spectral kernels: 8 warps, and maxnreg = the register file of one such CTA
+# (65536 / 256 threads: 255, the most a thread can have). Without maxnreg sm_90 ptxas caps itself at
+# 128 registers at 8 warps (an occupancy heuristic) and spills (4 x 32 x 32: 160 B of stack); with it
+# nothing spills up to the "auto" limits. 4 warps spill at 16 x 16 x 8 with 8 axes (the step: 280 B),
+# 16 warps (128 registers) at 64 x 64 (the measured table is in anisodiff._autoselect). To be tuned on
+# the GPU (see the report of issue 4).
+_SPECTRAL_WARPS = 8
+
+
+def _spectral_launch_options(HP: int, WP: int) -> dict:
+    """num_warps (and on a GPU maxnreg) of spectral_kernel / step_spectral_kernel (the same for
+    every plane size HP x WP for now)."""
+    warps = _SPECTRAL_WARPS
+    if interpreted():
+        return dict(num_warps=warps)
+    return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps)))
+
+
+def _dft_block() -> int:
+    """Table rows per step of the DFT loops (kernels._dft_left): one on a GPU (two live
+    accumulators, no spill), 16 in the interpreter (each step is a numpy call: 16x fewer of them)."""
+    return 16 if interpreted() else 1
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -145,16 +156,20 @@ def _elementwise_block(HW: int, CP: int) -> int:
     return min(_pow2(HW, 4), max(4, tile // CP))
 
 
-def _spectral_tables(H, W, weights, device, placeholder):
-    """(HP, WP, cos_h, sin_h, cos_w, sin_w) of the spectral kernels; tl.dot needs every dim >= 16.
-    Without a filter (per-sample normalisation only) the tables are unused: ``placeholder``."""
+def _spectral_tables(B, H, W, weights, device, placeholder):
+    """(HP, WP, cos_h, sin_h, cos_w, sin_w, scratch) of the spectral kernels (planes padded to powers
+    of two of at least 16). ``scratch``: float32 ``[B, 2, HP, WP]``, each program's complex plane
+    between the one-dimensional DFTs (kernels._filter_plane): written and read back by the same
+    program, so it stays in L1/L2 (extra traffic: none to DRAM beyond evictions). Without a filter
+    (per-sample normalisation only) the tables and the scratch are unused: ``placeholder``."""
     HP, WP = _pow2(H, 16), _pow2(W, 16)
     if weights is not None:
         cos_h, sin_h = dft_tables(H, HP, str(device))
         cos_w, sin_w = dft_tables(W, WP, str(device))
+        scratch = torch.empty(B, 2, HP, WP, device=device, dtype=torch.float32)
     else:
-        cos_h = sin_h = cos_w = sin_w = placeholder
-    return HP, WP, cos_h, sin_h, cos_w, sin_w
+        cos_h = sin_h = cos_w = sin_w = scratch = placeholder
+    return HP, WP, cos_h, sin_h, cos_w, sin_w, scratch
 
 
 def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize, target,
@@ -187,17 +202,17 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
             ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
         return
 
-    HP, WP, cos_h, sin_h, cos_w, sin_w = _spectral_tables(H, W, weights, device, coef)
+    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, coef)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = noise.stride() if has_noise else (0,) * 5
     kernels.spectral_kernel[(B,)](
         x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
-        weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w,
+        weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, coef.shape[0], float(gammas[0]), gamma1,
         *x0_s, *n_s, *xt_s, *out_s,
         DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
-        ALIGNED=W % 4 == 0, HP=HP, WP=WP, PRECISION=DOT_PRECISION,
-        num_warps=_spectral_warps(HP, WP), **common)
+        ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
+        **_spectral_launch_options(HP, WP), **common)
 
 
 def _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range, stream,
@@ -219,16 +234,16 @@ def _launch_step(sample, model_output, params, axes, weights, gammas, normalize,
             H, W, float(gammas[0]), float(clip_range), *io_s, *n_s, *out_s,
             ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
         return
-    HP, WP, cos_h, sin_h, cos_w, sin_w = _spectral_tables(H, W, weights, device, params)
+    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, params)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = noise.stride() if has_noise else (0,) * 5
     kernels.step_spectral_kernel[(B,)](
         sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
-        weights if weights is not None else params, cos_h, sin_h, cos_w, sin_w,
+        weights if weights is not None else params, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, float(gammas[0]), gamma1, float(clip_range), *io_s, *n_s, *out_s,
         DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
-        ALIGNED=W % 4 == 0, HP=HP, WP=WP, PRECISION=DOT_PRECISION,
-        num_warps=_spectral_warps(HP, WP), **common)
+        ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
+        **_spectral_launch_options(HP, WP), **common)
 
 
 # ---------------------------------------------------------------------------------------------
