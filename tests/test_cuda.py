@@ -17,6 +17,7 @@ from anisodiff import reference as R
 
 from conftest import random_axes
 from test_cpu_kernel import KINDS, SHAPES, close, make_spec
+from test_sampling import FUSED_SPECS
 
 HAVE_CUDA = torch.cuda.is_available() and bool(ad.build_info().get("cuda"))
 pytestmark = [
@@ -372,15 +373,8 @@ def test_gradient_flows_to_x0(schedule):
 # ---------------------------------------------------------------------------------------------
 # ddpm_step
 # ---------------------------------------------------------------------------------------------
-STEP_SPECS = {
-    "white": lambda C: ad.NoiseSpec(),
-    "sdm": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 5), 1.0)),
-    "hdm_k2": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 2, 6), [-0.4, 0.8], "heisenberg")),
-    "power_law": lambda C: ad.NoiseSpec(spectral=ad.PowerLaw(-0.2)),
-    "sdm_band": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 7), -0.6), ad.Band(0.1, 0.4)),
-    "two_indep_ps": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 8), 0.5),
-                                          ad.TwoBand(0.6, (0, 0.3), 0.4, (0.3, 1.0), "independent"),
-                                          normalize="per_sample"),
+STEP_SPECS = {  # the CPU step tests' grid, and C = 8 with k = 3
+    **FUSED_SPECS,
     "hdm_k3_c8": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 3, 9), [0.3, -0.2, 0.5], "heisenberg"),
                                         ad.PowerLaw(0.2)),
 }

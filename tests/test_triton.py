@@ -18,37 +18,13 @@ from anisodiff import _autoselect, _ext
 from anisodiff import reference as R
 
 from conftest import random_axes, requires_compiled, requires_triton
+from test_cpu_kernel import make_spec  # the spec kinds of the CPU kernel tests
+from test_sampling import FUSED_SPECS
 
 SEED, OFFSET = 1234, 7
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_TRITON = "triton" in ad.available_backends(DEVICE)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton backend unavailable for " + DEVICE.type)
-
-
-def make_spec(kind: str, C: int, k: int = 1, normalize: str = "calibrated", radius: str = "cycles"):
-    """The spec kinds of tests/test_cpu_kernel.py."""
-    V = random_axes(C, max(k, 1), seed=C * 10 + k)
-    sq = {
-        "iso": None,
-        "sdm": ad.Squeeze(V[:, :k], -0.4),
-        "sdm_pos": ad.Squeeze(V[:, :k], [1.0, 0.5][:k]),
-        "hdm": ad.Squeeze(V[:, :k], -0.4, variant="heisenberg") if k < C else None,
-        "sdm_const": ad.Squeeze(V[:, :k], 0.7, schedule="constant"),
-        "sdm_linear": ad.Squeeze(V[:, :k], -0.6, schedule="linear"),
-    }
-    spectral = {
-        "pl_neg": ad.PowerLaw(-0.2),
-        "pl_pos": ad.PowerLaw(0.3),
-        "band": ad.Band(0.1, 0.35),
-        "two_shared": ad.TwoBand(0.3, (0.0, 0.25), 0.7, (0.25, 1.0)),
-        "two_indep": ad.TwoBand(0.6, (0.0, 0.3), 0.4, (0.3, 1.0), mixture="independent"),
-    }
-    if kind in sq:
-        return ad.NoiseSpec(sq[kind], normalize=normalize, radius=radius)
-    if kind in spectral:
-        return ad.NoiseSpec(None, spectral[kind], normalize=normalize, radius=radius)
-    sqk, spk = kind.split("+")
-    return ad.NoiseSpec(sq[sqk], spectral[spk], normalize=normalize, radius=radius)
 
 
 def close(actual, expected, dtype=torch.float32):
@@ -673,17 +649,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # ddpm_step: torch.ops.anisodiff_triton.ddpm_step == reference.ddpm_step (== the C++ CPU step)
 # ---------------------------------------------------------------------------------------------
-# the spec grid of tests/test_sampling.py FUSED_SPECS
-STEP_SPECS = {
-    "white": lambda C: ad.NoiseSpec(),
-    "sdm": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 5), 1.0)),
-    "hdm_k2": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 2, 6), [-0.4, 0.8], "heisenberg")),
-    "power_law": lambda C: ad.NoiseSpec(spectral=ad.PowerLaw(-0.2)),
-    "sdm_band": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 7), -0.6), ad.Band(0.1, 0.4)),
-    "two_indep_ps": lambda C: ad.NoiseSpec(ad.Squeeze(random_axes(C, 1, 8), 0.5),
-                                          ad.TwoBand(0.6, (0, 0.3), 0.4, (0.3, 1.0), "independent"),
-                                          normalize="per_sample"),
-}
+STEP_SPECS = FUSED_SPECS  # the spec grid of the CPU step tests
 
 
 def _step_inputs(name, shape=None, dtype=torch.float32):
