@@ -1211,9 +1211,7 @@ def format_table(report: dict, details: bool = False) -> str:
     if report["goal"]:
         lines.append("")
         for g in report["goal"]:
-            verdict = "MET" if g["met"] else "NOT MET"
-            if not g["reliable"]:
-                verdict += " (UNRELIABLE: the machine was busy)"
+            verdict = goal_verdict(g["met"], g["reliable"])
             lines.append(f"foundation goal (fused add_noise >= {g['target']:g}x faster than "
                          f"{g['baseline']}, B={g['B']}, 3x32x32 fp32, {g['kind']}): measured "
                          f"{g['speedup']:.2f}x -> {verdict}")
@@ -1223,6 +1221,11 @@ def format_table(report: dict, details: bool = False) -> str:
                      f"{st['max_other_load']} CPUs in most rounds): times are inflated and ratios "
                      "unreliable there. Re-run on an idle machine (--wait-idle, --threads 1).")
     return "\n".join(lines)
+
+
+def goal_verdict(met: bool, reliable: bool) -> str:
+    """"MET" / "NOT MET", flagged when the machine was busy during the measurement."""
+    return ("MET" if met else "NOT MET") + ("" if reliable else " (UNRELIABLE: the machine was busy)")
 
 
 def _backend_goal_lines(goals: list[dict]) -> list[str]:

@@ -611,9 +611,7 @@ def format_train(sec: dict) -> str:
             + ("" if v["loss_finite"] else "  NON-FINITE LOSS"))
     lines.append("")
     for g in sec["goal"]:
-        verdict = "MET" if g["met"] else "NOT MET"
-        if not g["reliable"]:
-            verdict += " (UNRELIABLE: the machine was busy)"
+        verdict = _b.goal_verdict(g["met"], g["reliable"])
         lines.append(f"issue 7 goal (anisodiff train step within {g['target_pct']:g} % of the "
                      f"isotropic step): {g['variant']} {g['overhead_pct']:+.2f} % -> {verdict}")
     if not sec["reliable"]:
