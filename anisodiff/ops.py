@@ -1,5 +1,5 @@
 """The public functional API: validation, seeds, backend choice, and the torch.ops registrations
-(fake tensors for torch.compile, autograd for x0).
+(their fake kernels and x0 autograd live in :mod:`anisodiff.op_support`).
 
 Every function validates its arguments before any kernel runs and raises an exception that names the
 offending argument.
@@ -19,6 +19,7 @@ import torch
 from . import reference
 from ._autoselect import spec_kind
 from ._ext import has_compiled_ops, require_backend
+from .op_support import register_compiled_ops
 from .plan import TARGET_CODES, kernel_args
 from .rng import check_offset, check_seed, stream_tensor
 from .schedule import VPSchedule, as_schedule
@@ -359,50 +360,5 @@ def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedul
     return reference.covariance(spec, dims, timesteps, schedule)
 
 
-# ---------------------------------------------------------------------------------------------
-# torch.library registrations: fake tensors (torch.compile) and autograd (w.r.t. x0)
-# ---------------------------------------------------------------------------------------------
-def add_noise_setup_context(ctx, inputs, output):
-    _, timesteps, coef = inputs[:3]
-    ctx.target = inputs[8]
-    ctx.save_for_backward(timesteps, coef)
-
-
-def add_noise_backward(ctx, grad_xt, grad_target):
-    """The add_noise autograd w.r.t. x0, shared by every backend's op (same schema)."""
-    # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow)
-    timesteps, coef = ctx.saved_tensors
-    a = coef[timesteps, 0].view(-1, 1, 1, 1)
-    b = coef[timesteps, 1].view(-1, 1, 1, 1)
-    grad = None
-    if grad_xt is not None:
-        grad = grad_xt * a.to(grad_xt.dtype)
-    if grad_target is not None and ctx.target != TARGET_CODES["epsilon"]:
-        d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
-             TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
-        grad = grad_target * d if grad is None else grad + grad_target * d
-    return (grad,) + (None,) * 10
-
-
-def _register() -> None:
-    @torch.library.register_fake("anisodiff::add_noise")
-    def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target,
-                        stream, noise):
-        return torch.empty_like(x0), torch.empty_like(x0)
-
-    @torch.library.register_fake("anisodiff::shaped_noise")
-    def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, stream,
-                           noise, dtype):
-        return coef.new_empty(shape, dtype=dtype)
-
-    @torch.library.register_fake("anisodiff::ddpm_step")
-    def _ddpm_step_fake(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
-                        stream, noise):
-        return torch.empty_like(sample), torch.empty_like(sample)
-
-    torch.library.register_autograd("anisodiff::add_noise", add_noise_backward,
-                                    setup_context=add_noise_setup_context)
-
-
 if has_compiled_ops():
-    _register()
+    register_compiled_ops()

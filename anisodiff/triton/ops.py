@@ -17,7 +17,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import _autoselect
+from .. import _autoselect, op_support
 from ..plan import MAX_AXES
 from . import kernels
 
@@ -270,9 +270,7 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axe
     return x_t, out
 
 
-@add_noise.register_fake
-def _add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target, stream, noise):
-    return torch.empty_like(x0), torch.empty_like(x0)
+add_noise.register_fake(op_support.add_noise_fake)
 
 
 @torch.library.custom_op("anisodiff_triton::shaped_noise", mutates_args=())
@@ -293,9 +291,7 @@ def shaped_noise(shape: List[int], timesteps: torch.Tensor, coef: torch.Tensor, 
     return out
 
 
-@shaped_noise.register_fake
-def _shaped_noise_fake(shape, timesteps, coef, axes, weights, gammas, variant, normalize, stream, noise, dtype):
-    return coef.new_empty(shape, dtype=dtype)
+shaped_noise.register_fake(op_support.shaped_noise_fake)
 
 
 @torch.library.custom_op("anisodiff_triton::ddpm_step", mutates_args=())
@@ -334,15 +330,8 @@ def ddpm_step(sample: torch.Tensor, model_output: torch.Tensor, params: torch.Te
     return x_prev, x0_hat
 
 
-@ddpm_step.register_fake
-def _ddpm_step_fake(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
-                    stream, noise):
-    return torch.empty_like(sample), torch.empty_like(sample)
+ddpm_step.register_fake(op_support.ddpm_step_fake)
 
 
-def _register_autograd() -> None:
-    from ..ops import add_noise_backward, add_noise_setup_context  # the same backward as anisodiff::add_noise
-    add_noise.register_autograd(add_noise_backward, setup_context=add_noise_setup_context)
-
-
-_register_autograd()
+# the same backward as anisodiff::add_noise
+add_noise.register_autograd(op_support.add_noise_backward, setup_context=op_support.add_noise_setup_context)
