@@ -70,7 +70,7 @@ def rewrite(name: str, text: str) -> str:
     if "<<<" in out:
         raise SourceError(f"{name}: a kernel launch the rewriter does not understand (one line, "
                           "`kernel<<<grid, block[, smem[, stream]]>>>(args);` expected)")
-    out = out.replace(_SMEM, "unsigned char* smem = emu_smem;")
+    out = out.replace(_SMEM, "unsigned char* smem = emu_block_smem();")
     if "extern __shared__" in out:
         raise SourceError(f"{name}: a shared-memory declaration other than `{_SMEM}`")
     return f'#line 1 "{(CSRC / "cuda" / name).as_posix()}"\n' + out

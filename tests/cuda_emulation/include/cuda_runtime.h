@@ -43,55 +43,89 @@ inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
 inline cudaError_t cudaGetLastError() { return 0; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
 extern unsigned char* emu_smem;
+#define ANISO_CUDA_EMULATOR 1
 
+// Thread-block clusters (sm_90): the blocks of one cluster run together as one set of coroutines;
+// __syncthreads waits for the thread's own block, emu_cluster_sync for every thread of the cluster.
+// Each block of a cluster has its own poisoned shared memory (emu_block_smem); emu_cluster_map gives
+// a peer block's copy of a shared-memory address (distributed shared memory).
 struct EmuSched {
-  int n = 0, cur = 0;
+  int n = 0, cur = 0, block = 1, cluster = 1;
+  size_t smem_stride = 0;
   std::vector<ucontext_t> ctx;
-  std::vector<int> state;  // 0 runnable, 1 at barrier, 2 done
+  std::vector<int> state;  // 0 runnable, 1 at a block barrier, 2 done, 3 at a cluster barrier
   std::vector<char*> stacks;
   ucontext_t main;
   const std::function<void()>* body = nullptr;
-  double xchg[1024];
-  long barriers = 0;
-  const char* site_file[1024];
-  int site_line[1024];
+  std::vector<double> xchg;
+  long barriers = 0, cluster_barriers = 0;
+  std::vector<const char*> site_file;
+  std::vector<int> site_line;
+  unsigned cluster_base = 0;
 };
 inline EmuSched g_emu;
 inline void emu_entry() {
   (*g_emu.body)();
   g_emu.state[g_emu.cur] = 2;
 }  // returns to uc_link (main)
-inline void emu_sync(const char* file, int line) {
-  g_emu.state[g_emu.cur] = 1;
+inline void emu_wait(int state, const char* file, int line) {
+  g_emu.state[g_emu.cur] = state;
   g_emu.site_file[g_emu.cur] = file;
   g_emu.site_line[g_emu.cur] = line;
   swapcontext(&g_emu.ctx[g_emu.cur], &g_emu.main);
 }
+inline void emu_sync(const char* file, int line) { emu_wait(1, file, line); }
+inline void emu_cluster_sync(const char* file, int line) { emu_wait(3, file, line); }
 #define __syncthreads() emu_sync(__FILE__, __LINE__)
+inline unsigned emu_cluster_rank() { return (unsigned)(g_emu.cur / g_emu.block); }
+inline unsigned char* emu_block_smem() { return emu_smem + emu_cluster_rank() * g_emu.smem_stride; }
+inline void* emu_cluster_map(void* ptr, unsigned rank) {
+  unsigned char* mine = emu_block_smem();
+  const ptrdiff_t off = (unsigned char*)ptr - mine;
+  if (off < 0 || (size_t)off >= g_emu.smem_stride || rank >= (unsigned)g_emu.cluster) {
+    fprintf(stderr, "EMU: cluster_map of a non-shared address or rank %u of %d\n", rank, g_emu.cluster);
+    abort();
+  }
+  return emu_smem + rank * g_emu.smem_stride + off;
+}
 inline double __shfl_xor_sync(unsigned, double v, int o) {
   g_emu.xchg[g_emu.cur] = v;
   __syncthreads();
-  const double r = g_emu.xchg[(g_emu.cur ^ o) % g_emu.n];
+  const int base = g_emu.cur - g_emu.cur % g_emu.block;
+  const double r = g_emu.xchg[base + ((g_emu.cur - base) ^ o) % g_emu.block];
   __syncthreads();
   return r;
 }
-template <class F> inline void emu_launch(unsigned grid, unsigned block, size_t smem, F f) {
+constexpr size_t kEmuGuard = 65536;
+inline bool emu_same_site(int a, int b) {
+  return g_emu.site_line[a] == g_emu.site_line[b] && !strcmp(g_emu.site_file[a], g_emu.site_file[b]);
+}
+template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block, size_t smem, unsigned cluster, F f) {
   const char* order_env = getenv("EMU_ORDER");  // read per launch: tests switch it within a process
   const int order = !order_env ? 0 : (!strcmp(order_env, "rev") ? 1 : (!strcmp(order_env, "mix") ? 2 : 0));
   const size_t kStack = 256 * 1024;
+  if (cluster == 0 || grid % cluster != 0) { fprintf(stderr, "EMU: grid %u not a multiple of the cluster %u\n", grid, cluster); abort(); }
   EmuSched& S = g_emu;
-  S.n = (int)block;
-  S.ctx.resize(block);
-  S.state.assign(block, 0);
-  while (S.stacks.size() < block) S.stacks.push_back((char*)malloc(kStack));
+  const unsigned n = block * cluster;
+  S.n = (int)n;
+  S.block = (int)block;
+  S.cluster = (int)cluster;
+  S.smem_stride = (smem + kEmuGuard + 255) / 256 * 256;
+  if (S.smem_stride * cluster > (64u << 20)) { fprintf(stderr, "EMU: cluster smem too large\n"); abort(); }
+  S.ctx.resize(n);
+  S.state.assign(n, 0);
+  S.xchg.assign(n, 0.0);
+  S.site_file.assign(n, "");
+  S.site_line.assign(n, 0);
+  while (S.stacks.size() < n) S.stacks.push_back((char*)malloc(kStack));
   std::function<void()> body = f;
   S.body = &body;
   gridDim.x = grid; blockDim.x = block;
   if (smem > 48 * 1024 && smem > 232448) { fprintf(stderr, "EMU: smem %zu over the limit\n", smem); abort(); }
-  for (unsigned b = 0; b < grid; ++b) {
-    blockIdx.x = b;
-    memset(emu_smem, 0xFF, smem + 65536);  // poison: NaN floats
-    for (unsigned t = 0; t < block; ++t) {
+  for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
+    S.cluster_base = c0;
+    memset(emu_smem, 0xFF, S.smem_stride * cluster);  // poison: NaN floats
+    for (unsigned t = 0; t < n; ++t) {
       getcontext(&S.ctx[t]);
       S.ctx[t].uc_stack.ss_sp = S.stacks[t];
       S.ctx[t].uc_stack.ss_size = kStack;
@@ -100,30 +134,91 @@ template <class F> inline void emu_launch(unsigned grid, unsigned block, size_t 
       S.state[t] = 0;
     }
     for (int phase = 0;; ++phase) {
-      for (unsigned i = 0; i < block; ++i) {
-        unsigned t = order == 0 ? i : (order == 1 ? block - 1 - i : ((phase & 1) ? block - 1 - i : i));
-        if (order == 2 && (phase & 2)) t = (i * 97 + phase) % block;  // a scattered order (97 coprime to 2^k)
+      for (unsigned i = 0; i < n; ++i) {
+        unsigned t = order == 0 ? i : (order == 1 ? n - 1 - i : ((phase & 1) ? n - 1 - i : i));
+        if (order == 2 && (phase & 2)) t = (i * 97 + phase) % n;  // a scattered order (97 coprime to 2^k)
         if (S.state[t] != 0) continue;
         S.cur = (int)t;
-        threadIdx.x = t;
+        threadIdx.x = t % block;
+        blockIdx.x = c0 + t / block;
         swapcontext(&S.main, &S.ctx[t]);
       }
-      int at = 0, done = 0;
-      for (unsigned t = 0; t < block; ++t) { at += S.state[t] == 1; done += S.state[t] == 2; }
-      if (done == (int)block) break;
-      if (at + done != (int)block || done != 0) {
-        fprintf(stderr, "EMU: barrier divergence in block %u phase %d: %d at barrier, %d exited\n", b, phase, at, done);
-        abort();
-      }
-      for (unsigned t = 1; t < block; ++t)
-        if (S.site_line[t] != S.site_line[0] || strcmp(S.site_file[t], S.site_file[0])) {
-          fprintf(stderr, "EMU: threads 0 and %u wait at different barriers (%s:%d vs %s:%d)\n", t, S.site_file[0], S.site_line[0], S.site_file[t], S.site_line[t]);
+      // Release every block whose threads all wait at one block barrier, or the whole cluster when
+      // every thread waits at one cluster barrier.
+      int at_cluster = 0, done_all = 0;
+      bool released = false;
+      for (unsigned r = 0; r < cluster; ++r) {
+        const unsigned t0 = r * block;
+        int at = 0, at3 = 0, done = 0;
+        for (unsigned t = t0; t < t0 + block; ++t) { at += S.state[t] == 1; at3 += S.state[t] == 3; done += S.state[t] == 2; }
+        at_cluster += at3;
+        done_all += done;
+        if (done != 0 && done != (int)block) {
+          fprintf(stderr, "EMU: barrier divergence in block %u phase %d: %d at a barrier, %d exited\n", c0 + r, phase, at + at3, done);
           abort();
         }
-      ++S.barriers;
-      for (unsigned t = 0; t < block; ++t) S.state[t] = 0;
+        if (at == (int)block) {
+          for (unsigned t = t0 + 1; t < t0 + block; ++t)
+            if (!emu_same_site(t, t0)) {
+              fprintf(stderr, "EMU: threads %u and %u of block %u wait at different barriers (%s:%d vs %s:%d)\n", 0u, t - t0, c0 + r, S.site_file[t0], S.site_line[t0], S.site_file[t], S.site_line[t]);
+              abort();
+            }
+          ++S.barriers;
+          for (unsigned t = t0; t < t0 + block; ++t) S.state[t] = 0;
+          released = true;
+        }
+      }
+      if (done_all == (int)n) break;
+      if (at_cluster == (int)n) {
+        for (unsigned t = 1; t < n; ++t)
+          if (!emu_same_site(t, 0)) {
+            fprintf(stderr, "EMU: threads 0 and %u of cluster %u wait at different cluster barriers (%s:%d vs %s:%d)\n", t, c0 / cluster, S.site_file[0], S.site_line[0], S.site_file[t], S.site_line[t]);
+            abort();
+          }
+        ++S.barriers;
+        ++S.cluster_barriers;
+        for (unsigned t = 0; t < n; ++t) S.state[t] = 0;
+        released = true;
+      }
+      if (!released) {
+        fprintf(stderr, "EMU: deadlock in cluster %u phase %d (threads at block and cluster barriers, or a cluster barrier after some blocks exited)\n", c0 / cluster, phase);
+        abort();
+      }
     }
-    for (size_t i = smem; i < smem + 65536; ++i)
-      if (emu_smem[i] != 0xFF) { fprintf(stderr, "EMU: write past the dynamic smem (%zu bytes) at %zu\n", smem, i); abort(); }
+    for (unsigned r = 0; r < cluster; ++r)
+      for (size_t i = smem; i < smem + kEmuGuard; ++i)
+        if (emu_smem[r * S.smem_stride + i] != 0xFF) { fprintf(stderr, "EMU: write past the dynamic smem (%zu bytes) at %zu in block %u\n", smem, i, c0 + r); abort(); }
   }
+}
+template <class F> inline void emu_launch(unsigned grid, unsigned block, size_t smem, F f) {
+  emu_launch_cluster(grid, block, smem, 1u, f);
+}
+
+// cudaLaunchKernelEx with a cluster dimension (the only launch attribute the kernels use).
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+union cudaLaunchAttributeValue {
+  struct { unsigned x, y, z; } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes = 0;
+  cudaStream_t stream = nullptr;
+  cudaLaunchAttribute* attrs = nullptr;
+  unsigned numAttrs = 0;
+};
+template <class... P, class... A>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(P...), A&&... args) {
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) cluster = cfg->attrs[i].val.clusterDim.x;
+  emu_launch_cluster(cfg->gridDim.x, cfg->blockDim.x, cfg->dynamicSmemBytes, cluster, [&] { kernel(args...); });
+  return 0;
 }
