@@ -187,8 +187,9 @@ def _required_step_backend(backend: str, model_output: torch.Tensor, sample: tor
 
 
 def _check_step_timesteps(timestep, prev_timestep, num_train_timesteps: int) -> None:
-    """t in [0, T) and prev in [-1, T) (-1: the last step), for ints or CPU tensors; device tensors
-    are not read here (the step reads a shared one once, see :func:`_scalar`)."""
+    """t in [0, T) and prev in [-1, T) (-1: the last step; any prev < -1 counts as -1, as a ported
+    diffusers loop passes ``t - T // n``), for ints or CPU tensors; device tensors are not read
+    here (the step reads a shared one once, see :func:`_scalar`)."""
     for name, value, lo in (("timestep", timestep, 0), ("prev_timestep", prev_timestep, -1)):
         if value is None:
             continue
@@ -197,6 +198,8 @@ def _check_step_timesteps(timestep, prev_timestep, num_train_timesteps: int) -> 
             raise TypeError(f"{name}: expected integer timesteps, got {t.dtype}")
         if t.device.type == "cpu" and t.numel() > 0:
             low, high = int(t.min()), int(t.max())
+            if lo < 0:
+                low = max(low, lo)  # prev: every value < 0 is the last step
             if low < lo or high >= num_train_timesteps:
                 raise ValueError(f"{name}: values must lie in [{lo}, {num_train_timesteps}), got min {low}, "
                                  f"max {high}")
@@ -301,6 +304,7 @@ def step_op_args(spec: NoiseSpec, schedule, timestep, prev_timestep, mode: str, 
     device = torch.device(device)
     t_int = _scalar(timestep)
     prev_int = (t_int - 1 if t_int is not None else None) if prev_timestep is None else _scalar(prev_timestep)
+    prev_int = None if prev_int is None else max(prev_int, -1)  # every prev < 0 is the last step
     if t_int is not None and prev_int is not None:
         row, axes, spatial = _step_tables(spec, schedule, t_int, prev_int, mode, device, C, H, W)
         params = row.expand(B, row.shape[1]).contiguous()

@@ -143,11 +143,26 @@ class _AnisoSchedulerMixin:
     def _init_noise_spec(self, noise_spec) -> None:
         spec = _as_spec(noise_spec)
         self.noise_spec = spec
-        self._noise_vp = self._noise_schedule()
-        if spec.squeeze is not None and spec.time_varying:
-            reference.squeeze_profile(spec.squeeze, self._noise_vp)  # a table must have T entries
+        self._noise_vp_cache = None
+        if self._needs_schedule():  # built (the betas validated) now: a bad config fails here
+            vp = self._noise_vp
+            if spec.time_varying:
+                reference.squeeze_profile(spec.squeeze, vp)  # a table must have T entries
         # The config holds plain JSON (never the object), so save_pretrained writes it.
         self.register_to_config(noise_spec=None if noise_spec is None else json.loads(spec.to_json()))
+
+    def _needs_schedule(self) -> bool:
+        """Whether the shaped-noise code reads the VP schedule. A white spec never does, so the
+        scheduler accepts whatever betas its diffusers parent accepts (``beta_end=2`` included)."""
+        return not self.is_white and self.noise_spec.time_varying
+
+    @property
+    def _noise_vp(self) -> VPSchedule:
+        """The :class:`~anisodiff.VPSchedule` of this scheduler, built on first use only (see
+        :meth:`_needs_schedule`); it validates the betas."""
+        if self._noise_vp_cache is None:
+            self._noise_vp_cache = self._noise_schedule()
+        return self._noise_vp_cache
 
     def _noise_schedule(self) -> VPSchedule:
         """The VP schedule the squeeze profile reads (betas for ``"beta"``, T for ``"linear"``)."""
@@ -184,7 +199,8 @@ class _AnisoSchedulerMixin:
             return white
         backend = "auto" if white.dtype in _KERNEL_DTYPES else "reference"
         t = index if self.noise_spec.time_varying else None
-        return apply_operator(white, self.noise_spec, timesteps=t, schedule=self._noise_vp, backend=backend)
+        schedule = self._noise_vp if self._needs_schedule() else None
+        return apply_operator(white, self.noise_spec, timesteps=t, schedule=schedule, backend=backend)
 
     def shape_noise(self, noise: torch.Tensor, timesteps=None) -> torch.Tensor:
         """``A(t) noise`` for WHITE ``noise`` (``[2, B, C, H, W]`` for an independent two-band spec):
@@ -203,7 +219,9 @@ class _AnisoSchedulerMixin:
         """Unit-scale shaped prior ``A(t_first) z`` with ``z`` from ``randn_tensor(generator=...)``.
         ``x_T = init_noise_sigma * prior_noise(...)``; pipelines taking ``latents=`` do the scaling."""
         z = self._draw_white(shape, generator, device, dtype)
-        index = torch.full((int(shape[0]),), self._prior_index(), dtype=torch.int64)
+        index = None
+        if self.noise_spec.time_varying:  # else A does not depend on t
+            index = torch.full((int(shape[0]),), self._prior_index(), dtype=torch.int64)
         return self._shape(z, index)
 
     def _require_epsilon(self, what: str) -> None:
@@ -224,6 +242,9 @@ class _AnisoSchedulerMixin:
 # ---------------------------------------------------------------------------------------------
 class _AnisoVPMixin(_AnisoSchedulerMixin):
     """add_noise / get_velocity of the VP schedulers (DDPM, DDIM): ``noise`` is WHITE and shaped."""
+
+    def _needs_schedule(self) -> bool:
+        return not self.is_white  # add_noise and step read abar_t from it, whatever the spec
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.IntTensor) -> torch.Tensor:
@@ -403,7 +424,9 @@ class AnisoEulerDiscreteScheduler(_AnisoSchedulerMixin, EulerDiscreteScheduler):
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
             z = self._draw_white(model_output.shape, generator, model_output.device, model_output.dtype)
-            index = self._train_index(self.timesteps[self.step_index], model_output.shape[0])
+            index = None
+            if self.noise_spec.time_varying:
+                index = self._train_index(self.timesteps[self.step_index], model_output.shape[0])
             eps = self._shape(z, index) * s_noise
             sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
         if self.config.prediction_type in ("original_sample", "sample"):
