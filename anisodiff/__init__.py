@@ -3,16 +3,11 @@
 Squeezed Diffusion Models (SDM/HDM: noise rescaled along the principal colour axes with a
 time-varying strength) and spectrally anisotropic Gaussian diffusion (SAGD: power-law and band
 weights per spatial frequency) as one fused operation, ``n = A(t) eps`` with
-``A(t) = S(t) (x) T_w``. See README.md and ../shared/DESIGN.md.
+``A(t) = S(t) (x) T_w``. See README.md and docs/design.md.
 """
-try:
-    from importlib.metadata import PackageNotFoundError, version as _version
-    __version__ = _version("anisodiff")
-except PackageNotFoundError:  # a source checkout that was never installed
-    __version__ = "0.0.0+unknown"
-
 from . import reference
 from ._ext import available_backends, build_info
+from ._version import __version__
 from .fit import ChannelPCA, Spectrum, fit_channel_pca, fit_spectrum, fit_statistics
 from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
 from .sampling import AnisotropicNoise

@@ -29,7 +29,7 @@ def build_info() -> dict:
     """What this install was built with: version, the torch it was compiled against, whether the
     CPU and CUDA ops are compiled, CUDA architectures, the CPU instruction set in use."""
     if _C is None:
-        from . import __version__
+        from ._version import __version__
         return {"version": __version__, "torch_version": None, "cpu": False, "cuda": False,
                 "cuda_archs": [], "cpu_capability": None, "cpu_capabilities_compiled": [],
                 "error": f"compiled extension not importable: {_IMPORT_ERROR}"}

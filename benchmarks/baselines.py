@@ -1,13 +1,13 @@
 """Baselines: the forward-noise code users write today, without anisodiff.
 
-The functions live in :mod:`anisodiff.bench_baselines` (so that the installed ``anisodiff bench``
+The functions live in :mod:`anisodiff.bench.baselines` (so that the installed ``anisodiff bench``
 command can run them); this module re-exports them for the scripts and tests in the source tree
 (``benchmarks/run_cpu.py``, ``benchmarks/test_bench_cpu.py``, ``tests/test_baselines.py``). See
 that module for what each baseline is and where it comes from.
 """
 from __future__ import annotations
 
-from anisodiff.bench_baselines import (  # noqa: F401  (re-exports)
+from anisodiff.bench.baselines import (  # noqa: F401  (re-exports)
     BASELINES,
     LUMINANCE_AXIS,
     SPEC_KINDS,
@@ -28,4 +28,4 @@ from anisodiff.bench_baselines import (  # noqa: F401  (re-exports)
     sagd_appendix,
     supports,
 )
-from anisodiff.bench_baselines import __all__  # noqa: F401
+from anisodiff.bench.baselines import __all__  # noqa: F401

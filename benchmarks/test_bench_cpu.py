@@ -1,4 +1,4 @@
-"""pytest-benchmark cases: the SAME cases as ``anisodiff bench`` (anisodiff/bench.py), CPU.
+"""pytest-benchmark cases: the SAME cases as ``anisodiff bench`` (the anisodiff.bench package), CPU.
 
     python -m pytest benchmarks/ --benchmark-only                      # the --quick matrix + train
     python -m pytest benchmarks/ --benchmark-only -k "sdm and fp32"
@@ -10,7 +10,7 @@ B x shape x dtype of a preset, every op of ``bench.OPS``: add_noise, shaped_nois
 fused backends of the CPU that have the op, the baselines, torch.compile where the
 preset has it), each callable built by ``bench.make_callable`` - so these cases and ``anisodiff
 bench [--quick]`` cannot drift apart. Each (op, kind, B, shape, dtype) is one pytest-benchmark
-group. ``test_train_step`` adds the train-step suite's variants (anisodiff/bench_train.py, the
+group. ``test_train_step`` adds the train-step suite's variants (anisodiff/bench/train_suite.py, the
 preset's CPU configuration: tiny UNet) when diffusers is installed.
 
 These are measurements, never timed assertions: nothing here fails because something is slow.
@@ -30,6 +30,7 @@ import torch
 
 import anisodiff as ad
 from anisodiff import bench
+from anisodiff.bench import impls
 
 PRESET = os.environ.get("ANISODIFF_BENCH_PRESET", "quick")
 if PRESET not in bench.PRESETS:
@@ -133,7 +134,7 @@ def test_op(benchmark, op, kind, B, shape, dt, impl):
     benchmark.extra_info.update({
         "op": op, "kind": kind, "impl": _impl_label(impl, op), "B": B, "shape": [B, C, H, W],
         "dtype": dt, "preset": PRESET, "torch_num_threads": torch.get_num_threads(),
-        "first_call_s": first_call_s, "note": bench._note(op, kind, impl),
+        "first_call_s": first_call_s, "note": impls._note(op, kind, impl),
         "bytes": bench.TRAFFIC_TENSORS[op] * B * C * H * W * (torch.finfo(bench.DTYPES[dt]).bits // 8),
     })
     out = benchmark(fn)
@@ -149,7 +150,7 @@ TRAIN = _settings(("train",))["train"] if HAVE_DIFFUSERS else None
 
 @functools.lru_cache(maxsize=1)
 def _train_steps() -> dict:
-    from anisodiff import bench_train as bt
+    from anisodiff.bench import train_suite as bt
 
     return bt.make_train_steps(TRAIN, BACKENDS)[0]
 
@@ -157,7 +158,7 @@ def _train_steps() -> dict:
 def _train_variants() -> list[str]:
     if not HAVE_DIFFUSERS:
         return []
-    from anisodiff import bench_train as bt
+    from anisodiff.bench import train_suite as bt
 
     return list(bt.TRAIN_VARIANTS) + [f"anisodiff_sdm_{b}" for b in BACKENDS[1:]]
 

@@ -374,7 +374,7 @@ def test_official_sampler_step_matches_aniso_ddpm_scheduler():
 # ---------------------------------------------------------------------------------------------
 # the DDPM-step baselines (anisodiff bench --ops ddpm_step) against anisodiff's step
 # ---------------------------------------------------------------------------------------------
-from anisodiff import bench_baselines as abl  # noqa: E402  (the step baselines: not re-exported)
+from anisodiff.bench import baselines as abl  # noqa: E402  (the step baselines: not re-exported)
 from anisodiff import reference  # noqa: E402
 
 STEP_T, STEP_PREV = 500, 499

@@ -24,7 +24,9 @@ import sys
 import pytest
 import torch
 
-from anisodiff import bench, bench_train, cli
+from anisodiff import bench, cli
+from anisodiff.bench import baselines, cases, sampling_suite, train_suite
+from anisodiff.bench import models as model_suites
 from conftest import requires_compiled
 
 pytestmark = requires_compiled
@@ -161,7 +163,7 @@ def test_ddpm_step_callables_run_the_users_math():
         assert x_prev.shape == x0_hat.shape == case.sample.shape and x_prev.dtype == torch.float32
         assert torch.isfinite(x_prev).all() and torch.isfinite(x0_hat).all(), impl
         x0s[impl] = x0_hat
-    assert bench_train._which_ddpm_step(bench.make_callable(
+    assert sampling_suite._which_ddpm_step(bench.make_callable(
         "ddpm_step", "fused", case, torch.float32, "cpu", "cpu", {})).startswith("fused")
     for impl in ("eager_vectorised", "official_sdm"):
         if impl in x0s:
@@ -269,7 +271,7 @@ def test_cuda_presets_cover_issue_7_item_2():
 def test_every_fused_backend_is_timed(tmp_path, monkeypatch):
     """Every fused backend runs side by side: a second one ("reference" standing in for Triton)
     gets its own row, its speed-ups and its time ratio to the primary."""
-    monkeypatch.setattr(bench, "fused_backends", lambda device: (["cpu", "reference"], {}))
+    monkeypatch.setattr(cases, "fused_backends", lambda device: (["cpu", "reference"], {}))
     code, out, _ = _main(["bench", "--smoke", "--kinds", "sdm", "--dtypes", "fp32", "--ops",
                           "add_noise", "--json", str(tmp_path / "b.json"), "--no-plot"])
     assert code == 0
@@ -293,7 +295,7 @@ def test_ddpm_step_on_every_backend_with_the_op(tmp_path, monkeypatch):
     """ddpm_step runs on every fused backend that has the op ("reference" standing in for a second
     one; Triton has it too, but interpreted Triton is not timed on the CPU) and skips a backend
     without it with the reason recorded and printed."""
-    monkeypatch.setattr(bench, "fused_backends",
+    monkeypatch.setattr(cases, "fused_backends",
                         lambda device: (["cpu", "nostep", "reference"], {}))
     code, out, _ = _main(["bench", "--smoke", "--kinds", "sdm", "--dtypes", "fp32", "--ops",
                           "ddpm_step", "--json", str(tmp_path / "d.json"), "--no-plot"])
@@ -310,7 +312,7 @@ def test_ddpm_step_on_every_backend_with_the_op(tmp_path, monkeypatch):
 
 
 def test_interpreted_triton_is_skipped_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(bench, "available_backends", lambda device: ["cpu", "triton", "reference"])
+    monkeypatch.setattr(cases, "available_backends", lambda device: ["cpu", "triton", "reference"])
     fused, skipped = bench.fused_backends("cpu")
     assert fused == ["cpu"] and "TRITON_INTERPRET" in skipped["triton"]
 
@@ -330,7 +332,7 @@ def test_issue_4_goals_from_the_cases():
     assert within[1]["value"] == pytest.approx(1.4)
     (beats,) = [g for g in goals if g["goal"] == "triton_beats_compile"]
     assert beats["met"] and beats["value"] == pytest.approx(2.0 / 1.2)
-    lines = "\n".join(bench._backend_goal_lines(goals))
+    lines = "\n".join(bench.backend_goal_lines(goals))
     assert "met in 1 of 2 cases -> NOT MET" in lines and "worst 1.40 x CUDA" in lines
 
 
@@ -359,7 +361,7 @@ def test_issue_3_goals_from_the_cases():
     assert [g["baseline"] for g in goals if g["goal"] == "cuda_vs_compile"] == [
         "compiled_eager", "compiled_eager_max_autotune"]
     assert all(g["issue"] == 3 for g in goals)
-    lines = "\n".join(bench._backend_goal_lines(goals))
+    lines = "\n".join(bench.backend_goal_lines(goals))
     assert "issue 3 goal (CUDA spectral 32x32/64x64 >= 60% of copy bandwidth): met in 0 of 1" in lines
     assert "issue 3 goal (CUDA >= 4x eager PyTorch): met in 0 of 1 cases -> NOT MET; worst 3.90" in lines
 
@@ -433,7 +435,7 @@ def test_train_step_section(models):
         assert key in sec["machine"]
     assert sec["model"]["name"] == "tiny" and sec["model"]["parameters"] > 0
     names = [v["name"] for v in sec["variants"]]
-    assert names == list(bench_train.TRAIN_VARIANTS)      # every variant ran, none dropped
+    assert names == list(train_suite.TRAIN_VARIANTS)      # every variant ran, none dropped
     for v in sec["variants"]:
         _finite_ms(v, "median_ms", "q1_ms", "q3_ms", "iqr_ms", "noise_ms")
         assert v["median_ms"] > 0 and v["q1_ms"] <= v["median_ms"] <= v["q3_ms"]
@@ -454,7 +456,7 @@ def test_sampling_section(models):
     report, out, _ = models
     sec = report["sampling"]
     assert sec["suite"] == "sampling" and sec["reference"] == "diffusers_ddpm"
-    assert [v["name"] for v in sec["variants"]] == list(bench_train.SAMPLERS)
+    assert [v["name"] for v in sec["variants"]] == list(sampling_suite.SAMPLERS)
     assert sec["shape"][0] == sec["settings"]["batch"]
     assert math.isfinite(sec["unet_forward_ms"])
     for v in sec["variants"]:
@@ -485,14 +487,14 @@ def test_train_variants_draw_the_right_noise():
     subtracts the mean, research/sagd.md 2.5): its mean square is sum(w^2) / sum_{f != 0}(w^2),
     1.092 for alpha = -0.04 on 8x8."""
     B, size = 4096, 8
-    fns = bench_train.train_noise_fns(B, size, "cpu")
+    fns = train_suite.train_noise_fns(B, size, "cpu")
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(B, 3, size, size, generator=g) * 2 - 1
     t = torch.full((B,), 999, dtype=torch.int64)
     case = bench.make_case("sdm", 1, 3, size, size)
     v = case.axes[:, 0].double()
     ab = case.alphas_cumprod[999].double()
-    w2 = bench_train.bl.power_law_table(size, size, bench_train.ALPHA).double().square()
+    w2 = baselines.power_law_table(size, size, model_suites.ALPHA).double().square()
     dc_excluded = (w2.sum() / (w2.sum() - w2[0, 0])).item()
     torch.manual_seed(0)
     for name, fn in fns.items():
@@ -512,7 +514,7 @@ def test_train_variants_draw_the_right_noise():
 
 def test_train_and_sampling_say_when_diffusers_is_missing(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(bench_train.importlib.util, "find_spec",
+    monkeypatch.setattr(model_suites.importlib.util, "find_spec",
                         lambda name, *a: None if name == "diffusers" else real(name, *a))
     for suite in ("train", "sampling", "all"):
         code, _, err = _main(["bench", "--smoke", "--suite", suite, "--json",

@@ -57,12 +57,12 @@ __all__ = [
 ]
 
 # The classic ImageNet RGB PCA top eigenvector (fb.resnet.torch lighting augmentation), normalised.
-# Natural-image colour PCA puts v close to the luminance axis (research/sdm.md section 2.5).
+# Natural-image colour PCA puts v close to the luminance axis (docs/papers.md section 1.3).
 LUMINANCE_AXIS = (-0.5675, -0.5808, -0.5836)
 
 
 # ---------------------------------------------------------------------------------------------
-# spectral weight tables (research/sagd.md section 6: unshifted fftfreq grid, r in cycles/pixel)
+# spectral weight tables (docs/papers.md section 2.7: unshifted fftfreq grid, r in cycles/pixel)
 # ---------------------------------------------------------------------------------------------
 def radius_table(H: int, W: int) -> torch.Tensor:
     """``r = sqrt(fx^2 + fy^2)`` in cycles/pixel on the unshifted ``fftfreq`` grid (float64)."""
@@ -140,8 +140,8 @@ def _check_official_axes(axes) -> None:
 
 
 def official_sdm_squeeze_matrices(x, t, betas, axes, strength, variant="sdm") -> torch.Tensor:
-    """``NoiseSqueezer.get_squeeze_matrix(x, t, scheduler)`` of the official SDM code (research/sdm.md
-    section 7.3), with the same structure and cost: ``r = s * betas[t] / betas.max()`` viewed as
+    """``NoiseSqueezer.get_squeeze_matrix(x, t, scheduler)`` of the official SDM code (docs/papers.md
+    section 1.4), with the same structure and cost: ``r = s * betas[t] / betas.max()`` viewed as
     ``[-1, 1, 1]``, then a Python loop over the batch (``B = x.shape[0]``) that calls ``.item()`` per
     sample (a 0-d ``t``, as in the sampler, reuses its single value for every sample, still one
     ``.item()`` each) and builds ``S_i = exp(-r_i) P + Q`` (SDM) or ``exp(-r_i) P + exp(r_i / (C -
@@ -187,8 +187,8 @@ def official_sdm_apply(noise: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 def official_sdm(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
                  variant="sdm", noise=None, generator=None):
-    """The official Squeezed Diffusion Models code pattern (arXiv 2508.14871; research/sdm.md
-    section 7.3: ``NoiseSqueezer.get_squeeze_matrix`` / ``apply_squeeze`` and
+    """The official Squeezed Diffusion Models code pattern (arXiv 2508.14871; docs/papers.md
+    section 1.4: ``NoiseSqueezer.get_squeeze_matrix`` / ``apply_squeeze`` and
     ``ConsistentCustomDDPMScheduler.add_noise``), re-written here with the same structure and cost:
 
     * the per-sample ``.item()`` loop building ``S`` (:func:`official_sdm_squeeze_matrices`);
@@ -234,7 +234,7 @@ def official_sdm_prior(shape, betas, axes, strength, *, variant="sdm", device=No
 
 def official_sdm_ddpm_step(scheduler, model_output, timestep, sample, axes, strength, *,
                            variant="sdm", generator=None):
-    """``ConsistentCustomDDPMScheduler.step`` of the official SDM code (research/sdm.md section 4.2):
+    """``ConsistentCustomDDPMScheduler.step`` of the official SDM code (docs/papers.md section 1.4):
     ``S = get_squeeze_matrix(eps_sq, t)`` (the per-sample ``.item()`` loop, ``B`` syncs per step),
     ``S_inv = torch.linalg.inv(S)``, map the sample and the model output to unsqueezed coordinates
     (two ``bmm``), the stock ``DDPMScheduler.step`` (white noise from ``randn_tensor(generator=...)``,
@@ -259,7 +259,7 @@ def official_sdm_ddpm_step(scheduler, model_output, timestep, sample, axes, stre
 def sagd_appendix(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
                   variant="sdm", noise=None, generator=None):
     """The spectrally anisotropic Gaussian diffusion appendix recipe (SAGD, arXiv 2510.09660,
-    App. E pseudo-code ``powerlaw_noise`` / ``bandpass_noise``; research/sagd.md section 6):
+    App. E pseudo-code ``powerlaw_noise`` / ``bandpass_noise``; docs/papers.md section 2.7):
     ``torch.randn`` -> ``torch.fft.fftn`` over (-2, -1) -> ``* w`` -> ``ifftn`` -> ``.real`` ->
     divide each (b, c) plane by its spatial std (ddof=0) + 1e-8; then the stock diffusers
     ``add_noise``. Per-sample normalisation: compare with anisodiff's
@@ -286,13 +286,13 @@ def sagd_appendix(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0,
 def eager_vectorised(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
                      variant="sdm", noise=None, generator=None, rfft=False):
     """Vectorised eager PyTorch, the way a careful user writes the combined operator
-    ``n = (S(t) (x) T_w) eps`` (DESIGN.md section 1; the foundation issue's baseline
+    ``n = (S(t) (x) T_w) eps`` (docs/design.md section 1; the foundation issue's baseline
     "randn + fft2/ifft2 + einsum + mix"):
 
     * ``eps = torch.randn_like(x0)``;
     * spatial part (if ``weights``): calibrated weights ``w / sqrt(mean(w^2))`` and
       ``ifft2(fft2(eps) * w).real`` (``rfft=True``: ``irfft2(rfft2(eps) * w[:, :W//2+1])``, the
-      cheaper equivalent for a symmetric w, research/sagd.md section 6);
+      cheaper equivalent for a symmetric w, docs/papers.md section 2.7);
     * channel part (if ``axes``): ``r[b, k] = s_k * (betas / betas.max())[t_b]`` gathered in one op
       (no ``.item()``), ``S = I + V diag(exp(-r) - 1) V^T`` (SDM) or
       ``g (I - V V^T) + V diag(exp(-r)) V^T`` with ``g = exp(sum_k r_k / (C - k))`` (HDM), built
@@ -368,7 +368,7 @@ def eager_ddpm_step(model_output, timestep, sample, alphas_cumprod, betas, axes=
                     weights=None, *, variant="sdm", prev_timestep=None, noise=None, generator=None,
                     clip_sample=True, clip_range=1.0, rfft=False):
     """One ancestral DDPM step the way a careful user vectorises the official SDM sampler's math
-    (research/sdm.md 4.2; anisodiff's ``mode="official"``) for the operator ``A(t) = S(t) (x) T_w``,
+    (docs/papers.md section 1.4; anisodiff's ``mode="official"``) for the operator ``A(t) = S(t) (x) T_w``,
     no per-sample Python:
 
     * per-sample coefficients gathered from the float32 schedule (``abar_t``, ``abar_prev``; 1 for
@@ -539,7 +539,7 @@ class Case:
     variant: str
     spec: object          # anisodiff.NoiseSpec
     schedule: object      # anisodiff.VPSchedule
-    # a DDPM step's inputs (step_inputs; anisodiff.bench.make_case(..., step=True)), else None
+    # a DDPM step's inputs (step_inputs; anisodiff.bench.cases.make_case(..., step=True)), else None
     model_output: torch.Tensor | None = None
     sample: torch.Tensor | None = None
 
