@@ -24,7 +24,10 @@ void launch_emu(const PreparedOp& op) {
   TORCH_CHECK(plan.error == nullptr, plan.error ? plan.error : "");
   TORCH_CHECK(plan.smem_bytes <= g_smem.size(), "emu smem");
   at::Tensor ws;
-  if (plan.workspace_bytes > 0) { ws = at::empty({(int64_t)plan.workspace_bytes}, at::kByte); ws.fill_(255); }
+  if (plan.workspace_bytes > 0) {
+    ws = at::empty({(int64_t)plan.workspace_bytes}, at::kByte);
+    if (!(getenv("EMU_PLAN_ONLY") && !strcmp(getenv("EMU_PLAN_ONLY"), "1"))) ws.fill_(255);  // not run: untouched
+  }
   TORCH_CHECK(cuda::launch(op.problem, plan, ws.defined() ? ws.data_ptr() : nullptr, nullptr) == 0);
 }
 std::tuple<at::Tensor, at::Tensor> add_noise_emu(
@@ -60,6 +63,22 @@ std::tuple<std::string, int64_t, int64_t, int64_t> last_plan() {
           (int64_t)g_emu.barriers};
 }
 
+// The launches since the last call, as int64 [n, 5] rows (kernel address, grid, block, cluster, smem
+// bytes); clears the log. scripts/cuda_perf_model.py maps the addresses to kernel names.
+at::Tensor launch_log() {
+  at::Tensor out = at::empty({(int64_t)emu_launch_log.size(), 5}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (const EmuLaunchRecord& r : emu_launch_log) {
+    *o++ = (int64_t)(uintptr_t)r.kernel;
+    *o++ = r.grid;
+    *o++ = r.block;
+    *o++ = r.cluster;
+    *o++ = (int64_t)r.smem;
+  }
+  emu_launch_log.clear();
+  return out;
+}
+
 // Self-test of the scheduler: a block of `threads` threads; thread t writes s[t] = t, then (with or
 // without a barrier) reads s[(t + 1) % threads]. Without the barrier the read races with the write
 // and, depending on EMU_ORDER, sees the NaN poison of the shared memory.
@@ -80,6 +99,7 @@ at::Tensor race_selftest(int64_t threads, bool barrier) {
 TORCH_LIBRARY(anisodiff_emu, m) {
   m.def("last_plan() -> (str, int, int, int)", &last_plan);
   m.def("race_selftest(int threads, bool barrier) -> Tensor", &race_selftest);
+  m.def("launch_log() -> Tensor", &launch_log);
   m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
         "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
   m.def("shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "

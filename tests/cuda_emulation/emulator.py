@@ -64,7 +64,7 @@ def rewrite(name: str, text: str) -> str:
         kern, cfg, args = m.group(1), m.group(2), m.group(3)
         parts = _split_top(cfg)
         smem = parts[2] if len(parts) > 2 else "0"
-        return f"emu_launch({parts[0]}, {parts[1]}, {smem}, [&] {{ {kern}({args}); }});"
+        return f"emu_launch({parts[0]}, {parts[1]}, {smem}, [&] {{ {kern}({args}); }}, (const void*)&{kern});"
 
     out, n_launch = _LAUNCH.subn(launch, text)
     if "<<<" in out:

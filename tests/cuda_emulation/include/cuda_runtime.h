@@ -35,8 +35,10 @@ enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef void* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+// EMU_SM_COUNT: the SM count the planner sees (default 4; scripts/cuda_perf_model.py sets 132, sm_90).
+inline int emu_sm_count() { const char* e = getenv("EMU_SM_COUNT"); return e && atoi(e) > 0 ? atoi(e) : 4; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 4;
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : emu_sm_count();
   return 0;
 }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return 0; }
@@ -62,14 +64,23 @@ struct EmuSched {
   std::vector<const char*> site_file;
   std::vector<int> site_line;
   unsigned cluster_base = 0;
+  const void* kernel = nullptr;  // the running kernel (for the launch log and the access trace)
+  std::vector<long> waits;       // barriers each thread has waited at (its phase)
 };
 inline EmuSched g_emu;
+// Instrumentation for scripts/cuda_perf_model.py: every launch is logged (kernel, grid, block, smem,
+// cluster); EMU_PLAN_ONLY=1 logs launches without running them; emu_phase_hook (set by the traced
+// build, emu_trace.cpp) runs when a block (>= 0) or the whole cluster (-1) passes a barrier or ends.
+struct EmuLaunchRecord { const void* kernel; unsigned grid, block, cluster; size_t smem; };
+inline std::vector<EmuLaunchRecord> emu_launch_log;
+inline void (*emu_phase_hook)(int block) = nullptr;
 inline void emu_entry() {
   (*g_emu.body)();
   g_emu.state[g_emu.cur] = 2;
 }  // returns to uc_link (main)
 inline void emu_wait(int state, const char* file, int line) {
   g_emu.state[g_emu.cur] = state;
+  ++g_emu.waits[g_emu.cur];
   g_emu.site_file[g_emu.cur] = file;
   g_emu.site_line[g_emu.cur] = line;
   swapcontext(&g_emu.ctx[g_emu.cur], &g_emu.main);
@@ -100,7 +111,10 @@ constexpr size_t kEmuGuard = 65536;
 inline bool emu_same_site(int a, int b) {
   return g_emu.site_line[a] == g_emu.site_line[b] && !strcmp(g_emu.site_file[a], g_emu.site_file[b]);
 }
-template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block, size_t smem, unsigned cluster, F f) {
+template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block, size_t smem, unsigned cluster, F f,
+                                                  const void* kernel = nullptr) {
+  emu_launch_log.push_back(EmuLaunchRecord{kernel, grid, block, cluster, smem});
+  if (getenv("EMU_PLAN_ONLY") && !strcmp(getenv("EMU_PLAN_ONLY"), "1")) return;
   const char* order_env = getenv("EMU_ORDER");  // read per launch: tests switch it within a process
   const int order = !order_env ? 0 : (!strcmp(order_env, "rev") ? 1 : (!strcmp(order_env, "mix") ? 2 : 0));
   const size_t kStack = 256 * 1024;
@@ -117,6 +131,8 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
   S.xchg.assign(n, 0.0);
   S.site_file.assign(n, "");
   S.site_line.assign(n, 0);
+  S.waits.assign(n, 0);
+  S.kernel = kernel;
   while (S.stacks.size() < n) S.stacks.push_back((char*)malloc(kStack));
   std::function<void()> body = f;
   S.body = &body;
@@ -164,11 +180,15 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
               abort();
             }
           ++S.barriers;
+          if (emu_phase_hook) emu_phase_hook((int)(c0 + r));
           for (unsigned t = t0; t < t0 + block; ++t) S.state[t] = 0;
           released = true;
         }
       }
-      if (done_all == (int)n) break;
+      if (done_all == (int)n) {
+        if (emu_phase_hook) emu_phase_hook(-1);
+        break;
+      }
       if (at_cluster == (int)n) {
         for (unsigned t = 1; t < n; ++t)
           if (!emu_same_site(t, 0)) {
@@ -177,6 +197,7 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
           }
         ++S.barriers;
         ++S.cluster_barriers;
+        if (emu_phase_hook) emu_phase_hook(-1);
         for (unsigned t = 0; t < n; ++t) S.state[t] = 0;
         released = true;
       }
@@ -190,8 +211,8 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
         if (emu_smem[r * S.smem_stride + i] != 0xFF) { fprintf(stderr, "EMU: write past the dynamic smem (%zu bytes) at %zu in block %u\n", smem, i, c0 + r); abort(); }
   }
 }
-template <class F> inline void emu_launch(unsigned grid, unsigned block, size_t smem, F f) {
-  emu_launch_cluster(grid, block, smem, 1u, f);
+template <class F> inline void emu_launch(unsigned grid, unsigned block, size_t smem, F f, const void* kernel = nullptr) {
+  emu_launch_cluster(grid, block, smem, 1u, f, kernel);
 }
 
 // cudaLaunchKernelEx with a cluster dimension (the only launch attribute the kernels use).
@@ -219,6 +240,7 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   unsigned cluster = 1;
   for (unsigned i = 0; i < cfg->numAttrs; ++i)
     if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) cluster = cfg->attrs[i].val.clusterDim.x;
-  emu_launch_cluster(cfg->gridDim.x, cfg->blockDim.x, cfg->dynamicSmemBytes, cluster, [&] { kernel(args...); });
+  emu_launch_cluster(cfg->gridDim.x, cfg->blockDim.x, cfg->dynamicSmemBytes, cluster, [&] { kernel(args...); },
+                     (const void*)kernel);
   return 0;
 }
