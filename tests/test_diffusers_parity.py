@@ -126,8 +126,11 @@ def _same_config(ours, theirs, extra=None):
         _same(a[k], b[k], f"config[{k!r}]")
 
 
-def _pair(cls, config, noise_spec="default"):
-    ours = cls(**config) if noise_spec == "default" else cls(**config, noise_spec=noise_spec)
+_UNSET = object()
+
+
+def _pair(cls, config, noise_spec=_UNSET):
+    ours = cls(**config) if noise_spec is _UNSET else cls(**config, noise_spec=noise_spec)
     theirs = TWIN[cls](**config)
     _same_state(ours, theirs)
     return ours, theirs
@@ -141,9 +144,8 @@ def _both_raise(call_ours, call_theirs):
         call_ours()
     assert type(ours.value) is type(theirs.value)
 
-    def plain(e):
-        text = str(e).replace("anisodiff.integrations.diffusers.Aniso", "diffusers.schedulers.X.")
-        return re.sub(r"diffusers\.schedulers\.[\w.]*?\.(\w+Scheduler)", r"\1", text.replace("Aniso", ""))
+    def plain(e):  # "<class 'anisodiff....AnisoDDPMScheduler'>" -> "<class 'DDPMScheduler'>"
+        return re.sub(r"[\w.]*\.(?:Aniso)?(\w+Scheduler)", r"\1", str(e)).replace("Aniso", "")
     assert plain(ours.value) == plain(theirs.value), (str(ours.value), str(theirs.value))
 
 
@@ -230,6 +232,18 @@ DDPM_CASES = {
     "custom-timesteps": ({}, {"timesteps": [999, 700, 420, 100, 3, 0]}),
     "no-set_timesteps": ({}, None),
 }
+# the cross product of the settings that interact in step(): prediction type x spacing x
+# clipping / thresholding x steps_offset (6 steps each)
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+SPACINGS = ("leading", "linspace", "trailing")
+CLIPPING = {"clip": {"clip_sample": True}, "noclip": {"clip_sample": False},
+            "threshold": {"clip_sample": False, "thresholding": True, "dynamic_thresholding_ratio": 0.9,
+                          "sample_max_value": 1.2}}
+GRID = [(p, sp, c, off) for p in PREDICTIONS for sp in SPACINGS for c in CLIPPING for off in (0, 1)]
+for _p, _sp, _c, _off in GRID:
+    DDPM_CASES[f"grid-{_p}-{_sp}-{_c}-offset{_off}"] = (
+        {"prediction_type": _p, "timestep_spacing": _sp, "steps_offset": _off, **CLIPPING[_c]},
+        {"num_inference_steps": 6})
 
 
 def _model(x, t, out_channels=None):
@@ -282,16 +296,36 @@ def test_ddpm_parity(case, tmp_path):
 
 
 @pytest.mark.parametrize("white", list(WHITE_SPECS))
-def test_ddpm_every_white_spec_is_diffusers(white):
-    ours, theirs = _pair(dd.AnisoDDPMScheduler, BETA_GRID["extreme_0.1_2"], WHITE_SPECS[white])
+@pytest.mark.parametrize("cls", list(TWIN), ids=lambda c: c.__name__)
+def test_every_white_spec_is_diffusers(cls, white):
+    """The three spellings of a white spec (None, NoiseSpec(), an identity squeeze), extreme betas
+    included where the scheduler has betas."""
+    flow = cls is dd.AnisoFlowMatchEulerDiscreteScheduler
+    config = {"stochastic_sampling": True} if flow else dict(BETA_GRID["extreme_0.1_2"])
+    if cls is dd.AnisoEulerDiscreteScheduler:
+        config = {"beta_start": 0.0001, "beta_end": 0.9}  # sigmas must stay finite for the loop
+    ours, theirs = _pair(cls, config, WHITE_SPECS[white])
     assert ours.is_white
+    if white != "default":
+        assert ad.NoiseSpec.from_dict(ours.config["noise_spec"]) == WHITE_SPECS[white]
     for s in (ours, theirs):
         s.set_timesteps(5)
-    _vp_noising(ours, theirs, theirs.timesteps)
-    x = _randn(*SHAPE, seed=4)
-    for t in theirs.timesteps:
-        _same(ours.step(_model(x, t), t, x, generator=_gen(1)).prev_sample,
-              theirs.step(_model(x, t), t, x, generator=_gen(1)).prev_sample)
+    ts = theirs.timesteps
+    x0, white_noise = _randn(*SHAPE, seed=1), _randn(*SHAPE, seed=2)
+    if flow:
+        _same(ours.scale_noise(x0, ts[:1], white_noise), theirs.scale_noise(x0, ts[:1], white_noise))
+    else:
+        _same(ours.add_noise(x0, white_noise, ts[:2]), theirs.add_noise(x0, white_noise, ts[:2]))
+        _same(ours.get_velocity(x0, white_noise, ts[:2]), theirs.get_velocity(x0, white_noise, ts[:2]))
+    kw = {dd.AnisoDDIMScheduler: {"eta": 1.0}, dd.AnisoEulerDiscreteScheduler: {"s_churn": 1.0}}.get(cls, {})
+    xa = xb = white_noise
+    ga, gb = _gen(1), _gen(1)
+    for t in ts:
+        xa = ours.step(_model(xa, t), t, xa, generator=ga, **kw).prev_sample
+        xb = theirs.step(_model(xb, t), t, xb, generator=gb, **kw).prev_sample
+        _same(xa, xb, f"prev_sample t={float(t)}")
+    _same(ga.get_state(), gb.get_state())
+    _same(ours.prior_noise(SHAPE, generator=_gen(2)), torch.randn(SHAPE, generator=_gen(2)))
 
 
 def test_ddpm_errors_match():
@@ -330,6 +364,11 @@ DDIM_CASES = {
                              "prediction_type": "v_prediction"}, {"num_inference_steps": 10}, {"eta": 0.0}),
     "T5": ({"num_train_timesteps": 5}, {"num_inference_steps": 5}, {"eta": 1.0}),
 }
+for _i, (_p, _sp, _c, _off) in enumerate(GRID):
+    DDIM_CASES[f"grid-{_p}-{_sp}-{_c}-offset{_off}"] = (
+        {"prediction_type": _p, "timestep_spacing": _sp, "steps_offset": _off, **CLIPPING[_c],
+         "set_alpha_to_one": _i % 2 == 0},
+        {"num_inference_steps": 6}, {"eta": (0.0, 0.6, 1.0)[_i % 3], "use_clipped_model_output": _i % 4 == 1})
 
 
 @pytest.mark.parametrize("case", list(DDIM_CASES))
@@ -395,6 +434,12 @@ EULER_CASES = {
     "custom-timesteps": ({}, {"timesteps": [999, 800, 500, 200, 10]}, {}),
     "custom-sigmas": ({}, {"sigmas": [14.0, 6.0, 2.0, 0.5, 0.1]}, {"s_churn": 1.0}),
 }
+EULER_SIGMAS = {"plain": {}, "karras": {"use_karras_sigmas": True}, "log_linear": {"interpolation_type": "log_linear"}}
+for _i, (_p, _sp, _sig, _fin) in enumerate([(p, sp, sig, fin) for p in PREDICTIONS for sp in SPACINGS
+                                             for sig in EULER_SIGMAS for fin in ("zero", "sigma_min")]):
+    EULER_CASES[f"grid-{_p}-{_sp}-{_sig}-{_fin}"] = (
+        {"prediction_type": _p, "timestep_spacing": _sp, "final_sigmas_type": _fin, "steps_offset": _i % 2,
+         **EULER_SIGMAS[_sig]}, {"num_inference_steps": 6}, {"s_churn": 1.0} if _i % 3 == 0 else {})
 
 
 @pytest.mark.parametrize("case", list(EULER_CASES))
@@ -455,6 +500,18 @@ FLOW_CASES = {
     "custom-sigmas": ({}, {"sigmas": [1.0, 0.8, 0.5, 0.2, 0.05]}),
     "custom-timesteps": ({"stochastic_sampling": True}, {"timesteps": [1000.0, 750.0, 400.0, 90.0]}),
 }
+FLOW_SHIFTS = {"shift1": ({}, {}), "shift3": ({"shift": 3.0}, {}),
+               "dyn-exp": ({"use_dynamic_shifting": True}, {"mu": 0.7}),
+               "dyn-lin": ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"mu": 1.3}),
+               "terminal": ({"shift": 2.0, "shift_terminal": 0.2}, {})}
+FLOW_SIGMAS = {"plain": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True},
+               "beta": {"use_beta_sigmas": True}, "inverted": {"invert_sigmas": True}}
+for _sh in FLOW_SHIFTS:
+    for _sig in FLOW_SIGMAS:
+        for _sto in (False, True):
+            FLOW_CASES[f"grid-{_sh}-{_sig}-{'stochastic' if _sto else 'ode'}"] = (
+                {**FLOW_SHIFTS[_sh][0], **FLOW_SIGMAS[_sig], "stochastic_sampling": _sto},
+                {"num_inference_steps": 6, **FLOW_SHIFTS[_sh][1]})
 
 
 @pytest.mark.parametrize("case", list(FLOW_CASES))

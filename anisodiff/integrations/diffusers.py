@@ -26,7 +26,11 @@ What changes against the parent class:
   updates are the parent's (exact for time-invariant specs when the model predicts shaped noise).
 * ``prior_noise(shape, generator=...)``: the unit-scale shaped prior ``A(t_first) z`` (pass it as
   ``latents=`` to pipelines that take latents; they multiply by ``init_noise_sigma`` themselves).
-* With a white spec (``NoiseSpec()``, the default) every method is the parent's, bit for bit.
+* With a white spec (``NoiseSpec()``, the default) every method is the parent's, bit for bit, and
+  the constructor accepts every config the parent accepts: the betas are checked (each in
+  ``(0, 1]``, as :class:`~anisodiff.VPSchedule` requires) only where the shaped noise reads them,
+  i.e. DDPM/DDIM with any other spec and Euler with a time-varying squeeze, and then at
+  construction. ``tests/test_diffusers_parity.py`` checks the parity over a grid of configs.
 
 DDPM/DDIM with an anisotropic spec support ``prediction_type="epsilon"`` (the papers' setting) and
 raise ``NotImplementedError`` for other prediction types, thresholding and learned variances.
