@@ -1,10 +1,15 @@
-"""argparse ``type=`` parsers shared by the command line (cli.py) and the benchmark driver (bench.py)."""
+"""argparse ``type=`` parsers shared by the command line (cli.py) and the benchmark options
+(bench/options.py), and :class:`UsageError`, the bad argument a command finds after parsing."""
 from __future__ import annotations
 
 import argparse
 import math
 
-__all__ = ["int_in", "finite_float", "nonneg_float"]
+__all__ = ["UsageError", "int_in", "finite_float", "nonneg_float"]
+
+
+class UsageError(ValueError):
+    """A bad argument found after parsing: the command line prints it and exits with code 2."""
 
 
 def int_in(minimum: int, maximum: int | None = None):

@@ -395,3 +395,515 @@ def spectrum_error(power: torch.Tensor, reference_power: torch.Tensor) -> float:
 def linear_schedule() -> VPSchedule:
     """The demo's diffusion schedule: DDPM's linear betas 1e-4 .. 0.02 over T = 1000 steps."""
     return VPSchedule.linear(1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole demo (``anisodiff demo``): options, threads, training, sampling, scores, report
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoPreset:
+    """Defaults of the options that set the size of the demo (the full run, or --quick)."""
+
+    steps: int
+    batch_size: int
+    size: int
+    samples: int
+    sample_steps: int
+    train_images: int
+    width: int
+
+
+# Full run: about 2 minutes on 2 idle CPU cores (measured: see README); --quick: a few seconds.
+DEMO_PRESET = DemoPreset(steps=800, batch_size=64, size=16, samples=1000, sample_steps=50,
+                         train_images=8192, width=16)
+QUICK_PRESET = DemoPreset(steps=8, batch_size=16, size=8, samples=64, sample_steps=4,
+                          train_images=256, width=8)
+SAMPLE_GRID_COLUMNS = 12
+SAMPLE_CHUNK = 500           # images per forward pass while sampling (see sample())
+PROBE_STEPS = 3              # --threads auto: timed steps per thread count and round
+PROBE_ROUNDS = 2             # ... rounds, alternating the thread counts
+SHORT_RUN_S = 15.0           # a run expected to be shorter at 1 thread is not probed further
+
+
+def resolve_options(quick: bool = False, **given) -> dict:
+    """The size options (:class:`DemoPreset` fields): the preset's value unless given (None means
+    not given), then the checks argparse cannot do (``ValueError`` with the option's name)."""
+    preset = QUICK_PRESET if quick else DEMO_PRESET
+    unknown = set(given) - set(DemoPreset.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown demo options: {sorted(unknown)}")
+    opts = {name: given[name] if given.get(name) is not None else getattr(preset, name)
+            for name in DemoPreset.__dataclass_fields__}
+    if opts["size"] % 4:
+        raise ValueError(f"--size {opts['size']}: must be a multiple of 4 (the UNet halves the "
+                         "image twice)")
+    if opts["width"] % 4:
+        raise ValueError(f"--width {opts['width']}: must be a multiple of 4 (group norm)")
+    if opts["batch_size"] > opts["train_images"]:
+        raise ValueError(f"--batch-size {opts['batch_size']}: larger than the training set "
+                         f"(--train-images {opts['train_images']})")
+    return opts
+
+
+def resolve_device(text: str) -> torch.device:
+    """The torch device for ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a ``ValueError``
+    saying why it cannot be used."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    return device
+
+
+@dataclass
+class DemoData:
+    train: torch.Tensor       # [N, 3, H, W]
+    real: torch.Tensor        # held-out set the generated images are compared with
+    real_floor: torch.Tensor  # a second held-out set: real vs real gives the metrics' floor
+
+
+def load_data(opts: dict, seed: int) -> DemoData:
+    n, size, m = opts["train_images"], opts["size"], opts["samples"]
+    images = real_images(n + 2 * m, size, seed)
+    return DemoData(images[:n], images[n:n + m], images[n + m:])
+
+
+# --- threads: torch's OpenMP threads wait on each other when other jobs hold the cores ----------
+def thread_candidates(available: int | None = None) -> list[int]:
+    """The thread counts ``--threads auto`` tries: 1 and torch's default (one per usable core)."""
+    n = available if available is not None else torch.get_num_threads()
+    return sorted({1, max(1, n)})
+
+
+@dataclass
+class ThreadChoice:
+    """What ``--threads auto`` measured: seconds per training step and per sampling step (of the
+    whole sample set) at each thread count, and the count kept for each phase."""
+
+    train: dict[int, float]
+    sample: dict[int, float]
+    train_threads: int
+    sample_threads: int
+    seconds: float            # spent measuring
+
+    def to_dict(self) -> dict:
+        return {"train_s_per_step": {str(k): v for k, v in self.train.items()},
+                "sample_s_per_step": {str(k): v for k, v in self.sample.items()},
+                "train_threads": self.train_threads, "sample_threads": self.sample_threads,
+                "probe_seconds": self.seconds}
+
+
+def _probe_train(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainSettings) -> float:
+    """Median seconds of a training step (after one warm-up step) on a throwaway model (learning
+    rate 0: the same work as a real step, and it cannot diverge)."""
+    stamps = []
+    train(data, noise, TrainSettings(PROBE_STEPS + 1, settings.batch_size, 0.0, settings.seed,
+                                     settings.device, width=settings.width),
+          on_step=lambda: stamps.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return sorted(steps)[len(steps) // 2]
+
+
+def _probe_sample(model: nn.Module, noise: AnisotropicNoise, n: int, shape, device) -> float:
+    """Seconds of one sampling step of ``n`` images (the model on chunks of SAMPLE_CHUNK and the
+    DDIM update), extrapolated from one chunk after a warm-up pass."""
+    m = min(n, SAMPLE_CHUNK)
+    x = torch.randn(m, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((m,), 500, dtype=torch.int64, device=device)
+    with torch.no_grad():
+        model(x, t)
+        start = time.perf_counter()
+        noise.ddim_step(model(x, t), 500, x, prev_timestep=480)
+        return (time.perf_counter() - start) * n / m
+
+
+def choose_threads(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainSettings, samples: int,
+                   *, train_steps: int, sample_steps: int, candidates=None) -> ThreadChoice:
+    """``--threads auto``: time a few training steps and one sampling step at every thread count of
+    ``candidates`` (default :func:`thread_candidates`) and keep the faster count per phase (ties
+    go to the larger count). The counts alternate over up to :data:`PROBE_ROUNDS` rounds, so that a
+    change of load hits them alike; one round is enough when the counts differ by more than 1.5x
+    in both phases. A run expected to take under :data:`SHORT_RUN_S` at 1 thread (``train_steps``
+    training and ``sample_steps`` sampling steps in all) runs at 1 thread without probing the
+    others: the probe would cost more than it can save. Leaves torch at its thread count."""
+    candidates = sorted(set(candidates or thread_candidates()))
+    before, start = torch.get_num_threads(), time.perf_counter()
+    shape = tuple(data.shape[1:])
+    model = build_model(settings, noise.schedule, shape[0]).eval()
+    probe_data = data[:max(settings.batch_size, 1)]
+    train_s = {n: [] for n in candidates}
+    sample_s = {n: [] for n in candidates}
+
+    def measure(n: int) -> None:
+        torch.set_num_threads(n)
+        train_s[n].append(_probe_train(probe_data, noise, settings))
+        sample_s[n].append(_probe_sample(model, noise, samples, shape, settings.device))
+
+    def choice() -> ThreadChoice:
+        train_m = {n: min(v) for n, v in train_s.items() if v}
+        sample_m = {n: min(v) for n, v in sample_s.items() if v}
+        best = lambda d: min(sorted(d, reverse=True), key=d.get)  # noqa: E731
+        return ThreadChoice(train_m, sample_m, best(train_m), best(sample_m),
+                            time.perf_counter() - start)
+
+    def clear(d: dict) -> bool:
+        values = [min(v) for v in d.values()]
+        return max(values) > 1.5 * min(values)
+
+    try:
+        first = candidates[0]
+        measure(first)
+        if train_steps * train_s[first][0] + sample_steps * sample_s[first][0] < SHORT_RUN_S:
+            return choice()
+        for n in candidates[1:]:
+            measure(n)
+        for r in range(1, PROBE_ROUNDS):
+            if clear(train_s) and clear(sample_s):
+                break
+            for n in (candidates[::-1] if r % 2 else candidates):
+                measure(n)
+        return choice()
+    finally:
+        torch.set_num_threads(before)
+
+
+def format_duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"``."""
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+class _Remaining:
+    """The expected remaining time of the run: the steps left of each phase times its time per step
+    (the probe's estimate, replaced by the measured mean once a phase has run a few steps)."""
+
+    def __init__(self, bar, train_steps: int, sample_steps: int, estimate: dict[str, float]):
+        self.bar, self.estimate = bar, dict(estimate)
+        self.left = {"train": train_steps, "sample": sample_steps}
+        self.spent = {"train": [0.0, 0], "sample": [0.0, 0]}
+        self.last = self.shown = time.perf_counter()
+
+    def seconds(self) -> float:
+        per = {k: (s / n if n >= 5 else self.estimate[k]) for k, (s, n) in self.spent.items()}
+        return sum(self.left[k] * per[k] for k in self.left)
+
+    def start(self) -> None:  # a new phase: the time since the last step is not a step
+        self.last = time.perf_counter()
+
+    def step(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.spent[phase][0] += now - self.last
+        self.spent[phase][1] += 1
+        self.left[phase] -= 1
+        self.last = now
+        self.bar.update()
+        if now - self.shown >= 2.0 or not any(self.left.values()):
+            self.shown = now
+            self.bar.set_postfix_str(f"~{format_duration(self.seconds())} left")
+
+
+def train_and_sample(configs, data: DemoData, opts: dict, *, sampler: str, lr: float, seed: int,
+                     device, schedule, threads: ThreadChoice | None = None,
+                     estimate: dict[str, float] | None = None) -> list[RunResult]:
+    """Train and sample every configuration (a progress bar with the expected remaining time).
+    ``threads``: the thread counts of the training and the sampling phases (None: leave torch's)."""
+    per_run = opts["steps"] + opts["sample_steps"]
+    bar = _progress(len(configs) * per_run, "demo")
+    remaining = _Remaining(bar, len(configs) * opts["steps"], len(configs) * opts["sample_steps"],
+                           estimate or {"train": 0.0, "sample": 0.0})
+    settings = TrainSettings(opts["steps"], opts["batch_size"], lr, seed, device,
+                             width=opts["width"])
+    shape = tuple(data.train.shape[1:])
+    runs = []
+    try:
+        for i, config in enumerate(configs, 1):
+            bar.set_description(f"[{i}/{len(configs)}] {config.name}: training")
+            noise = AnisotropicNoise(config.spec, schedule)
+            if threads is not None:
+                torch.set_num_threads(threads.train_threads)
+            remaining.start()
+            model, run = train(data.train, noise, settings, name=config.name,
+                               on_step=lambda: remaining.step("train"))
+            bar.set_description(f"[{i}/{len(configs)}] {config.name}: sampling")
+            if threads is not None:
+                torch.set_num_threads(threads.sample_threads)
+            remaining.start()
+            start = time.perf_counter()
+            run.samples = sample(model, noise, opts["samples"], shape, steps=opts["sample_steps"],
+                                 sampler=sampler, seed=seed, device=device, chunk=SAMPLE_CHUNK,
+                                 on_step=lambda: remaining.step("sample"))
+            run.sample_seconds = time.perf_counter() - start
+            if not torch.isfinite(run.samples).all():
+                raise TrainingDiverged(
+                    f"{config.name}: the samples are not finite (NaN or Inf): the model did not "
+                    "train well; try a smaller --lr or more --steps")
+            runs.append(run)
+    finally:
+        bar.close()
+    return runs
+
+
+def _progress(total: int, desc: str):
+    from ._progress import progress
+
+    return progress(total, desc)
+
+
+def evaluate(samples: torch.Tensor, data: DemoData, features, real_features, real_power) -> dict:
+    """The three sample metrics of one set of images against the held-out real set."""
+    _, power = radial_power(samples)
+    return {
+        "fd_pixels": frechet_distance(pixel_features(samples), pixel_features(data.real)),
+        "fd_random_features": frechet_distance(features(samples), real_features),
+        "spectrum_error": spectrum_error(power, real_power),
+        "radial_power": power.tolist(),
+    }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def format_table(configs, runs, metrics: dict, floor: dict) -> str:
+    header = ("config", "final loss", "rel. loss", "FD pixels", "FD rand. feat.", "spectrum err",
+              "train s", "sample s")
+    rows = [(c.name, _fmt(r.final_loss()), _fmt(r.final_relative_loss()),
+             _fmt(metrics[c.name]["fd_pixels"]), _fmt(metrics[c.name]["fd_random_features"]),
+             _fmt(metrics[c.name]["spectrum_error"]), f"{r.train_seconds:.1f}",
+             f"{r.sample_seconds:.1f}") for c, r in zip(configs, runs)]
+    rows.append(("real vs real", "-", "-", _fmt(floor["fd_pixels"]),
+                 _fmt(floor["fd_random_features"]), _fmt(floor["spectrum_error"]), "-", "-"))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in [header, *rows])
+
+
+DEMO_NOTES = (
+    "final loss: training MSE between the predicted and the true (shaped) noise, mean over the "
+    "last 10% of the steps; rel. loss: the same divided by the mean square of the noise target "
+    "(antisqueezed noise has more variance, so raw losses of different noises do not compare).",
+    f"FD pixels: Fréchet distance between Gaussians fitted to generated and held-out real images, "
+    f"each image reduced to its {PIXEL_GRID}x{PIXEL_GRID} block means per channel "
+    f"({3 * PIXEL_GRID ** 2} numbers). FD rand. feat.: the same on {FEATURE_WIDTH} "
+    "features of a fixed random conv net (2 conv layers, global pooling; the same weights in every "
+    "run). spectrum err: mean over the rings of |ln(P_generated / P_real)| of the radially "
+    "averaged power spectrum (0.1 = about 10% off).",
+    "real vs real: the same metrics between two disjoint held-out sets of real images of the same "
+    "size: what the finite sample size alone gives; a model can only be judged above it.",
+)
+
+
+def honesty_note(params: int, opts: dict) -> str:
+    return (f"These are tiny models ({params:,} parameters) trained for {opts['steps']} steps on "
+            f"synthetic {opts['size']}x{opts['size']} images: the demo shows the machinery working "
+            "end to end, not which noise is better. Treat differences between the rows as "
+            "anecdotal (rerun with another --seed to see how much they move); no FID claim is "
+            "made.")
+
+
+def _header(opts: dict, *, quick: bool, lr: float, sampler: str, device, pca, spectrum,
+            model_params: int) -> list[str]:
+    size, n = opts["size"], opts["samples"]
+    share = float(pca.eigenvalues[0] / pca.eigenvalues.sum())
+    axis = ", ".join(f"{x:+.3f}" for x in pca.axes[:, 0].tolist())
+    return [
+        f"anisodiff demo{' --quick' if quick else ''}: a tiny diffusion model trained with 4 "
+        f"kinds of forward noise on the built-in procedural images ({size}x{size} RGB, 1/f^2 "
+        "spectrum, ImageNet colour statistics; no download), same seed for every run: same "
+        "initial weights, data order, timesteps and white noise; only the shaping differs.",
+        f"data: {opts['train_images']:,} training images, 2 x {n:,} held-out real images. Fitted "
+        f"on the training set: principal colour axis v1 = ({axis}) ({100 * share:.1f}% of the colour "
+        f"variance; SDM/HDM squeeze along it), spectrum P(r) ~ r^(2 alpha) with alpha = "
+        f"{spectrum.alpha:.3f} (the power-law run uses the papers' mild alpha = "
+        f"{POWER_LAW_ALPHA}, not the fitted one).",
+        f"model: TinyUNet, {model_params:,} parameters, predicts the shaped noise; {opts['steps']} "
+        f"steps x {opts['batch_size']} images, AdamW lr {lr:g} (warm-up, cosine), EMA weights "
+        f"sampled; linear VP schedule, T = 1000. Sampling: {n:,} images, {opts['sample_steps']} "
+        f"{'DDIM (eta = 0)' if sampler == 'ddim' else 'DDPM (exact posterior)'} steps from "
+        f"the shaped prior; device {device}.",
+    ]
+
+
+def _threads_line(choice: ThreadChoice | None, fixed: int | None) -> str:
+    if choice is None:
+        return f"threads: {fixed if fixed is not None else torch.get_num_threads()} (fixed)"
+    per = lambda d: ", ".join(f"{n}: {1e3 * s:.0f} ms" for n, s in d.items())  # noqa: E731
+    if len(choice.train) == 1:
+        (n, train_s), (_, sample_s) = *choice.train.items(), *choice.sample.items()
+        return (f"threads: auto chose {n}, a short run ({1e3 * train_s:.0f} ms per training step, "
+                f"{1e3 * sample_s:.0f} ms per sampling step at {n} thread); --threads N fixes the "
+                "count")
+    return (f"threads: auto chose {choice.train_threads} for training (ms per step at each thread "
+            f"count: {per(choice.train)}) and {choice.sample_threads} for sampling (ms per "
+            f"sampling step: {per(choice.sample)}), measured in {choice.seconds:.1f} s; "
+            "--threads N fixes the count")
+
+
+def _report(*, opts, quick, sampler, lr, seed, device, configs, runs, metrics, floor, fitted, radii,
+            real_power, figures, note, wall, cpu, threads, choice) -> dict:
+    from ._version import __version__
+
+    def curve(losses):  # about 100 points: the JSON stays small
+        stride = max(1, len(losses) // 100)
+        return [sum(losses[i:i + stride]) / len(losses[i:i + stride])
+                for i in range(0, len(losses), stride)]
+
+    return {
+        "anisodiff_version": __version__,
+        "note": note,
+        "setting": {**opts, "sampler": sampler, "lr": lr, "seed": seed,
+                    "device": str(device), "quick": quick,
+                    "schedule": "VPSchedule.linear(T=1000)",
+                    "sampling_timesteps": [t for t, _ in sampling_timesteps(
+                        1000, opts["sample_steps"])],
+                    "model": "anisodiff.demo.TinyUNet", "torch": torch.__version__,
+                    "threads": threads,
+                    "threads_auto": choice.to_dict() if choice is not None else None},
+        "metric_definitions": {"final_loss": DEMO_NOTES[0], "metrics": DEMO_NOTES[1],
+                               "real_vs_real": DEMO_NOTES[2]},
+        "fitted": fitted,
+        "real_vs_real": floor,
+        "radii": radii.tolist(),
+        "real_radial_power": real_power.tolist(),
+        "configs": {c.name: {"title": c.title, "spec": c.spec.to_dict(),
+                             "final_loss": r.final_loss(),
+                             "final_relative_loss": r.final_relative_loss(),
+                             **metrics[c.name], "loss_curve": curve(r.losses),
+                             "train_seconds": r.train_seconds, "sample_seconds": r.sample_seconds}
+                    for c, r in zip(configs, runs)},
+        "figures": figures,
+        "seconds": {"wall": wall, "cpu": cpu},
+    }
+
+
+def _figures(configs, runs, data: DemoData, metrics, radii, real_power, floor_power, out, opts,
+             sampler: str, seed: int) -> dict:
+    from . import viz
+
+    cols = min(SAMPLE_GRID_COLUMNS, opts["samples"])
+    rows = [(f"{c.title}   (FD pixels {metrics[c.name]['fd_pixels']:.3g}, FD random features "
+             f"{metrics[c.name]['fd_random_features']:.3g}, spectrum error "
+             f"{metrics[c.name]['spectrum_error']:.3g})", r.samples[:cols])
+            for c, r in zip(configs, runs)]
+    rows.append(("real (held-out) images", data.real[:cols]))
+    size = opts["size"]
+    what = (f"{opts['steps']} training steps, {opts['sample_steps']} {sampler.upper()} steps, "
+            f"seed {seed}")
+    samples = viz.plot_sample_grid(
+        rows, out / "demo_samples.png",
+        title=f"anisodiff demo: samples of a tiny UNet per forward noise ({size}x{size}, {what}; "
+              "same white prior draw in every row)")
+    spectra = viz.plot_radial_spectra(
+        radii, real_power, {c.title: metrics[c.name]["radial_power"] for c in configs},
+        out / "demo_spectra.png", floor=floor_power,
+        title=f"anisodiff demo: radially averaged power spectra, generated vs real ({what})")
+    return {"samples": samples, "spectra": spectra}
+
+
+def run(opts: dict, out, *, sampler: str = "ddim", lr: float = 2e-3, seed: int = 0,
+        device="cpu", threads: int | str | None = "auto", plot: bool = True,
+        quick: bool = False) -> int:
+    """The whole demo with the size options ``opts`` (:func:`resolve_options`): fit, train and
+    sample the four configurations, score them, print the table, write ``out/demo_report.json``
+    and (``plot``, matplotlib installed) the two pictures. ``threads``: ``"auto"``
+    (:func:`choose_threads`, on the CPU), a count, or None (torch's). Returns the exit code (1: the
+    training diverged). ``out`` must exist."""
+    import importlib.util
+    import json
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from .fit import fit_statistics
+
+    out, device = Path(out), torch.device(device)
+    can_plot = plot and importlib.util.find_spec("matplotlib") is not None
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
+    if isinstance(threads, int):
+        torch.set_num_threads(threads)
+    if device.type == "cuda":  # the same numbers on every run (cuDNN picks kernels otherwise)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+    data = load_data(opts, seed)
+    pca, spectrum = fit_statistics(data.train.split(1024), k=1, progress=False)
+    configs = demo_configs(pca.axes)
+    schedule = linear_schedule()
+    params = sum(p.numel() for p in TinyUNet(schedule, 3, opts["width"]).parameters())
+    for line in _header(opts, quick=quick, lr=lr, sampler=sampler, device=device, pca=pca,
+                        spectrum=spectrum, model_params=params):
+        print(textwrap.fill(line, width=100))
+
+    settings = TrainSettings(opts["steps"], opts["batch_size"], lr, seed, device,
+                             width=opts["width"])
+    probe_noise = AnisotropicNoise(configs[-1].spec, schedule)
+    auto = threads == "auto" and device.type == "cpu" and len(thread_candidates()) > 1
+    choice = (choose_threads(data.train, probe_noise, settings, opts["samples"],
+                             train_steps=len(configs) * opts["steps"],
+                             sample_steps=len(configs) * opts["sample_steps"]) if auto else None)
+    if choice is not None:
+        estimate = {"train": choice.train[choice.train_threads],
+                    "sample": choice.sample[choice.sample_threads]}
+    else:
+        estimate = {"train": _probe_train(data.train[:opts["batch_size"]], probe_noise, settings),
+                    "sample": _probe_sample(build_model(settings, schedule).eval(), probe_noise,
+                                            opts["samples"], tuple(data.train.shape[1:]), device)}
+    expected = len(configs) * (opts["steps"] * estimate["train"]
+                               + opts["sample_steps"] * estimate["sample"])
+    print(textwrap.fill(_threads_line(choice, threads if isinstance(threads, int) else None)
+                        + f". Expected time: about {format_duration(expected)}.", width=100))
+    print()
+
+    try:
+        runs = train_and_sample(configs, data, opts, sampler=sampler, lr=lr, seed=seed,
+                                device=device, schedule=schedule, threads=choice,
+                                estimate=estimate)
+    except TrainingDiverged as exc:
+        print(f"anisodiff demo: error: {exc}", file=sys.stderr)
+        return 1
+    features = RandomFeatures()
+    real_features = features(data.real)
+    radii, real_power = radial_power(data.real)
+    floor = evaluate(data.real_floor, data, features, real_features, real_power)
+    floor_power = floor.pop("radial_power")
+    metrics = {c.name: evaluate(r.samples, data, features, real_features, real_power)
+               for c, r in zip(configs, runs)}
+
+    print(format_table(configs, runs, metrics, floor))
+    print()
+    note = honesty_note(params, opts)
+    for paragraph in (*DEMO_NOTES, note):
+        print(textwrap.fill(paragraph, width=100))
+    print()
+
+    figures = None
+    if plot and not can_plot:
+        print("No pictures: matplotlib is not installed. Install it with `pip install matplotlib` "
+              "(or `pip install anisodiff[viz]`).")
+    elif can_plot:
+        figures = _figures(configs, runs, data, metrics, radii, real_power,
+                           torch.tensor(floor_power), out, opts, sampler, seed)
+        print(f"pictures: {figures['samples']}, {figures['spectra']}")
+    fitted = {"axis": pca.axes[:, 0].tolist(), "eigenvalues": pca.eigenvalues.tolist(),
+              "alpha": spectrum.alpha}
+    wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
+    used = (f"{choice.train_threads} training, {choice.sample_threads} sampling" if choice
+            else str(torch.get_num_threads()))
+    report = _report(opts=opts, quick=quick, sampler=sampler, lr=lr, seed=seed, device=device,
+                     configs=configs, runs=runs, metrics=metrics, floor=floor, fitted=fitted,
+                     radii=radii, real_power=real_power, figures=figures, note=note, wall=wall,
+                     cpu=cpu, threads=torch.get_num_threads() if choice is None else
+                     {"train": choice.train_threads, "sample": choice.sample_threads},
+                     choice=choice)
+    report_path = out / "demo_report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"report:   {report_path}")
+    print(f"took {format_duration(wall)} ({cpu:.0f} s of CPU time, threads: {used})")
+    return 0

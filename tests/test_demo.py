@@ -64,8 +64,8 @@ def test_quick_demo_reports_every_metric_for_every_config(quick):
     for metric in ("fd_pixels", "fd_random_features", "spectrum_error"):
         assert math.isfinite(report["real_vs_real"][metric])
     setting = report["setting"]
-    assert (setting["steps"], setting["size"], setting["seed"]) == (cli.QUICK_PRESET.steps,
-                                                                    cli.QUICK_PRESET.size, 5)
+    assert (setting["steps"], setting["size"], setting["seed"]) == (demo.QUICK_PRESET.steps,
+                                                                    demo.QUICK_PRESET.size, 5)
     assert "not which noise is better" in report["note"]
 
 
