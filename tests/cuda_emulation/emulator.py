@@ -12,6 +12,7 @@ By hand:  python tests/cuda_emulation/emulator.py   (builds, prints the library 
 from __future__ import annotations
 
 import os
+import hashlib
 import re
 import shutil
 import subprocess
@@ -128,6 +129,52 @@ def build(build_dir: Path | None = None, verbose: bool = False) -> Path:
         raise EnvironmentProblem(text) from exc
     lib = build_dir / f"{NAME}.so"
     if not hasattr(torch.ops.anisodiff_emu, "add_noise"):
+        torch.ops.load_library(str(lib))
+    return lib
+
+
+TRACED_NAME = NAME + "_traced"
+
+
+def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
+    """The emulator with the shared-memory access trace of emu_trace.cpp (scripts/cuda_perf_model.py):
+    the rewritten kernels are compiled here with GCC's ThreadSanitizer instrumentation only (no TSan
+    runtime: emu_trace.cpp defines the hooks) and linked into a library that also registers
+    ``torch.ops.anisodiff_emu.trace_enable / trace_report``. It registers the same ops as :func:`build`,
+    so a process loads one or the other. Default directory: <repo>/build/cuda_emulation_traced."""
+    check_environment()
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    build_dir = Path(build_dir or default_build_dir().with_name("cuda_emulation_traced"))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    includes = [HERE / "include", CSRC / "include", CSRC, CSRC / "cuda"]
+    flags = ["-O1", "-g", "-std=c++17", "-fPIC", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
+             "-Wno-unknown-pragmas", *[f"-I{p}" for p in includes]]
+    headers = sorted([*(HERE / "include").glob("*.h"), *(CSRC / "cuda").glob("*.cuh"), *(CSRC / "cuda").glob("*.h"),
+                      *(CSRC / "include").rglob("*.h")])
+    stamp = hashlib.sha256("\n".join([*flags, *(p.read_text() for p in headers)]).encode()).hexdigest()[:16]
+    objects = []
+    for src in generate(build_dir / "gen"):
+        obj = build_dir / f"{src.stem}.{stamp}.o"
+        if not obj.exists() or obj.stat().st_mtime < src.stat().st_mtime:
+            cmd = [os.environ.get("CXX", "c++"), *flags, "-c", str(src), "-o", str(obj)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SourceError(f"{src.name} (traced): {r.stderr[-4000:]}")
+        objects.append(str(obj))
+    try:
+        ce.load(name=TRACED_NAME, sources=[str(HERE / "emu_ops.cpp"), str(CSRC / "ops_common.cpp"),
+                                           str(HERE / "emu_trace.cpp")],
+                extra_include_paths=[str(p) for p in includes], extra_cflags=["-O1", "-Wno-unknown-pragmas"],
+                extra_ldflags=objects, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+        text = str(exc)
+        if _OUR_ERROR.search(text):
+            raise SourceError(text) from exc
+        raise EnvironmentProblem(text) from exc
+    lib = build_dir / f"{TRACED_NAME}.so"
+    if not hasattr(torch.ops.anisodiff_emu, "trace_report"):
         torch.ops.load_library(str(lib))
     return lib
 
