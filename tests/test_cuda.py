@@ -74,7 +74,7 @@ def plan_path(shape, spec):
 # ---------------------------------------------------------------------------------------------
 # add_noise / shaped_noise / apply_operator
 # ---------------------------------------------------------------------------------------------
-CUDA_SHAPES = SHAPES + [(2, 3, 64, 64), (2, 4, 64, 64), (2, 4, 128, 128), (1, 3, 97, 61)]
+CUDA_SHAPES = SHAPES + [(2, 3, 64, 64), (2, 4, 64, 64), (2, 4, 128, 128), (1, 3, 59, 61)]
 
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -123,7 +123,8 @@ def test_paths_are_reported():
     V = random_axes(4, 1)
     assert plan_path((2, 4, 64, 64), ad.NoiseSpec(ad.Squeeze(V, 0.5))) == "elementwise"
     assert plan_path((2, 4, 64, 64), ad.NoiseSpec(None, ad.PowerLaw(0.3))) == "fused"
-    assert plan_path((2, 4, 128, 128), ad.NoiseSpec(None, ad.PowerLaw(0.3))) == "two_pass"
+    assert plan_path((2, 4, 128, 128), ad.NoiseSpec(None, ad.PowerLaw(0.3))) == "fused"  # 8-block clusters
+    assert plan_path((2, 16, 128, 128), ad.NoiseSpec(None, ad.PowerLaw(0.3))) == "two_pass"
     assert plan_path((2, 3, 256, 256), ad.NoiseSpec(None, ad.PowerLaw(0.3))) == "two_pass"
     assert "cuda_fused_smem_limit" in ad.build_info()
 
@@ -197,16 +198,29 @@ def test_spectral_table(schedule, path):
     cuda_close(out, expected)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 61, 67), (1, 4, 2 * 3 * 5 * 7, 11 * 13), (1, 1, 257, 8)],
+@pytest.mark.parametrize("shape", [(2, 3, 59, 61), (1, 4, 2 * 3 * 5 * 7, 11 * 13), (1, 1, 53, 8)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_prime_and_mixed_radix_planes(shape, schedule, path):
-    """Generic-radix butterflies (61, 67, 7, 11, 13, 257) and radix 3 / 5 against the reference."""
+    """Generic-radix butterflies (59, 61, 7, 11, 13, 53) and radix 3 / 5 against the reference."""
     spec = make_spec("sdm+pl_pos", shape[1])
     t = torch.tensor([999, 3][:shape[0]])
     expected = ad.shaped_noise(shape, spec, timesteps=t, schedule=schedule, seed=SEED, backend="reference")
     out = api(ad.shaped_noise, shape, spec, timesteps=t.to(DEV), schedule=schedule, seed=SEED, device=DEV,
               backend="cuda")
     torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 97, 61), (2, 3, 61, 67), (1, 1, 257, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_large_prime_sides_are_refused(shape, schedule):
+    """The CUDA FFT has no Bluestein transform: sides with a prime factor > 61 are refused with spectral
+    weights (a clear error, nothing launched); per-sample normalisation alone needs no FFT and runs."""
+    spec = make_spec("sdm+pl_pos", shape[1])
+    assert plan_path(shape, spec) == "unsupported"
+    t = torch.tensor([999, 3][:shape[0]])
+    with pytest.raises(RuntimeError, match="prime factors"):
+        ad.shaped_noise(shape, spec, timesteps=t.to(DEV), schedule=schedule, seed=SEED, device=DEV, backend="cuda")
+    assert plan_path(shape, ad.NoiseSpec(normalize="per_sample")) == "fused"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

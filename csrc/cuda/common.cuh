@@ -6,6 +6,9 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#if !defined(ANISO_CUDA_EMULATOR)
+#include <cooperative_groups.h>
+#endif
 
 #include "anisodiff/dtype.h"
 #include "anisodiff/mix.h"
@@ -277,6 +280,63 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, int64_t b,
       }
     emit(c, s);
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue of add_noise / shaped_noise for one pixel (b, h, w) of the fused kernel: value(c) gives
+// the shaped, not yet squeezed noise of channel c (from shared memory, so it is read again instead of
+// cached in registers). The sample's coefficients come precomputed (SampleCoef, once per thread), the
+// x0 of the first 4 channels is loaded before any store (the tensors may alias as far as the compiler
+// knows, so it could not hoist those loads itself).
+// ---------------------------------------------------------------------------------------------
+struct SampleCoef {
+  float a, bc;
+  bool valid;
+  SqueezeCoeffs sc;
+};
+
+__device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t b) {
+  SampleCoef s;
+  const float* row = coef_row(p, b, s.valid);
+  const float nan = __int_as_float(0x7fc00000);
+  s.a = s.valid ? __ldg(row) : nan;
+  s.bc = s.valid ? __ldg(row + 1) : nan;
+  s.sc = squeeze_coeffs(row + 2, p.k, (int)p.channels, p.variant);
+  return s;
+}
+
+template <int KA, class Value>
+__device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const SampleCoef& sc, int64_t b, int64_t h,
+                                                int64_t w, Value value) {
+  const int C = (int)p.channels, k = KA == 0 ? 0 : p.k;
+  const float nan = __int_as_float(0x7fc00000);
+  const bool mixing = p.x0.data != nullptr;
+  float x0v[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) x0v[c] = (mixing && c < C) ? load_elem(p.x0, p.x0.index(b, c, h, w)) : 0.f;
+  constexpr int KU = KA > 0 ? KA : 1;
+  float u[KU];
+#pragma unroll
+  for (int i = 0; i < KU; ++i) u[i] = 0.f;
+  if (k > 0)
+    for (int c = 0; c < C; ++c) project_add(u, p.axes, c, k, value(c));
+  auto emit = [&](int c, float x0) {
+    float nz = value(c);
+    if (k > 0) nz = apply_matrix(sc.sc, nz, p.axes, c, k, u);
+    nz = sc.valid ? nz : nan;
+    if (mixing) {
+      float xt, tg;
+      mix(sc.a, sc.bc, x0, nz, p.target, xt, tg);
+      store_elem(p.x_t, p.x_t.index(b, c, h, w), xt);
+      store_elem(p.out, p.out.index(b, c, h, w), tg);
+    } else {
+      store_elem(p.out, p.out.index(b, c, h, w), nz);
+    }
+  };
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    if (c < C) emit(c, x0v[c]);
+  for (int c = 4; c < C; ++c) emit(c, mixing ? load_elem(p.x0, p.x0.index(b, c, h, w)) : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -561,30 +621,219 @@ __device__ __forceinline__ void build_twiddles(float2* tw, int n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90): cluster_barrier() synchronises every thread of the cluster (and
+// orders shared-memory writes before it with peer reads after it); cluster_peer(p, r) is block r's
+// copy of the shared-memory address p (distributed shared memory). Under the host emulator
+// (tests/cuda_emulation) the blocks of a cluster run together as coroutines.
+// ---------------------------------------------------------------------------------------------
+#if defined(ANISO_CUDA_EMULATOR)
+#define cluster_barrier() emu_cluster_sync(__FILE__, __LINE__)
+template <class T>
+inline T* cluster_peer(T* p, unsigned rank) {
+  return static_cast<T*>(emu_cluster_map((void*)p, rank));
+}
+#else
+__device__ __forceinline__ void cluster_barrier() { cooperative_groups::this_cluster().sync(); }
+template <class T>
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Stockham FFT on PLANAR complex lines in shared memory: the real parts of a line set in one float
+// array, the imaginary parts `ps` floats later (no 8-byte interleaving: consecutive threads hit
+// consecutive banks). Line l starts at (l / inner) * outer_stride + (l % inner) * pitch, elements
+// contiguous. Same stages and butterflies as fft_lines (below), so the same operation order.
+// ---------------------------------------------------------------------------------------------
+struct PlanarLines {
+  int count, inner, pitch, outer_stride;
+  __device__ __forceinline__ int base(int line) const {
+    const int o = line / inner;
+    return o * outer_stride + (line - o * inner) * pitch;
+  }
+};
+
+__device__ __forceinline__ float2 ld2(const float* __restrict__ x, int i, int ps) {
+  return make_float2(x[i], x[i + ps]);
+}
+__device__ __forceinline__ void st2(float* __restrict__ y, int i, int ps, float2 v) {
+  y[i] = v.x;
+  y[i + ps] = v.y;
+}
+
+__device__ __forceinline__ void butterfly_planar(const float* __restrict__ x, float* __restrict__ y, int ps, int base,
+                                                 int j, int m, int ns, int p, int tstep, const float2* __restrict__ tw,
+                                                 float sg) {
+  const int k = j % ns;
+  const int out0 = (j - k) * p + k;
+  const int ib = base + j, ob = base + out0;
+  if (p == 2) {
+    const float2 a = ld2(x, ib, ps);
+    const float2 bb = cmul(ld2(x, ib + m, ps), twiddle(tw, k * tstep, sg));
+    st2(y, ob, ps, cadd(a, bb));
+    st2(y, ob + ns, ps, csub(a, bb));
+  } else if (p == 3) {
+    const float h = sg * 0.866025403784438647f;  // sin(2 pi / 3)
+    const float2 a0 = ld2(x, ib, ps);
+    const float2 a1 = cmul(ld2(x, ib + m, ps), twiddle(tw, k * tstep, sg));
+    const float2 a2 = cmul(ld2(x, ib + 2 * m, ps), twiddle(tw, 2 * k * tstep, sg));
+    const float2 s = cadd(a1, a2), d = csub(a1, a2);
+    const float2 mm = make_float2(a0.x - 0.5f * s.x, a0.y - 0.5f * s.y);
+    st2(y, ob, ps, cadd(a0, s));
+    st2(y, ob + ns, ps, make_float2(mm.x + h * d.y, mm.y - h * d.x));
+    st2(y, ob + 2 * ns, ps, make_float2(mm.x - h * d.y, mm.y + h * d.x));
+  } else if (p == 4) {
+    float2 a0 = ld2(x, ib, ps);
+    float2 a1 = cmul(ld2(x, ib + m, ps), twiddle(tw, k * tstep, sg));
+    float2 a2 = cmul(ld2(x, ib + 2 * m, ps), twiddle(tw, 2 * k * tstep, sg));
+    float2 a3 = cmul(ld2(x, ib + 3 * m, ps), twiddle(tw, 3 * k * tstep, sg));
+    dft4(a0, a1, a2, a3, sg);
+    st2(y, ob, ps, a0);
+    st2(y, ob + ns, ps, a1);
+    st2(y, ob + 2 * ns, ps, a2);
+    st2(y, ob + 3 * ns, ps, a3);
+  } else {  // p == 8
+    float2 a[8];
+    a[0] = ld2(x, ib, ps);
+#pragma unroll
+    for (int r = 1; r < 8; ++r) a[r] = cmul(ld2(x, ib + r * m, ps), twiddle(tw, r * k * tstep, sg));
+    float2 e0 = a[0], e1 = a[2], e2 = a[4], e3 = a[6];
+    float2 o0 = a[1], o1 = a[3], o2 = a[5], o3 = a[7];
+    dft4(e0, e1, e2, e3, sg);
+    dft4(o0, o1, o2, o3, sg);
+    const float h = 0.707106781186547524f;
+    const float2 w1 = make_float2(h * (o1.x + sg * o1.y), h * (o1.y - sg * o1.x));
+    const float2 w2 = make_float2(sg * o2.y, -sg * o2.x);
+    const float2 w3 = make_float2(h * (sg * o3.y - o3.x), -h * (o3.y + sg * o3.x));
+    st2(y, ob, ps, cadd(e0, o0));
+    st2(y, ob + 4 * ns, ps, csub(e0, o0));
+    st2(y, ob + ns, ps, cadd(e1, w1));
+    st2(y, ob + 5 * ns, ps, csub(e1, w1));
+    st2(y, ob + 2 * ns, ps, cadd(e2, w2));
+    st2(y, ob + 6 * ns, ps, csub(e2, w2));
+    st2(y, ob + 3 * ns, ps, cadd(e3, w3));
+    st2(y, ob + 7 * ns, ps, csub(e3, w3));
+  }
+}
+
+__device__ __forceinline__ void butterfly_generic_planar(const float* __restrict__ x, float* __restrict__ y, int ps,
+                                                         int base, int j, int q, int m, int ns, int p, int tstep,
+                                                         const float2* __restrict__ tw, float sg) {
+  const int k = j % ns;
+  const int out0 = (j - k) * p + k;
+  const int L = ns * p;
+  const int step = k + q * ns;  // < L
+  float2 acc = ld2(x, base + j, ps);
+  int e = 0;
+  for (int r = 1; r < p; ++r) {
+    e += step;
+    if (e >= L) e -= L;
+    const float2 t = twiddle(tw, e * tstep, sg);
+    const float2 v = ld2(x, base + j + r * m, ps);
+    acc.x += v.x * t.x - v.y * t.y;
+    acc.y += v.x * t.y + v.y * t.x;
+  }
+  st2(y, base + out0 + q * ns, ps, acc);
+}
+
+// Transforms every line of `lines` (length n), ping-ponging between x and y; returns the buffer that
+// holds the result (x after an even number of stages). All threads of the block call it.
+__device__ __forceinline__ float* fft_planar(float* x, float* y, int ps, int n, const FftFactors& f,
+                                             const float2* tw, float sg, const PlanarLines& lines) {
+  int ns = 1;
+  for (int s = 0; s < f.count; ++s) {
+    const int p = f.radix[s], m = n / p, tstep = n / (ns * p);
+    const bool special = p == 2 || p == 3 || p == 4 || p == 8;
+    const int per_q = lines.count * m;
+    const int total = special ? per_q : per_q * p;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int qq = special ? 0 : idx / per_q;
+      const int rest = idx - qq * per_q;
+      const int line = rest / m, j = rest - line * m;
+      const int base = lines.base(line);
+      if (special) {
+        butterfly_planar(x, y, ps, base, j, m, ns, p, tstep, tw, sg);
+      } else {
+        butterfly_generic_planar(x, y, ps, base, j, qq, m, ns, p, tstep, tw, sg);
+      }
+    }
+    __syncthreads();
+    float* t = x;
+    x = y;
+    y = t;
+    ns *= p;
+  }
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Shared-memory layouts (host and device agree on them).
 // ---------------------------------------------------------------------------------------------
 __host__ __device__ __forceinline__ size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-constexpr int kSpectralThreads = 512;
+constexpr int kSpectralThreads = 512;  // two-pass filter kernel
+constexpr int kElementwiseThreads = 256;
 
-// Fused path: twiddles, planes [P][H][W] complex (+ a ping-pong copy when spectral), a [C][H][W]
-// accumulator for two draws, the reduction scratch and per-channel scales.
-struct FusedLayout {
-  size_t tw_h, tw_w, buf_a, buf_b, acc, red, scale, total;
+// Fused path: one CLUSTER of R blocks per sample (R = 1: one block), kFusedThreads each. Block r of
+// the cluster owns rows [r Hs, (r + 1) Hs) of every channel plane (Hs = H / R) for the noise, the
+// row FFTs, the normalisation and the epilogue, and columns [r Ws, (r + 1) Ws) (Ws = W / R) for the
+// column FFTs and the weights; the transposes between the two go through distributed shared memory.
+constexpr int kFusedThreads = 128;
+constexpr int kFusedMinBlocks = 8;  // __launch_bounds__: at most 64 registers per thread
+// Resident blocks per SM the register budget is sized for (__launch_bounds__): the add_noise /
+// shaped_noise variants fit 64 registers without spilling (8 blocks of 128 threads per SM); the
+// ddpm_step epilogue holds several channel vectors per pixel and gets 128 (k <= 2) / 255 registers.
+__host__ __device__ constexpr int fused_min_blocks(int ka, bool step) {
+  return step ? (ka > 2 ? 2 : 4) : kFusedMinBlocks;
+}
+constexpr int kMaxCluster = 8;      // portable cluster size
+
+// Geometry and shared-memory layout of a spectral launch (computed on the host, read by the kernels).
+struct SpectralGeom {
+  int C, H, W, P;
+  FftFactors fh, fw;
+  int tile;           // two-pass: complex elements per tile
+  int rows_per_tile;  // two-pass row phases
+  int cols_per_tile;  // two-pass column phase
+  // fused: cluster size, slab rows / columns per block, padded line pitches (row lines of Wp floats,
+  // column lines of Hp floats), floats per plane in a buffer (planes: channel c at c * PS, the pairs'
+  // real parts at even c, imaginary parts at odd c; an odd C has a zero plane C).
+  int R, Hs, Ws, Wp, Hp, PS;
+  int nbuf;           // plane buffers: 3 with spectral weights (row, row / column ping-pong, column), else 1
+  uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_red, off_part, off_stat, smem;
 };
 
-__host__ __device__ __forceinline__ FusedLayout fused_layout(int C, int H, int W, bool spectral, int draws) {
-  const size_t HW = (size_t)H * W, P = (size_t)(C + 1) / 2;
-  FusedLayout L;
-  L.tw_h = 0;
-  L.tw_w = align_up(L.tw_h + 8 * (size_t)H, 16);
-  L.buf_a = align_up(L.tw_w + 8 * (size_t)W, 16);
-  L.buf_b = align_up(L.buf_a + 8 * P * HW, 16);
-  L.acc = align_up(L.buf_b + (spectral ? 8 * P * HW : 0), 16);
-  L.red = align_up(L.acc + (draws > 1 ? 4 * (size_t)C * HW : 0), 16);
-  L.scale = L.red + 32 * sizeof(double);
-  L.total = align_up(L.scale + 4 * (size_t)C, 16);
-  return L;
+// Padded pitch of lines of n floats: odd, so that column gathers (one element per line, consecutive
+// lines in consecutive threads) hit 32 different banks.
+__host__ __device__ __forceinline__ int line_pitch(int n) { return n | 1; }
+
+__host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spectral, int draws) {
+  const int R = g.R;
+  g.Hs = g.H / R;
+  g.Ws = g.W / R;
+  g.Wp = line_pitch(g.W);
+  g.Hp = line_pitch(g.H);
+  const int rows = g.Hs * g.Wp, cols = spectral ? g.Ws * g.Hp : 0;
+  g.PS = (int)align_up((size_t)(rows > cols ? rows : cols), 4);
+  g.nbuf = spectral ? 3 : 1;
+  const size_t planes = 2 * (size_t)g.P;
+  size_t o = 0;
+  g.off_tw_h = (uint32_t)o;
+  o = align_up(o + (spectral ? 8 * (size_t)g.H : 0), 16);
+  g.off_tw_w = (uint32_t)o;
+  o = align_up(o + (spectral ? 8 * (size_t)g.W : 0), 16);
+  g.off_buf = (uint32_t)o;
+  o = align_up(o + 4 * (size_t)g.nbuf * planes * g.PS, 16);
+  g.off_acc = (uint32_t)o;
+  o = align_up(o + (draws > 1 ? 4 * (size_t)g.C * g.Hs * g.W : 0), 16);
+  g.off_red = (uint32_t)o;
+  o = align_up(o + 8 * (size_t)g.C * (kFusedThreads / 32), 16);
+  g.off_part = (uint32_t)o;
+  o = align_up(o + 8 * 3 * (size_t)draws * g.C, 16);
+  g.off_stat = (uint32_t)o;                    // mean (double), scale, dc term (float) per channel
+  o = align_up(o + 16 * (size_t)g.C, 16);
+  g.smem = (uint32_t)o;
 }
 
 // Two-pass filter kernel: twiddles, two tiles of `tile` complex elements, the reduction scratch.
@@ -603,14 +852,6 @@ __host__ __device__ __forceinline__ TileLayout tile_layout(int H, int W, int til
   return L;
 }
 
-// Geometry of a spectral launch (computed on the host).
-struct SpectralGeom {
-  int C, H, W, P;
-  FftFactors fh, fw;
-  int tile;           // two-pass: complex elements per tile
-  int rows_per_tile;  // two-pass row phases
-  int cols_per_tile;  // two-pass column phase
-};
 
 // ---------------------------------------------------------------------------------------------
 // Launchers (defined in noise_elementwise.cu / noise_spectral.cu, used by noise_cuda.cu)
@@ -621,8 +862,7 @@ cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec,
                                cudaStream_t stream);
 // smem: the launch's dynamic shared memory; smem_cap: the device's opt-in limit (the kernels' opt-in
 // attribute is set to it, see allow_smem in noise_spectral.cu).
-cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
-                         cudaStream_t stream);
+cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream);
 cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
                                    float2* cws, float* ws, cudaStream_t stream);
 

@@ -16,6 +16,7 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 constexpr int kMinTile = 8192;  // two-pass tile: complex elements per row / column tile
+constexpr int kMaxFftPrime = 61;  // largest prime factor of H / W the CUDA FFT takes (generic O(p) butterflies)
 
 int cached_attribute(std::atomic<int>* cache, cudaDeviceAttr attr, int device) {
   if (device < 0 || device >= kMaxDevices) {
@@ -76,8 +77,8 @@ size_t two_pass_offset(const NoiseProblem& p) {
   return align_up(4 * (size_t)p.batch * p.channels * p.height * p.width, 256);
 }
 
-SpectralGeom geometry(const NoiseProblem& p, int tile) {
-  SpectralGeom g;
+SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
+  SpectralGeom g = {};
   g.C = (int)p.channels;
   g.H = (int)p.height;
   g.W = (int)p.width;
@@ -87,7 +88,69 @@ SpectralGeom geometry(const NoiseProblem& p, int tile) {
   g.tile = tile;
   g.rows_per_tile = tile > 0 ? std::max(1, std::min(g.H, tile / g.W)) : 0;
   g.cols_per_tile = tile > 0 ? std::max(1, std::min(g.W, tile / g.H)) : 0;
+  g.R = cluster > 0 ? cluster : 1;
+  if (cluster > 0) fused_layout(g, p.weights != nullptr, p.draws);
   return g;
+}
+
+// Cluster size of the fused path: a function of (H, W) only (never of the batch), so a sample's
+// result does not depend on the batch around it. The largest R <= 8 dividing H and W that leaves
+// each block at least one pixel per thread; ANISODIFF_CUDA_CLUSTER=R forces R (tests) when it
+// divides H and W.
+int fused_cluster(int64_t H, int64_t W) {
+  const char* env = getenv("ANISODIFF_CUDA_CLUSTER");
+  if (env != nullptr) {
+    const int r = atoi(env);
+    if (r >= 1 && r <= kMaxCluster && H % r == 0 && W % r == 0) return r;
+  }
+  for (int r = kMaxCluster; r > 1; r /= 2)
+    if (H % r == 0 && W % r == 0 && H * W / r >= kFusedThreads) return r;
+  return 1;
+}
+
+int largest_prime(int64_t n) {
+  int64_t largest = 1;
+  for (int64_t q = 2; q * q <= n; ++q)
+    while (n % q == 0) {
+      largest = q;
+      n /= q;
+    }
+  return (int)(n > largest ? n : largest);
+}
+
+unsigned grid_stride_blocks(int64_t items, int threads, int sms) {
+  const int64_t blocks = (items + threads - 1) / threads;
+  const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 32;  // grid-stride beyond this
+  return (unsigned)std::max<int64_t>(1, std::min(blocks, cap));
+}
+
+// The kernel launch_elementwise picks (names as in the sources' templates).
+void describe_elementwise(const NoiseProblem& p, bool vec, int sms, const char*& kernel, unsigned& grid, int& block) {
+  const int64_t HW = p.height * p.width;
+  block = kElementwiseThreads;
+  if (p.step_params != nullptr) {
+    kernel = p.step_k <= 2 ? "ddpm_step_elementwise<KA=2>" : "ddpm_step_elementwise<KA=8>";
+    grid = grid_stride_blocks(p.batch * HW, block, sms);
+    return;
+  }
+  grid = grid_stride_blocks(p.batch * ((HW + 3) / 4), block, sms);
+  static const char* names[2][5] = {
+      {"add_noise_elementwise<K=4,KA=0,vec=0>", "add_noise_elementwise<K=4,KA=2,vec=0>",
+       "add_noise_elementwise<K=16,KA=2,vec=0>", "add_noise_elementwise<K=4,KA=8,vec=0>",
+       "add_noise_elementwise<K=16,KA=8,vec=0>"},
+      {"add_noise_elementwise<K=4,KA=0,vec=1>", "add_noise_elementwise<K=4,KA=2,vec=1>",
+       "add_noise_elementwise<K=16,KA=2,vec=1>", "add_noise_elementwise<K=4,KA=8,vec=1>",
+       "add_noise_elementwise<K=16,KA=8,vec=1>"}};
+  const bool few = p.channels <= 4;
+  const int v = p.k == 0 ? 0 : (p.k <= 2 ? (few ? 1 : 2) : (few ? 3 : 4));
+  kernel = names[vec ? 1 : 0][v];
+}
+
+const char* fused_kernel_name(const NoiseProblem& p) {
+  if (p.step_params != nullptr)
+    return p.step_k <= 2 ? "fused_spectral<KA=2,step=1>" : "fused_spectral<KA=8,step=1>";
+  return p.k == 0 ? "fused_spectral<KA=0,step=0>"
+                  : (p.k <= 2 ? "fused_spectral<KA=2,step=0>" : "fused_spectral<KA=8,step=0>");
 }
 
 }  // namespace
@@ -95,7 +158,14 @@ SpectralGeom geometry(const NoiseProblem& p, int tile) {
 size_t device_smem_limit(int device) { return (size_t)cached_attribute(g_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device); }
 
 size_t fused_smem_bytes(int channels, int height, int width, bool spectral, int draws) {
-  return fused_layout(channels, height, width, spectral, draws).total;
+  NoiseProblem p;
+  p.channels = channels;
+  p.height = height;
+  p.width = width;
+  p.draws = draws;
+  static const float dummy = 0.f;
+  p.weights = spectral ? &dummy : nullptr;
+  return geometry(p, 0, fused_cluster(height, width)).smem;
 }
 
 const char* path_name(Path path) {
@@ -111,8 +181,10 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   LaunchPlan plan;
   if (p.batch == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return plan;
   plan.smem_limit = device_smem_limit(device);
+  const int sms = sm_count(device);
   if (p.weights == nullptr && !p.per_sample_norm) {
     plan.path = Path::kElementwise;
+    describe_elementwise(p, vec_ok(p, true), sms, plan.kernel, plan.grid, plan.block);
     return plan;
   }
   // Plane kernels index a plane (and the fused kernel a whole sample) with 32-bit ints.
@@ -122,11 +194,23 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
                  "channel pairs) is not supported with a spectral spec or per-sample normalisation";
     return plan;
   }
+  if (p.weights != nullptr && (largest_prime(H) > kMaxFftPrime || largest_prime(W) > kMaxFftPrime)) {
+    plan.error = "anisodiff CUDA kernel: spectral weights need plane sides whose prime factors are all <= 61 "
+                 "(the CUDA FFT has no Bluestein transform for larger primes; the CPU and reference "
+                 "backends take any size)";
+    return plan;
+  }
   if (C * HW <= INT_MAX / 2 && !force_two_pass()) {
-    const size_t fused = fused_smem_bytes((int)C, (int)H, (int)W, p.weights != nullptr, p.draws);
-    if (fused <= plan.smem_limit) {
+    const int R = fused_cluster(H, W);
+    const SpectralGeom g = geometry(p, 0, R);
+    if (g.smem <= plan.smem_limit && p.batch * R <= (int64_t)INT_MAX) {
       plan.path = Path::kFused;
-      plan.smem_bytes = fused;
+      plan.smem_bytes = g.smem;
+      plan.kernel = fused_kernel_name(p);
+      plan.grid = (unsigned)(p.batch * R);
+      plan.block = kFusedThreads;
+      plan.cluster = R;
+      plan.rows_per_block = g.Hs;
       return plan;
     }
   }
@@ -145,6 +229,10 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   plan.smem_bytes = smem;
   plan.tile = tile;
   plan.workspace_bytes = two_pass_offset(p) + 8 * (size_t)p.batch * ((C + 1) / 2) * HW;
+  plan.kernel = "two_pass_filter";
+  plan.grid = (unsigned)(p.batch * ((C + 1) / 2));
+  plan.block = kSpectralThreads;
+  describe_elementwise(p, vec_ok(p, false), sms, plan.kernel2, plan.grid2, plan.block2);
   return plan;
 }
 
@@ -158,12 +246,12 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kElementwise:
       return launch_elementwise(p, nullptr, vec_ok(p, true), sm_count(device), stream);
     case Path::kFused:
-      return launch_fused(p, geometry(p, 0), plan.smem_bytes, plan.smem_limit, vec_ok(p, false), stream);
+      return launch_fused(p, geometry(p, 0, plan.cluster), plan.smem_limit, stream);
     case Path::kTwoPass: {
       if (workspace == nullptr) return cudaErrorInvalidValue;
       float* ws = static_cast<float*>(workspace);
       float2* cws = reinterpret_cast<float2*>(static_cast<char*>(workspace) + two_pass_offset(p));
-      err = launch_two_pass_filter(p, geometry(p, plan.tile), plan.smem_bytes, plan.smem_limit, cws, ws, stream);
+      err = launch_two_pass_filter(p, geometry(p, plan.tile, 0), plan.smem_bytes, plan.smem_limit, cws, ws, stream);
       if (err != cudaSuccess) return err;
       return launch_elementwise(p, ws, vec_ok(p, false), sm_count(device), stream);
     }

@@ -5,8 +5,9 @@
 // Paths (see docs/cuda.md):
 //   elementwise  no spectral weights and no per-sample normalisation: one thread per 4 pixels of a
 //                sample (one Philox call serves 4 lanes), every channel, squeeze + mix in registers.
-//   fused        spectral weights or per-sample normalisation, and the sample's planes fit in shared
-//                memory: one CTA per sample, 2-D FFTs in shared memory, then the per-pixel epilogue.
+//   fused        spectral weights or per-sample normalisation, and a slab of the sample fits in shared
+//                memory: one cluster of R <= 8 blocks per sample (a slab of H / R rows each), 2-D FFTs
+//                with transposes through distributed shared memory, then the per-pixel epilogue.
 //   two_pass     the planes do not fit: one CTA per (sample, channel pair) filters through a global
 //                fp32 workspace, then the elementwise epilogue reads it.
 #pragma once
@@ -29,6 +30,18 @@ struct LaunchPlan {
   size_t workspace_bytes = 0;  // global scratch the caller allocates on the stream's device
   int tile = 0;                // two-pass: complex elements per row / column tile in shared memory
   const char* error = nullptr; // set when the problem cannot run on this device
+  // The launch itself (for performance models and reports): the kernel's name with its template
+  // arguments as in the sources, grid and block (threads), cluster size (blocks of one sample on the
+  // fused path, cudaLaunchKernelEx cluster dimension; 1: a plain launch), slab rows per fused block.
+  // Two-pass: kernel is the filter, kernel2 the elementwise second pass.
+  const char* kernel = nullptr;
+  unsigned grid = 0;
+  int block = 0;
+  int cluster = 1;
+  int rows_per_block = 0;
+  const char* kernel2 = nullptr;
+  unsigned grid2 = 0;
+  int block2 = 0;
 };
 
 // Chooses the path for `p` on `device` (the current device). The environment variable

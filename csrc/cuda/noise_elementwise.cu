@@ -9,7 +9,7 @@ namespace anisodiff {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kElementwiseThreads;
 
 // K: channels kept in registers between the squeeze's two passes (more are fetched again);
 // KA: the most squeeze axes handled (0: no squeeze).

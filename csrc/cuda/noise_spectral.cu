@@ -1,9 +1,13 @@
 // Spectral kernels (SAGD T_w and per-sample normalisation).
 //
-// fused:     one CTA per sample. The C channel planes sit in shared memory as ceil(C/2) complex planes
-//            (channel 2q = real part, 2q + 1 = imaginary part of plane q: T_w is a real operator, so
-//            the two separate exactly); 2-D Stockham FFT (rows, then columns), weights, inverse;
-//            normalisation and gains; then the per-pixel epilogue writes the outputs.
+// fused:     one thread-block CLUSTER of R <= 8 blocks (128 threads each) per sample; block r owns a slab
+//            of H / R rows of every channel plane, planar in shared memory (one float plane per channel,
+//            line pitches padded to odd lengths); pairs of channels of the same sample are the real and
+//            imaginary parts of one complex FFT (T_w is a real operator, so the two separate exactly).
+//            Row FFTs on the slab, a transpose through distributed shared memory to column slabs, column
+//            FFTs, weights (DC bin zeroed; w(0) mean(e) added after the inverse), inverse, transpose back,
+//            inverse rows; normalisation statistics summed over the cluster; then the per-pixel epilogue
+//            of the slab (every channel of a pixel is in the block, so the squeeze is local).
 // two-pass:  one CTA per (sample, channel pair) filters its complex plane through a global workspace
 //            in tiles of rows / columns that fit in shared memory, and writes the finished noise
 //            planes into the fp32 workspace [B, C, H, W]; the elementwise kernels do the rest.
@@ -13,109 +17,186 @@ namespace anisodiff {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ float& plane_value(float2* planes, int HW, int c, int hw) {
-  float* f = reinterpret_cast<float*>(planes + (size_t)(c >> 1) * HW + hw);
-  return f[c & 1];
+// part[c] = this block's sum of get(c, i) over i < n, for every c < C (double, fixed order). The caller
+// puts a barrier (block, or cluster when peers read part) between this and any read of part or the
+// next call (red is reused).
+template <class Get>
+__device__ __forceinline__ void block_partials(int C, int n, double* red, double* part, Get get) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  for (int c = 0; c < C; ++c) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)get(c, i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+    if (lane == 0) red[c * nw + warp] = s;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    double t = 0.0;
+    for (int w = 0; w < nw; ++w) t += red[c * nw + w];
+    part[c] = t;
+  }
 }
 
-// KA: the most axes the epilogue handles (squeeze k or step_k <= KA).
-template <int KA, bool kVec>
-__global__ void __launch_bounds__(kSpectralThreads) fused_spectral(const NoiseProblem p, const SpectralGeom g) {
+// The sample's total of part[c] over the R blocks of the cluster, in rank order (the same in every block).
+__device__ __forceinline__ double cluster_total(double* part, int c, int R) {
+  if (R == 1) return part[c];
+  double t = 0.0;
+  for (int r = 0; r < R; ++r) t += cluster_peer(part, (unsigned)r)[c];
+  return t;
+}
+
+// One fused launch: block (b, r) = blockIdx.x (cluster of R blocks per sample b, rank r). See the
+// layout in common.cuh (SpectralGeom / fused_layout) and docs/cuda.md. Phases per draw d:
+//   1. white noise of the block's slab (rows r Hs .. r Hs + Hs - 1 of every channel) into planar planes
+//   2. T_w: row FFTs; cluster barrier; gather the block's columns from the cluster's slabs (DSMEM);
+//      column FFTs, weights with the DC bin zeroed (and the inverse's 1 / HW), inverse column FFTs;
+//      cluster barrier; gather the block's rows back; inverse row FFTs; + w(0) * mean(e) per plane
+//   3. per-plane std normalisation (statistics summed over the cluster), gains, second draw
+// then the per-pixel epilogue of the block's slab (every channel of a pixel is in this block).
+// KA: the most axes the epilogue handles (squeeze k or step_k <= KA); kStep: the ddpm_step epilogue.
+template <int KA, bool kStep>
+__global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
+    fused_spectral(const NoiseProblem p, const SpectralGeom g) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int C = g.C, H = g.H, W = g.W, P = g.P, HW = H * W, CHW = C * HW;
+  const int C = g.C, H = g.H, W = g.W, P = g.P, R = g.R, Hs = g.Hs, Ws = g.Ws, Wp = g.Wp, Hp = g.Hp, PS = g.PS;
+  const int HW = H * W, SL = Hs * W, NPL = 2 * P;
   const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t b = blockIdx.x / R;
+  const int r = (int)(blockIdx.x - b * R);
   const bool spectral = p.weights != nullptr;
-  const FusedLayout L = fused_layout(C, H, W, spectral, p.draws);
-  float2* tw_h = reinterpret_cast<float2*>(smem + L.tw_h);
-  float2* tw_w = reinterpret_cast<float2*>(smem + L.tw_w);
-  float2* buf_a = reinterpret_cast<float2*>(smem + L.buf_a);
-  float2* buf_b = reinterpret_cast<float2*>(smem + L.buf_b);
-  float* acc = reinterpret_cast<float*>(smem + L.acc);
-  double* red = reinterpret_cast<double*>(smem + L.red);
-  float* scale = reinterpret_cast<float*>(smem + L.scale);
-  const int64_t b = blockIdx.x;
+  float2* tw_h = reinterpret_cast<float2*>(smem + g.off_tw_h);
+  float2* tw_w = reinterpret_cast<float2*>(smem + g.off_tw_w);
+  float* const buf0 = reinterpret_cast<float*>(smem + g.off_buf);
+  float* const buf1 = buf0 + (size_t)NPL * PS;
+  float* const buf2 = buf1 + (size_t)NPL * PS;
+  float* acc = reinterpret_cast<float*>(smem + g.off_acc);
+  double* red = reinterpret_cast<double*>(smem + g.off_red);
+  double* part = reinterpret_cast<double*>(smem + g.off_part);
+  double* mean = reinterpret_cast<double*>(smem + g.off_stat);
+  float* scale = reinterpret_cast<float*>(mean + C);
+  float* dcadd = scale + C;
   const Stream st = read_stream(p);
+  const int64_t CHW = (int64_t)C * HW;
   if (spectral) {
     build_twiddles(tw_h, H);
     build_twiddles(tw_w, W);
   }
-  const Lines rows{P * H, P * H, W, 0, 1};  // line (q, h): W elements, contiguous
-  const Lines cols{P * W, W, 1, HW, W};     // line (q, w): H elements, W apart
-  float2* X = buf_a;
+  // slab pixel i (row i / W, column i % W) in a plane buffer
+  auto at = [&](int i) { const int hl = i / W; return hl * Wp + (i - hl * W); };
+  const PlanarLines rows{P * Hs, Hs, Wp, 2 * PS};
+  const PlanarLines cols{P * Ws, Ws, Hp, 2 * PS};
+  float* X = buf0;
   for (int d = 0; d < p.draws; ++d) {
-    // 1. white noise of draw d (an odd channel count leaves the last imaginary part zero)
+    if (d > 0 && R > 1) cluster_barrier();  // peers may still read this block's buffers of draw d - 1
+    X = buf0;
+    // 1. white noise of draw d
     if (C & 1)
-      for (int hw = tid; hw < HW; hw += nt) plane_value(buf_a, HW, C, hw) = 0.f;
+      for (int i = tid; i < SL; i += nt) X[C * PS + at(i)] = 0.f;
     if (p.noise[d].data != nullptr) {
       const TensorArg& nz = p.noise[d];
-      for (int li = tid; li < CHW; li += nt) {
-        const int c = li / HW, hw = li - c * HW, h = hw / W, w = hw - h * W;
-        plane_value(buf_a, HW, c, hw) = load_elem(nz, nz.index(b, c, h, w));
+      for (int li = tid; li < C * SL; li += nt) {
+        const int c = li / SL, i = li - c * SL, hl = i / W, w = i - hl * W;
+        X[c * PS + hl * Wp + w] = load_elem(nz, nz.index(b, c, r * Hs + hl, w));
       }
     } else {
       generate_segments(
-          st, (uint32_t)d, 1, CHW, [&](int) { return b * (int64_t)CHW; },
-          [&](int, int li, float v) {
-            const int c = li / HW;
-            plane_value(buf_a, HW, c, li - c * HW) = v;
-          });
+          st, (uint32_t)d, C, SL, [&](int c) { return b * CHW + (int64_t)c * HW + (int64_t)r * SL; },
+          [&](int c, int i, float v) { X[c * PS + at(i)] = v; });
     }
     __syncthreads();
-    // 2. T_w: forward 2-D FFT, weights (with the inverse's 1 / HW), inverse
-    X = buf_a;
     if (spectral) {
-      X = fft_lines(X, X == buf_a ? buf_b : buf_a, W, g.fw, tw_w, 1.f, rows);
-      X = fft_lines(X, X == buf_a ? buf_b : buf_a, H, g.fh, tw_h, 1.f, cols);
-      const float* wd = p.weights + (size_t)d * HW;
-      const float inv = 1.0f / (float)HW;
-      for (int i = tid; i < P * HW; i += nt) {
-        const float wv = __ldg(wd + i % HW) * inv;
-        X[i].x *= wv;
-        X[i].y *= wv;
+      const float dc = __ldg(p.weights + (size_t)d * HW);
+      double* pdc = part + (size_t)(3 * d) * C;
+      if (dc != 0.f) block_partials(C, SL, red, pdc, [&](int c, int i) { return X[c * PS + at(i)]; });
+      float* Xr = fft_planar(buf0, buf1, PS, W, g.fw, tw_w, 1.f, rows);
+      float* Yr = Xr == buf0 ? buf1 : buf0;
+      if (R > 1) cluster_barrier();  // every slab's row transforms (and DC partials) are complete
+      // this block's columns r Ws .. r Ws + Ws - 1 of every plane, as column lines of the H rows
+      for (int idx = tid; idx < NPL * Ws * H; idx += nt) {
+        const int h = idx % H, rest = idx / H, wl = rest % Ws, pl = rest / Ws;
+        const int src = pl * PS + (h % Hs) * Wp + r * Ws + wl;
+        const float* from = R > 1 ? cluster_peer(Xr, (unsigned)(h / Hs)) : Xr;
+        buf2[pl * PS + wl * Hp + h] = from[src];
       }
       __syncthreads();
-      X = fft_lines(X, X == buf_a ? buf_b : buf_a, H, g.fh, tw_h, -1.f, cols);
-      X = fft_lines(X, X == buf_a ? buf_b : buf_a, W, g.fw, tw_w, -1.f, rows);
+      float* Z = fft_planar(buf2, Yr, PS, H, g.fh, tw_h, 1.f, cols);
+      const float* wd = p.weights + (size_t)d * HW;
+      const float inv = 1.0f / (float)HW;
+      for (int idx = tid; idx < Ws * H; idx += nt) {
+        const int wl = idx % Ws, h = idx / Ws, w = r * Ws + wl;
+        const float wv = (h == 0 && w == 0) ? 0.f : __ldg(wd + (size_t)h * W + w) * inv;  // DC: below
+        for (int q = 0; q < P; ++q) {
+          Z[2 * q * PS + wl * Hp + h] *= wv;
+          Z[(2 * q + 1) * PS + wl * Hp + h] *= wv;
+        }
+      }
+      __syncthreads();
+      Z = fft_planar(Z, Z == buf2 ? Yr : buf2, PS, H, g.fh, tw_h, -1.f, cols);
+      if (R > 1) cluster_barrier();  // every block's column transforms are complete, Xr is read
+      for (int idx = tid; idx < NPL * Hs * W; idx += nt) {
+        const int w = idx % W, rest = idx / W, hl = rest % Hs, pl = rest / Hs;
+        const float* from = R > 1 ? cluster_peer(Z, (unsigned)(w / Ws)) : Z;
+        Xr[pl * PS + hl * Wp + w] = from[pl * PS + (w % Ws) * Hp + r * Hs + hl];
+      }
+      __syncthreads();
+      // peers may still read Z: the inverse rows ping-pong with the other free buffer
+      X = fft_planar(Xr, Z == buf2 ? Yr : buf2, PS, W, g.fw, tw_w, -1.f, rows);
+      if (dc != 0.f) {  // + w(0) mean(e): the DC bin outside the FFT (as the CPU kernel)
+        for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (cluster_total(pdc, c, R) / (double)HW));
+        __syncthreads();
+        for (int li = tid; li < C * SL; li += nt) {
+          const int c = li / SL;
+          X[c * PS + at(li - c * SL)] += dcadd[c];
+        }
+        __syncthreads();
+      }
     }
-    // 3. per-plane normalisation, then the draw's gain (into acc when two draws add up)
-    for (int c = 0; c < C; ++c) {
-      float s = 1.f;
-      if (p.per_sample_norm) s = plane_inv_std(HW, red, [&](int hw) { return plane_value(X, HW, c, hw); });
-      if (tid == 0) scale[c] = s;
+    // 3. per-plane normalisation (mean, then centred sum of squares, over the cluster), gains
+    if (p.per_sample_norm) {
+      double* pm = part + (size_t)(3 * d + 1) * C;
+      double* pv = part + (size_t)(3 * d + 2) * C;
+      block_partials(C, SL, red, pm, [&](int c, int i) { return X[c * PS + at(i)]; });
+      if (R > 1) cluster_barrier(); else __syncthreads();
+      for (int c = tid; c < C; c += nt) mean[c] = cluster_total(pm, c, R) / (double)HW;
+      __syncthreads();
+      block_partials(C, SL, red, pv, [&](int c, int i) {
+        const double v = (double)X[c * PS + at(i)] - mean[c];
+        return v * v;
+      });
+      if (R > 1) cluster_barrier(); else __syncthreads();
+      for (int c = tid; c < C; c += nt)
+        scale[c] = (float)(1.0 / (sqrt(cluster_total(pv, c, R) / (double)HW) + 1e-8));
+    } else {
+      for (int c = tid; c < C; c += nt) scale[c] = 1.f;
     }
     __syncthreads();
     if (p.draws > 1) {
       const float gamma = p.gammas[d];
-      for (int li = tid; li < CHW; li += nt) {
-        const int c = li / HW;
-        const float v = plane_value(X, HW, c, li - c * HW) * scale[c];
+      for (int li = tid; li < C * SL; li += nt) {
+        const int c = li / SL;
+        const float v = X[c * PS + at(li - c * SL)] * scale[c];
         acc[li] = d == 0 ? v * gamma : acc[li] + gamma * v;
       }
       __syncthreads();
     }
   }
   const float gamma0 = p.gammas[0];
-  auto value = [&](int c, int hw) -> float {
-    if (p.draws > 1) return acc[c * HW + hw];
-    return (plane_value(X, HW, c, hw) * scale[c]) * gamma0;
-  };
-  // 4. epilogue
-  if (p.step_params != nullptr) {
-    for (int hw = tid; hw < HW; hw += nt) {
-      const int h = hw / W, w = hw - h * W;
-      step_pixel<4, KA>(p, b, h, w, [&](int c) { return value(c, hw); });
-    }
-  } else {
-    const int quads = (HW + 3) / 4;
-    for (int j = tid; j < quads; j += nt) {
-      const int hw0 = 4 * j, n = HW - hw0 < 4 ? HW - hw0 : 4;
-      const QuadPos pos = kVec ? QuadPos{} : quad_pos(hw0, W);
-      add_noise_quad<4, KA, kVec>(p, b, hw0, n, pos, [&](int c, float e[4]) {
-#pragma unroll
-        for (int l = 0; l < 4; ++l) e[l] = l < n ? value(c, hw0 + l) : 0.f;
-      });
+  const bool two = p.draws > 1;
+  const SampleCoef coef = kStep ? SampleCoef{} : sample_coef(p, b);
+  const float* fin = X;
+  // 4. epilogue: one pixel per thread, every channel (coalesced rows of the slab)
+  for (int i = tid; i < SL; i += nt) {
+    const int hl = i / W, w = i - hl * W, h = r * Hs + hl;
+    const int pos = hl * Wp + w;
+    auto value = [&](int c) -> float { return two ? acc[c * SL + i] : (fin[c * PS + pos] * scale[c]) * gamma0; };
+    if constexpr (kStep) {
+      step_pixel<4, KA>(p, b, h, w, value);
+    } else {
+      add_noise_pixel<KA>(p, coef, b, h, w, value);
     }
   }
+  if (R > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
 __global__ void __launch_bounds__(kSpectralThreads)
@@ -142,6 +223,8 @@ __global__ void __launch_bounds__(kSpectralThreads)
   __syncthreads();
   const int R = g.rows_per_tile, KC = g.cols_per_tile;
   for (int d = 0; d < p.draws; ++d) {
+    const float dc = spectral ? __ldg(p.weights + (int64_t)d * HW) : 0.f;
+    double sum_re = 0.0, sum_im = 0.0;  // this thread's part of the planes' sums (the DC term)
     // rows: white noise of channels c0 (real) and c0 + 1 (imaginary), forward FFT along W
     for (int h0 = 0; h0 < H; h0 += R) {
       const int rr = H - h0 < R ? H - h0 : R, n = rr * W;
@@ -167,6 +250,11 @@ __global__ void __launch_bounds__(kSpectralThreads)
             });
       }
       __syncthreads();
+      if (dc != 0.f)
+        for (int i = tid; i < n; i += nt) {
+          sum_re += (double)ta[i].x;
+          sum_im += (double)ta[i].y;
+        }
       const float2* T = spectral ? fft_lines(ta, tb, W, g.fw, tw_w, 1.f, Lines{rr, rr, W, 0, 1}) : ta;
       for (int i = tid; i < n; i += nt) plane[(int64_t)h0 * W + i] = T[i];
       __syncthreads();
@@ -186,7 +274,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
         float2* T = fft_lines(ta, tb, H, g.fh, tw_h, 1.f, cl);
         for (int i = tid; i < n; i += nt) {
           const int h = i / kc, j = i - h * kc;
-          const float wv = __ldg(wd + (int64_t)h * W + w0 + j) * inv;
+          const float wv = (h == 0 && w0 + j == 0) ? 0.f : __ldg(wd + (int64_t)h * W + w0 + j) * inv;  // DC: below
           T[i].x *= wv;
           T[i].y *= wv;
         }
@@ -208,19 +296,26 @@ __global__ void __launch_bounds__(kSpectralThreads)
         __syncthreads();
       }
     }
-    // normalisation and gain into the workspace (the second draw adds on)
+    // + w(0) mean(e) (the DC bin outside the FFT, as the CPU kernel), normalisation and gain into
+    // the workspace (the second draw adds on)
+    float dcadd[2] = {0.f, 0.f};
+    if (dc != 0.f) {
+      dcadd[0] = (float)(dc * (block_sum(sum_re, red) / (double)HW));
+      dcadd[1] = (float)(dc * (block_sum(sum_im, red) / (double)HW));
+    }
     const float gamma = p.gammas[d];
     for (int comp = 0; comp < ncomp; ++comp) {
+      const float add = comp ? dcadd[1] : dcadd[0];
       float s = 1.f;
       if (p.per_sample_norm)
         s = plane_inv_std(HW, red, [&](int i) {
           const float2 v = plane[i];
-          return comp ? v.y : v.x;
+          return (comp ? v.y : v.x) + add;
         });
       float* dst = ws + (b * C + c0 + comp) * (int64_t)HW;
       for (int i = tid; i < HW; i += nt) {
         const float2 v = plane[i];
-        const float x = (comp ? v.y : v.x) * s;
+        const float x = ((comp ? v.y : v.x) + add) * s;
         dst[i] = d == 0 ? x * gamma : dst[i] + gamma * x;
       }
     }
@@ -239,30 +334,36 @@ cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
                               (int)(smem_cap > smem ? smem_cap : smem));
 }
 
-template <int KA, bool kVec>
-cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
-                                cudaStream_t stream) {
-  const cudaError_t err = allow_smem(fused_spectral<KA, kVec>, smem, smem_cap);
+// A cluster launch (cudaLaunchKernelEx with a cluster dimension) when R > 1.
+template <int KA, bool kStep>
+cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
+  const cudaError_t err = allow_smem(fused_spectral<KA, kStep>, g.smem, smem_cap);
   if (err != cudaSuccess) return err;
-  fused_spectral<KA, kVec><<<(unsigned)p.batch, kSpectralThreads, smem, stream>>>(p, g);
-  return cudaGetLastError();
-}
-
-// The step epilogue has no vectorised I/O (vec is false for it).
-template <int KA>
-cudaError_t launch_fused_as(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
-                            cudaStream_t stream) {
-  return vec ? launch_fused_kernel<KA, true>(p, g, smem, smem_cap, stream)
-             : launch_fused_kernel<KA, false>(p, g, smem, smem_cap, stream);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)(p.batch * g.R), 1, 1);
+  cfg.blockDim = dim3(kFusedThreads, 1, 1);
+  cfg.dynamicSmemBytes = g.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)g.R;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = g.R > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, fused_spectral<KA, kStep>, p, g);
 }
 
 }  // namespace
 
-cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap, bool vec,
-                         cudaStream_t stream) {
-  const int k = p.step_params != nullptr ? p.step_k : p.k;
-  if (k <= 2) return launch_fused_as<2>(p, g, smem, smem_cap, vec, stream);
-  return launch_fused_as<kMaxAxes>(p, g, smem, smem_cap, vec, stream);
+cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
+  const bool step = p.step_params != nullptr;
+  const int k = step ? p.step_k : p.k;
+  if (step) return k <= 2 ? launch_fused_kernel<2, true>(p, g, smem_cap, stream)
+                          : launch_fused_kernel<kMaxAxes, true>(p, g, smem_cap, stream);
+  if (k == 0) return launch_fused_kernel<0, false>(p, g, smem_cap, stream);
+  return k <= 2 ? launch_fused_kernel<2, false>(p, g, smem_cap, stream)
+                : launch_fused_kernel<kMaxAxes, false>(p, g, smem_cap, stream);
 }
 
 cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
