@@ -63,6 +63,9 @@ std::tuple<std::string, int64_t, int64_t, int64_t> last_plan() {
           (int64_t)g_emu.barriers};
 }
 
+// Workspace bytes of the last launch's plan (the performance model's DRAM traffic of the two-pass path).
+int64_t last_workspace_bytes() { return (int64_t)g_last_plan.workspace_bytes; }
+
 // The launches since the last call, as int64 [n, 5] rows (kernel address, grid, block, cluster, smem
 // bytes); clears the log. scripts/cuda_perf_model.py maps the addresses to kernel names.
 at::Tensor launch_log() {
@@ -100,6 +103,7 @@ TORCH_LIBRARY(anisodiff_emu, m) {
   m.def("last_plan() -> (str, int, int, int)", &last_plan);
   m.def("race_selftest(int threads, bool barrier) -> Tensor", &race_selftest);
   m.def("launch_log() -> Tensor", &launch_log);
+  m.def("last_workspace_bytes() -> int", &last_workspace_bytes);
   m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
         "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
   m.def("shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
