@@ -82,6 +82,59 @@ at::Tensor launch_log() {
   return out;
 }
 
+// The planner's answer for a [B, C, H, W] problem without running anything, as a JSON object:
+// path, kernel (name with template arguments as in the sources), grid, block, cluster, smem_bytes,
+// rows_per_block, tile, workspace_bytes, kernel2 / grid2 / block2 (the two-pass path's elementwise
+// second pass), error. Tensors are assumed contiguous and aligned (vectorised I/O where H*W % 4 == 0).
+// The SM count is the emulator's (EMU_SM_COUNT); the shared-memory limit is sm_90's 227 KiB.
+std::string plan_query(int64_t B, int64_t C, int64_t H, int64_t W, bool spectral, int64_t draws,
+                       bool per_sample_norm, int64_t k, bool step, int64_t step_k, at::ScalarType dtype) {
+  NoiseProblem p;
+  p.batch = B;
+  p.channels = C;
+  p.height = H;
+  p.width = W;
+  p.draws = (int)draws;
+  static const float dummy = 0.f;  // only tested against nullptr by the planner
+  p.weights = spectral ? &dummy : nullptr;
+  p.per_sample_norm = per_sample_norm;
+  p.k = (int)k;
+  static const float params = 0.f;
+  if (step) {
+    p.step_params = &params;
+    p.step_k = (int)step_k;
+  }
+  alignas(16) static float base[4];
+  auto tensor = [&](TensorArg& t) {
+    t.data = base;
+    t.dtype = dtype == at::kHalf ? DType::kFloat16 : (dtype == at::kBFloat16 ? DType::kBFloat16 : DType::kFloat32);
+    t.stride[3] = 1;
+    t.stride[2] = W;
+    t.stride[1] = H * W;
+    t.stride[0] = C * H * W;
+  };
+  tensor(p.x0);
+  tensor(p.x_t);
+  tensor(p.out);
+  const cuda::LaunchPlan plan = cuda::plan_launch(p, 0);
+  auto str = [](const char* v) { return v ? "\"" + std::string(v) + "\"" : std::string("null"); };
+  std::string out = "{";
+  out += "\"path\": " + str(plan.error ? "unsupported" : cuda::path_name(plan.path));
+  out += ", \"kernel\": " + str(plan.kernel);
+  out += ", \"grid\": " + std::to_string(plan.grid);
+  out += ", \"block\": " + std::to_string(plan.block);
+  out += ", \"cluster\": " + std::to_string(plan.cluster);
+  out += ", \"smem_bytes\": " + std::to_string(plan.smem_bytes);
+  out += ", \"rows_per_block\": " + std::to_string(plan.rows_per_block);
+  out += ", \"tile\": " + std::to_string(plan.tile);
+  out += ", \"workspace_bytes\": " + std::to_string(plan.workspace_bytes);
+  out += ", \"kernel2\": " + str(plan.kernel2);
+  out += ", \"grid2\": " + std::to_string(plan.grid2);
+  out += ", \"block2\": " + std::to_string(plan.block2);
+  out += ", \"error\": " + str(plan.error);
+  return out + "}";
+}
+
 // Self-test of the scheduler: a block of `threads` threads; thread t writes s[t] = t, then (with or
 // without a barrier) reads s[(t + 1) % threads]. Without the barrier the read races with the write
 // and, depending on EMU_ORDER, sees the NaN poison of the shared memory.
@@ -104,6 +157,8 @@ TORCH_LIBRARY(anisodiff_emu, m) {
   m.def("race_selftest(int threads, bool barrier) -> Tensor", &race_selftest);
   m.def("launch_log() -> Tensor", &launch_log);
   m.def("last_workspace_bytes() -> int", &last_workspace_bytes);
+  m.def("plan(int B, int C, int H, int W, bool spectral=True, int draws=1, bool per_sample_norm=False, int k=1, "
+        "bool step=False, int step_k=0, ScalarType dtype=float32) -> str", &plan_query);
   m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
         "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
   m.def("shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
