@@ -23,7 +23,7 @@ Rationale of the current order (no GPU measurements yet; update the table from
     (the reference is several eager kernels plus cuFFT, ~5-10x the minimum traffic).
   * CPU: the compiled C++ kernel before the reference. Triton on the CPU runs in the interpreter
     (TRITON_INTERPRET=1): it is listed by available_backends for tests, never chosen by "auto".
-  Measurements behind this table: none yet (CPU order from DESIGN.md section 4 / `anisodiff bench`
+  Measurements behind this table: none yet (CPU order from docs/design.md section 4 / `anisodiff bench`
   on the 2-core CI machine: the C++ kernel beats eager PyTorch).
 """
 from __future__ import annotations

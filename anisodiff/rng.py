@@ -1,4 +1,4 @@
-"""Seeds and offsets of the canonical noise stream (DESIGN.md section 2).
+"""Seeds and offsets of the canonical noise stream (docs/design.md section 2).
 
 The stream is a pure function of ``(seed, offset)``. An explicit ``seed=`` is used as given. Without
 one, a seed is drawn from the ``generator`` (default: torch's global CPU generator, so

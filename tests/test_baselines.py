@@ -345,7 +345,7 @@ def test_official_squeeze_matrices_one_per_sample():
 def test_official_sampler_step_matches_aniso_ddpm_scheduler():
     """The official ConsistentCustomDDPMScheduler.step pattern (S^-1, stock step, S) and
     anisodiff's AnisoDDPMScheduler.step (sampling_mode="official", the closed form of
-    research/sdm.md 4.2) draw the same white noise from the same generator and must agree, clipping
+    docs/papers.md section 1.4) draw the same white noise from the same generator and must agree, clipping
     included, at every step of a 50-step run; the official prior is S(T-1) z."""
     from diffusers import DDPMScheduler
 

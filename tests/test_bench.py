@@ -484,7 +484,7 @@ def test_train_variants_draw_the_right_noise():
     and x_t = sqrt(abar) x0 + sqrt(1 - abar) target. 4096 samples of 3x8x8: the per-pixel variance
     has a relative s.e. under 1 %, the bound is 6 %; e^{-r/2} instead of e^{-r} (1.49) fails.
     The SAGD appendix recipe divides each plane by its std, which leaves out the DC bin (np.std
-    subtracts the mean, research/sagd.md 2.5): its mean square is sum(w^2) / sum_{f != 0}(w^2),
+    subtracts the mean, docs/papers.md section 2.5): its mean square is sum(w^2) / sum_{f != 0}(w^2),
     1.092 for alpha = -0.04 on 8x8."""
     B, size = 4096, 8
     fns = train_suite.train_noise_fns(B, size, "cpu")

@@ -43,7 +43,7 @@ def make_spec(kind: str, C: int, k: int = 1, normalize: str = "calibrated", radi
 
 
 def close(actual, expected, dtype=torch.float32):
-    """fp32: 1e-5 relative (DESIGN.md); half types: one rounding step of the storage type."""
+    """fp32: 1e-5 relative (docs/design.md section 5); half types: one rounding step of the storage type."""
     if dtype == torch.float32:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     else:
