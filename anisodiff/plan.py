@@ -6,7 +6,6 @@ reference's own definitions (one source of truth) and are cached per device.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,10 +19,11 @@ __all__ = ["KernelArgs", "kernel_args", "TARGET_CODES", "MAX_AXES", "MAX_DYNAMIC
 
 TARGET_CODES = {name: code for code, name in enumerate(reference.TARGETS)}
 MAX_AXES = 8  # csrc/include/anisodiff/squeeze.h kMaxAxes
-# float32 keeps ~7 digits: a weight table spanning more than this leaves the typical frequencies
-# below float32 resolution next to the largest one (e.g. the DC bin of PowerLaw(-0.5) at eps=1e-10).
+# float32 keeps ~7 digits: a weight table whose non-DC bins span more than this leaves the typical
+# frequencies below float32 resolution next to the largest one. The DC bin does not count: every
+# kernel applies it to the plane mean, outside the FFT of the other bins (so PowerLaw(alpha) with
+# the papers' 1e-10 floor runs at any alpha, and so does a large offset-noise weight).
 MAX_DYNAMIC_RANGE = 1e4
-_SLOW_PRIME = 61  # FFT lengths with a larger prime factor use the O(p) generic butterfly
 
 
 @dataclass(frozen=True)
@@ -43,23 +43,22 @@ def _schedule_key(schedule: VPSchedule | None):
     return (schedule.betas.numpy().tobytes(), schedule.alphas_cumprod.numpy().tobytes())
 
 
-def _largest_prime_factor(n: int) -> int:
-    p, largest = 2, 1
-    while p * p <= n:
-        while n % p == 0:
-            largest, n = p, n // p
-        p += 1
-    return max(largest, n)
-
-
 def _check_float32_range(w: torch.Tensor, spec: NoiseSpec) -> None:
-    positive = w[w > 0]
+    """Refuse tables the float32 kernels cannot apply at the reference's accuracy: non-finite in
+    float32, or non-DC bins spanning more than MAX_DYNAMIC_RANGE (max / median)."""
+    if not torch.isfinite(w.float()).all():
+        raise ValueError(f"spectral: the weights of {spec.spectral!r} overflow float32; use "
+                         "backend='reference'")
+    rest = w.flatten()[1:]
+    positive = rest[rest > 0]
+    if positive.numel() == 0:
+        return  # DC only: applied exactly, as a gain on the plane mean
     ratio = float(positive.max() / positive.median())
-    if not torch.isfinite(w.float()).all() or ratio > MAX_DYNAMIC_RANGE:
+    if ratio > MAX_DYNAMIC_RANGE:
         raise ValueError(
-            f"spectral: the weights of {spec.spectral!r} span a dynamic range of {ratio:.3g} "
+            f"spectral: the non-DC weights of {spec.spectral!r} span a dynamic range of {ratio:.3g} "
             f"(max / median), more than the float32 kernels resolve ({MAX_DYNAMIC_RANGE:g}); "
-            "use backend='reference', or raise the DC floor (e.g. PowerLaw(alpha, eps=1e-3))")
+            "use backend='reference'")
 
 
 @lru_cache(maxsize=64)
@@ -90,11 +89,6 @@ def _cached(spec_json: str, sched_key, channels: int, H: int, W: int, device: st
             for w in planes:
                 _check_float32_range(w, spec)
             weights = torch.stack(planes).to(torch.float32).to(dev)
-            for n in (H, W):
-                p = _largest_prime_factor(n)
-                if p > _SLOW_PRIME:
-                    warnings.warn(f"anisodiff: a {H}x{W} plane has the prime factor {p}; the CPU FFT "
-                                  f"uses an O({p}) per-element butterfly for it (slow)", stacklevel=4)
     variant = 1 if (use_squeeze and sq.variant == "heisenberg") else 0
     return KernelArgs(coef.to(dev), axes.contiguous().to(dev), weights, gammas, variant,
                       1 if spec.normalize == "per_sample" else 0, coef.shape[0])

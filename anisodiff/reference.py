@@ -195,16 +195,33 @@ def calibration(w: torch.Tensor) -> float:
     return float((w.double() ** 2).mean().rsqrt())
 
 
+def filter_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64) as its two parts: every bin but
+    DC through the FFT, and the DC bin as ``w[0, 0] * mean(x)`` per plane (shape ``[..., 1, 1]``).
+
+    DC is its own bin: its weight is applied outside the FFT, so one huge DC weight (the papers'
+    ``(1e-10)^alpha`` floor, offset noise) never costs the other bins any accuracy."""
+    x = x.double()
+    w = w.double()
+    dc = w[..., :1, :1] * x.mean(dim=(-2, -1), keepdim=True)
+    if x.numel() == 0:  # (MKL's FFT rejects empty batches)
+        return x, dc
+    w_ac = w.clone()
+    w_ac[..., 0, 0] = 0.0
+    return torch.fft.ifft2(torch.fft.fft2(x) * w_ac).real, dc
+
+
 def filter_planes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64)."""
-    if x.numel() == 0:  # (MKL's FFT rejects empty batches)
-        return x.double()
-    return torch.fft.ifft2(torch.fft.fft2(x.double()) * w).real
+    ac, dc = filter_parts(x, w)
+    return ac + dc
 
 
-def _normalize_per_sample(x: torch.Tensor) -> torch.Tensor:
-    """The SAGD appendix code: divide each (b, c) plane by its spatial std (ddof = 0) + 1e-8."""
-    return x / (x.std(dim=(-2, -1), keepdim=True, correction=0) + 1e-8)
+def _normalize_per_sample(x: torch.Tensor, dc: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The SAGD appendix code: divide each (b, c) plane ``x + dc`` by its spatial std (ddof = 0) +
+    1e-8. The std is taken from ``x`` alone (a constant ``dc`` does not change it), so a DC term far
+    larger than the rest costs it no accuracy."""
+    return (x + dc) / (x.std(dim=(-2, -1), keepdim=True, correction=0) + 1e-8)
 
 
 def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
@@ -215,11 +232,13 @@ def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
         raise ValueError(f"noise: this spec consumes {len(stages)} white draw(s), got {draws.shape[0]}")
     out = torch.zeros(draws.shape[1:], dtype=torch.float64, device=draws.device)
     for d, (w, gamma) in enumerate(stages):
-        x = draws[d].double()
+        x, dc = draws[d].double(), 0.0
         if w is not None:
-            x = filter_planes(x, w.to(draws.device))
+            x, dc = filter_parts(x, w.to(draws.device))
         if spec.normalize == "per_sample":
-            x = _normalize_per_sample(x)
+            x = _normalize_per_sample(x, dc)
+        else:
+            x = x + dc
         out += gamma * x
     return out
 

@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["cpu_capability"] = anisodiff::cpu::capability();
     info["cpu_capabilities_compiled"] = anisodiff::cpu::compiled_capabilities();
+    info["cpu_kept_scratch_bytes"] = anisodiff::cpu::kept_scratch_bytes();
     return info;
   });
 #ifdef ANISO_WITH_CUDA

@@ -16,7 +16,7 @@ namespace {
 void launch_cpu(const NoiseProblem& p) {
   if (is_empty(p)) return;
   const cpu::CpuLaunch launch(p);
-  at::parallel_for(0, launch.num_groups(), 1,
+  at::parallel_for(0, launch.num_samples(), 1,
                    [&](int64_t begin, int64_t end) { launch.run(begin, end); });
 }
 

@@ -18,34 +18,45 @@ struct FftPlanView {
   const float* tw_im[kMaxFftStages] = {};
   const float* root_re[kMaxFftStages] = {};  // [radix]: exp(-2 pi i m / radix)
   const float* root_im[kMaxFftStages] = {};
+  // Bluestein (bluestein_m > 0, see spectral.h): X = c * IFFT_m(FFT_m(c * x) * B) with the chirp
+  // c_j = exp(-i pi j^2 / n) and B = FFT_m(conj c) / m (the inverse conjugates c and B).
+  int bluestein_m = 0;
+  const FftPlanView* inner = nullptr;  // the power-of-two FFT of length bluestein_m
+  const float* chirp_re = nullptr;     // [n]
+  const float* chirp_im = nullptr;
+  const float* bhat_re = nullptr;      // [bluestein_m]
+  const float* bhat_im = nullptr;
 };
 
 struct SpectralPlan {
   FftPlanView rows;     // length H (transforms across rows, vectorised along W)
   FftPlanView cols;     // length W (after a transpose, vectorised along H)
-  const float* weights_t = nullptr;  // [draws, W, H]: w transposed and scaled by 1 / (H W)
+  FftPlanView rows_inner, cols_inner;  // Bluestein's power-of-two FFTs, where used
+  const float* weights_t = nullptr;  // [draws, W, H]: w transposed, scaled by 1 / (H W), DC bin 0
+  float dc_weight[2] = {0.f, 0.f};   // w(0) per draw, applied to the plane mean
 };
 
 // Per-thread scratch, sized by workspace_floats().
 struct Workspace {
-  float* eps[2];     // [group_samples * C * H * W] per draw
+  float* eps[2];     // [C * H * W] per draw: one sample
   float* fft_re;     // [H * W]
   float* fft_im;     // [H * W]
   float* zero_plane; // [H * W], stays zero (partner of an unpaired plane)
+  float* dc_terms;   // [C]: each plane's DC contribution
+  float* blue[4];    // Bluestein buffers: re, im and their ping-pong partners, [max(m_H W, m_W H)]
   float* proj;       // [max(k, step_k) * H * W]
   float* row;        // [3 * W]
   float* step_x;     // [C * H * W] (ddpm_step only)
   float* step_e;     // [C * H * W] (ddpm_step only)
 };
 
-int64_t group_samples(const NoiseProblem& p);
 int64_t workspace_floats(const NoiseProblem& p);
 Workspace carve_workspace(const NoiseProblem& p, float* base);
 
 #define ANISO_DECLARE_CAPABILITY(NS)                                                          \
   namespace NS {                                                                             \
-  void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,  \
-                      int64_t group_begin, int64_t group_end);                               \
+  void process_samples(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws, \
+                       int64_t sample_begin, int64_t sample_end);                            \
   }
 ANISO_DECLARE_CAPABILITY(cap_default)
 ANISO_DECLARE_CAPABILITY(cap_avx2)

@@ -4,7 +4,9 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include <complex>
 #include <cstring>
+#include <utility>
 #include <string>
 
 #include "cpu_kernel.h"
@@ -12,23 +14,18 @@
 namespace anisodiff {
 namespace cpu {
 
-int64_t group_samples(const NoiseProblem& p) {
-  // Planes are filtered in pairs (one complex FFT), and a plane's result depends in the last bit on
-  // its partner. With an odd channel count and generated noise, samples 2m and 2m+1 share a group;
-  // the partner of the last sample of an odd batch is the stream's next sample, generated and
-  // discarded, so the noise of sample b never depends on the batch size. With caller noise there
-  // is no such sample: pairs stay inside a sample and a lone plane gets a zero partner.
-  const bool generated = p.noise[0].data == nullptr;
-  return (p.weights != nullptr && p.channels % 2 == 1 && generated) ? 2 : 1;
-}
-
 namespace {
 // Lays out the scratch regions in use (a second draw and FFT buffers only when needed) and returns
 // the total size; with base == nullptr it only measures.
 int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
   const int64_t HW = p.height * p.width;
-  const int64_t group = group_samples(p) * p.channels * HW;
+  const int64_t sample = p.channels * HW;
   const int64_t fft = p.weights != nullptr ? HW : 0;
+  int64_t blue = 0;  // Bluestein buffers for the longer of the two transforms that need them
+  if (p.weights != nullptr) {
+    const int64_t mh = bluestein_length((int)p.height), mw = bluestein_length((int)p.width);
+    blue = mh * p.width > mw * p.height ? mh * p.width : mw * p.height;
+  }
   int64_t used = 0;
   auto take = [&](int64_t n) {
     float* at = base ? base + used : nullptr;
@@ -36,11 +33,13 @@ int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
     return at;
   };
   Workspace w;
-  w.eps[0] = take(group);
-  w.eps[1] = take(p.draws > 1 ? group : 0);
+  w.eps[0] = take(sample);
+  w.eps[1] = take(p.draws > 1 ? sample : 0);
   w.fft_re = take(fft);
   w.fft_im = take(fft);
   w.zero_plane = take(fft);
+  w.dc_terms = take(p.channels);
+  for (float*& buf : w.blue) buf = take(blue);
   const int64_t step_planes = p.step_params != nullptr ? p.channels * HW : 0;
   w.proj = take((int64_t)(p.k > p.step_k ? p.k : p.step_k) * HW);
   w.row = take(3 * p.width);
@@ -88,21 +87,22 @@ Capability select_capability() {
   const std::string want = env ? env : "";
   (void)want;
 #if defined(ANISO_HAVE_AVX512)
-  if (cpu_has_avx512() && (want.empty() || want == "avx512")) return {"avx512", cap_avx512::process_groups};
+  if (cpu_has_avx512() && (want.empty() || want == "avx512")) return {"avx512", cap_avx512::process_samples};
 #endif
 #if defined(ANISO_HAVE_AVX2)
   if (cpu_has_avx2() && (want.empty() || want == "avx512" || want == "avx2"))
-    return {"avx2", cap_avx2::process_groups};
+    return {"avx2", cap_avx2::process_samples};
 #endif
-  return {"default", cap_default::process_groups};
+  return {"default", cap_default::process_samples};
 }
 
 // Appends the twiddle tables of one FFT length to `tables`; pointers are fixed up later.
 struct PlanOffsets {
   int64_t tw[kMaxFftStages], root[kMaxFftStages];
+  int64_t chirp = -1, bhat = -1;  // Bluestein tables (re block then im block)
 };
 
-PlanOffsets append_fft_tables(FftPlanView& view, int n, std::vector<float>& tables) {
+PlanOffsets append_mixed_radix_tables(FftPlanView& view, int n, std::vector<float>& tables) {
   const FftFactors f = fft_factorize(n);
   PlanOffsets off{};
   view.n = n;
@@ -125,6 +125,57 @@ PlanOffsets append_fft_tables(FftPlanView& view, int n, std::vector<float>& tabl
   return off;
 }
 
+// In-place forward DFT of a power-of-two length, in double (host-side table building only).
+void fft_pow2_double(std::vector<std::complex<double>>& a) {
+  const size_t n = a.size();
+  for (size_t i = 1, j = 0; i < n; ++i) {
+    size_t bit = n >> 1;
+    for (; j & bit; bit >>= 1) j ^= bit;
+    j ^= bit;
+    if (i < j) std::swap(a[i], a[j]);
+  }
+  for (size_t len = 2; len <= n; len <<= 1) {
+    for (size_t i = 0; i < n; i += len)
+      for (size_t k = 0; k < len / 2; ++k) {
+        const std::complex<double> w = std::polar(1.0, -2.0 * M_PI * (double)k / (double)len);
+        const std::complex<double> u = a[i + k], v = a[i + k + len / 2] * w;
+        a[i + k] = u + v;
+        a[i + k + len / 2] = u - v;
+      }
+  }
+}
+
+// The tables of one transform length: mixed radix, or Bluestein through `inner` (spectral.h).
+PlanOffsets append_fft_tables(FftPlanView& view, FftPlanView& inner, PlanOffsets& inner_off, int n,
+                              std::vector<float>& tables) {
+  const int m = bluestein_length(n);
+  if (m == 0) return append_mixed_radix_tables(view, n, tables);
+  inner_off = append_mixed_radix_tables(inner, m, tables);
+  PlanOffsets off{};
+  view.n = n;
+  view.stages = 0;
+  view.bluestein_m = m;
+  view.inner = &inner;
+  // c_j = exp(-i pi j^2 / n); j^2 mod 2n in integers keeps the angle exact for large j.
+  std::vector<std::complex<double>> chirp(n), b(m, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t q = (j * j) % (2 * (int64_t)n);
+    chirp[j] = std::polar(1.0, -M_PI * (double)q / (double)n);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    b[j] = std::conj(chirp[j]);
+    if (j > 0) b[m - j] = std::conj(chirp[j]);
+  }
+  fft_pow2_double(b);
+  off.chirp = (int64_t)tables.size();
+  for (int j = 0; j < n; ++j) tables.push_back((float)chirp[j].real());
+  for (int j = 0; j < n; ++j) tables.push_back((float)chirp[j].imag());
+  off.bhat = (int64_t)tables.size();
+  for (int k = 0; k < m; ++k) tables.push_back((float)(b[k].real() / m));
+  for (int k = 0; k < m; ++k) tables.push_back((float)(b[k].imag() / m));
+  return off;
+}
+
 void fix_pointers(FftPlanView& view, const PlanOffsets& off, const float* base) {
   for (int s = 0; s < view.stages; ++s) {
     const int64_t count = (int64_t)view.span[s] * (view.radix[s] - 1);
@@ -133,7 +184,18 @@ void fix_pointers(FftPlanView& view, const PlanOffsets& off, const float* base) 
     view.root_re[s] = base + off.root[s];
     view.root_im[s] = base + off.root[s] + view.radix[s];
   }
+  if (view.bluestein_m > 0) {
+    view.chirp_re = base + off.chirp;
+    view.chirp_im = base + off.chirp + view.n;
+    view.bhat_re = base + off.bhat;
+    view.bhat_im = base + off.bhat + view.bluestein_m;
+  }
 }
+
+// Scratch a thread keeps between launches (floats): enough for every plane up to 3 x 256 x 256 with
+// two draws; a larger problem's scratch is released after its launch, so one big call does not
+// keep its memory for the life of the process.
+constexpr size_t kKeptScratchFloats = (size_t)4 << 20;  // 16 MiB per thread
 
 }  // namespace
 
@@ -144,37 +206,41 @@ CpuLaunch::CpuLaunch(const NoiseProblem& problem) : problem_(problem), plan_(new
   capability_name_ = cap.name;
   if (problem_.weights == nullptr) return;
   const int64_t H = problem_.height, W = problem_.width, HW = H * W;
-  const PlanOffsets rows = append_fft_tables(plan_->rows, (int)H, tables_);
-  const PlanOffsets cols = append_fft_tables(plan_->cols, (int)W, tables_);
+  PlanOffsets rows_inner{}, cols_inner{};
+  const PlanOffsets rows = append_fft_tables(plan_->rows, plan_->rows_inner, rows_inner, (int)H, tables_);
+  const PlanOffsets cols = append_fft_tables(plan_->cols, plan_->cols_inner, cols_inner, (int)W, tables_);
   const int64_t w_off = (int64_t)tables_.size();
   const float scale = 1.0f / (float)HW;  // the inverse FFT is unnormalised
   tables_.resize(tables_.size() + problem_.draws * HW);
-  for (int d = 0; d < problem_.draws; ++d)
+  for (int d = 0; d < problem_.draws; ++d) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w)
         tables_[w_off + d * HW + w * H + h] = problem_.weights[d * HW + h * W + w] * scale;
+    plan_->dc_weight[d] = problem_.weights[d * HW];  // applied to the plane mean, outside the FFT
+    tables_[w_off + d * HW] = 0.f;
+  }
   fix_pointers(plan_->rows, rows, tables_.data());
   fix_pointers(plan_->cols, cols, tables_.data());
+  fix_pointers(plan_->rows_inner, rows_inner, tables_.data());
+  fix_pointers(plan_->cols_inner, cols_inner, tables_.data());
   plan_->weights_t = tables_.data() + w_off;
 }
 
 CpuLaunch::~CpuLaunch() = default;
 
-int64_t CpuLaunch::num_groups() const {
-  const int64_t G = group_samples(problem_);
-  return (problem_.batch + G - 1) / G;
-}
-
-void CpuLaunch::run(int64_t group_begin, int64_t group_end) const {
-  if (group_begin >= group_end) return;
-  // Per-thread scratch, kept between launches: large planes would otherwise pay page faults and
-  // zero-filling of several MB on every call. The kernel initialises everything it reads.
+void CpuLaunch::run(int64_t sample_begin, int64_t sample_end) const {
+  if (sample_begin >= sample_end) return;
+  // Per-thread scratch, kept between launches up to kKeptScratchFloats: small planes would
+  // otherwise pay page faults and zero-filling on every call. The kernel initialises all it reads.
   thread_local std::vector<float> scratch;
   const size_t need = (size_t)workspace_floats(problem_);
   if (scratch.size() < need) scratch.resize(need);
   const Workspace ws = carve_workspace(problem_, scratch.data());
-  process_(problem_, *plan_, ws, group_begin, group_end);
+  process_(problem_, *plan_, ws, sample_begin, sample_end);
+  if (scratch.size() > kKeptScratchFloats) std::vector<float>().swap(scratch);
 }
+
+size_t kept_scratch_bytes() { return kKeptScratchFloats * sizeof(float); }
 
 const char* capability() { return select_capability().name; }
 

@@ -16,13 +16,13 @@ struct Workspace;
 using ProcessFn = void (*)(const NoiseProblem&, const SpectralPlan&, const Workspace&, int64_t, int64_t);
 
 // One launch: plans the FFTs and picks the instruction set once; run() may then be called
-// concurrently on disjoint group ranges (each call uses its own scratch).
+// concurrently on disjoint sample ranges (each call uses its own thread's scratch).
 class CpuLaunch {
  public:
   explicit CpuLaunch(const NoiseProblem& problem);
   ~CpuLaunch();
-  int64_t num_groups() const;
-  void run(int64_t group_begin, int64_t group_end) const;
+  int64_t num_samples() const { return problem_.batch; }
+  void run(int64_t sample_begin, int64_t sample_end) const;
   const char* capability_name() const { return capability_name_; }
 
  private:
@@ -36,6 +36,8 @@ class CpuLaunch {
 // The instruction set the kernel runs with: "avx512", "avx2" or "default". The environment
 // variable ANISODIFF_CPU_CAPABILITY may lower it (e.g. to test the portable path).
 const char* capability();
+// The per-thread scratch kept between launches; a launch that needs more frees it when done.
+size_t kept_scratch_bytes();
 // Instruction sets compiled into this build.
 std::vector<std::string> compiled_capabilities();
 

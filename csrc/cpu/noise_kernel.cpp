@@ -3,10 +3,10 @@
 // noise_cpu.cpp picks one at run time. Everything here has internal linkage and uses no STL, so no
 // inline function compiled for a wide instruction set can leak into the default path.
 //
-// One pass per group of samples: generate eps for the group into a per-thread scratch buffer that
-// stays in cache (or read the caller's eps), filter each pair of planes with one complex 2-D FFT,
+// One pass per sample: generate eps for the sample into a per-thread scratch buffer that stays in
+// cache (or read the caller's eps), filter each pair of its planes with one complex 2-D FFT,
 // normalise, apply the channel squeeze per pixel, mix with x0 and store x_t and the target. Main
-// memory sees x0 read once and the outputs written once; the scratch holds one group of samples.
+// memory sees x0 read once and the outputs written once; the scratch holds one sample.
 #include <math.h>
 #include <string.h>
 
@@ -282,13 +282,69 @@ void fft_stage(const float* __restrict xr, const float* __restrict xi, float* __
 }
 
 // Runs every stage, ping-ponging between cur and other; cur holds the result afterwards.
-void run_fft(const FftPlanView& plan, Planes& cur, Planes& other, int64_t L, float sg) {
+void run_stages(const FftPlanView& plan, Planes& cur, Planes& other, int64_t L, float sg) {
   for (int s = 0; s < plan.stages; ++s) {
     fft_stage(cur.re, cur.im, other.re, other.im, plan, s, sg, L);
     const Planes t = cur;
     cur = other;
     other = t;
   }
+}
+
+// Bluestein's chirp-z transform of n rows of L values (in cur, result in cur): the rows are
+// chirped into a zero-padded m-row buffer, convolved with the chirp through the inner power-of-two
+// FFT and chirped back. sg = -1 (the inverse) conjugates both chirps.
+void run_bluestein(const FftPlanView& plan, Planes& cur, int64_t L, float sg, float* const blue[4]) {
+  const int64_t n = plan.n, m = plan.bluestein_m;
+  Planes a{blue[0], blue[1]}, other{blue[2], blue[3]};
+  for (int64_t j = 0; j < n; ++j) {
+    const float cr = plan.chirp_re[j], ci = sg * plan.chirp_im[j];
+    const float *xr = cur.re + j * L, *xi = cur.im + j * L;
+    float *yr = a.re + j * L, *yi = a.im + j * L;
+    ANISO_IVDEP
+    for (int64_t l = 0; l < L; ++l) {
+      yr[l] = xr[l] * cr - xi[l] * ci;
+      yi[l] = xr[l] * ci + xi[l] * cr;
+    }
+  }
+  for (int64_t i = n * L; i < m * L; ++i) a.re[i] = a.im[i] = 0.f;
+  run_stages(*plan.inner, a, other, L, 1.f);
+  for (int64_t k = 0; k < m; ++k) {
+    const float br = plan.bhat_re[k], bi = sg * plan.bhat_im[k];
+    float *yr = a.re + k * L, *yi = a.im + k * L;
+    ANISO_IVDEP
+    for (int64_t l = 0; l < L; ++l) {
+      const float r = yr[l] * br - yi[l] * bi;
+      yi[l] = yr[l] * bi + yi[l] * br;
+      yr[l] = r;
+    }
+  }
+  run_stages(*plan.inner, a, other, L, -1.f);
+  for (int64_t k = 0; k < n; ++k) {
+    const float cr = plan.chirp_re[k], ci = sg * plan.chirp_im[k];
+    const float *xr = a.re + k * L, *xi = a.im + k * L;
+    float *yr = cur.re + k * L, *yi = cur.im + k * L;
+    ANISO_IVDEP
+    for (int64_t l = 0; l < L; ++l) {
+      yr[l] = xr[l] * cr - xi[l] * ci;
+      yi[l] = xr[l] * ci + xi[l] * cr;
+    }
+  }
+}
+
+// One 1-D transform of n rows of L values: mixed radix, or Bluestein for large prime factors.
+void run_fft(const FftPlanView& plan, Planes& cur, Planes& other, int64_t L, float sg,
+             const Workspace& ws) {
+  if (plan.bluestein_m > 0)
+    run_bluestein(plan, cur, L, sg, ws.blue);
+  else
+    run_stages(plan, cur, other, L, sg);
+}
+
+double plane_mean(const float* __restrict x, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  return sum / (double)n;
 }
 
 void transpose(const float* __restrict src, float* __restrict dst, int64_t rows, int64_t cols) {
@@ -310,21 +366,25 @@ void transpose_planes(Planes& cur, Planes& other, int64_t rows, int64_t cols) {
   other = t;
 }
 
-// Filters planes a and b in place: a <- T_w a, b <- T_w b.
-void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t,
-                 const Workspace& ws, int64_t H, int64_t W) {
-  Planes cur{a, b}, other{ws.fft_re, ws.fft_im};
-  run_fft(plan.rows, cur, other, W, 1.f);  // along H, rows of W
-  transpose_planes(cur, other, H, W);      // now [W, H]
-  run_fft(plan.cols, cur, other, H, 1.f);  // along W, rows of H
+// Filters planes a and b in place without their DC bin (w_t has it zeroed): a <- T_w' a,
+// b <- T_w' b. The DC bin's contribution, dc * mean of each input plane, is returned in dc_a / dc_b
+// for the caller to add (see spectral.h): the per-sample normalisation must see the planes without it.
+void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t, float dc,
+                 const Workspace& ws, int64_t H, int64_t W, float& dc_a, float& dc_b) {
   const int64_t HW = H * W;
+  dc_a = dc != 0.f ? (float)(dc * plane_mean(a, HW)) : 0.f;
+  dc_b = dc != 0.f ? (float)(dc * plane_mean(b, HW)) : 0.f;
+  Planes cur{a, b}, other{ws.fft_re, ws.fft_im};
+  run_fft(plan.rows, cur, other, W, 1.f, ws);  // along H, rows of W
+  transpose_planes(cur, other, H, W);          // now [W, H]
+  run_fft(plan.cols, cur, other, H, 1.f, ws);  // along W, rows of H
   for (int64_t i = 0; i < HW; ++i) {
     cur.re[i] *= w_t[i];
     cur.im[i] *= w_t[i];
   }
-  run_fft(plan.cols, cur, other, H, -1.f);
+  run_fft(plan.cols, cur, other, H, -1.f, ws);
   transpose_planes(cur, other, W, H);
-  run_fft(plan.rows, cur, other, W, -1.f);
+  run_fft(plan.rows, cur, other, W, -1.f, ws);
   if (cur.re != a) {
     for (int64_t i = 0; i < HW; ++i) {
       a[i] = cur.re[i];
@@ -333,18 +393,23 @@ void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __re
   }
 }
 
-// The SAGD appendix normalisation: x / (std(x, ddof=0) + 1e-8) per plane, statistics in double.
-void normalize_plane(float* __restrict x, int64_t n) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += x[i];
-  const double mean = sum / (double)n;
+// Adds the plane's DC term and, for the SAGD appendix normalisation, divides by the plane's std
+// (ddof=0) + 1e-8, statistics in double. The std is taken before the DC term is added (a constant
+// does not change it), so a DC term far larger than the rest costs the std no float32 accuracy.
+void finish_plane(float* __restrict x, int64_t n, float dc_term, bool normalize) {
+  if (!normalize) {
+    if (dc_term != 0.f)
+      for (int64_t i = 0; i < n; ++i) x[i] += dc_term;
+    return;
+  }
+  const double mean = plane_mean(x, n);
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double d = (double)x[i] - mean;
     ss += d * d;
   }
   const float scale = (float)(1.0 / (sqrt(ss / (double)n) + 1e-8));
-  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] + dc_term) * scale;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -447,61 +512,55 @@ void store_sample(const NoiseProblem& p, int64_t b, const float* __restrict n, f
 
 }  // namespace
 
-void process_groups(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,
-                    int64_t group_begin, int64_t group_end) {
+void process_samples(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,
+                     int64_t sample_begin, int64_t sample_end) {
   const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
-  const int64_t G = group_samples(p);
   const int64_t ncoef = 2 + p.k;
-  for (int64_t g = group_begin; g < group_end; ++g) {
-    const int64_t b0 = g * G;
-    const int64_t nb = (p.batch - b0) < G ? (p.batch - b0) : G;  // samples written
-    // Generated noise is produced for the whole group, past the batch end if need be, so pairing
-    // (see group_samples) never depends on B; caller noise has exactly nb samples.
-    const int64_t planes = (p.noise[0].data != nullptr ? nb : G) * C;
+  for (int64_t b = sample_begin; b < sample_end; ++b) {
     for (int d = 0; d < p.draws; ++d) {
       float* e = ws.eps[d];
       if (p.noise[d].data != nullptr) {
-        for (int64_t s = 0; s < nb; ++s)
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], b0 + s, c, h, W, e + ((s * C + c) * H + h) * W);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], b, c, h, W, e + (c * H + h) * W);
       } else {
-        generate_normals(e, b0 * CHW, (b0 + G) * CHW, p.seed, p.offset, (uint32_t)d);
+        generate_normals(e, b * CHW, (b + 1) * CHW, p.seed, p.offset, (uint32_t)d);
       }
+      float* dc_terms = ws.dc_terms;  // per plane: the DC bin's contribution, added last
+      for (int64_t q = 0; q < C; ++q) dc_terms[q] = 0.f;
       if (p.weights != nullptr) {
+        // Planes are paired within the sample only (a lone last plane gets a zero partner), so a
+        // sample's noise is bit for bit the same whatever the batch around it.
         const float* w_t = plan.weights_t + d * HW;
-        for (int64_t q = 0; q < planes; q += 2) {
+        for (int64_t q = 0; q < C; q += 2) {
           float* partner = ws.zero_plane;
-          if (q + 1 < planes) {
+          float unused = 0.f;
+          float& dc_b = q + 1 < C ? dc_terms[q + 1] : unused;
+          if (q + 1 < C) {
             partner = e + (q + 1) * HW;
           } else {
             for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
           }
-          filter_pair(e + q * HW, partner, plan, w_t, ws, H, W);
+          filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], ws, H, W, dc_terms[q], dc_b);
         }
       }
-      if (p.per_sample_norm)
-        for (int64_t q = 0; q < planes; ++q) normalize_plane(e + q * HW, HW);
+      for (int64_t q = 0; q < C; ++q) finish_plane(e + q * HW, HW, dc_terms[q], p.per_sample_norm);
       const float gamma = p.gammas[d];
       float* acc = ws.eps[0];
-      const int64_t total = planes * HW;
       if (d == 0) {
         if (gamma != 1.f)
-          for (int64_t i = 0; i < total; ++i) acc[i] *= gamma;
+          for (int64_t i = 0; i < CHW; ++i) acc[i] *= gamma;
       } else {
-        for (int64_t i = 0; i < total; ++i) acc[i] += gamma * e[i];
+        for (int64_t i = 0; i < CHW; ++i) acc[i] += gamma * e[i];
       }
     }
-    for (int64_t s = 0; s < nb; ++s) {
-      const int64_t b = b0 + s;
-      float* e = ws.eps[0] + s * CHW;
-      if (p.step_params != nullptr) {
-        step_sample(p, b, e, ws);
-        continue;
-      }
-      const float* row = p.coef + p.timesteps[b] * ncoef;
-      if (p.k > 0) squeeze_sample(e, p, row + 2, ws.proj, HW);
-      store_sample(p, b, e, row[0], row[1], ws.row);
+    float* e = ws.eps[0];
+    if (p.step_params != nullptr) {
+      step_sample(p, b, e, ws);
+      continue;
     }
+    const float* row = p.coef + p.timesteps[b] * ncoef;
+    if (p.k > 0) squeeze_sample(e, p, row + 2, ws.proj, HW);
+    store_sample(p, b, e, row[0], row[1], ws.row);
   }
 }
 
