@@ -135,6 +135,84 @@ def test_spectral(emu, order, schedule, monkeypatch, path, shape, kind, k, norma
     expect_path(emu, path)
 
 
+CLUSTERED = [  # (shape, kind, k, normalize): the fused path with every cluster size R (slabs of H / R rows)
+    ((2, 3, 16, 16), "hdm+pl_neg", 2, "calibrated"),
+    ((1, 5, 8, 16), "sdm+two_indep", 1, "per_sample"),  # odd C, two draws, cluster statistics
+    ((2, 2, 24, 8), "band", 1, "per_sample"),           # radix 3 columns, W / R = 1 at R = 8
+]
+
+
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape,kind,k,normalize", CLUSTERED,
+                         ids=[f"{c[1]}-{c[3]}-{'x'.join(map(str, c[0]))}" for c in CLUSTERED])
+def test_fused_cluster_sizes(emu, order, schedule, monkeypatch, cluster, shape, kind, k, normalize):
+    """Every cluster size of the fused kernel (the row slabs, the DSMEM transposes, the cluster-summed
+    statistics) against the CPU kernel, forced with ANISODIFF_CUDA_CLUSTER."""
+    import json
+
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", str(cluster))
+    common = kernel_common(make_spec(kind, shape[1], k=k, normalize=normalize), shape, schedule, [999, 3])
+    plan = json.loads(emu.plan(*shape, common[3] is not None, len(common[4]), normalize == "per_sample", k))
+    assert plan["path"] == "fused" and plan["cluster"] == cluster and plan["grid"] == shape[0] * cluster
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    run_add_noise(emu, x0, common, 1)
+    expect_path(emu, "fused")
+    a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
+    check_pair(a, b, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", ["fused", "two_pass"])
+def test_batch_splits_are_bit_exact(emu, schedule, monkeypatch, path):
+    """Planes pair only within a sample and the cluster size depends on (H, W) only: a sample's output
+    is bit for bit the same in a batch of 3 and alone (its stream offset moved by its position)."""
+    if path == "two_pass":
+        monkeypatch.setenv("ANISODIFF_CUDA_PATH", "two_pass")
+    else:
+        monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("EMU_ORDER", "rev")
+    shape = (3, 3, 16, 16)
+    C, H, W = shape[1:]
+    common = kernel_common(make_spec("sdm+two_indep", C, normalize="per_sample"), shape, schedule, [999, 3, 500])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    full = emu.add_noise(x0, *common, 1, STREAM, None)
+    expect_path(emu, path)
+    for b in range(3):
+        part = emu.add_noise(x0[b:b + 1].clone(), common[0][b:b + 1], *common[1:], 1,
+                             torch.tensor([1234, 7 + b * C * H * W // 4]), None)
+        assert torch.equal(part[0], full[0][b:b + 1]) and torch.equal(part[1], full[1][b:b + 1])
+
+
+@pytest.mark.parametrize("path", ["fused", "two_pass"])
+@pytest.mark.parametrize("dc", [0.0, 50.0, 1.0e6])
+def test_dc_bin_outside_the_fft(emu, order, schedule, monkeypatch, path, dc):
+    """T_w e = IFFT(w' FFT(e)) + w(0) mean(e) with w' = w with its DC bin zeroed: checked against a
+    float64 FFT of the same white noise, for a zero, a moderate and a huge DC weight."""
+    if path == "two_pass":
+        monkeypatch.setenv("ANISODIFF_CUDA_PATH", "two_pass")
+    else:
+        monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    shape = (2, 3, 16, 12)
+    common = list(kernel_common(make_spec("pl_neg", 3), shape, schedule, [999, 3]))
+    weights = common[3].clone()
+    weights[:, 0, 0] = dc
+    common[3] = weights
+    gamma = common[4][0]
+    eps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(9))
+    out = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    expect_path(emu, path)
+    e = eps[0].double()
+    w = weights[0].double()
+    w0 = w.clone()
+    w0[0, 0] = 0.0
+    want = torch.fft.ifft2(w0 * torch.fft.fft2(e)).real + dc * e.mean(dim=(-2, -1), keepdim=True)
+    want = want * gamma
+    assert torch.isfinite(out).all()
+    spread = (want - dc * gamma * e.mean(dim=(-2, -1), keepdim=True)).abs().max()
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=2e-6 * float(spread))
+
+
 def test_two_pass_natural(emu, schedule, monkeypatch):
     """10 x 128 x 128 does not fit in the shared memory of an 8-block cluster: two-pass without forcing it."""
     monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)

@@ -66,6 +66,7 @@ struct EmuSched {
   unsigned cluster_base = 0;
   const void* kernel = nullptr;  // the running kernel (for the launch log and the access trace)
   std::vector<long> waits;       // barriers each thread has waited at (its phase)
+  std::vector<char> exited;      // blocks of the running cluster that have exited
 };
 inline EmuSched g_emu;
 // Instrumentation for scripts/cuda_perf_model.py: every launch is logged (kernel, grid, block, smem,
@@ -141,6 +142,7 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
   for (unsigned c0 = 0; c0 < grid; c0 += cluster) {
     S.cluster_base = c0;
     memset(emu_smem, 0xFF, S.smem_stride * cluster);  // poison: NaN floats
+    S.exited.assign(cluster, 0);
     for (unsigned t = 0; t < n; ++t) {
       getcontext(&S.ctx[t]);
       S.ctx[t].uc_stack.ss_sp = S.stacks[t];
@@ -150,9 +152,20 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
       S.state[t] = 0;
     }
     for (int phase = 0;; ++phase) {
+      // Blocks of a cluster do not run in lockstep: one block (the first with runnable threads, in
+      // rank order for fwd, reverse for rev, rotating for mix) runs alone until all its threads wait
+      // at a cluster barrier, so a peer read that no cluster barrier orders after its write sees the
+      // peer's old data or the poison.
+      int lead = -1;
+      for (unsigned q = 0; cluster > 1 && q < cluster && lead < 0; ++q) {
+        const unsigned r = order == 1 ? cluster - 1 - q : (order == 2 ? (q + (unsigned)phase) % cluster : q);
+        for (unsigned t = r * block; t < (r + 1) * block; ++t)
+          if (S.state[t] == 0) { lead = (int)r; break; }
+      }
       for (unsigned i = 0; i < n; ++i) {
         unsigned t = order == 0 ? i : (order == 1 ? n - 1 - i : ((phase & 1) ? n - 1 - i : i));
         if (order == 2 && (phase & 2)) t = (i * 97 + phase) % n;  // a scattered order (97 coprime to 2^k)
+        if (lead >= 0 && (int)(t / block) != lead) continue;
         if (S.state[t] != 0) continue;
         S.cur = (int)t;
         threadIdx.x = t % block;
@@ -169,6 +182,10 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
         for (unsigned t = t0; t < t0 + block; ++t) { at += S.state[t] == 1; at3 += S.state[t] == 3; done += S.state[t] == 2; }
         at_cluster += at3;
         done_all += done;
+        if (done == (int)block && cluster > 1 && !S.exited[r]) {  // an exited block's smem is gone: poison it
+          S.exited[r] = 1;
+          memset(emu_smem + r * S.smem_stride, 0xFF, S.smem_stride);
+        }
         if (done != 0 && done != (int)block) {
           fprintf(stderr, "EMU: barrier divergence in block %u phase %d: %d at a barrier, %d exited\n", c0 + r, phase, at + at3, done);
           abort();
@@ -201,7 +218,9 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
         for (unsigned t = 0; t < n; ++t) S.state[t] = 0;
         released = true;
       }
-      if (!released) {
+      bool runnable = false;  // blocks that did not lead this phase
+      for (unsigned t = 0; t < n && !runnable && !released; ++t) runnable = S.state[t] == 0;
+      if (!released && !runnable) {
         fprintf(stderr, "EMU: deadlock in cluster %u phase %d (threads at block and cluster barriers, or a cluster barrier after some blocks exited)\n", c0 / cluster, phase);
         abort();
       }
