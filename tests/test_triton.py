@@ -422,12 +422,151 @@ def test_spectral_kernels_with_the_gpu_dft_loops(monkeypatch, schedule):
 
 
 @needs_triton
+@pytest.mark.parametrize("dft", [0, -1], ids=["dot-tf32x3", "dot-ieee"])
+def test_spectral_kernels_with_the_dft_as_matmuls(monkeypatch, dft, schedule):
+    """The DFT as matrix products (tl.dot; DFT_BLOCK 0: tf32x3 tensor cores, -1: ieee FMAs; the
+    interpreter computes both in float32): == the reference at 1e-5, for the noise (non-square padding,
+    both draws, per-sample normalisation, a DC weight 100x the rest) and the DDPM step."""
+    from anisodiff.sampling import fused_ddpm_step
+    from anisodiff.triton import ops as triton_ops
+    monkeypatch.setattr(triton_ops, "_dft_block", lambda: dft)
+    spec = make_spec("two_indep", 2, normalize="per_sample")
+    x0 = torch.randn((1, 2, 20, 36), generator=torch.Generator().manual_seed(4))
+    out, ref = _add_noise_pair(x0, torch.tensor([640]), spec, schedule, seed=SEED, offset=OFFSET)
+    close(out[0], ref[0])
+    close(out[1], ref[1])
+    out, ref = _shaped_pair((2, 3, 16, 16), make_spec("sdm+pl_neg", 3), schedule, torch.tensor([3, 999]), seed=8)
+    close(out, ref)
+    spec, x_t, eps_hat, z = _step_inputs("two_indep_ps", shape=(1, 3, 9, 8))
+    want = R.ddpm_step(eps_hat, 999, x_t, spec, schedule, noise=z, prev_timestep=979)
+    got = fused_ddpm_step(eps_hat.to(DEVICE), 999, x_t.to(DEVICE), spec, schedule, noise=z.to(DEVICE),
+                          backend="triton", prev_timestep=979)
+    _step_close(got, want, 999, x_t, schedule)
+
+
+@needs_triton
 @pytest.mark.parametrize("hw", [(80, 72), (45, 47)], ids=["aligned", "odd"])
 def test_elementwise_kernel_takes_large_planes_in_several_blocks(hw, schedule):
     """No size limit without a spatial part: a plane spans several programs (blocks of pixels)."""
     spec = make_spec("hdm", 3)
     out, ref = _shaped_pair((1, 3, *hw), spec, schedule, torch.tensor([700]), seed=9, offset=2**32 - 1)
     close(out, ref)
+
+
+@needs_triton
+def test_elementwise_grid_is_one_dimensional_for_any_batch():
+    """The elementwise grid is 1-D, sample-major (a grid's y dimension stops at 65535): B * blocks."""
+    from anisodiff.triton import ops as triton_ops
+    assert triton_ops.elementwise_grid(100_000, 64 * 64, 2048) == (200_000,)
+    assert triton_ops.elementwise_grid(70_000, 3, 4) == (70_000,)
+    assert triton_ops.spectral_grid(1_000_000) == (1_000_000,)
+    with pytest.raises(ValueError, match="split the batch"):
+        triton_ops.elementwise_grid(2**20, 2**12, 1)
+    with pytest.raises(ValueError, match="grid holds"):
+        triton_ops.spectral_grid(2**31)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["sdm", "iso"])
+def test_elementwise_programs_split_into_sample_and_block(monkeypatch, kind, schedule):
+    """Several samples of several blocks each (program id = sample * blocks + block): == the reference,
+    also for the DDPM step's elementwise kernel."""
+    from anisodiff.sampling import fused_ddpm_step
+    from anisodiff.triton import ops as triton_ops
+    monkeypatch.setattr(triton_ops, "_ELEMENTWISE_TILE_INTERPRETED", 16)  # 4 pixels x CP 4: 4 blocks a plane
+    spec = make_spec(kind, 3)
+    out, ref = _shaped_pair((3, 3, 3, 5), spec, schedule, torch.tensor([5, 500, 999]), seed=21, offset=3)
+    close(out, ref)
+    x0 = torch.randn((3, 3, 4, 4), generator=torch.Generator().manual_seed(2))
+    out, ref = _add_noise_pair(x0, torch.tensor([9, 99, 999]), spec, schedule, seed=SEED, offset=OFFSET)
+    close(out[0], ref[0])
+    spec, x_t, eps_hat, z = _step_inputs("sdm", shape=(3, 3, 3, 5))
+    want = R.ddpm_step(eps_hat, 999, x_t, spec, schedule, noise=z, prev_timestep=979)
+    got = fused_ddpm_step(eps_hat.to(DEVICE), 999, x_t.to(DEVICE), spec, schedule, noise=z.to(DEVICE),
+                          backend="triton", prev_timestep=979)
+    _step_close(got, want, 999, x_t, schedule)
+
+
+def test_device_guard_makes_the_data_device_current(monkeypatch):
+    """A launch on cuda:1 while cuda:0 is current: the guard makes cuda:1 current (Triton's launcher then
+    takes that device and its current stream); nothing for the CPU interpreter. No GPU needed: mocked."""
+    pytest.importorskip("triton")
+    from anisodiff.triton import ops as triton_ops
+    entered = []
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    with triton_ops._device_guard(torch.device("cuda", 1)):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered[-1] == "exit"
+    entered.clear()
+    with triton_ops._device_guard(torch.device("cpu")):
+        pass
+    assert entered == []
+
+
+@needs_triton
+def test_every_op_launches_inside_the_device_guard(monkeypatch, schedule):
+    """add_noise, shaped_noise and ddpm_step run their kernels inside _device_guard(data device)."""
+    import contextlib
+
+    from anisodiff.sampling import fused_ddpm_step
+    from anisodiff.triton import ops as triton_ops
+    state = {"inside": None, "guards": [], "launches": 0}
+
+    @contextlib.contextmanager
+    def guard(device):
+        state["guards"].append(device)
+        state["inside"] = device
+        try:
+            yield
+        finally:
+            state["inside"] = None
+
+    def wrap(fn):
+        def launch(*a, **k):
+            assert state["inside"] is not None, "kernel launched outside the device guard"
+            state["launches"] += 1
+            return fn(*a, **k)
+        return launch
+
+    monkeypatch.setattr(triton_ops, "_device_guard", guard)
+    monkeypatch.setattr(triton_ops, "_launch", wrap(triton_ops._launch))
+    monkeypatch.setattr(triton_ops, "_launch_step", wrap(triton_ops._launch_step))
+    spec = make_spec("sdm", 3)
+    x0 = torch.randn((1, 3, 4, 4))
+    ad.add_noise(x0.to(DEVICE), torch.tensor([3]), spec, schedule, backend="triton", seed=1)
+    ad.shaped_noise((1, 3, 4, 4), spec, timesteps=torch.tensor([3]), schedule=schedule, device=DEVICE,
+                    backend="triton", seed=1)
+    spec_s, x_t, eps_hat, z = _step_inputs("sdm", shape=(1, 3, 4, 4))
+    fused_ddpm_step(eps_hat.to(DEVICE), 999, x_t.to(DEVICE), spec_s, schedule, noise=z.to(DEVICE),
+                    backend="triton", prev_timestep=979)
+    assert state["launches"] == 3 and state["guards"] == [DEVICE] * 3
+
+
+@needs_triton
+@pytest.mark.parametrize("normalize", ["none", "per_sample"])
+def test_dc_is_its_own_bin(normalize, schedule):
+    """A DC weight 1e6 times the others (the papers' floor, offset noise): the other bins keep float32
+    accuracy (the DC term w[0, 0] mean(e) is added outside the DFTs; the per-sample std is that of the
+    rest), as anisodiff.reference.filter_parts. normalize="none": not "calibrated", which would scale the
+    DC weight down with the rest."""
+    H, W = 12, 10
+    w = torch.ones(H, W, dtype=torch.float64) + R.radius(H, W)
+    w[0, 0] = 1e6
+    spec = ad.NoiseSpec(None, ad.SpectralTable(w), normalize=normalize)
+    out, ref = _shaped_pair((2, 2, H, W), spec, schedule, torch.tensor([3, 900]), seed=5)
+    close(out, ref)  # per_sample: a std taken with the DC term in float32 would be off by ~1e-2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -200,9 +200,14 @@ def _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask,
 @triton.jit
 def _block_coords(H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK_PIX: tl.constexpr):
     """This program's sample, first pixel, pixels (h * W + w), h, w, channels and mask; h, w and
-    the channels are int64 (they are multiplied by strides), pix stays int32."""
-    sample = tl.program_id(1).to(tl.int64)
-    first_pix = tl.program_id(0) * BLOCK_PIX  # int32: a plane has < 2**31 pixels (cheap division)
+    the channels are int64 (they are multiplied by strides), pix stays int32. The grid is 1-D,
+    ``B * cdiv(H W, BLOCK_PIX)`` programs, sample-major (ops.elementwise_grid): any batch size (a grid's
+    y dimension stops at 65535)."""
+    per_sample = tl.cdiv(H * W, BLOCK_PIX)
+    pid = tl.program_id(0)
+    sample_i32 = pid // per_sample
+    sample = sample_i32.to(tl.int64)
+    first_pix = (pid - sample_i32 * per_sample) * BLOCK_PIX  # int32: a plane has < 2**31 pixels
     pix = first_pix + tl.arange(0, BLOCK_PIX)  # h * W + w
     chan = tl.arange(0, CP).to(tl.int64)
     mask = (chan[:, None] < C) & (pix[None, :] < H * W)
@@ -389,9 +394,56 @@ def _dft_right(scratch_ptr, cos_ptr, sin_ptr, HP: tl.constexpr, WP: tl.constexpr
 
 
 @triton.jit
+def _table(ptr, N: tl.constexpr):
+    """A symmetric ``[N, N]`` DFT table (cos or sin; zero outside the plane's n x n)."""
+    i = tl.arange(0, N)
+    return tl.load(ptr + i[:, None] * N + i[None, :])
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """a @ b in float32 accumulation. PREC 0: tf32x3 (three TF32 tensor-core products, float32-grade),
+    -1: ieee (float32 FMAs, no tensor cores). The interpreter computes both in float32 (numpy)."""
+    if PREC == 0:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _filter_plane_dot(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W,
+                      HP: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_filter_plane` as matrix products (tl.dot; tensor cores with tf32x3): with C, S the
+    symmetric cos / sin tables and x real, y = F_H x F_W = (a C_W - b S_W) - i (a S_W + b C_W) with
+    a = C_H x, b = S_H x; z = w' y (DC bin zeroed, 1 / (H W) folded in); out = Re(conj(F_H) z conj(F_W))
+    = u C_W - v S_W with u = C_H z_re + S_H z_imneg, v = S_H z_re - C_H z_imneg. 12 products of
+    [HP, HP] x [HP, WP] / [HP, WP] x [WP, WP], no scratch. Returns (the AC part, the DC term)."""
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    dc = tl.load(w_ptr) * (tl.sum(tl.sum(x, axis=1), axis=0) / (H * W))  # w[0, 0] mean(x) (padding is zero)
+    c_h = _table(cos_h_ptr, HP)
+    s_h = _table(sin_h_ptr, HP)
+    c_w = _table(cos_w_ptr, WP)
+    s_w = _table(sin_w_ptr, WP)
+    a = _mm(c_h, x, PREC)
+    b = _mm(s_h, x, PREC)
+    dc_bin = (rows[:, None] == 0) & (cols[None, :] == 0)
+    w = tl.load(w_ptr + rows[:, None] * W + cols[None, :], mask=plane_mask & ~dc_bin, other=0.0) * (1.0 / (H * W))
+    z_re = w * (_mm(a, c_w, PREC) - _mm(b, s_w, PREC))
+    z_imneg = w * (_mm(a, s_w, PREC) + _mm(b, c_w, PREC))
+    u = _mm(c_h, z_re, PREC) + _mm(s_h, z_imneg, PREC)
+    v = _mm(s_h, z_re, PREC) - _mm(c_h, z_imneg, PREC)
+    out = _mm(u, c_w, PREC) - _mm(v, s_w, PREC)
+    return out, dc
+
+
+@triton.jit
 def _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, H, W,
                   HP: tl.constexpr, WP: tl.constexpr, KB: tl.constexpr):
-    """``Re(ifft2(w * fft2(x)))`` as real DFTs, F = cos - i sin (symmetric), from ``[HP, HP]`` /
+    """``(Re(ifft2(w' * fft2(x))), w[0, 0] mean(x))``: the plane filtered by w' = w with the DC bin
+    zeroed, and the DC term apart (DC is its own bin, as anisodiff.reference.filter_parts: a huge DC
+    weight never costs float32 accuracy in the other bins; the caller adds it) as real DFTs, F = cos - i sin (symmetric), from ``[HP, HP]`` /
     ``[WP, WP]`` tables whose zero padding keeps the padded rows/columns at zero. Each of the four
     one-dimensional transforms is a loop of rank-1 updates (:func:`_dft_left`, :func:`_dft_right`)
     reading its input back from the program's ``[2, HP, WP]`` scratch, so the registers hold two
@@ -400,29 +452,32 @@ def _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_
     rows = tl.arange(0, HP)
     cols = tl.arange(0, WP)
     plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    dc = tl.load(w_ptr) * (tl.sum(tl.sum(x, axis=1), axis=0) / (H * W))  # w[0, 0] mean(x) (padding is zero)
     # F_H x = a - i b: a = C_H x, b = S_H x (x real: the imaginary part is zero)
     _to_scratch(scratch_ptr, x, tl.zeros([HP, WP], dtype=tl.float32), HP, WP)
     a, b = _dft_left(scratch_ptr, cos_h_ptr, sin_h_ptr, HP, WP, KB)
     # y = F_H x F_W = (a C_W - b S_W) - i (a S_W + b C_W)
     _to_scratch(scratch_ptr, a, b, HP, WP)
     y_re, y_im_neg = _dft_right(scratch_ptr, cos_w_ptr, sin_w_ptr, HP, WP, KB)
-    # the weights, with the 1 / (H W) of the inverse transform
-    w = tl.load(w_ptr + rows[:, None] * W + cols[None, :], mask=plane_mask, other=0.0) * (1.0 / (H * W))
+    # the weights, with the 1 / (H W) of the inverse transform; the DC bin apart (added at the end)
+    dc_bin = (rows[:, None] == 0) & (cols[None, :] == 0)
+    w = tl.load(w_ptr + rows[:, None] * W + cols[None, :], mask=plane_mask & ~dc_bin, other=0.0) * (1.0 / (H * W))
     # Re(conj(F_H) z conj(F_W)) with z = w y: (C_H + i S_H) z = u + i v, then Re((u + i v)(C_W + i S_W))
     _to_scratch(scratch_ptr, w * y_re, w * y_im_neg, HP, WP)
     u, v = _dft_left(scratch_ptr, cos_h_ptr, sin_h_ptr, HP, WP, KB)  # z_re + i z_im_neg in the scratch
     _to_scratch(scratch_ptr, u, v, HP, WP)
     out, _ = _dft_right(scratch_ptr, cos_w_ptr, sin_w_ptr, HP, WP, KB)  # u C_W - v S_W
-    return out
+    return out, dc
 
 
 @triton.jit
-def _normalize_plane(x, mask, num_pixels):
-    """The SAGD appendix normalisation x / (std(x, ddof=0) + 1e-8); padding entries are zero."""
+def _normalize_plane(x, mask, num_pixels, dc):
+    """The SAGD appendix normalisation (x + dc) / (std(x, ddof=0) + 1e-8), the std from x alone (the
+    constant DC term does not change it: no accuracy lost to a huge one); padding entries are zero."""
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / num_pixels
     centred = tl.where(mask, x - mean, 0.0)
     std = tl.sqrt(tl.sum(tl.sum(centred * centred, axis=1), axis=0) / num_pixels)
-    return x * (1.0 / (std + 1e-8))
+    return tl.where(mask, x + dc, 0.0) * (1.0 / (std + 1e-8))
 
 
 @triton.jit
@@ -434,11 +489,17 @@ def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample
     """N(T_w eps) for one plane of one draw."""
     x = _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
                      DRAW, HAS_NOISE, ALIGNED, HP, WP)
+    dc = 0.0
     if FILTER:
-        x = _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, H, W, HP, WP,
-                          DFT_BLOCK)
+        if DFT_BLOCK <= 0:  # DFT as matrix products (tl.dot): 0 = tf32x3, -1 = ieee
+            x, dc = _filter_plane_dot(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, H, W, HP, WP, DFT_BLOCK)
+        else:  # rank-DFT_BLOCK update loops through the scratch
+            x, dc = _filter_plane(x, w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, H, W, HP, WP,
+                                  DFT_BLOCK)
     if NORMALIZE:
-        x = _normalize_plane(x, plane_mask, H * W)
+        x = _normalize_plane(x, plane_mask, H * W, dc)
+    elif FILTER:
+        x = tl.where(plane_mask, x + dc, 0.0)
     return x
 
 

@@ -9,6 +9,7 @@ interpreter triton_op touches FakeTensor storage and breaks torch.compile and op
 The checks here are the last line of defence (anisodiff.ops validates first, with friendlier
 messages): nothing reaches a kernel that could make it read out of bounds.
 """
+import contextlib
 import functools
 import math
 from typing import List, Optional, Tuple
@@ -28,6 +29,10 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # GPU without spilling; the interpreter (~10 ms per program) gets bigger blocks.
 _ELEMENTWISE_TILE = 2048
 _ELEMENTWISE_TILE_INTERPRETED = 8192
+ELEMENTWISE_WARPS = 4
+# A 1-D launch grid has at most 2**31 - 1 programs (its y / z dimensions only 65535: the elementwise grid
+# is 1-D, sample-major, so any batch size fits).
+MAX_GRID_PROGRAMS = 2**31 - 1
 # Launch options of the spectral kernels: 8 warps, and maxnreg = the register file of one such CTA
 # (65536 / 256 threads: 255, the most a thread can have). Without maxnreg sm_90 ptxas caps itself at
 # 128 registers at 8 warps (an occupancy heuristic) and spills (4 x 32 x 32: 160 B of stack); with it
@@ -37,18 +42,65 @@ _ELEMENTWISE_TILE_INTERPRETED = 8192
 _SPECTRAL_WARPS = 8
 
 
-def _spectral_launch_options(HP: int, WP: int) -> dict:
+def _spectral_launch_options(HP: int, WP: int, interpreted: Optional[bool] = None) -> dict:
     """num_warps (and on a GPU maxnreg) of spectral_kernel / step_spectral_kernel (the same for
     every plane size HP x WP for now)."""
     warps = _SPECTRAL_WARPS
-    if interpreted():
+    if _interpreted_default(interpreted):
         return dict(num_warps=warps)
     return dict(num_warps=warps, maxnreg=min(255, 65536 // (32 * warps)))
 
 
+def _device_guard(device: torch.device):
+    """The launch context of a kernel on ``device``: its CUDA device made current, so that Triton's
+    launcher (which takes the current device and that device's current stream) launches on the data's
+    GPU, on the caller's stream, whatever device is current outside (a tensor on cuda:1 while cuda:0 is
+    current). Nothing to do for the interpreter on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def elementwise_grid(B: int, HW: int, block: int) -> Tuple[int]:
+    """The 1-D grid of the elementwise kernels: ``B * cdiv(HW, block)`` programs, sample-major
+    (kernels._block_coords splits the program id); any B up to 2**31 - 1 programs in all."""
+    programs = int(B) * triton.cdiv(int(HW), int(block))
+    if programs > MAX_GRID_PROGRAMS:
+        raise ValueError(f"shape: {B} samples of {HW} pixels need {programs} Triton programs, more than a grid "
+                         f"holds ({MAX_GRID_PROGRAMS}); split the batch")
+    return (programs,)
+
+
+def spectral_grid(B: int) -> Tuple[int]:
+    """The grid of the spectral kernels: one program per sample (1-D: any B up to 2**31 - 1)."""
+    if int(B) > MAX_GRID_PROGRAMS:
+        raise ValueError(f"shape: a batch of {B} samples is more than a Triton grid holds ({MAX_GRID_PROGRAMS})")
+    return (int(B),)
+
+
+def spectral_config(C: int, H: int, W: int, interpreted: Optional[bool] = None) -> dict:
+    """What a launch of spectral_kernel uses for a [C, H, W] sample (scripts/cuda_perf_model.py compiles
+    the same): kernel name, the size constexprs, the launch options and the grid function of B."""
+    interp = _interpreted_default(interpreted)
+    HP, WP = _pow2(H, 16), _pow2(W, 16)
+    return {"kernel": "spectral_kernel",
+            "constexprs": dict(DRAWS=1, FILTER=True, NORMALIZE=False, HP=HP, WP=WP,
+                               DFT_BLOCK=16 if interp else 1),
+            "options": _spectral_launch_options(HP, WP, interpreted=interp), "grid": spectral_grid}
+
+
+def _interpreted_default(interpreted: Optional[bool]) -> bool:
+    return interpreted_mode() if interpreted is None else bool(interpreted)
+
+
 def _dft_block() -> int:
-    """Table rows per step of the DFT loops (kernels._dft_left): one on a GPU (two live
-    accumulators, no spill), 16 in the interpreter (each step is a numpy call: 16x fewer of them)."""
+    """The spectral kernels' DFT (kernels._spatial_plane's DFT_BLOCK): >= 1, loops of rank-DFT_BLOCK
+    updates through the per-program scratch (1 on a GPU: two live accumulators; 16 in the interpreter:
+    each step is a numpy call, 16x fewer of them); 0 / -1, the DFT as 12 matrix products per plane
+    (tl.dot, input_precision "tf32x3" on tensor cores / "ieee" FMAs). A GPU keeps the loops: sm_90
+    ptxas (triton 3.6, 8 warps, maxnreg 255) spills the tl.dot version, whose operands and accumulators
+    live in registers next to the [CP, HP, WP] sample - 768 B of stack per thread at 4 x 32 x 32,
+    2296-2696 B at 64 x 64 (scripts/cuda_perf_model.py reports both)."""
     return 16 if interpreted() else 1
 
 
@@ -59,6 +111,9 @@ def _pow2(n: int, least: int = 1) -> int:
 def interpreted() -> bool:
     """Whether the kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at import)."""
     return isinstance(kernels.spectral_kernel, InterpretedFunction)
+
+
+interpreted_mode = interpreted
 
 
 @functools.lru_cache(maxsize=32)
@@ -150,9 +205,9 @@ def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------------
-def _elementwise_block(HW: int, CP: int) -> int:
+def _elementwise_block(HW: int, CP: int, interpreted: Optional[bool] = None) -> int:
     """BLOCK_PIX of the elementwise kernels: CP x BLOCK_PIX elements per program."""
-    tile = _ELEMENTWISE_TILE_INTERPRETED if interpreted() else _ELEMENTWISE_TILE
+    tile = _ELEMENTWISE_TILE_INTERPRETED if _interpreted_default(interpreted) else _ELEMENTWISE_TILE
     return min(_pow2(HW, 4), max(4, tile // CP))
 
 
@@ -194,18 +249,17 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
     if weights is None and normalize == 0:  # elementwise: white or squeeze-only
         block = _elementwise_block(H * W, common["CP"])
         n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
-        grid = (triton.cdiv(H * W, block), B)
-        kernels.squeeze_mix_kernel[grid](
+        kernels.squeeze_mix_kernel[elementwise_grid(B, H * W, block)](
             x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
             H, W, coef.shape[0], float(gammas[0]),
             *x0_s, *n_s, *xt_s, *out_s,
-            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
+            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, **common)
         return
 
     HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, coef)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = noise.stride() if has_noise else (0,) * 5
-    kernels.spectral_kernel[(B,)](
+    kernels.spectral_kernel[spectral_grid(B)](
         x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
         weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, coef.shape[0], float(gammas[0]), gamma1,
@@ -229,15 +283,15 @@ def _launch_step(sample, model_output, params, axes, weights, gammas, normalize,
     if weights is None and normalize == 0:  # white step noise: elementwise
         block = _elementwise_block(H * W, common["CP"])
         n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
-        kernels.step_elementwise_kernel[(triton.cdiv(H * W, block), B)](
+        kernels.step_elementwise_kernel[elementwise_grid(B, H * W, block)](
             sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
             H, W, float(gammas[0]), float(clip_range), *io_s, *n_s, *out_s,
-            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=4, **common)
+            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, **common)
         return
     HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, params)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = noise.stride() if has_noise else (0,) * 5
-    kernels.step_spectral_kernel[(B,)](
+    kernels.step_spectral_kernel[spectral_grid(B)](
         sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
         weights if weights is not None else params, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, float(gammas[0]), gamma1, float(clip_range), *io_s, *n_s, *out_s,
@@ -265,8 +319,9 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axe
                    stream, noise)
     x_t, out = torch.empty_like(x0), torch.empty_like(x0)
     if x0.numel() > 0:
-        _launch((B, C, H, W), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
-                target, stream, noise)
+        with _device_guard(x0.device):
+            _launch((B, C, H, W), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
+                    target, stream, noise)
     return x_t, out
 
 
@@ -286,8 +341,9 @@ def shaped_noise(shape: List[int], timesteps: torch.Tensor, coef: torch.Tensor, 
                    stream, noise)
     out = torch.empty(list(shape), device=coef.device, dtype=dtype)
     if out.numel() > 0:
-        _launch((B, C, H, W), None, None, out, timesteps, coef, axes, weights, gammas, variant,
-                normalize, 0, stream, noise)
+        with _device_guard(out.device):
+            _launch((B, C, H, W), None, None, out, timesteps, coef, axes, weights, gammas, variant,
+                    normalize, 0, stream, noise)
     return out
 
 
@@ -325,8 +381,9 @@ def ddpm_step(sample: torch.Tensor, model_output: torch.Tensor, params: torch.Te
     _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise)
     x_prev, x0_hat = torch.empty_like(sample), torch.empty_like(sample)
     if sample.numel() > 0:
-        _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
-                     stream, noise, x_prev, x0_hat)
+        with _device_guard(sample.device):
+            _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range,
+                         stream, noise, x_prev, x0_hat)
     return x_prev, x0_hat
 
 
