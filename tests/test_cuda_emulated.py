@@ -163,6 +163,24 @@ def test_fused_cluster_sizes(emu, order, schedule, monkeypatch, cluster, shape, 
     check_pair(a, b, torch.bfloat16)
 
 
+@pytest.mark.parametrize("shape,kind,normalize", [((2, 5, 16, 16), "sdm+two_indep", "per_sample"),
+                                                   ((1, 3, 32, 32), "hdm+pl_neg", "calibrated")])
+def test_cluster_size_does_not_change_a_bit(emu, schedule, monkeypatch, shape, kind, normalize):
+    """The planner picks the cluster size from the batch (more blocks per sample for small batches), so
+    the fused result must not depend on it: transforms per row / column and the sums' fixed order."""
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("EMU_ORDER", "rev")
+    common = kernel_common(make_spec(kind, shape[1], k=2, normalize=normalize), shape, schedule, [999, 3])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    outs = []
+    for cluster in (1, 2, 4, 8):
+        monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", str(cluster))
+        outs.append(emu.add_noise(x0, *common, 2, STREAM, None))
+        assert emu.last_plan()[0] == "fused"
+    for o in outs[1:]:
+        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+
+
 @pytest.mark.parametrize("path", ["fused", "two_pass"])
 def test_batch_splits_are_bit_exact(emu, schedule, monkeypatch, path):
     """Planes pair only within a sample and the cluster size depends on (H, W) only: a sample's output

@@ -804,9 +804,11 @@ struct SpectralGeom {
   uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_red, off_part, off_stat, smem;
 };
 
-// Padded pitch of lines of n floats: odd, so that column gathers (one element per line, consecutive
-// lines in consecutive threads) hit 32 different banks.
-__host__ __device__ __forceinline__ int line_pitch(int n) { return n | 1; }
+// Padded pitch of lines of n floats: n rounded up to 5 (mod 32). Consecutive lines then start 5 banks
+// apart: the Stockham stages of short lines (several lines per warp) average <= 2-way bank conflicts at
+// 32 and 64 (an odd pitch gave 3.5-way), and the transposes (one element per line per thread) and the
+// weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages' index maps).
+__host__ __device__ __forceinline__ int line_pitch(int n) { return n + ((5 - n % 32) + 32) % 32; }
 
 __host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spectral, int draws) {
   const int R = g.R;
@@ -816,7 +818,7 @@ __host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spec
   g.Hp = line_pitch(g.H);
   const int rows = g.Hs * g.Wp, cols = spectral ? g.Ws * g.Hp : 0;
   g.PS = (int)align_up((size_t)(rows > cols ? rows : cols), 4);
-  g.nbuf = spectral ? 3 : 1;
+  g.nbuf = spectral ? 3 : 2;  // without weights the second buffer is the sums' scratch
   const size_t planes = 2 * (size_t)g.P;
   size_t o = 0;
   g.off_tw_h = (uint32_t)o;
@@ -827,12 +829,12 @@ __host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spec
   o = align_up(o + 4 * (size_t)g.nbuf * planes * g.PS, 16);
   g.off_acc = (uint32_t)o;
   o = align_up(o + (draws > 1 ? 4 * (size_t)g.C * g.Hs * g.W : 0), 16);
-  g.off_red = (uint32_t)o;
-  o = align_up(o + 8 * (size_t)g.C * (kFusedThreads / 32), 16);
-  g.off_part = (uint32_t)o;
-  o = align_up(o + 8 * 3 * (size_t)draws * g.C, 16);
-  g.off_stat = (uint32_t)o;                    // mean (double), scale, dc term (float) per channel
-  o = align_up(o + 16 * (size_t)g.C, 16);
+  g.off_red = (uint32_t)o;                     // the sums' row totals of the whole sample [C][H]
+  o = align_up(o + 8 * (size_t)g.C * g.H, 16);
+  g.off_part = (uint32_t)o;                    // the slab's row sums per draw and statistic [3 draws][C][Hs]
+  o = align_up(o + 8 * 3 * (size_t)draws * g.C * g.Hs, 16);
+  g.off_stat = (uint32_t)o;                    // mean, total (double), scale, dc term (float) per channel
+  o = align_up(o + 24 * (size_t)g.C, 16);
   g.smem = (uint32_t)o;
 }
 

@@ -93,19 +93,22 @@ SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
   return g;
 }
 
-// Cluster size of the fused path: a function of (H, W) only (never of the batch), so a sample's
-// result does not depend on the batch around it. The largest R <= 8 dividing H and W that leaves
-// each block at least one pixel per thread; ANISODIFF_CUDA_CLUSTER=R forces R (tests) when it
-// divides H and W.
-int fused_cluster(int64_t H, int64_t W) {
+// Cluster sizes the fused path may take for an H x W plane: R <= 8 dividing H and W with at least one
+// pixel per thread in a slab (R = 1 always). The sample's result is bit for bit the same for every R
+// (row transforms, column transforms and the sums' order do not depend on it; see sample_sums), so
+// the planner picks R from the batch: the smallest R that gives kFusedTargetBlocksPerSm blocks per SM,
+// else the largest. ANISODIFF_CUDA_CLUSTER=R forces R (tests) when it is a valid size.
+constexpr int kFusedTargetBlocksPerSm = 4;
+
+bool cluster_ok(int r, int64_t H, int64_t W) {
+  return r == 1 || (r <= kMaxCluster && H % r == 0 && W % r == 0 && H * W / r >= kFusedThreads);
+}
+
+int fused_cluster_forced(int64_t H, int64_t W) {
   const char* env = getenv("ANISODIFF_CUDA_CLUSTER");
-  if (env != nullptr) {
-    const int r = atoi(env);
-    if (r >= 1 && r <= kMaxCluster && H % r == 0 && W % r == 0) return r;
-  }
-  for (int r = kMaxCluster; r > 1; r /= 2)
-    if (H % r == 0 && W % r == 0 && H * W / r >= kFusedThreads) return r;
-  return 1;
+  if (env == nullptr) return 0;
+  const int r = atoi(env);
+  return r >= 1 && r <= kMaxCluster && H % r == 0 && W % r == 0 ? r : 0;  // may leave threads without a pixel
 }
 
 int largest_prime(int64_t n) {
@@ -165,7 +168,9 @@ size_t fused_smem_bytes(int channels, int height, int width, bool spectral, int 
   p.draws = draws;
   static const float dummy = 0.f;
   p.weights = spectral ? &dummy : nullptr;
-  return geometry(p, 0, fused_cluster(height, width)).smem;
+  int r = kMaxCluster;  // the smallest footprint: the largest valid cluster
+  while (r > 1 && !cluster_ok(r, height, width)) r /= 2;
+  return geometry(p, 0, r).smem;
 }
 
 const char* path_name(Path path) {
@@ -201,15 +206,23 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     return plan;
   }
   if (C * HW <= INT_MAX / 2 && !force_two_pass()) {
-    const int R = fused_cluster(H, W);
-    const SpectralGeom g = geometry(p, 0, R);
-    if (g.smem <= plan.smem_limit && p.batch * R <= (int64_t)INT_MAX) {
+    const int forced = fused_cluster_forced(H, W);
+    const int64_t target = (int64_t)kFusedTargetBlocksPerSm * (sms > 0 ? sms : 1);
+    int best = 0;
+    for (int R = 1; R <= kMaxCluster; R *= 2) {
+      if (forced != 0 ? R != forced : !cluster_ok(R, H, W)) continue;
+      if (geometry(p, 0, R).smem > plan.smem_limit || p.batch * R > (int64_t)INT_MAX) continue;
+      best = R;
+      if (p.batch * R >= target) break;
+    }
+    if (best > 0) {
+      const SpectralGeom g = geometry(p, 0, best);
       plan.path = Path::kFused;
       plan.smem_bytes = g.smem;
       plan.kernel = fused_kernel_name(p);
-      plan.grid = (unsigned)(p.batch * R);
+      plan.grid = (unsigned)(p.batch * best);
       plan.block = kFusedThreads;
-      plan.cluster = R;
+      plan.cluster = best;
       plan.rows_per_block = g.Hs;
       return plan;
     }

@@ -17,33 +17,45 @@ namespace anisodiff {
 namespace cuda {
 namespace {
 
-// part[c] = this block's sum of get(c, i) over i < n, for every c < C (double, fixed order). The caller
-// puts a barrier (block, or cluster when peers read part) between this and any read of part or the
-// next call (red is reused).
+// Per-plane sums over the whole SAMPLE (every block of the cluster), in an order fixed by (H, W)
+// alone: segments of kSumSeg consecutive pixels of a row, then a row's segments, then the H rows in
+// order, all in double. The result is the same for every cluster size R, so a sample's output does
+// not depend on R (which the planner picks from the batch size). get(c, hl, w): the value at row hl
+// of this block's slab. scratch: C * Hs * ceil(W / kSumSeg) doubles of shared memory no peer reads;
+// rows: C * Hs doubles peers read (not reused within the launch); all: C * H doubles; tot[c]: the sums.
+// Every thread of every block of the cluster calls it.
+constexpr int kSumSeg = 8;
 template <class Get>
-__device__ __forceinline__ void block_partials(int C, int n, double* red, double* part, Get get) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  for (int c = 0; c < C; ++c) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)get(c, i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
-    if (lane == 0) red[c * nw + warp] = s;
+__device__ __forceinline__ void sample_sums(const SpectralGeom& g, double* scratch, double* rows, double* all,
+                                            double* tot, Get get) {
+  const int C = g.C, Hs = g.Hs, W = g.W, H = g.H, R = g.R, nseg = (W + kSumSeg - 1) / kSumSeg;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int it = tid; it < C * Hs * nseg; it += nt) {
+    const int rest = it / nseg, s = it - rest * nseg, c = rest / Hs, hl = rest - c * Hs;
+    const int w1 = (s + 1) * kSumSeg < W ? (s + 1) * kSumSeg : W;
+    double a = 0.0;
+    for (int w = s * kSumSeg; w < w1; ++w) a += (double)get(c, hl, w);
+    scratch[it] = a;
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    double t = 0.0;
-    for (int w = 0; w < nw; ++w) t += red[c * nw + w];
-    part[c] = t;
+  for (int it = tid; it < C * Hs; it += nt) {
+    double a = 0.0;
+    for (int s = 0; s < nseg; ++s) a += scratch[it * nseg + s];
+    rows[it] = a;
   }
-}
-
-// The sample's total of part[c] over the R blocks of the cluster, in rank order (the same in every block).
-__device__ __forceinline__ double cluster_total(double* part, int c, int R) {
-  if (R == 1) return part[c];
-  double t = 0.0;
-  for (int r = 0; r < R; ++r) t += cluster_peer(part, (unsigned)r)[c];
-  return t;
+  if (R > 1) cluster_barrier(); else __syncthreads();
+  for (int it = tid; it < C * H; it += nt) {
+    const int c = it / H, h = it - c * H, o = h / Hs;
+    const double* src = R > 1 ? cluster_peer(rows, (unsigned)o) : rows;
+    all[it] = src[c * Hs + (h - o * Hs)];
+  }
+  __syncthreads();
+  for (int c = tid; c < C; c += nt) {
+    double a = 0.0;
+    for (int h = 0; h < H; ++h) a += all[c * H + h];
+    tot[c] = a;
+  }
+  __syncthreads();
 }
 
 // One fused launch: block (b, r) = blockIdx.x (cluster of R blocks per sample b, rank r). See the
@@ -71,10 +83,11 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   float* const buf1 = buf0 + (size_t)NPL * PS;
   float* const buf2 = buf1 + (size_t)NPL * PS;
   float* acc = reinterpret_cast<float*>(smem + g.off_acc);
-  double* red = reinterpret_cast<double*>(smem + g.off_red);
-  double* part = reinterpret_cast<double*>(smem + g.off_part);
+  double* all = reinterpret_cast<double*>(smem + g.off_red);    // [C][H]
+  double* part = reinterpret_cast<double*>(smem + g.off_part);  // [3 draws][C][Hs], read by peers
   double* mean = reinterpret_cast<double*>(smem + g.off_stat);
-  float* scale = reinterpret_cast<float*>(mean + C);
+  double* tot = mean + C;
+  float* scale = reinterpret_cast<float*>(tot + C);
   float* dcadd = scale + C;
   const Stream st = read_stream(p);
   const int64_t CHW = (int64_t)C * HW;
@@ -90,6 +103,7 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   for (int d = 0; d < p.draws; ++d) {
     if (d > 0 && R > 1) cluster_barrier();  // peers may still read this block's buffers of draw d - 1
     X = buf0;
+    float* scratch = buf1;  // a plane buffer no peer reads, for the sums (spectral: set below)
     // 1. white noise of draw d
     if (C & 1)
       for (int i = tid; i < SL; i += nt) X[C * PS + at(i)] = 0.f;
@@ -107,8 +121,11 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     __syncthreads();
     if (spectral) {
       const float dc = __ldg(p.weights + (size_t)d * HW);
-      double* pdc = part + (size_t)(3 * d) * C;
-      if (dc != 0.f) block_partials(C, SL, red, pdc, [&](int c, int i) { return X[c * PS + at(i)]; });
+      if (dc != 0.f) {  // the planes' means (buf2 is free until the column gather)
+        sample_sums(g, reinterpret_cast<double*>(buf2), part + (size_t)(3 * d) * C * Hs, all, tot,
+                    [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
+        for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (tot[c] / (double)HW));
+      }
       float* Xr = fft_planar(buf0, buf1, PS, W, g.fw, tw_w, 1.f, rows);
       float* Yr = Xr == buf0 ? buf1 : buf0;
       if (R > 1) cluster_barrier();  // every slab's row transforms (and DC partials) are complete
@@ -141,10 +158,10 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       }
       __syncthreads();
       // peers may still read Z: the inverse rows ping-pong with the other free buffer
-      X = fft_planar(Xr, Z == buf2 ? Yr : buf2, PS, W, g.fw, tw_w, -1.f, rows);
+      float* F = Z == buf2 ? Yr : buf2;
+      X = fft_planar(Xr, F, PS, W, g.fw, tw_w, -1.f, rows);
+      scratch = X == Xr ? F : Xr;
       if (dc != 0.f) {  // + w(0) mean(e): the DC bin outside the FFT (as the CPU kernel)
-        for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (cluster_total(pdc, c, R) / (double)HW));
-        __syncthreads();
         for (int li = tid; li < C * SL; li += nt) {
           const int c = li / SL;
           X[c * PS + at(li - c * SL)] += dcadd[c];
@@ -154,19 +171,16 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     }
     // 3. per-plane normalisation (mean, then centred sum of squares, over the cluster), gains
     if (p.per_sample_norm) {
-      double* pm = part + (size_t)(3 * d + 1) * C;
-      double* pv = part + (size_t)(3 * d + 2) * C;
-      block_partials(C, SL, red, pm, [&](int c, int i) { return X[c * PS + at(i)]; });
-      if (R > 1) cluster_barrier(); else __syncthreads();
-      for (int c = tid; c < C; c += nt) mean[c] = cluster_total(pm, c, R) / (double)HW;
+      double* sc = reinterpret_cast<double*>(scratch);
+      sample_sums(g, sc, part + (size_t)(3 * d + 1) * C * Hs, all, tot,
+                  [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
+      for (int c = tid; c < C; c += nt) mean[c] = tot[c] / (double)HW;
       __syncthreads();
-      block_partials(C, SL, red, pv, [&](int c, int i) {
-        const double v = (double)X[c * PS + at(i)] - mean[c];
+      sample_sums(g, sc, part + (size_t)(3 * d + 2) * C * Hs, all, tot, [&](int c, int hl, int w) {
+        const double v = (double)X[c * PS + hl * Wp + w] - mean[c];
         return v * v;
       });
-      if (R > 1) cluster_barrier(); else __syncthreads();
-      for (int c = tid; c < C; c += nt)
-        scale[c] = (float)(1.0 / (sqrt(cluster_total(pv, c, R) / (double)HW) + 1e-8));
+      for (int c = tid; c < C; c += nt) scale[c] = (float)(1.0 / (sqrt(tot[c] / (double)HW) + 1e-8));
     } else {
       for (int c = tid; c < C; c += nt) scale[c] = 1.f;
     }
