@@ -23,6 +23,10 @@
 # --dry-run: the whole flow on a machine without a GPU (tests/test_gpu_check.py): no build and no GPU
 # stage, but every file above is written (logs say what would run), build_info.json comes from the
 # installed package, and the benchmark's flags are checked against `anisodiff bench --help`.
+# Carried wheels (the GPU image has torch, triton, pytest, hypothesis, matplotlib, no diffusers): before
+# the run, `echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
+# importlib_metadata`, and carry [".whl"]; the script installs .whl/*.whl into /tmp/site first.
 # Exit status: 0 when every stage that ran passed; 1 when the build or a test failed; 2 for a bad
 # argument. The benchmarks run even after test failures.
 # Environment: PYTHON (python3), CUDA_ARCHS (90), BUDGET (480), SUITE=1 (= --suite), OPTIONAL=0
