@@ -422,7 +422,9 @@ SAMPLE_GRID_COLUMNS = 12
 SAMPLE_CHUNK = 500           # images per forward pass while sampling (see sample())
 PROBE_STEPS = 3              # --threads auto: timed steps per thread count and round
 PROBE_ROUNDS = 2             # ... rounds, alternating the thread counts
+PROBE_SAMPLES = 128          # images of the timed sampling step (scaled to --samples)
 SHORT_RUN_S = 15.0           # a run expected to be shorter at 1 thread is not probed further
+BUSY_CPUS = 0.75             # other processes keeping this many CPUs busy: 1 thread, no more probing
 
 
 def resolve_options(quick: bool = False, **given) -> dict:
@@ -492,29 +494,46 @@ class ThreadChoice:
     train_threads: int
     sample_threads: int
     seconds: float            # spent measuring
+    reason: str = "measured"  # "short" run, "busy" machine (1 thread, not probed further), "measured"
+    busy_cpus: float | None = None  # CPUs other processes kept busy (None: not looked at)
 
     def to_dict(self) -> dict:
         return {"train_s_per_step": {str(k): v for k, v in self.train.items()},
                 "sample_s_per_step": {str(k): v for k, v in self.sample.items()},
                 "train_threads": self.train_threads, "sample_threads": self.sample_threads,
-                "probe_seconds": self.seconds}
+                "probe_seconds": self.seconds, "reason": self.reason,
+                "other_busy_cpus": self.busy_cpus}
 
 
-def _probe_train(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainSettings) -> float:
+class _ProbeDone(Exception):
+    """Stops a probe that has already spent its time budget."""
+
+
+def _probe_train(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainSettings,
+                 budget_s: float | None = None) -> float:
     """Median seconds of a training step (after one warm-up step) on a throwaway model (learning
-    rate 0: the same work as a real step, and it cannot diverge)."""
-    stamps = []
-    train(data, noise, TrainSettings(PROBE_STEPS + 1, settings.batch_size, 0.0, settings.seed,
-                                     settings.device, width=settings.width),
-          on_step=lambda: stamps.append(time.perf_counter()))
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    rate 0: the same work as a real step, and it cannot diverge). A probe that runs past
+    ``budget_s`` stops there and reports the steps it timed (the warm-up step if no other)."""
+    stamps = [time.perf_counter()]
+
+    def on_step():
+        stamps.append(time.perf_counter())
+        if budget_s is not None and stamps[-1] - stamps[0] > budget_s:
+            raise _ProbeDone
+
+    try:
+        train(data, noise, TrainSettings(PROBE_STEPS + 1, settings.batch_size, 0.0, settings.seed,
+                                         settings.device, width=settings.width), on_step=on_step)
+    except _ProbeDone:
+        pass
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])] or [stamps[1] - stamps[0]]
     return sorted(steps)[len(steps) // 2]
 
 
 def _probe_sample(model: nn.Module, noise: AnisotropicNoise, n: int, shape, device) -> float:
-    """Seconds of one sampling step of ``n`` images (the model on chunks of SAMPLE_CHUNK and the
-    DDIM update), extrapolated from one chunk after a warm-up pass."""
-    m = min(n, SAMPLE_CHUNK)
+    """Seconds of one sampling step of ``n`` images (the model and the DDIM update), extrapolated
+    from one batch of up to PROBE_SAMPLES images after a warm-up pass."""
+    m = min(n, PROBE_SAMPLES)
     x = torch.randn(m, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((m,), 500, dtype=torch.int64, device=device)
     with torch.no_grad():
@@ -524,15 +543,33 @@ def _probe_sample(model: nn.Module, noise: AnisotropicNoise, n: int, shape, devi
         return (time.perf_counter() - start) * n / m
 
 
+def other_busy_cpus(window_s: float = 0.5) -> float | None:
+    """CPUs that OTHER processes keep busy, measured over ``window_s`` seconds (None where
+    /proc/stat cannot be read)."""
+    from .bench.machine import busy_cpus
+
+    return busy_cpus(window_s)
+
+
 def choose_threads(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainSettings, samples: int,
                    *, train_steps: int, sample_steps: int, candidates=None) -> ThreadChoice:
-    """``--threads auto``: time a few training steps and one sampling step at every thread count of
-    ``candidates`` (default :func:`thread_candidates`) and keep the faster count per phase (ties
-    go to the larger count). The counts alternate over up to :data:`PROBE_ROUNDS` rounds, so that a
-    change of load hits them alike; one round is enough when the counts differ by more than 1.5x
-    in both phases. A run expected to take under :data:`SHORT_RUN_S` at 1 thread (``train_steps``
-    training and ``sample_steps`` sampling steps in all) runs at 1 thread without probing the
-    others: the probe would cost more than it can save. Leaves torch at its thread count."""
+    """``--threads auto``: the thread count per phase (training, sampling) that runs the demo
+    fastest on this machine now.
+
+    1. Time a few training steps and one sampling step at 1 thread (the estimate of the run).
+    2. A run expected to take under :data:`SHORT_RUN_S` stays at 1 thread: probing more would cost
+       more than it can save.
+    3. When other processes keep at least :data:`BUSY_CPUS` CPUs busy, stay at 1 thread: torch's
+       OpenMP threads wait for each other at every parallel region, and a thread that shares its
+       core with another job makes the others wait (measured on a 2-core VM at load 8-14: 0.2-0.9 s
+       per training step at 1 thread, 1.3-8.7 s at 2).
+    4. Otherwise time the other counts of ``candidates`` (default :func:`thread_candidates`) the
+       same way, alternating the counts over up to :data:`PROBE_ROUNDS` rounds so a change of
+       load hits them alike (one round when they differ by more than 1.5x in both phases; a count
+       whose training probe runs 1.5x longer than the best one's is stopped there and its sampling
+       not probed), and keep the faster count per phase (ties go to the larger count).
+
+    Leaves torch at its thread count."""
     candidates = sorted(set(candidates or thread_candidates()))
     before, start = torch.get_num_threads(), time.perf_counter()
     shape = tuple(data.shape[1:])
@@ -540,28 +577,37 @@ def choose_threads(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainS
     probe_data = data[:max(settings.batch_size, 1)]
     train_s = {n: [] for n in candidates}
     sample_s = {n: [] for n in candidates}
+    probe_s: dict[int, float] = {}  # seconds the training probe took, per count
+    busy = None
 
     def measure(n: int) -> None:
+        budget = 1.5 * min(probe_s.values(), default=math.inf)
         torch.set_num_threads(n)
-        train_s[n].append(_probe_train(probe_data, noise, settings))
-        sample_s[n].append(_probe_sample(model, noise, samples, shape, settings.device))
+        t0 = time.perf_counter()
+        train_s[n].append(_probe_train(probe_data, noise, settings, budget))
+        probe_s[n] = min(time.perf_counter() - t0, probe_s.get(n, math.inf))
+        if train_s[n][-1] <= 1.5 * min(min(v) for v in train_s.values() if v):
+            sample_s[n].append(_probe_sample(model, noise, samples, shape, settings.device))
 
-    def choice() -> ThreadChoice:
+    def choice(reason: str) -> ThreadChoice:
         train_m = {n: min(v) for n, v in train_s.items() if v}
         sample_m = {n: min(v) for n, v in sample_s.items() if v}
         best = lambda d: min(sorted(d, reverse=True), key=d.get)  # noqa: E731
         return ThreadChoice(train_m, sample_m, best(train_m), best(sample_m),
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, reason, busy)
 
     def clear(d: dict) -> bool:
-        values = [min(v) for v in d.values()]
-        return max(values) > 1.5 * min(values)
+        values = [min(v) for v in d.values() if v]
+        return len(values) < 2 or max(values) > 1.5 * min(values)
 
     try:
         first = candidates[0]
         measure(first)
         if train_steps * train_s[first][0] + sample_steps * sample_s[first][0] < SHORT_RUN_S:
-            return choice()
+            return choice("short")
+        busy = other_busy_cpus()
+        if busy is not None and busy >= BUSY_CPUS and first == 1:
+            return choice("busy")
         for n in candidates[1:]:
             measure(n)
         for r in range(1, PROBE_ROUNDS):
@@ -569,7 +615,7 @@ def choose_threads(data: torch.Tensor, noise: AnisotropicNoise, settings: TrainS
                 break
             for n in (candidates[::-1] if r % 2 else candidates):
                 measure(n)
-        return choice()
+        return choice("measured")
     finally:
         torch.set_num_threads(before)
 
@@ -736,9 +782,12 @@ def _threads_line(choice: ThreadChoice | None, fixed: int | None) -> str:
     if choice is None:
         return f"threads: {fixed if fixed is not None else torch.get_num_threads()} (fixed)"
     per = lambda d: ", ".join(f"{n}: {1e3 * s:.0f} ms" for n, s in d.items())  # noqa: E731
-    if len(choice.train) == 1:
+    if choice.reason in ("short", "busy"):
         (n, train_s), (_, sample_s) = *choice.train.items(), *choice.sample.items()
-        return (f"threads: auto chose {n}, a short run ({1e3 * train_s:.0f} ms per training step, "
+        why = ("a short run" if choice.reason == "short" else
+               f"other processes keep {choice.busy_cpus:.1f} CPUs busy, and torch's threads would "
+               "wait for each other")
+        return (f"threads: auto chose {n}: {why} ({1e3 * train_s:.0f} ms per training step, "
                 f"{1e3 * sample_s:.0f} ms per sampling step at {n} thread); --threads N fixes the "
                 "count")
     return (f"threads: auto chose {choice.train_threads} for training (ms per step at each thread "

@@ -132,6 +132,78 @@ def test_demo_ddpm_sampler_and_threads(tmp_path):
     assert all(math.isfinite(c["fd_pixels"]) for c in report["configs"].values())
 
 
+def _fake_probes(monkeypatch, train_ms: dict, sample_ms: dict, busy: float | None = 0.0):
+    """Probe timings by thread count and the CPUs other processes keep busy, so the choice of
+    --threads auto is tested whatever the machine does; records the thread counts probed."""
+    ran = []
+    monkeypatch.setattr(demo, "other_busy_cpus", lambda window_s=0.5: busy)
+
+    def train(data, noise, settings, budget_s=None):
+        ran.append(torch.get_num_threads())
+        return train_ms[torch.get_num_threads()] / 1e3
+
+    monkeypatch.setattr(demo, "_probe_train", train)
+    monkeypatch.setattr(demo, "_probe_sample",
+                        lambda *a: sample_ms[torch.get_num_threads()] / 1e3)
+    return ran
+
+
+@pytest.mark.parametrize("train_ms, sample_ms, want", [
+    ({1: 30.0, 2: 200.0}, {1: 100.0, 2: 400.0}, (1, 1)),   # a busy machine: threads wait on each other
+    ({1: 30.0, 2: 20.0}, {1: 100.0, 2: 60.0}, (2, 2)),     # an idle one: both cores help
+    ({1: 30.0, 2: 20.0}, {1: 100.0, 2: 400.0}, (2, 1)),    # each phase keeps its own faster count
+])
+def test_threads_auto_keeps_the_faster_count_per_phase(monkeypatch, train_ms, sample_ms, want):
+    ran = _fake_probes(monkeypatch, train_ms, sample_ms)
+    data = demo.real_images(16, 8, 0)
+    settings = demo.TrainSettings(1, 4, 1e-3, 0, torch.device("cpu"), width=8)
+    noise = ad.AnisotropicNoise(ad.NoiseSpec(), demo.linear_schedule())
+    before = torch.get_num_threads()
+    choice = demo.choose_threads(data, noise, settings, 16, train_steps=3200, sample_steps=200,
+                                 candidates=[1, 2])
+    assert (choice.train_threads, choice.sample_threads) == want
+    assert torch.get_num_threads() == before             # the probe leaves torch as it found it
+    assert set(ran) == {1, 2} and ran[0] == 1
+    clear = all(max(d.values()) > 1.5 * min(d.values()) for d in (train_ms, sample_ms))
+    assert len(ran) == (2 if clear else 2 * demo.PROBE_ROUNDS)  # a clear answer stops after a round
+
+
+def test_threads_auto_skips_the_probe_for_a_short_run(monkeypatch):
+    ran = _fake_probes(monkeypatch, {1: 30.0, 2: 1.0}, {1: 10.0, 2: 1.0})
+    data = demo.real_images(16, 8, 0)
+    settings = demo.TrainSettings(1, 4, 1e-3, 0, torch.device("cpu"), width=8)
+    noise = ad.AnisotropicNoise(ad.NoiseSpec(), demo.linear_schedule())
+    choice = demo.choose_threads(data, noise, settings, 16, train_steps=32, sample_steps=16,
+                                 candidates=[1, 2])
+    assert ran == [1] and (choice.train_threads, choice.sample_threads) == (1, 1)
+
+
+@pytest.mark.parametrize("busy, probed", [(1.6, [1]), (0.2, [1, 2]), (None, [1, 2])])
+def test_threads_auto_stays_at_one_thread_on_a_busy_machine(monkeypatch, busy, probed):
+    ran = _fake_probes(monkeypatch, {1: 30.0, 2: 20.0}, {1: 100.0, 2: 60.0}, busy=busy)
+    data = demo.real_images(16, 8, 0)
+    settings = demo.TrainSettings(1, 4, 1e-3, 0, torch.device("cpu"), width=8)
+    noise = ad.AnisotropicNoise(ad.NoiseSpec(), demo.linear_schedule())
+    choice = demo.choose_threads(data, noise, settings, 16, train_steps=3200, sample_steps=200,
+                                 candidates=[1, 2])
+    assert sorted(set(ran)) == probed and choice.busy_cpus == busy
+    assert choice.reason == ("busy" if probed == [1] else "measured")
+    assert choice.train_threads == (1 if probed == [1] else 2)
+
+
+def test_demo_threads_auto_is_the_default_and_reported(tmp_path, monkeypatch, capsys):
+    _fake_probes(monkeypatch, {1: 30.0, 2: 200.0}, {1: 10.0, 2: 40.0})
+    monkeypatch.setattr(demo, "SHORT_RUN_S", 0.0)
+    monkeypatch.setattr(demo, "thread_candidates", lambda available=None: [1, 2])
+    code, report = _run(tmp_path, *TINY)
+    assert code == 0
+    auto = report["setting"]["threads_auto"]
+    assert auto["train_threads"] == auto["sample_threads"] == 1
+    assert report["setting"]["threads"] == {"train": 1, "sample": 1}
+    out = " ".join(capsys.readouterr().out.split())  # the header is wrapped at 100 columns
+    assert "threads: auto chose 1 for training" in out and "Expected time: about" in out
+
+
 def test_demo_without_matplotlib_or_tqdm(tmp_path, monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
