@@ -440,13 +440,13 @@ __device__ __forceinline__ float plane_inv_std(int n, double* red, Get get) {
 // White noise into shared / global buffers: `nseg` segments of `len` consecutive stream elements,
 // segment s starting at element start(s); write(s, pos, value). One Philox call per counter.
 // ---------------------------------------------------------------------------------------------
-template <class Start, class Write>
+template <class Start, class Write, class Div>
 __device__ __forceinline__ void generate_segments(const Stream& st, uint32_t draw, int nseg, int len, Start start,
-                                                  Write write) {
+                                                  Write write, Div per_seg_div) {
   const int per_seg = len / 4 + 2;  // counters a segment of len elements can touch
   const int total = nseg * per_seg;
   for (int it = threadIdx.x; it < total; it += blockDim.x) {
-    const int s = it / per_seg, jq = it - s * per_seg;
+    const int s = per_seg_div(it), jq = it - s * per_seg;
     const int64_t first = start(s);
     const int64_t q = (first >> 2) + jq;
     if (4 * q >= first + len) continue;
@@ -458,6 +458,13 @@ __device__ __forceinline__ void generate_segments(const Stream& st, uint32_t dra
       if (i >= first && i < first + len) write(s, (int)(i - first), v[l]);
     }
   }
+}
+
+template <class Start, class Write>
+__device__ __forceinline__ void generate_segments(const Stream& st, uint32_t draw, int nseg, int len, Start start,
+                                                  Write write) {
+  const int per_seg = len / 4 + 2;
+  generate_segments(st, draw, nseg, len, start, write, [per_seg](int it) { return it / per_seg; });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -641,16 +648,65 @@ __device__ __forceinline__ T* cluster_peer(T* p, unsigned rank) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// n / d for 0 <= n < 2^31 and a divisor fixed on the host: a multiply-high and a shift instead of a
+// ~20-instruction integer division (the multiplier of CUTLASS's FastDivmod). The fused kernel's index
+// maps (slab rows, transposes, FFT stages) divide by H, W, their slab sizes and the stages' spans.
+// ---------------------------------------------------------------------------------------------
+struct FastDiv {
+  int d;
+  uint32_t mul, shr;
+  __device__ __forceinline__ int div(int n) const {
+    return d == 1 ? n : (int)(__umulhi((uint32_t)n, mul) >> shr);
+  }
+};
+
+inline FastDiv make_fastdiv(int v) {
+  FastDiv f{v, 0u, 0u};
+  if (v > 1) {
+    uint32_t l = 0;
+    while ((1ull << l) < (unsigned long long)v) ++l;
+    const uint32_t p = 31 + l;
+    f.mul = (uint32_t)(((1ull << p) + (unsigned long long)v - 1) / (unsigned long long)v);
+    f.shr = p - 32;
+  }
+  return f;
+}
+
+// The stages of a length-n FFT with their spans as fast divisors: stage s has radix radix[s],
+// m[s] = n / radix[s] butterflies per line and span ns[s] (the product of the earlier radices).
+struct FftStages {
+  int count;
+  int radix[kMaxFftStages];
+  FastDiv m[kMaxFftStages], ns[kMaxFftStages];
+};
+
+inline FftStages make_stages(int n) {
+  const FftFactors f = fft_factorize(n);
+  FftStages st{};
+  st.count = f.count;
+  int ns = 1;
+  for (int s = 0; s < f.count; ++s) {
+    st.radix[s] = f.radix[s];
+    st.m[s] = make_fastdiv(n / f.radix[s]);
+    st.ns[s] = make_fastdiv(ns);
+    ns *= f.radix[s];
+  }
+  return st;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Stockham FFT on PLANAR complex lines in shared memory: the real parts of a line set in one float
 // array, the imaginary parts `ps` floats later (no 8-byte interleaving: consecutive threads hit
 // consecutive banks). Line l starts at (l / inner) * outer_stride + (l % inner) * pitch, elements
 // contiguous. Same stages and butterflies as fft_lines (below), so the same operation order.
 // ---------------------------------------------------------------------------------------------
 struct PlanarLines {
-  int count, inner, pitch, outer_stride;
+  int count;
+  FastDiv inner;
+  int pitch, outer_stride;
   __device__ __forceinline__ int base(int line) const {
-    const int o = line / inner;
-    return o * outer_stride + (line - o * inner) * pitch;
+    const int o = inner.div(line);
+    return o * outer_stride + (line - o * inner.d) * pitch;
   }
 };
 
@@ -663,9 +719,8 @@ __device__ __forceinline__ void st2(float* __restrict__ y, int i, int ps, float2
 }
 
 __device__ __forceinline__ void butterfly_planar(const float* __restrict__ x, float* __restrict__ y, int ps, int base,
-                                                 int j, int m, int ns, int p, int tstep, const float2* __restrict__ tw,
-                                                 float sg) {
-  const int k = j % ns;
+                                                 int j, int m, int ns, int k, int p, int tstep,
+                                                 const float2* __restrict__ tw, float sg) {
   const int out0 = (j - k) * p + k;
   const int ib = base + j, ob = base + out0;
   if (p == 2) {
@@ -718,9 +773,8 @@ __device__ __forceinline__ void butterfly_planar(const float* __restrict__ x, fl
 }
 
 __device__ __forceinline__ void butterfly_generic_planar(const float* __restrict__ x, float* __restrict__ y, int ps,
-                                                         int base, int j, int q, int m, int ns, int p, int tstep,
-                                                         const float2* __restrict__ tw, float sg) {
-  const int k = j % ns;
+                                                         int base, int j, int q, int m, int ns, int k, int p,
+                                                         int tstep, const float2* __restrict__ tw, float sg) {
   const int out0 = (j - k) * p + k;
   const int L = ns * p;
   const int step = k + q * ns;  // < L
@@ -739,30 +793,31 @@ __device__ __forceinline__ void butterfly_generic_planar(const float* __restrict
 
 // Transforms every line of `lines` (length n), ping-ponging between x and y; returns the buffer that
 // holds the result (x after an even number of stages). All threads of the block call it.
-__device__ __forceinline__ float* fft_planar(float* x, float* y, int ps, int n, const FftFactors& f,
+__device__ __forceinline__ float* fft_planar(float* x, float* y, int ps, int n, const FftStages& f,
                                              const float2* tw, float sg, const PlanarLines& lines) {
-  int ns = 1;
   for (int s = 0; s < f.count; ++s) {
-    const int p = f.radix[s], m = n / p, tstep = n / (ns * p);
+    const int p = f.radix[s];
+    const FastDiv fm = f.m[s], fns = f.ns[s];
+    const int m = fm.d, ns = fns.d, tstep = n / (ns * p);
     const bool special = p == 2 || p == 3 || p == 4 || p == 8;
     const int per_q = lines.count * m;
     const int total = special ? per_q : per_q * p;
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-      const int qq = special ? 0 : idx / per_q;
+      const int qq = special ? 0 : idx / per_q;  // generic radices only
       const int rest = idx - qq * per_q;
-      const int line = rest / m, j = rest - line * m;
+      const int line = fm.div(rest), j = rest - line * m;
+      const int k = j - fns.div(j) * ns;
       const int base = lines.base(line);
       if (special) {
-        butterfly_planar(x, y, ps, base, j, m, ns, p, tstep, tw, sg);
+        butterfly_planar(x, y, ps, base, j, m, ns, k, p, tstep, tw, sg);
       } else {
-        butterfly_generic_planar(x, y, ps, base, j, qq, m, ns, p, tstep, tw, sg);
+        butterfly_generic_planar(x, y, ps, base, j, qq, m, ns, k, p, tstep, tw, sg);
       }
     }
     __syncthreads();
     float* t = x;
     x = y;
     y = t;
-    ns *= p;
   }
   return x;
 }
@@ -800,6 +855,9 @@ struct SpectralGeom {
   // column lines of Hp floats), floats per plane in a buffer (planes: channel c at c * PS, the pairs'
   // real parts at even c, imaginary parts at odd c; an odd C has a zero plane C).
   int R, Hs, Ws, Wp, Hp, PS;
+  FastDiv dW, dH, dHs, dWs, dSL, dSeg;  // W, H, Hs, Ws, Hs * W, ceil(W / 8) (the sums' segments)
+  FastDiv dGen;                         // Hs * W / 4 + 2: Philox counters per slab plane (generate_segments)
+  FftStages sw, sh;                     // the row (length W) and column (length H) FFT stages
   int nbuf;           // plane buffers: 3 with spectral weights (row, row / column ping-pong, column), else 1
   uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_red, off_part, off_stat, smem;
 };
@@ -810,7 +868,7 @@ struct SpectralGeom {
 // weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages' index maps).
 __host__ __device__ __forceinline__ int line_pitch(int n) { return n + ((5 - n % 32) + 32) % 32; }
 
-__host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spectral, int draws) {
+inline void fused_layout(SpectralGeom& g, bool spectral, int draws) {
   const int R = g.R;
   g.Hs = g.H / R;
   g.Ws = g.W / R;
@@ -818,6 +876,15 @@ __host__ __device__ __forceinline__ void fused_layout(SpectralGeom& g, bool spec
   g.Hp = line_pitch(g.H);
   const int rows = g.Hs * g.Wp, cols = spectral ? g.Ws * g.Hp : 0;
   g.PS = (int)align_up((size_t)(rows > cols ? rows : cols), 4);
+  g.dW = make_fastdiv(g.W);
+  g.dH = make_fastdiv(g.H);
+  g.dHs = make_fastdiv(g.Hs);
+  g.dWs = make_fastdiv(g.Ws);
+  g.dSL = make_fastdiv(g.Hs * g.W);
+  g.dSeg = make_fastdiv((g.W + 7) / 8);
+  g.dGen = make_fastdiv(g.Hs * g.W / 4 + 2);
+  g.sw = make_stages(g.W);
+  g.sh = make_stages(g.H);
   g.nbuf = spectral ? 3 : 2;  // without weights the second buffer is the sums' scratch
   const size_t planes = 2 * (size_t)g.P;
   size_t o = 0;

@@ -31,7 +31,7 @@ __device__ __forceinline__ void sample_sums(const SpectralGeom& g, double* scrat
   const int C = g.C, Hs = g.Hs, W = g.W, H = g.H, R = g.R, nseg = (W + kSumSeg - 1) / kSumSeg;
   const int tid = threadIdx.x, nt = blockDim.x;
   for (int it = tid; it < C * Hs * nseg; it += nt) {
-    const int rest = it / nseg, s = it - rest * nseg, c = rest / Hs, hl = rest - c * Hs;
+    const int rest = g.dSeg.div(it), s = it - rest * nseg, c = g.dHs.div(rest), hl = rest - c * Hs;
     const int w1 = (s + 1) * kSumSeg < W ? (s + 1) * kSumSeg : W;
     double a = 0.0;
     for (int w = s * kSumSeg; w < w1; ++w) a += (double)get(c, hl, w);
@@ -45,7 +45,7 @@ __device__ __forceinline__ void sample_sums(const SpectralGeom& g, double* scrat
   }
   if (R > 1) cluster_barrier(); else __syncthreads();
   for (int it = tid; it < C * H; it += nt) {
-    const int c = it / H, h = it - c * H, o = h / Hs;
+    const int c = g.dH.div(it), h = it - c * H, o = g.dHs.div(h);
     const double* src = R > 1 ? cluster_peer(rows, (unsigned)o) : rows;
     all[it] = src[c * Hs + (h - o * Hs)];
   }
@@ -96,9 +96,9 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     build_twiddles(tw_w, W);
   }
   // slab pixel i (row i / W, column i % W) in a plane buffer
-  auto at = [&](int i) { const int hl = i / W; return hl * Wp + (i - hl * W); };
-  const PlanarLines rows{P * Hs, Hs, Wp, 2 * PS};
-  const PlanarLines cols{P * Ws, Ws, Hp, 2 * PS};
+  auto at = [&](int i) { const int hl = g.dW.div(i); return hl * Wp + (i - hl * W); };
+  const PlanarLines rows{P * Hs, g.dHs, Wp, 2 * PS};
+  const PlanarLines cols{P * Ws, g.dWs, Hp, 2 * PS};
   float* X = buf0;
   for (int d = 0; d < p.draws; ++d) {
     if (d > 0 && R > 1) cluster_barrier();  // peers may still read this block's buffers of draw d - 1
@@ -110,13 +110,13 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     if (p.noise[d].data != nullptr) {
       const TensorArg& nz = p.noise[d];
       for (int li = tid; li < C * SL; li += nt) {
-        const int c = li / SL, i = li - c * SL, hl = i / W, w = i - hl * W;
+        const int c = g.dSL.div(li), i = li - c * SL, hl = g.dW.div(i), w = i - hl * W;
         X[c * PS + hl * Wp + w] = load_elem(nz, nz.index(b, c, r * Hs + hl, w));
       }
     } else {
       generate_segments(
           st, (uint32_t)d, C, SL, [&](int c) { return b * CHW + (int64_t)c * HW + (int64_t)r * SL; },
-          [&](int c, int i, float v) { X[c * PS + at(i)] = v; });
+          [&](int c, int i, float v) { X[c * PS + at(i)] = v; }, [&](int it) { return g.dGen.div(it); });
     }
     __syncthreads();
     if (spectral) {
@@ -126,22 +126,23 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
                     [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
         for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (tot[c] / (double)HW));
       }
-      float* Xr = fft_planar(buf0, buf1, PS, W, g.fw, tw_w, 1.f, rows);
+      float* Xr = fft_planar(buf0, buf1, PS, W, g.sw, tw_w, 1.f, rows);
       float* Yr = Xr == buf0 ? buf1 : buf0;
       if (R > 1) cluster_barrier();  // every slab's row transforms (and DC partials) are complete
       // this block's columns r Ws .. r Ws + Ws - 1 of every plane, as column lines of the H rows
       for (int idx = tid; idx < NPL * Ws * H; idx += nt) {
-        const int h = idx % H, rest = idx / H, wl = rest % Ws, pl = rest / Ws;
-        const int src = pl * PS + (h % Hs) * Wp + r * Ws + wl;
-        const float* from = R > 1 ? cluster_peer(Xr, (unsigned)(h / Hs)) : Xr;
+        const int rest = g.dH.div(idx), h = idx - rest * H, pl = g.dWs.div(rest), wl = rest - pl * Ws;
+        const int o = g.dHs.div(h);
+        const int src = pl * PS + (h - o * Hs) * Wp + r * Ws + wl;
+        const float* from = R > 1 ? cluster_peer(Xr, (unsigned)o) : Xr;
         buf2[pl * PS + wl * Hp + h] = from[src];
       }
       __syncthreads();
-      float* Z = fft_planar(buf2, Yr, PS, H, g.fh, tw_h, 1.f, cols);
+      float* Z = fft_planar(buf2, Yr, PS, H, g.sh, tw_h, 1.f, cols);
       const float* wd = p.weights + (size_t)d * HW;
       const float inv = 1.0f / (float)HW;
       for (int idx = tid; idx < Ws * H; idx += nt) {
-        const int wl = idx % Ws, h = idx / Ws, w = r * Ws + wl;
+        const int h = g.dWs.div(idx), wl = idx - h * Ws, w = r * Ws + wl;
         const float wv = (h == 0 && w == 0) ? 0.f : __ldg(wd + (size_t)h * W + w) * inv;  // DC: below
         for (int q = 0; q < P; ++q) {
           Z[2 * q * PS + wl * Hp + h] *= wv;
@@ -149,21 +150,22 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
         }
       }
       __syncthreads();
-      Z = fft_planar(Z, Z == buf2 ? Yr : buf2, PS, H, g.fh, tw_h, -1.f, cols);
+      Z = fft_planar(Z, Z == buf2 ? Yr : buf2, PS, H, g.sh, tw_h, -1.f, cols);
       if (R > 1) cluster_barrier();  // every block's column transforms are complete, Xr is read
       for (int idx = tid; idx < NPL * Hs * W; idx += nt) {
-        const int w = idx % W, rest = idx / W, hl = rest % Hs, pl = rest / Hs;
-        const float* from = R > 1 ? cluster_peer(Z, (unsigned)(w / Ws)) : Z;
-        Xr[pl * PS + hl * Wp + w] = from[pl * PS + (w % Ws) * Hp + r * Hs + hl];
+        const int rest = g.dW.div(idx), w = idx - rest * W, pl = g.dHs.div(rest), hl = rest - pl * Hs;
+        const int o = g.dWs.div(w);
+        const float* from = R > 1 ? cluster_peer(Z, (unsigned)o) : Z;
+        Xr[pl * PS + hl * Wp + w] = from[pl * PS + (w - o * Ws) * Hp + r * Hs + hl];
       }
       __syncthreads();
       // peers may still read Z: the inverse rows ping-pong with the other free buffer
       float* F = Z == buf2 ? Yr : buf2;
-      X = fft_planar(Xr, F, PS, W, g.fw, tw_w, -1.f, rows);
+      X = fft_planar(Xr, F, PS, W, g.sw, tw_w, -1.f, rows);
       scratch = X == Xr ? F : Xr;
       if (dc != 0.f) {  // + w(0) mean(e): the DC bin outside the FFT (as the CPU kernel)
         for (int li = tid; li < C * SL; li += nt) {
-          const int c = li / SL;
+          const int c = g.dSL.div(li);
           X[c * PS + at(li - c * SL)] += dcadd[c];
         }
         __syncthreads();
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     if (p.draws > 1) {
       const float gamma = p.gammas[d];
       for (int li = tid; li < C * SL; li += nt) {
-        const int c = li / SL;
+        const int c = g.dSL.div(li);
         const float v = X[c * PS + at(li - c * SL)] * scale[c];
         acc[li] = d == 0 ? v * gamma : acc[li] + gamma * v;
       }
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   const float* fin = X;
   // 4. epilogue: one pixel per thread, every channel (coalesced rows of the slab)
   for (int i = tid; i < SL; i += nt) {
-    const int hl = i / W, w = i - hl * W, h = r * Hs + hl;
+    const int hl = g.dW.div(i), w = i - hl * W, h = r * Hs + hl;
     const int pos = hl * Wp + w;
     auto value = [&](int c) -> float { return two ? acc[c * SL + i] : (fin[c * PS + pos] * scale[c]) * gamma0; };
     if constexpr (kStep) {
