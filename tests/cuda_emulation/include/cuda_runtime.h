@@ -29,6 +29,7 @@ struct EmuIdx { unsigned x = 0, y = 0, z = 0; };
 inline EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+inline double __drcp_rn(double x) { return 1.0 / x; }
 inline float __int_as_float(int i) { float f; __builtin_memcpy(&f, &i, 4); return f; }
 inline void sincospi(double x, double* s, double* c) { *s = sin(M_PI * x); *c = cos(M_PI * x); }
 typedef int cudaError_t;
