@@ -31,8 +31,8 @@ from .spec import RADIUS_CONVENTIONS, SQUEEZE_SCHEDULES
 __all__ = ["main", "build_parser"]
 
 # what the demo takes (measured: see the README, "The demo")
-DEMO_TIME = "About 2 minutes on 2 idle CPU cores"
-QUICK_TIME = "about 10 seconds"
+DEMO_TIME = "About 2 minutes on 2 idle CPU cores (many times that on a busy machine)"
+QUICK_TIME = "about 20 s on a busy 2-core machine, mostly importing torch"
 
 
 def _check_output(path: Path, option: str) -> Path:

@@ -907,7 +907,8 @@ def run(opts: dict, out, *, sampler: str = "ddim", lr: float = 2e-3, seed: int =
     expected = len(configs) * (opts["steps"] * estimate["train"]
                                + opts["sample_steps"] * estimate["sample"])
     print(textwrap.fill(_threads_line(choice, threads if isinstance(threads, int) else None)
-                        + f". Expected time: about {format_duration(expected)}.", width=100))
+                        + f". Expected time of training and sampling: about "
+                        f"{format_duration(expected)}.", width=100))
     print()
 
     try:

@@ -201,7 +201,7 @@ def test_demo_threads_auto_is_the_default_and_reported(tmp_path, monkeypatch, ca
     assert auto["train_threads"] == auto["sample_threads"] == 1
     assert report["setting"]["threads"] == {"train": 1, "sample": 1}
     out = " ".join(capsys.readouterr().out.split())  # the header is wrapped at 100 columns
-    assert "threads: auto chose 1 for training" in out and "Expected time: about" in out
+    assert "threads: auto chose 1 for training" in out and "Expected time of training and sampling: about" in out
 
 
 def test_demo_without_matplotlib_or_tqdm(tmp_path, monkeypatch, capsys):

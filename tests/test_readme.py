@@ -243,6 +243,8 @@ def test_docs_point_only_inside_the_repository(page):
     for target in PATH.findall(text):
         if "*" in target or "<" in target:
             continue
+        if page != README and target.startswith("benchmarks/results/"):
+            continue  # docs/ may name the record a GPU run will write (docs/cuda.md)
         assert (ROOT / target).exists(), f"{page.name}: `{target}` does not exist"
 
 
