@@ -182,7 +182,18 @@ void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); 
 void __tsan_atomic_signal_fence(int) {}
 }
 
+// gcov line coverage of the kernel objects (compiled with -fprofile-arcs): reset the counters before a
+// case, dump them (.gcda next to the objects) after it; `gcov --json-format` then lists the lines run.
+extern "C" void __gcov_reset(void);
+extern "C" void __gcov_dump(void);
+namespace {
+void coverage_reset() { __gcov_reset(); }
+void coverage_dump() { __gcov_dump(); }
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(anisodiff_emu, m) {
   m.def("trace_enable(bool on) -> ()", &trace_enable);
   m.def("trace_report() -> (Tensor, Tensor)", &trace_report);
+  m.def("coverage_reset() -> ()", &coverage_reset);
+  m.def("coverage_dump() -> ()", &coverage_dump);
 }

@@ -139,8 +139,9 @@ TRACED_NAME = NAME + "_traced"
 def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
     """The emulator with the shared-memory access trace of emu_trace.cpp (scripts/cuda_perf_model.py):
     the rewritten kernels are compiled here with GCC's ThreadSanitizer instrumentation only (no TSan
-    runtime: emu_trace.cpp defines the hooks) and linked into a library that also registers
-    ``torch.ops.anisodiff_emu.trace_enable / trace_report``. It registers the same ops as :func:`build`,
+    runtime: emu_trace.cpp defines the hooks) and gcov line coverage, and linked into a library that also
+    registers ``torch.ops.anisodiff_emu.trace_enable / trace_report / coverage_reset / coverage_dump``
+    (the .gcda files land next to the objects, ``traced_objects(build_dir)``). It registers the same ops as :func:`build`,
     so a process loads one or the other. Default directory: <repo>/build/cuda_emulation_traced."""
     check_environment()
     import torch
@@ -149,8 +150,9 @@ def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
     build_dir = Path(build_dir or default_build_dir().with_name("cuda_emulation_traced"))
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [HERE / "include", CSRC / "include", CSRC, CSRC / "cuda"]
+    # + gcov line coverage (coverage_reset / coverage_dump): which source lines a case executes
     flags = ["-O1", "-g", "-std=c++17", "-fPIC", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
-             "-Wno-unknown-pragmas", *[f"-I{p}" for p in includes]]
+             "-fprofile-arcs", "-ftest-coverage", "-Wno-unknown-pragmas", *[f"-I{p}" for p in includes]]
     headers = sorted([*(HERE / "include").glob("*.h"), *(CSRC / "cuda").glob("*.cuh"), *(CSRC / "cuda").glob("*.h"),
                       *(CSRC / "include").rglob("*.h")])
     stamp = hashlib.sha256("\n".join([*flags, *(p.read_text() for p in headers)]).encode()).hexdigest()[:16]
@@ -167,7 +169,8 @@ def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
         ce.load(name=TRACED_NAME, sources=[str(HERE / "emu_ops.cpp"), str(CSRC / "ops_common.cpp"),
                                            str(HERE / "emu_trace.cpp")],
                 extra_include_paths=[str(p) for p in includes], extra_cflags=["-O1", "-Wno-unknown-pragmas"],
-                extra_ldflags=objects, build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+                extra_ldflags=[*objects, "-lgcov"], build_directory=str(build_dir), is_python_module=False,
+                verbose=verbose)
     except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
         text = str(exc)
         if _OUR_ERROR.search(text):

@@ -1,0 +1,1064 @@
+#!/usr/bin/env python3
+"""A static performance model of anisodiff's CUDA (and Triton) kernels on sm_90, runnable without a GPU.
+
+Every figure this script writes is PREDICTED by a model: nothing here is a measurement.
+
+    python scripts/cuda_perf_model.py [--out benchmarks/results/model-sm90.json] [--markdown]
+                                      [--no-trace] [--no-triton] [--batches 16 64 ...]
+
+What it reads (see docs/cuda.md, "Performance model", for the formula and its assumptions):
+  1. ptxas -v of every kernel instantiation of csrc/cuda/*.cu compiled for sm_90 (nvcc -cubin): registers,
+     spill stores / loads, stack, static shared memory, barriers. Instantiations are discovered from the
+     ptxas lines (demangled with c++filt), never hard-coded.
+  2. cuobjdump -sass of the same cubins: static SASS instructions per kernel, by class, and its loops
+     (backward branches); the main loop's instructions give the elementwise kernels' dynamic count.
+  3. The planner, through the host emulator (tests/cuda_emulation, traced build): for each case the
+     launches it really makes (kernel, grid, block, cluster, dynamic shared memory; EMU_PLAN_ONLY=1 logs
+     them without running, EMU_SM_COUNT=132 so grids are sized for an H100/H200), and, from one traced
+     run per plane shape (B = 1), the shared-memory accesses of every warp instruction, scored for bank
+     conflicts (n-way) and counted (dynamic shared-memory wavefronts per sample).
+  4. Triton (anisodiff/triton): the kernels compiled for sm_90 without a GPU (triton.compile with a
+     GPUTarget): registers, spills, shared memory, SASS; launch grid from anisodiff.triton.ops.
+It combines them into theoretical occupancy, SM fill and a predicted share of copy bandwidth per case.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FORMAT = "anisodiff-perf-model"
+VERSION = 1
+LABEL = "PREDICTED (static model, no GPU measurement)"
+
+# --- sm_90 (H100 / H200 SXM) limits and the model's machine constants ---------------------------------
+SM90 = {
+    "sms": 132,
+    "regs_per_sm": 65536,
+    "reg_quadrants": 4,          # the register file is split over the 4 schedulers (16384 each)
+    "reg_alloc_unit": 256,       # registers per warp are allocated in units of 256
+    "max_regs_per_thread": 255,
+    "max_warps_per_sm": 64,
+    "max_threads_per_sm": 2048,
+    "max_blocks_per_sm": 32,
+    "smem_per_sm": 233472,       # 228 KiB
+    "smem_per_block_optin": 232448,  # 227 KiB
+    "smem_reserved_per_block": 1024,
+    "smem_alloc_unit": 128,
+    "schedulers": 4,             # warp instructions issued per clock per SM (1 per scheduler)
+    "mufu_per_clk": 0.5,         # MUFU (sin, cos, lg2, ex2, rsqrt): 16 lanes / clk / SM = 0.5 warp instr
+    "fp64_per_clk": 2.0,         # DFMA / DADD / DMUL: 64 lanes / clk / SM
+    "smem_wavefronts_per_clk": 1.0,  # 32 banks x 4 B per clock
+    "clock_ghz": 1.98,
+}
+MACHINE = {
+    "name": "H200 SXM (sm_90, 132 SMs)",
+    "dram_peak_Bps": 4.8e12,
+    "copy_efficiency": 0.90,     # device-to-device copy reaches ~90 % of peak (the bench's copy baseline)
+    "dram_latency_ns": 700.0,    # loaded DRAM latency: Little's law for the bytes each SM has in flight
+    "sm_bw_cap_factor": 2.5,     # one SM can pull at most 2.5x its fair share of the copy bandwidth
+    "launch_gap_us": 1.5,        # GPU time per launch beyond its work (ramp-up, drain, launch-to-launch)
+    "host_call_us": 7.0,         # host time per eager op call (Python wrapper, dispatcher, launch)
+    "warps_to_hide_latency": 4,  # per scheduler: fewer resident warps issue proportionally less often
+}
+CASE_BATCHES = [16, 64, 256, 1024]
+CASE_SHAPES = [(3, 32, 32), (4, 64, 64), (16, 64, 64), (4, 128, 128)]
+CASE_DTYPES = ["fp32", "bf16"]
+CASE_KINDS = ["squeeze", "squeeze+spectral"]
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+# the goals (issue 13): share of copy bandwidth, spills, conflicts, residency, fill
+GOALS = {"squeeze_pct_copy": 85.0, "spectral_pct_copy": 60.0, "spectral_min_batch": 64,
+         "spectral_shapes": [(3, 32, 32), (4, 64, 64)], "max_bank_way": 2.0, "min_resident_blocks": 2,
+         "b16_fill": 0.5}
+
+
+# ------------------------------------------------------------------------------------------------------
+# occupancy
+# ------------------------------------------------------------------------------------------------------
+def occupancy(threads: int, regs: int, smem_dynamic: int = 0, smem_static: int = 0, hw: dict = SM90) -> dict:
+    """Theoretical resident blocks per SM on sm_90 and what limits them (CUDA occupancy calculator rules:
+    registers per warp rounded up to 256 per quadrant, shared memory per block plus 1 KiB reserved rounded
+    up to 128 B, threads, warps, 32 blocks)."""
+    warps = math.ceil(threads / 32)
+    regs = max(int(regs), 1)
+    per_warp_regs = math.ceil(regs * 32 / hw["reg_alloc_unit"]) * hw["reg_alloc_unit"]
+    warps_by_regs = hw["reg_quadrants"] * ((hw["regs_per_sm"] // hw["reg_quadrants"]) // per_warp_regs)
+    limits = {
+        "registers": warps_by_regs // warps if regs <= hw["max_regs_per_thread"] else 0,
+        "threads": hw["max_threads_per_sm"] // (warps * 32),
+        "warps": hw["max_warps_per_sm"] // warps,
+        "blocks": hw["max_blocks_per_sm"],
+    }
+    smem = smem_dynamic + smem_static
+    if smem > 0:
+        if smem > hw["smem_per_block_optin"]:
+            limits["shared_memory"] = 0
+        else:
+            per_block = math.ceil((smem + hw["smem_reserved_per_block"]) / hw["smem_alloc_unit"]) * hw["smem_alloc_unit"]
+            limits["shared_memory"] = hw["smem_per_sm"] // per_block
+    blocks = min(limits.values())
+    limiter = min(limits, key=lambda k: (limits[k], k != "registers"))
+    return {"blocks_per_sm": blocks, "limiter": limiter, "limits": limits, "warps_per_block": warps,
+            "resident_warps": blocks * warps, "occupancy": blocks * warps / hw["max_warps_per_sm"]}
+
+
+# ------------------------------------------------------------------------------------------------------
+# ptxas -v and cuobjdump -sass
+# ------------------------------------------------------------------------------------------------------
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)'")
+_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(text: str) -> dict:
+    """{mangled name: {registers, spill_stores, spill_loads, stack, smem_static, barriers, cmem}} from
+    `ptxas -v` output (nvcc -Xptxas -v)."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = m.group(1)
+            out[cur] = {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0, "smem_static": 0,
+                        "barriers": 0, "cmem": 0, "arch": int(m.group(2))}
+            continue
+        if cur is None:
+            continue
+        m = _PROPS.search(line)
+        if m:
+            out[cur].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = _USED.search(line)
+        if m:
+            rec = out[cur]
+            rec["registers"] = int(m.group(1))
+            b = re.search(r"used (\d+) barriers", line)
+            s = re.search(r"(\d+) bytes smem", line)
+            c = re.search(r"(\d+) bytes cmem\[0\]", line)
+            rec["barriers"] = int(b.group(1)) if b else 0
+            rec["smem_static"] = int(s.group(1)) if s else 0
+            rec["cmem"] = int(c.group(1)) if c else 0
+    return out
+
+
+_SASS_FUNC = re.compile(r"^\s*Function : (\S+)")
+_SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
+SASS_CLASSES = {
+    "fp32": ("FFMA", "FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "FCHK", "FRND", "FSET", "FSWZADD", "HFMA2",
+             "HADD2", "HMUL2", "F2FP"),
+    "fp64": ("DFMA", "DADD", "DMUL", "DSETP", "DMNMX"),
+    "mufu": ("MUFU",),
+    "int": ("IMAD", "IADD3", "IADD", "LOP3", "SHF", "LEA", "ISETP", "IMNMX", "IABS", "POPC", "FLO", "BREV",
+            "PRMT", "SEL", "SGXT", "BMSK", "LEA_HI", "IMUL", "VIADD", "VIMNMX", "IDP", "I2F", "F2I", "F2F", "I2I",
+            "FRND", "P2R", "R2P", "PLOP3", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP", "USEL", "UPRMT",
+            "UMOV", "MOV", "S2R", "S2UR", "CS2R", "R2UR", "SHFL", "VOTE", "VOTEU", "UFLO", "UPOPC", "UBMSK"),
+    "gmem": ("LDG", "STG", "LD", "ST", "RED", "ATOM", "ATOMG", "LDGSTS", "UBLKCP", "UTMALDG", "UTMASTG"),
+    "smem": ("LDS", "STS", "LDSM", "ATOMS", "STSM"),
+    "local": ("LDL", "STL"),
+    "const": ("LDC", "ULDC"),
+    "tensor": ("HMMA", "IMMA", "DMMA", "HGMMA", "WGMMA", "UGMMA"),
+    "sync": ("BAR", "BSSY", "BSYNC", "WARPSYNC", "MEMBAR", "DEPBAR", "SYNCS", "ERRBAR", "CCTL", "FENCE",
+             "UCGABAR_ARV", "UCGABAR_WAIT", "CGAERRBAR"),
+    "branch": ("BRA", "BRX", "JMP", "CALL", "RET", "EXIT", "BPT", "YIELD", "NANOSLEEP", "ACQBULK", "ELECT"),
+    "nop": ("NOP",),
+}
+_CLASS_OF = {op: cls for cls, ops in SASS_CLASSES.items() for op in ops}
+
+
+def sass_class(opcode: str) -> str:
+    if opcode in _CLASS_OF:
+        return _CLASS_OF[opcode]
+    for prefix, cls in (("LDG", "gmem"), ("STG", "gmem"), ("LDS", "smem"), ("STS", "smem"), ("U", "int"),
+                        ("HMMA", "tensor"), ("F", "fp32"), ("I", "int"), ("D", "fp64")):
+        if opcode.startswith(prefix):
+            return cls
+    return "other"
+
+
+def parse_sass(text: str) -> dict:
+    """{mangled name: {total, classes, loops, main_loop}} from `cuobjdump -sass`. NOPs are not counted
+    (padding). A loop is a backward branch: instructions [target, branch]; main_loop is the longest."""
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        m = _SASS_FUNC.match(line)
+        if m:
+            cur = m.group(1)
+            funcs[cur] = []
+            continue
+        if cur is None:
+            continue
+        m = _SASS_INSTR.search(line)
+        if m:
+            funcs[cur].append((int(m.group(1), 16), m.group(3), m.group(4), m.group(5)))
+    out = {}
+    for name, instrs in funcs.items():
+        instrs = [i for i in instrs if i[1] != "NOP"]
+        addrs = [a for a, *_ in instrs]
+        classes: dict[str, int] = {}
+        for _, op, _, _ in instrs:
+            c = sass_class(op)
+            classes[c] = classes.get(c, 0) + 1
+        loops = []
+        for k, (a, op, mods, args) in enumerate(instrs):
+            if op != "BRA":
+                continue
+            t = re.search(r"0x([0-9a-f]+)", args)
+            if t and int(t.group(1), 16) < a:  # (a branch to itself is the end-of-code trap)
+                lo = int(t.group(1), 16)
+                body = [i for i in instrs if lo <= i[0] <= a]
+                cls: dict[str, int] = {}
+                for _, bop, bmods, _ in body:
+                    c = sass_class(bop)
+                    cls[c] = cls.get(c, 0) + 1
+                loops.append({"start": lo, "end": a, "instructions": len(body), "classes": cls,
+                              "gmem_load_bytes": sum(_ldg_bytes(bop, bmods) for _, bop, bmods, _ in body)})
+        main = max(loops, key=lambda l: l["instructions"]) if loops else None
+        out[name] = {"total": len(instrs), "classes": classes, "loops": len(loops), "main_loop": main,
+                     "loop_list": [(l["start"], l["end"], l["instructions"]) for l in loops],
+                     "instructions": [(a, op) for a, op, _, _ in instrs],
+                     "gmem_load_bytes": sum(_ldg_bytes(op, mods) for _, op, mods, _ in instrs),
+                     "first_address": addrs[0] if addrs else 0}
+    return out
+
+
+def _ldg_bytes(op: str, mods: str) -> int:
+    """Bytes per thread of a global load instruction (LDG.E.128 = 16, .64 = 8, .U16 = 2, .U8 = 1, else 4)."""
+    if op not in ("LDG", "LD"):
+        return 0
+    for tag, n in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if tag in mods:
+            return n
+    return 4
+
+
+_ND_FUNC = re.compile(r"^\.text\.(\S+):\s*$")
+_ND_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_ND_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def _rel_source(path: str) -> str:
+    """A source path as ``csrc/...`` (the same from nvcc's line info and gcov's #line files)."""
+    i = path.rfind("csrc/")
+    return path[i:] if i >= 0 else os.path.basename(path)
+
+
+def parse_line_info(text: str) -> dict:
+    """{mangled: {address: "csrc/file:line"}} from `nvdisasm -g -c` (the innermost source line of every
+    instruction; the cubin needs -lineinfo)."""
+    out, cur, where = {}, None, None
+    for line in text.splitlines():
+        m = _ND_FUNC.match(line.strip())
+        if m:
+            cur, where = m.group(1), None
+            out[cur] = {}
+            continue
+        m = _ND_LINE.search(line)
+        if m:
+            where = f"{_rel_source(m.group(1))}:{m.group(2)}"
+            continue
+        m = _ND_INSTR.search(line)
+        if m and cur is not None and where is not None and m.group(2) != "NOP":
+            out[cur][int(m.group(1), 16)] = where
+    return out
+
+
+def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | None = None,
+                          hi: int | None = None, per: float | None = None) -> dict:
+    """Counts by class of the SASS instructions in [lo, hi] weighted by how often their source line ran
+    in the emulator. ``executed``: {"csrc/file:line": executions} (or a set: executed or not; None: all
+    count 1). ``per``: the executions of the loop (its closing branch's line): an instruction counts
+    min(1, executions of its line / per) - 0 for a branch the case never takes, 1 for straight-line code
+    and for every copy of an unrolled loop. Lines outside csrc/ (CUDA's headers) count 1."""
+    cls: dict[str, float] = {"total": 0}
+    for a, op in sass_instrs:
+        if lo is not None and not lo <= a <= hi:
+            continue
+        where = line_of.get(a)
+        w = 1.0
+        if executed is not None and where is not None and where.startswith("csrc/"):
+            n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
+            w = (min(1.0, n / per) if per else (1.0 if n > 0 else 0.0))
+        if w <= 0:
+            continue
+        c = sass_class(op)
+        cls[c] = cls.get(c, 0) + w
+        cls["total"] += w
+    return cls
+
+
+def demangle(names) -> dict:
+    names = list(names)
+    if not names:
+        return {}
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def short_name(demangled: str) -> str:
+    """``void ns::(anonymous namespace)::kern<4, 0, true>(args)`` -> ``kern<4, 0, true>``: the unqualified
+    name with its template arguments (the same from nvcc's and the host compiler's symbols)."""
+    s = demangled.strip()
+    # drop the parameter list: the last top-level (...) group
+    depth, cut = 0, len(s)
+    for i in range(len(s) - 1, -1, -1):
+        ch = s[i]
+        if ch == ")":
+            depth += 1
+        elif ch == "(":
+            depth -= 1
+            if depth == 0:
+                cut = i
+                break
+    s = s[:cut]
+    # split at top-level "::" and spaces (return type)
+    parts, depth, cur = [], 0, ""
+    i = 0
+    while i < len(s):
+        ch = s[i]
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        if depth == 0 and s.startswith("::", i):
+            parts.append(cur)
+            cur = ""
+            i += 2
+            continue
+        if depth == 0 and ch == " " and not cur.endswith(","):
+            cur = ""
+            i += 1
+            continue
+        cur += ch
+        i += 1
+    parts.append(cur)
+    return re.sub(r"\s+", " ", parts[-1]).strip()
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA: compile every .cu for sm_90
+# ------------------------------------------------------------------------------------------------------
+def _tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/local/cuda/bin", "/usr/local/cuda-13.0/bin"):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    try:
+        from triton import knobs  # triton bundles cuobjdump / nvdisasm / ptxas
+        tool = getattr(knobs.nvidia, name, None)
+        if tool is not None and tool.path:
+            return tool.path
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return None
+
+
+def compile_cuda(root: Path, cache: Path, log=print) -> tuple[dict, dict]:
+    """Per kernel (short name): ptxas resources + SASS summary; and the sources' fingerprint."""
+    nvcc, cuobjdump, nvdisasm = _tool("nvcc"), _tool("cuobjdump"), _tool("nvdisasm")
+    if nvcc is None or cuobjdump is None:
+        raise RuntimeError(f"needs nvcc and cuobjdump (nvcc: {nvcc}, cuobjdump: {cuobjdump})")
+    srcs = sorted((root / "csrc" / "cuda").glob("*.cu"))
+    deps = srcs + sorted((root / "csrc" / "cuda").glob("*.cuh")) + sorted((root / "csrc" / "cuda").glob("*.h")) \
+        + sorted((root / "csrc" / "include").rglob("*.h"))
+    flags = ["-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-lineinfo", f"-I{root / 'csrc' / 'include'}",
+             f"-I{root / 'csrc'}", "-Xptxas", "-v"]
+    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.2", *flags[:5], *(p.read_text() for p in deps)]).encode()
+                                 ).hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    cached = cache / f"cuda-{fingerprint}.json"
+    if cached.exists():
+        return json.loads(cached.read_text()), {"fingerprint": fingerprint, "cached": True}
+    procs = []
+    for src in srcs:
+        cubin = cache / f"{src.stem}-{fingerprint}.cubin"
+        procs.append((src, cubin, subprocess.Popen([nvcc, *flags, str(src), "-o", str(cubin)],
+                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    kernels = {}
+    for src, cubin, p in procs:
+        text = p.communicate()[0]
+        if p.returncode != 0:
+            raise RuntimeError(f"nvcc {src.name} failed:\n{text[-3000:]}")
+        res = parse_ptxas(text)
+        sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
+                                         check=True).stdout)
+        lines = {}
+        if nvdisasm:
+            lines = parse_line_info(subprocess.run([nvdisasm, "-g", "-c", str(cubin)], capture_output=True,
+                                                   text=True).stdout)
+        dem = demangle(res)
+        for mangled, r in res.items():
+            name = short_name(dem[mangled])
+            kernels[name] = {"source": f"csrc/cuda/{src.name}", "mangled": mangled, "demangled": dem[mangled],
+                             **r, "sass": sass.get(mangled),
+                             "line_of": {str(a): w for a, w in lines.get(mangled, {}).items()}}
+        log(f"  {src.name}: {len(res)} kernel(s)")
+    cached.write_text(json.dumps(kernels, indent=1))
+    return kernels, {"fingerprint": fingerprint, "cached": False}
+
+
+# ------------------------------------------------------------------------------------------------------
+# the planner and the bank trace, through the traced host emulator (a child process)
+# ------------------------------------------------------------------------------------------------------
+def _case_spec(kind: str, C: int):
+    import torch
+
+    import anisodiff as ad
+    g = torch.Generator().manual_seed(C)
+    V = torch.linalg.qr(torch.randn(C, C, generator=g, dtype=torch.float64))[0][:, :1].contiguous()
+    squeeze = ad.Squeeze(V, -0.4)
+    return ad.NoiseSpec(squeeze, ad.PowerLaw(0.3) if kind == "squeeze+spectral" else None)
+
+
+def _lib_symbols(lib: Path) -> tuple[int, dict, list]:
+    """(load base of lib in this process, {offset: demangled function}, sorted offsets)."""
+    base = None
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and os.path.realpath(parts[5]) == os.path.realpath(lib) and int(parts[2], 16) == 0:
+            base = int(parts[0].split("-")[0], 16)
+            break
+    nm = subprocess.run(["nm", "-C", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    syms = {}
+    for line in nm.splitlines():
+        m = re.match(r"([0-9a-f]+) [tTwW] (.+)$", line)
+        if m:
+            syms[int(m.group(1), 16)] = m.group(2)
+    return base, syms, sorted(syms)
+
+
+def _addr2line(lib: Path, offsets: list[int]) -> dict:
+    tool = shutil.which("addr2line")
+    if tool is None or not offsets:
+        return {}
+    out = subprocess.run([tool, "-e", str(lib), *[hex(o - 1) for o in offsets]], capture_output=True,
+                         text=True).stdout.splitlines()
+    res = {}
+    for o, line in zip(offsets, out):
+        line = line.split(" (discriminator")[0]
+        m = re.search(r"(csrc/.*)$", line)
+        res[o] = m.group(1) if m else line
+    return res
+
+
+def _executed_lines(build_dir: Path, since: float) -> dict:
+    """{"csrc/file:line": executions} since ``since`` (gcov of the .gcda files the traced build just
+    dumped; every thread's executions summed)."""
+    gcov = shutil.which("gcov")
+    files = [p for p in build_dir.glob("*.gcda") if p.stat().st_mtime >= since - 1]
+    if gcov is None or not files:
+        return {}
+    out = subprocess.run([gcov, "--json-format", "--stdout", *map(str, files)], capture_output=True, text=True,
+                         cwd=build_dir).stdout
+    lines: dict[str, int] = {}
+    for chunk in out.splitlines():
+        chunk = chunk.strip()
+        if not chunk.startswith("{"):
+            continue
+        for f in json.loads(chunk).get("files", []):
+            rel = _rel_source(f["file"])
+            for ln in f.get("lines", []):
+                key = f"{rel}:{ln['line_number']}"
+                lines[key] = lines.get(key, 0) + int(ln.get("count", 0))
+    return lines
+
+
+def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
+    """Child process: plan-only launches of every case, and one traced run per distinct plane problem."""
+    os.environ["EMU_SM_COUNT"] = str(SM90["sms"])
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+
+    import anisodiff as ad
+    from cuda_emulation import emulator
+    lib = emulator.build_traced()
+    emu = torch.ops.anisodiff_emu
+    base, syms, offsets = _lib_symbols(lib)
+    sched = ad.VPSchedule.linear(T=1000)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    names: dict[int, str] = {}
+
+    def kernel_name(addr: int) -> str:
+        if addr not in names:
+            off = addr - base
+            names[addr] = short_name(syms[off]) if off in syms else hex(addr)
+        return names[addr]
+
+    def run(case, B):
+        C, H, W = case["C"], case["H"], case["W"]
+        a = ad.plan.kernel_args(_case_spec(case["kind"], C), sched, C, H, W, "cpu")
+        x0 = torch.empty(B, C, H, W, dtype=dtypes[case["dtype"]])
+        if os.environ.get("EMU_PLAN_ONLY") != "1":
+            x0.normal_()
+        emu.launch_log()
+        emu.add_noise(x0, torch.full((B,), 500), a.coef, a.axes, a.weights, list(a.gammas), a.variant,
+                      a.normalize, 0, torch.tensor([1, 2]), None)
+        log = emu.launch_log().tolist()
+        plan = emu.last_plan()
+        return ({"path": plan[0], "smem": plan[1], "tile": plan[2], "workspace_bytes": emu.last_workspace_bytes(),
+                 "launches": [{"kernel": kernel_name(k), "grid": g, "block": b, "cluster": c, "smem": s}
+                              for k, g, b, c, s in log]})
+
+    result = {"plans": [], "traces": {}}
+    os.environ["EMU_PLAN_ONLY"] = "1"
+    for case in cases:
+        result["plans"].append(run(case, case["B"]))
+    os.environ.pop("EMU_PLAN_ONLY")
+    if trace:
+        seen = set()
+        for case in cases:
+            key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.time()
+            emu.coverage_reset()
+            emu.trace_enable(True)
+            plan = run(case, 1)
+            emu.trace_enable(False)
+            emu.coverage_dump()
+            executed = _executed_lines(lib.parent, t0)
+            ids, vals = emu.trace_report()
+            per_kernel: dict[str, dict] = {}
+            site_offsets = [int(s) - base for s in ids[:, 1].tolist()]
+            lines = _addr2line(lib, site_offsets)
+            for (kaddr, site, worst, remote), (acc, wf, ideal), off in zip(ids.tolist(), vals.tolist(), site_offsets):
+                k = per_kernel.setdefault(kernel_name(kaddr), {"warp_accesses": 0.0, "wavefronts": 0.0, "ideal": 0.0,
+                                                               "max_way": 0, "dsmem_accesses": 0, "sites": []})
+                k["warp_accesses"] += acc
+                k["wavefronts"] += wf
+                k["ideal"] += ideal
+                k["max_way"] = max(k["max_way"], worst)
+                k["dsmem_accesses"] += remote
+                k["sites"].append({"site": lines.get(off, hex(off)), "warp_accesses": acc,
+                                   "n_way": wf / ideal if ideal else 0.0, "max_way": worst})
+            for k in per_kernel.values():
+                k["avg_way"] = k["wavefronts"] / k["ideal"] if k["ideal"] else 0.0
+                # merge the sites by source line, the worst first
+                by: dict[str, dict] = {}
+                for s in k["sites"]:
+                    d = by.setdefault(s["site"], {"site": s["site"], "warp_accesses": 0.0, "wf": 0.0, "max_way": 0})
+                    d["warp_accesses"] += s["warp_accesses"]
+                    d["wf"] += s["n_way"] * s["warp_accesses"]
+                    d["max_way"] = max(d["max_way"], s["max_way"])
+                sites = [{"site": d["site"], "warp_accesses": d["warp_accesses"],
+                          "avg_way": d["wf"] / d["warp_accesses"] if d["warp_accesses"] else 0, "max_way": d["max_way"]}
+                         for d in by.values()]
+                k["sites"] = sorted(sites, key=lambda s: -s["avg_way"] * s["warp_accesses"])[:8]
+            result["traces"][key] = {"plan_B1": plan, "kernels": per_kernel, "seconds": round(time.time() - t0, 2),
+                                     "executed_lines": executed}
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run_emulator(cases, trace: bool, log=print) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "cases.json"
+        out = Path(tmp) / "out.json"
+        cfg.write_text(json.dumps({"cases": cases, "trace": trace}))
+        env = {k: v for k, v in os.environ.items() if k not in ("EMU_PLAN_ONLY", "EMU_ORDER")}
+        p = subprocess.run([sys.executable, __file__, "--_emu-worker", str(cfg), str(out)], env=env,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"emulator worker failed:\n{(p.stdout + p.stderr)[-4000:]}")
+        return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton: compile for sm_90 without a GPU
+# ------------------------------------------------------------------------------------------------------
+_TRITON_WORKER = r'''
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from anisodiff.triton import kernels as k, ops
+
+def compile_for_sm90(fn, constexprs, sig_dtype, **options):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("timesteps_ptr", "stream_ptr"):
+            sig[name] = "*i64"
+        elif name in ("x0_ptr", "xt_ptr", "out_ptr", "noise_ptr"):
+            sig[name] = sig_dtype
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name.startswith("gamma") or name == "clip_range" else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+requests = json.loads(sys.argv[1])
+out = []
+for r in requests:
+    fn = getattr(k, r["kernel"])
+    try:
+        c = compile_for_sm90(fn, r["constexprs"], r["sig_dtype"], **r["options"])
+    except Exception as exc:  # report, do not stop
+        out.append({"id": r["id"], "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        continue
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    try:
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.remove(f.name)
+    md = c.metadata
+    use = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    reg, stack, shared, local = (int(g) for g in use.groups()) if use else (0, None, md.shared, None)
+    # cuobjdump -res-usage (no driver needed; CompiledKernel.n_regs needs one). LOCAL: local memory per
+    # thread (spills); STACK: Triton's fixed 32 B frame plus any spill.
+    out.append({"id": r["id"], "name": md.name, "registers": reg, "spills": local, "stack": stack,
+                "smem_static": md.shared, "num_warps": md.num_warps, "sass": sass})
+print(json.dumps(out))
+'''
+
+
+def triton_requests(cases: list[dict]) -> list[dict]:
+    """One compile request per distinct Triton kernel specialisation of the cases (the launch options
+    and block sizes anisodiff.triton.ops uses on a GPU)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from anisodiff import _autoselect
+    from anisodiff.triton import ops as tops
+    reqs, seen = [], {}
+    for case in cases:
+        C, H, W = case["C"], case["H"], case["W"]
+        CP = tops._pow2(C)
+        sig = "*fp32" if case["dtype"] == "fp32" else "*bf16"
+        base = dict(C=C, K=1, HEISENBERG=False, HAS_X0=True, HAS_NOISE=False, TARGET=0, CP=CP)
+        if case["kind"] == "squeeze":
+            block = tops._elementwise_block(H * W, CP, interpreted=False)
+            req = {"kernel": "squeeze_mix_kernel", "constexprs": {**base, "ALIGNED": (H * W) % 4 == 0,
+                                                                  "BLOCK_PIX": block},
+                   "options": {"num_warps": tops.ELEMENTWISE_WARPS}, "sig_dtype": sig}
+            launch = {"grid": tops.elementwise_grid(B=case["B"], HW=H * W, block=block), "block_pix": block}
+        else:
+            if not _autoselect.triton_supports("spectral", C, H, W):
+                case["triton_note"] = "not supported by the Triton spectral kernel (sample too large)"
+                continue
+            spec = tops.spectral_config(C, H, W, interpreted=False)
+            req = {"kernel": spec["kernel"], "constexprs": {**base, **spec["constexprs"], "ALIGNED": W % 4 == 0},
+                   "options": spec["options"], "sig_dtype": sig}
+            launch = {"grid": spec["grid"](case["B"])}
+            # the alternative design: the DFT as tl.dot matrix products (tf32x3), resources only
+            dot = {**req, "constexprs": {**req["constexprs"], "DFT_BLOCK": 0}}
+            dkey = json.dumps(dot, sort_keys=True)
+            if dkey not in seen:
+                seen[dkey] = len(reqs)
+                reqs.append({**dot, "id": len(reqs)})
+            case["triton_dot_request"] = seen[dkey]
+        key = json.dumps(req, sort_keys=True)
+        if key not in seen:
+            seen[key] = len(reqs)
+            reqs.append({**req, "id": len(reqs)})
+        case["triton_request"] = seen[key]
+        case["triton_launch"] = launch
+    return reqs
+
+
+def compile_triton(reqs: list[dict], log=print) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_CACHE_DIR", str(REPO / "build" / "perf_model" / "triton-cache"))
+    p = subprocess.run([sys.executable, "-c", _TRITON_WORKER, json.dumps(reqs)], env=env, capture_output=True,
+                       text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"triton compile worker failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in res:
+        if "sass" in r:
+            parsed = parse_sass(r.pop("sass"))
+            r["sass"] = next(iter(parsed.values())) if parsed else None
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------------
+def launch_time(*, grid: int, threads: int, occ: dict, bytes_dram: float, bytes_read: float, warp_instr: float,
+                mufu: float, fp64: float, wavefronts: float, inflight_per_warp: float, hw=SM90, m=MACHINE) -> dict:
+    """GPU time of one launch (seconds) and which resource bounds it (docs/cuda.md, "Performance model")."""
+    f = hw["clock_ghz"] * 1e9
+    S = hw["sms"]
+    R = max(occ["blocks_per_sm"], 0)
+    if R == 0:
+        return {"seconds": math.inf, "bound": "does not fit on an SM"}
+    active = min(S, grid)                               # SMs with work
+    per_sm_blocks = min(R, math.ceil(grid / S))         # blocks resident on a busy SM
+    warps_res = per_sm_blocks * occ["warps_per_block"]
+    waves = math.ceil(grid / (S * R))
+    # a block-synchronous kernel whose blocks run once (grid <= S R): time = waves x per-wave time, every
+    # resource divided among `active` SMs; grid-stride kernels (grid capped) the same with waves = 1.
+    issue_eff = min(1.0, warps_res / (hw["schedulers"] * m["warps_to_hide_latency"]))
+    t_issue = warp_instr / (active * hw["schedulers"] * issue_eff * f)
+    t_mufu = mufu / (active * hw["mufu_per_clk"] * f)
+    t_fp64 = fp64 / (active * hw["fp64_per_clk"] * f)
+    t_smem = wavefronts / (active * hw["smem_wavefronts_per_clk"] * f)
+    copy_bw = m["dram_peak_Bps"] * m["copy_efficiency"]
+    dram_bw = min(copy_bw, active * m["sm_bw_cap_factor"] * copy_bw / S)
+    t_dram = bytes_dram / dram_bw
+    lat = m["dram_latency_ns"] * 1e-9
+    inflight = warps_res * inflight_per_warp            # bytes a busy SM has in flight (reads)
+    t_lat = bytes_read / (active * inflight / lat) if inflight > 0 else 0.0
+    parts = {"dram": t_dram, "latency": t_lat, "issue": t_issue, "mufu": t_mufu, "fp64": t_fp64,
+             "shared_memory": t_smem}
+    bound = max(parts, key=parts.get)
+    # wave quantisation of block-synchronous launches: the last wave may run with few blocks
+    quant = 1.0
+    if waves > 1 and grid < S * R * waves:
+        quant = waves / (grid / (S * R))
+    t = parts[bound] * quant + m["launch_gap_us"] * 1e-6
+    return {"seconds": t, "bound": bound, "parts_us": {k: round(v * 1e6, 3) for k, v in parts.items()},
+            "waves": waves, "active_sms": active, "resident_blocks_per_sm": per_sm_blocks,
+            "resident_warps_per_sm": warps_res, "issue_efficiency": round(issue_eff, 3),
+            "wave_quantisation": round(quant, 3)}
+
+
+def _sass_counts(sass: dict | None) -> dict:
+    if not sass:
+        return {"total": 0, "main_loop": 0}
+    ml = sass.get("main_loop")
+    return {"total": sass["total"], "main_loop": ml["instructions"] if ml else 0}
+
+
+def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -> dict:
+    B, C, H, W, dt = case["B"], case["C"], case["H"], case["W"], case["dtype"]
+    elems = B * C * H * W
+    ideal = 3 * elems * DTYPE_BYTES[dt]                 # read x0, write x_t and the target
+    n_launch = len(plan["launches"])
+    ws = plan.get("workspace_bytes", 0)
+    launches, total = [], 0.0
+    for li, L in enumerate(plan["launches"]):
+        k = kernels.get(L["kernel"])
+        info = {"kernel": L["kernel"], "grid": L["grid"], "block": L["block"], "cluster": L["cluster"],
+                "smem_dynamic": L["smem"]}
+        if k is None:
+            info["error"] = "kernel not found in the ptxas output"
+            launches.append(info)
+            total = math.inf
+            continue
+        occ = occupancy(L["block"], k["registers"], L["smem"], k["smem_static"])
+        info.update(registers=k["registers"], spill_stores=k["spill_stores"], spill_loads=k["spill_loads"],
+                    stack=k["stack"], smem_static=k["smem_static"], occupancy=occ)
+        sass = k.get("sass") or {}
+        ml = sass.get("main_loop")
+        tr = (trace or {}).get("kernels", {}).get(L["kernel"]) if trace else None
+        # DRAM traffic of this launch. One launch: the ideal tensors. Two passes (the plan has a workspace:
+        # fp32 noise [B, C, H, W] + a complex plane workspace): the filter writes and reads back its complex
+        # workspace twice (rows, columns) and writes the fp32 noise; the second pass reads that noise too.
+        fp32_ws = 4 * elems if ws else 0
+        complex_ws = max(ws - fp32_ws, 0)
+        if n_launch == 1:
+            bytes_dram, bytes_read = ideal, elems * DTYPE_BYTES[dt]
+        elif li < n_launch - 1:
+            bytes_dram, bytes_read = 4 * complex_ws + fp32_ws, 2 * complex_ws
+        else:
+            bytes_dram, bytes_read = ideal + fp32_ws, elems * DTYPE_BYTES[dt] + fp32_ws
+        # the SASS whose source lines the emulator ran for this case (gcov of the traced build; all of it
+        # without a trace): drops the code of the dtypes, layouts and options the case does not use
+        executed = trace["executed_lines"] if trace and trace.get("executed_lines") else None
+        line_of = {int(a): w for a, w in (k.get("line_of") or {}).items()}
+        instrs = sass.get("instructions", [])
+        cls = executed_instructions(instrs, line_of, executed)
+        smem_static_ops = cls.get("smem", 0)
+        if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
+            # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
+            ratio = cls["total"] / smem_static_ops
+            warp_instr = tr["warp_accesses"] * B * ratio
+            mufu = warp_instr * cls.get("mufu", 0) / max(cls["total"], 1)
+            fp64 = warp_instr * cls.get("fp64", 0) / max(cls["total"], 1)
+            wavefronts = tr["wavefronts"] * B
+            how = (f"trace: {tr['warp_accesses']:.0f} smem warp accesses / sample x {ratio:.1f} executed SASS "
+                   f"per smem op")
+        else:
+            # elementwise: the main (grid-stride) loop once per item of 4 pixels x all channels
+            items = B * math.ceil(H * W / 4)
+            per = None
+            if ml and executed:  # iterations of the grid-stride loop: the line of its closing branch
+                per = executed.get(line_of.get(ml["end"], ""), 0) or None
+            bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per) if ml else cls
+            body = bcls["total"]
+            warp_instr = items / 32 * body
+            mufu = items / 32 * bcls.get("mufu", 0)
+            fp64 = items / 32 * bcls.get("fp64", 0)
+            wavefronts = 0.0
+            how = (f"main loop: {body:.0f} of {ml['instructions'] if ml else sass.get('total', 0)} SASS per item "
+                   f"(4 pixels x {C} channels), weighted by how often the emulator ran their lines")
+        gl = (ml or {}).get("gmem_load_bytes") or sass.get("gmem_load_bytes", 0)
+        t = launch_time(grid=L["grid"], threads=L["block"], occ=occ, bytes_dram=bytes_dram, bytes_read=bytes_read,
+                        warp_instr=warp_instr, mufu=mufu, fp64=fp64, wavefronts=wavefronts,
+                        inflight_per_warp=32 * gl)
+        info.update(predicted=t, dynamic_warp_instructions=warp_instr, instructions_how=how,
+                    sass_per_output_element=round(warp_instr * 32 / elems, 2),
+                    smem_wavefronts=wavefronts, dram_bytes=bytes_dram,
+                    bank_conflicts=({"avg_way": round(tr["avg_way"], 3), "max_way": tr["max_way"],
+                                     "warp_accesses_per_sample": tr["warp_accesses"], "worst_sites": tr["sites"][:4]}
+                                    if tr and tr["warp_accesses"] else None))
+        total += t["seconds"]
+        launches.append(info)
+    copy_t = ideal / (MACHINE["dram_peak_Bps"] * MACHINE["copy_efficiency"])
+    call_t = max(total, MACHINE["host_call_us"] * 1e-6)
+    return {"path": plan["path"], "launches": launches, "ideal_bytes": ideal,
+            "predicted_gpu_us": round(total * 1e6, 3), "predicted_call_us": round(call_t * 1e6, 3),
+            "predicted_pct_copy_gpu": round(100 * copy_t / total, 1) if total else None,
+            "predicted_pct_copy_call": round(100 * copy_t / call_t, 1) if call_t else None}
+
+
+def model_triton_case(case: dict, comp: dict | None) -> dict | None:
+    if comp is None:
+        return {"note": case.get("triton_note", "not compiled")}
+    if "error" in comp:
+        return {"error": comp["error"]}
+    B, C, H, W, dt = case["B"], case["C"], case["H"], case["W"], case["dtype"]
+    elems = B * C * H * W
+    ideal = 3 * elems * DTYPE_BYTES[dt]
+    launch = case["triton_launch"]
+    grid = math.prod(launch["grid"])
+    threads = comp["num_warps"] * 32
+    occ = occupancy(threads, comp["registers"], 0, comp["smem_static"])
+    sass = comp.get("sass") or {}
+    cls = sass.get("classes", {})
+    if case["kind"] == "squeeze":
+        # straight-line program: every warp runs the whole SASS once
+        warp_instr = grid * comp["num_warps"] * sass.get("total", 0)
+        how = "straight-line: SASS x warps x programs"
+    else:
+        # DFT loops: every innermost loop (one per transform) runs HP times per plane, once per plane (C)
+        ll = sass.get("loop_list", [])
+        innermost = [l for l in ll if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in ll)]
+        HP = max(16, 1 << (H - 1).bit_length())
+        inner = sum(n for _, _, n in innermost) * HP * C
+        warp_instr = grid * comp["num_warps"] * (sass.get("total", 0) + inner)
+        how = (f"{len(ll)} loops; {len(innermost)} innermost ({sum(n for _, _, n in innermost)} SASS) x {HP} "
+               f"iterations x {C} planes + the rest once")
+    mufu = warp_instr * cls.get("mufu", 0) / max(sass.get("total", 1), 1)
+    t = launch_time(grid=grid, threads=threads, occ=occ, bytes_dram=ideal, bytes_read=elems * DTYPE_BYTES[dt],
+                    warp_instr=warp_instr, mufu=mufu, fp64=0.0, wavefronts=0.0,
+                    inflight_per_warp=32 * sass.get("gmem_load_bytes", 0))
+    copy_t = ideal / (MACHINE["dram_peak_Bps"] * MACHINE["copy_efficiency"])
+    call_t = max(t["seconds"], MACHINE["host_call_us"] * 1e-6)
+    return {"kernel": comp["name"], "grid": launch["grid"], "num_warps": comp["num_warps"],
+            "registers": comp["registers"], "spills": comp["spills"], "stack": comp["stack"],
+            "smem_static": comp["smem_static"], "occupancy": occ, "sass_total": sass.get("total"),
+            "sass_classes": cls, "instructions_how": how, "sass_per_output_element": round(warp_instr * 32 / elems, 2),
+            "predicted": t, "predicted_gpu_us": round(t["seconds"] * 1e6, 3),
+            "predicted_pct_copy_gpu": round(100 * copy_t / t["seconds"], 1),
+            "predicted_pct_copy_call": round(100 * copy_t / call_t, 1)}
+
+
+def goal_verdicts(cases: list[dict]) -> list[dict]:
+    out = []
+
+    def add(goal, case_list, ok, worst):
+        out.append({"goal": goal, "cases": len(case_list), "met": sum(ok(c) for c in case_list),
+                    "verdict": "PREDICTED MET" if case_list and all(ok(c) for c in case_list) else "PREDICTED NOT MET",
+                    "worst": worst(case_list) if case_list else None})
+
+    def cid(c):
+        return f"{c['kind']} B={c['B']} {c['C']}x{c['H']}x{c['W']} {c['dtype']}"
+
+    cu = [c for c in cases if c.get("cuda") and "launches" in c["cuda"]]
+    sq = [c for c in cu if c["kind"] == "squeeze" and c["ideal_bytes_per_tensor"] >= 32 * 2**20]
+    add(f"squeeze-only >= {GOALS['squeeze_pct_copy']:g}% of copy bandwidth (>= 32 MB per tensor, GPU time)", sq,
+        lambda c: (c["cuda"]["predicted_pct_copy_gpu"] or 0) >= GOALS["squeeze_pct_copy"],
+        lambda cs: (lambda w: f"{w['cuda']['predicted_pct_copy_gpu']}% at {cid(w)}")(
+            min(cs, key=lambda c: c["cuda"]["predicted_pct_copy_gpu"] or 0)))
+    sp = [c for c in cu if c["kind"] == "squeeze+spectral" and (c["C"], c["H"], c["W"]) in GOALS["spectral_shapes"]
+          and c["B"] >= GOALS["spectral_min_batch"]]
+    for key, what in (("predicted_pct_copy_gpu", "GPU time"), ("predicted_pct_copy_call", "per eager call")):
+        add(f"squeeze + spectral >= {GOALS['spectral_pct_copy']:g}% of copy bandwidth (3x32x32, 4x64x64, B >= 64, "
+            f"{what})", sp, lambda c, key=key: (c["cuda"][key] or 0) >= GOALS["spectral_pct_copy"],
+            lambda cs, key=key: (lambda w: f"{w['cuda'][key]}% at {cid(w)}")(min(cs, key=lambda c: c["cuda"][key] or 0)))
+    ls = [(c, L) for c in cu for L in c["cuda"]["launches"] if "registers" in L]
+    add("no spills (every launched kernel)", ls, lambda cl: cl[1]["spill_stores"] == 0 and cl[1]["spill_loads"] == 0,
+        lambda cls: max((f"{L['kernel']}: {L['spill_stores']} B spill stores" for _, L in cls), key=len))
+    bk = [(c, L) for c, L in ls if L.get("bank_conflicts")]
+    add(f"<= {GOALS['max_bank_way']:g}-way bank conflicts (average over the kernel)", bk,
+        lambda cl: cl[1]["bank_conflicts"]["avg_way"] <= GOALS["max_bank_way"],
+        lambda cls: (lambda w: f"{w[1]['bank_conflicts']['avg_way']}-way ({w[1]['kernel']}, {cid(w[0])})")(
+            max(cls, key=lambda cl: cl[1]["bank_conflicts"]["avg_way"])))
+    fs = [(c, c["cuda"]["launches"][0]) for c in cu if c["kind"] == "squeeze+spectral" and c["cuda"]["path"] == "fused"
+          and "occupancy" in c["cuda"]["launches"][0]]
+    add(f">= {GOALS['min_resident_blocks']} resident blocks / SM on the fused spectral path", fs,
+        lambda cl: cl[1]["occupancy"]["blocks_per_sm"] >= GOALS["min_resident_blocks"],
+        lambda cls: (lambda w: f"{w[1]['occupancy']['blocks_per_sm']} ({w[1]['occupancy']['limiter']}) at {cid(w[0])}")(
+            min(cls, key=lambda cl: cl[1]["occupancy"]["blocks_per_sm"])))
+    b16 = [c for c in cu if c["B"] == 16 and (c["H"], c["W"]) == (32, 32)]
+    add(f"B=16 at 32x32 fills most SMs (>= {GOALS['b16_fill']:.0%} of 132 busy)", b16,
+        lambda c: min(c["cuda"]["launches"][0].get("grid", 0), SM90["sms"]) / SM90["sms"] >= GOALS["b16_fill"],
+        lambda cs: (lambda w: f"{min(w['cuda']['launches'][0]['grid'], 132)} SMs at {cid(w)}")(
+            min(cs, key=lambda c: c["cuda"]["launches"][0].get("grid", 0))))
+    return out
+
+
+def make_cases(batches, shapes, dtypes, kinds) -> list[dict]:
+    return [{"kind": k, "B": B, "C": C, "H": H, "W": W, "dtype": dt,
+             "ideal_bytes_per_tensor": B * C * H * W * DTYPE_BYTES[dt]}
+            for k in kinds for (C, H, W) in shapes for dt in dtypes for B in batches]
+
+
+def git_commit(root: Path) -> dict:
+    def g(*a):
+        try:
+            return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+    dirty = g("status", "--porcelain", "--", "csrc/cuda", "csrc/include", "anisodiff/triton")
+    return {"commit": g("rev-parse", "HEAD") or None, "kernel_sources_modified": bool(dirty),
+            "modified": dirty.splitlines()[:20]}
+
+
+def run_model(args, log=print) -> dict:
+    t0 = time.time()
+    cases = make_cases(args.batches, [tuple(map(int, s.split("x"))) for s in args.shapes], args.dtypes, args.kinds)
+    cache = REPO / "build" / "perf_model"
+    log("compiling csrc/cuda/*.cu for sm_90 (nvcc -cubin -Xptxas -v) ...")
+    kernels, fp = compile_cuda(REPO, cache, log)
+    log(f"  {len(kernels)} kernel instantiations")
+    log("planner launches (emulator, EMU_PLAN_ONLY) and bank trace (B=1) ...")
+    emu = run_emulator(cases, trace=not args.no_trace, log=log)
+    for case, plan in zip(cases, emu["plans"]):
+        key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
+        case["cuda"] = model_cuda_case(case, plan, kernels, emu["traces"].get(key))
+    triton_info = None
+    if not args.no_triton:
+        log("compiling the Triton kernels for sm_90 ...")
+        try:
+            reqs = triton_requests(cases)
+            comps = {r["id"]: r for r in compile_triton(reqs, log)}
+            for case in cases:
+                rid = case.pop("triton_request", None)
+                case["triton"] = model_triton_case(case, comps.get(rid) if rid is not None else None)
+                did = case.pop("triton_dot_request", None)
+                if did is not None and did in comps and "error" not in comps[did]:
+                    d = comps[did]
+                    case["triton"]["dot_dft_variant"] = {
+                        "what": "DFT_BLOCK=0: the DFT as tl.dot (tf32x3) matrix products; resources only",
+                        "registers": d["registers"], "stack": d["stack"], "spills": d["spills"],
+                        "smem_static": d["smem_static"],
+                        "tensor_core_sass": (d.get("sass") or {}).get("classes", {}).get("tensor", 0),
+                        "sass_total": (d.get("sass") or {}).get("total")}
+                case.pop("triton_launch", None)
+                case.pop("triton_note", None)
+            triton_info = {"compiled": len(comps), "how": "triton.compile(ASTSource, GPUTarget('cuda', 90, 32)) without a GPU"}
+        except Exception as exc:  # noqa: BLE001 - the CUDA part stands alone
+            triton_info = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+            log(f"  Triton part failed: {triton_info['error'][:300]}")
+    report = {
+        "format": FORMAT, "version": VERSION, "label": LABEL,
+        "note": ("PREDICTED by scripts/cuda_perf_model.py from ptxas -v, cuobjdump -sass, the planner and the host "
+                 "emulator's bank trace; a model, never a measurement (docs/cuda.md, 'Performance model')."),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {**(git_commit(REPO) if not args.source_commit else
+                      {"commit": args.source_commit, "kernel_sources_modified": False,
+                       "snapshot": "a `git archive` of that commit (--source-commit)"}),
+                   "cuda_fingerprint": fp["fingerprint"]},
+        "hardware": {"sm90": SM90, "machine": MACHINE},
+        "kernels": {n: {k: v for k, v in r.items() if k not in ("sass", "line_of")} | {"sass": _sass_summary(r.get("sass"))}
+                    for n, r in sorted(kernels.items())},
+        "bank_traces": {k: {"plan_B1": v["plan_B1"]["path"], "seconds": v["seconds"],
+                            "executed_source_lines": len(v.get("executed_lines", [])),
+                            "kernels": v["kernels"]} for k, v in emu["traces"].items()},
+        "triton": triton_info,
+        "cases": cases,
+        "goals": goal_verdicts(cases),
+        "model_seconds": round(time.time() - t0, 1),
+    }
+    return report
+
+
+def _sass_summary(s: dict | None) -> dict | None:
+    """The SASS summary without the per-instruction list (kept out of the JSON)."""
+    if not s:
+        return None
+    ml = s.get("main_loop")
+    return {"total": s["total"], "classes": s["classes"], "loops": s["loops"],
+            "main_loop_instructions": ml["instructions"] if ml else None,
+            "main_loop_classes": ml["classes"] if ml else None}
+
+
+def markdown(report: dict) -> str:
+    """The table of docs/cuda.md: one row per case, every figure PREDICTED."""
+    src = report["source"]
+    lines = [f"PREDICTED by `scripts/cuda_perf_model.py` (a static model, no GPU measurement) for "
+             f"{report['hardware']['machine']['name']}; kernels of commit `{(src['commit'] or '?')[:10]}`"
+             + (" with uncommitted kernel changes" if src.get("kernel_sources_modified") else "") + ".",
+             "",
+             "| kind | B | C x H x W | dtype | path | kernel (grid x block) | regs | spill | smem KiB | blocks/SM (limit) | "
+             "SMs busy | banks avg / max way | SASS / elem | bound | PREDICTED % copy (GPU) | PREDICTED % copy (call) | "
+             "Triton PREDICTED % copy (GPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        cu = c["cuda"]
+        L = cu["launches"][0] if cu.get("launches") else {}
+        occ = L.get("occupancy", {})
+        bc = next((x["bank_conflicts"] for x in cu.get("launches", []) if x.get("bank_conflicts")), None)
+        kern = " + ".join(f"`{x['kernel'].split('<')[0]}` ({x['grid']} x {x['block']})" for x in cu.get("launches", []))
+        spill = max((x.get("spill_stores", 0) for x in cu.get("launches", [])), default=0)
+        regs = "/".join(str(x.get("registers", "?")) for x in cu.get("launches", []))
+        smem = "/".join(f"{(x.get('smem_dynamic', 0) + x.get('smem_static', 0)) / 1024:.1f}" for x in cu.get("launches", []))
+        busy = min(L.get("grid", 0), SM90["sms"])
+        spe = "/".join(f"{x.get('sass_per_output_element', 0):g}" for x in cu.get("launches", []))
+        bound = "/".join(x.get("predicted", {}).get("bound", "?") for x in cu.get("launches", []))
+        tr = c.get("triton") or {}
+        lines.append(
+            f"| {c['kind']} | {c['B']} | {c['C']}x{c['H']}x{c['W']} | {c['dtype']} | {cu.get('path')} | {kern} | {regs} | "
+            f"{spill} | {smem} | {occ.get('blocks_per_sm', '?')} ({occ.get('limiter', '?')}) | {busy} | "
+            f"{'%.2f / %d' % (bc['avg_way'], bc['max_way']) if bc else '-'} | {spe} | {bound} | "
+            f"{cu.get('predicted_pct_copy_gpu')} | {cu.get('predicted_pct_copy_call')} | "
+            f"{tr.get('predicted_pct_copy_gpu', '-') if 'predicted_pct_copy_gpu' in tr else '-'} |")
+    lines += ["", "PREDICTED goal verdicts:", ""]
+    for g in report["goals"]:
+        lines.append(f"* {g['goal']}: {g['verdict']} ({g['met']} of {g['cases']}; worst: {g['worst']})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_emu-worker"]:
+        cfg = json.loads(Path(argv[1]).read_text())
+        emulator_worker(cfg["cases"], cfg["trace"], argv[2])
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "model-sm90.json"))
+    ap.add_argument("--markdown", metavar="FILE", help="also write the markdown table (PREDICTED) to FILE ('-': stdout)")
+    ap.add_argument("--no-trace", action="store_true", help="skip the emulator's bank-conflict trace")
+    ap.add_argument("--source-commit", metavar="SHA",
+                    help="the commit the sources are (when run on a `git archive` snapshot without .git)")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    ap.add_argument("--batches", type=int, nargs="+", default=CASE_BATCHES)
+    ap.add_argument("--shapes", nargs="+", default=[f"{C}x{H}x{W}" for C, H, W in CASE_SHAPES])
+    ap.add_argument("--dtypes", nargs="+", default=CASE_DTYPES, choices=list(DTYPE_BYTES))
+    ap.add_argument("--kinds", nargs="+", default=CASE_KINDS, choices=CASE_KINDS)
+    args = ap.parse_args(argv)
+    report = run_model(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    md = markdown(report)
+    if args.markdown == "-":
+        print(md)
+    elif args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    for g in report["goals"]:
+        print(f"{g['verdict']}: {g['goal']} ({g['met']}/{g['cases']}; worst {g['worst']})", file=sys.stderr)
+    print(f"wrote {args.out} (PREDICTED, {report['model_seconds']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

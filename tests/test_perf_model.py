@@ -1,0 +1,275 @@
+"""scripts/cuda_perf_model.py: the parsers (ptxas -v, cuobjdump -sass, demangled names), the sm_90
+occupancy arithmetic against hand-computed numbers, the launch-time formula, the labels (PREDICTED) of the
+committed model output, and one real nvcc + cuobjdump run of a tiny kernel (when the toolchain is here)."""
+import importlib.util
+import json
+import math
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("cuda_perf_model", REPO / "scripts" / "cuda_perf_model.py")
+pm = importlib.util.module_from_spec(_spec)
+sys.modules["cuda_perf_model"] = pm
+_spec.loader.exec_module(pm)
+
+MANGLED = "_ZN4demo39_GLOBAL__N__a01a4b43_7_tiny_cu_3ad7f98e5scaleILi3EEEvPfPKfi"
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN4demo39_GLOBAL__N__a01a4b43_7_tiny_cu_3ad7f98e5scaleILi3EEEvPfPKfi' for 'sm_90'
+ptxas info    : Function properties for _ZN4demo39_GLOBAL__N__a01a4b43_7_tiny_cu_3ad7f98e5scaleILi3EEEvPfPKfi
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 16 registers, used 1 barriers, 1024 bytes smem
+ptxas info    : Compile time = 6.164 ms
+ptxas info    : Compiling entry function '_ZN9anisodiff4cuda5spillEv' for 'sm_90'
+ptxas info    : Function properties for _ZN9anisodiff4cuda5spillEv
+    40 bytes stack frame, 76 bytes spill stores, 64 bytes spill loads
+ptxas info    : Used 128 registers, used 0 barriers, 40 bytes cumulative stack size, 400 bytes cmem[0]
+"""
+# cuobjdump -sass of tiny.cu (below), encodings and NOP padding dropped
+SASS = """
+	code for sm_90
+	.target	sm_90
+
+		Function : _ZN4demo39_GLOBAL__N__a01a4b43_7_tiny_cu_3ad7f98e5scaleILi3EEEvPfPKfi
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                    /* 0x00000a00ff017b82 */
+        /*0010*/                   S2R R0, SR_CTAID.X ;                      /* 0x0000000000007919 */
+        /*0020*/                   ULDC UR6, c[0x0][0x0] ;                   /* 0x0000000000067ab9 */
+        /*0030*/                   ULDC UR8, c[0x0][0x220] ;                 /* 0x0000880000087ab9 */
+        /*0040*/                   S2R R3, SR_TID.X ;                        /* 0x0000000000037919 */
+        /*0050*/                   IMAD R0, R0, UR6, R3 ;                    /* 0x0000000600007c24 */
+        /*0060*/                   ISETP.GE.AND P0, PT, R0, UR8, PT ;        /* 0x0000000800007c0c */
+        /*0070*/               @P0 EXIT ;                                    /* 0x000000000000094d */
+        /*0080*/                   S2UR UR5, SR_CgaCtaId ;                   /* 0x00000000000579c3 */
+        /*0090*/                   UMOV UR4, 0x400 ;                         /* 0x0000040000047882 */
+        /*00a0*/                   SHF.L.U32 R2, R3, 0x3, RZ ;               /* 0x0000000303027819 */
+        /*00b0*/                   ULDC UR7, c[0x0][0xc] ;                   /* 0x0000030000077ab9 */
+        /*00c0*/                   LOP3.LUT R11, R2, 0x3f8, RZ, 0xc0, !PT ;  /* 0x000003f8020b7812 */
+        /*00d0*/                   LDC.64 R6, c[0x0][0x218] ;                /* 0x00008600ff067b82 */
+        /*00e0*/                   LDC.64 R8, c[0x0][0x210] ;                /* 0x00008400ff087b82 */
+        /*00f0*/                   ULEA UR4, UR5, UR4, 0x18 ;                /* 0x0000000405047291 */
+        /*0100*/                   UIMAD UR5, UR6, UR7, URZ ;                /* 0x00000007060572a4 */
+        /*0110*/                   ULDC.64 UR6, c[0x0][0x208] ;              /* 0x0000820000067ab9 */
+        /*0120*/                   LEA R10, R3, UR4, 0x2 ;                   /* 0x00000004030a7c11 */
+        /*0130*/                   IMAD.WIDE R2, R0, 0x4, R6 ;               /* 0x0000000400027825 */
+        /*0140*/                   LDG.E.CONSTANT R3, desc[UR6][R2.64] ;     /* 0x0000000602037981 */
+        /*0150*/                   WARPSYNC.ALL ;                            /* 0x0000000000007948 */
+        /*0160*/                   IMAD.WIDE R4, R0.reuse, 0x4, R8 ;         /* 0x0000000400047825 */
+        /*0170*/                   IADD3 R0, R0, UR5, RZ ;                   /* 0x0000000500007c10 */
+        /*0180*/                   ISETP.GE.AND P0, PT, R0, UR8, PT ;        /* 0x0000000800007c0c */
+        /*0190*/                   STS [R10], R3 ;                           /* 0x000000030a007388 */
+        /*01a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;             /* 0x0000000000007b1d */
+        /*01b0*/                   LDS R12, [R11+UR4] ;                      /* 0x000000040b0c7984 */
+        /*01c0*/                   FMUL R13, R12, 3 ;                        /* 0x404000000c0d7820 */
+        /*01d0*/                   STG.E desc[UR6][R4.64], R13 ;             /* 0x0000000d04007986 */
+        /*01e0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;             /* 0x0000000000007b1d */
+        /*01f0*/              @!P0 BRA 0x130 ;                               /* 0xfffffffc00cc8947 */
+        /*0200*/                   EXIT ;                                    /* 0x000000000000794d */
+        /*0210*/                   BRA 0x210;                                /* 0xfffffffc00fc7947 */
+		..........
+
+
+"""
+TINY_CU = """namespace demo { namespace {
+template <int N>
+__global__ void __launch_bounds__(256) scale(float* __restrict__ y, const float* __restrict__ x, int n) {
+  __shared__ float tile[256];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    tile[threadIdx.x] = x[i];
+    __syncthreads();
+    y[i] = N * tile[(threadIdx.x * 2) % 256];
+    __syncthreads();
+  }
+}
+} void launch(float* y, const float* x, int n) { scale<3><<<4, 256>>>(y, x, n); } }
+"""
+
+
+def test_parse_ptxas():
+    r = pm.parse_ptxas(PTXAS)
+    assert r[MANGLED] == {"registers": 16, "spill_stores": 0, "spill_loads": 0, "stack": 0, "smem_static": 1024,
+                          "barriers": 1, "cmem": 0, "arch": 90}
+    s = r["_ZN9anisodiff4cuda5spillEv"]
+    assert (s["registers"], s["spill_stores"], s["spill_loads"], s["stack"], s["cmem"]) == (128, 76, 64, 40, 400)
+
+
+def test_parse_sass():
+    r = pm.parse_sass(SASS)[MANGLED]
+    assert r["total"] == 34  # before the NOP padding, the end-of-code `BRA` to itself included
+    assert r["classes"]["smem"] == 2 and r["classes"]["gmem"] == 2 and r["classes"]["sync"] == 3
+    assert r["classes"]["sync"] == 3  # WARPSYNC, 2 x BAR.SYNC
+    assert r["loops"] == 1  # the grid-stride loop (0x130 .. 0x1f0); the self-branch trap is not a loop
+    ml = r["main_loop"]
+    assert (ml["start"], ml["end"], ml["instructions"]) == (0x130, 0x1F0, 13)
+    assert ml["classes"]["fp32"] == 1 and ml["gmem_load_bytes"] == 4
+
+
+# nvdisasm -g -c of tiny.cu compiled with -lineinfo (the path rewritten as if under csrc/cuda)
+NVDISASM = """.text._ZN4demo39_GLOBAL__N__a01a4b43_7_tiny_cu_3ad7f98e5scaleILi3EEEvPfPKfi:
+	//## File "/src/csrc/cuda/tiny.cu", line 3
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+	//## File "/src/csrc/cuda/tiny.cu", line 5
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   ULDC UR6, c[0x0][0x0] ;
+        /*0030*/                   ULDC UR8, c[0x0][0x220] ;
+        /*0040*/                   S2R R3, SR_TID.X ;
+        /*0050*/                   IMAD R0, R0, UR6, R3 ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R0, UR8, PT ;
+        /*0070*/               @P0 EXIT ;
+        /*0080*/                   S2UR UR5, SR_CgaCtaId ;
+        /*0090*/                   UMOV UR4, 0x400 ;
+        /*00a0*/                   SHF.L.U32 R2, R3, 0x3, RZ ;
+        /*00b0*/                   ULDC UR7, c[0x0][0xc] ;
+        /*00c0*/                   LOP3.LUT R11, R2, 0x3f8, RZ, 0xc0, !PT ;
+	//## File "/src/csrc/cuda/tiny.cu", line 6
+        /*00d0*/                   LDC.64 R6, c[0x0][0x218] ;
+	//## File "/src/csrc/cuda/tiny.cu", line 8
+        /*00e0*/                   LDC.64 R8, c[0x0][0x210] ;
+        /*00f0*/                   ULEA UR4, UR5, UR4, 0x18 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 5
+        /*0100*/                   UIMAD UR5, UR6, UR7, URZ ;
+        /*0110*/                   ULDC.64 UR6, c[0x0][0x208] ;
+        /*0120*/                   LEA R10, R3, UR4, 0x2 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 6
+        /*0130*/                   IMAD.WIDE R2, R0, 0x4, R6 ;
+        /*0140*/                   LDG.E.CONSTANT R3, desc[UR6][R2.64] ;
+	//## File "/src/csrc/cuda/tiny.cu", line 7
+        /*0150*/                   WARPSYNC.ALL ;
+	//## File "/src/csrc/cuda/tiny.cu", line 8
+        /*0160*/                   IMAD.WIDE R4, R0.reuse, 0x4, R8 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 5
+        /*0170*/                   IADD3 R0, R0, UR5, RZ ;
+        /*0180*/                   ISETP.GE.AND P0, PT, R0, UR8, PT ;
+	//## File "/src/csrc/cuda/tiny.cu", line 6
+        /*0190*/                   STS [R10], R3 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 7
+        /*01a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 8
+        /*01b0*/                   LDS R12, [R11+UR4] ;
+        /*01c0*/                   FMUL R13, R12, 3 ;
+        /*01d0*/                   STG.E desc[UR6][R4.64], R13 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 9
+        /*01e0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+	//## File "/src/csrc/cuda/tiny.cu", line 5
+        /*01f0*/              @!P0 BRA `(.L_x_0) ;
+	//## File "/src/csrc/cuda/tiny.cu", line 11
+        /*0200*/                   EXIT ;
+        /*0210*/                   BRA `(.L_x_1);
+"""
+
+
+def test_line_info_and_executed_instructions():
+    lines = pm.parse_line_info(NVDISASM)[MANGLED]
+    assert lines[0x0] == "csrc/cuda/tiny.cu:3" and lines[0x1b0] == "csrc/cuda/tiny.cu:8"
+    assert lines[0x1f0] == "csrc/cuda/tiny.cu:5"
+    instrs = pm.parse_sass(SASS)[MANGLED]["instructions"]
+    everything = pm.executed_instructions(instrs, lines, None)
+    assert everything["total"] == 34
+    # only the loop's lines 5 and 8 ran (say): the loads / stores of line 6 and the barriers drop out
+    loop = pm.executed_instructions(instrs, lines, {"csrc/cuda/tiny.cu:5", "csrc/cuda/tiny.cu:8"}, 0x130, 0x1F0)
+    assert loop["total"] == 7 and loop.get("smem") == 1 and "sync" not in loop and loop["fp32"] == 1
+
+
+def test_ldg_bytes():
+    assert pm._ldg_bytes("LDG", ".E.128.CONSTANT") == 16
+    assert pm._ldg_bytes("LDG", ".E.64") == 8
+    assert pm._ldg_bytes("LDG", ".E.U16") == 2
+    assert pm._ldg_bytes("STG", ".E") == 0
+
+
+@pytest.mark.parametrize("demangled,short", [
+    ("void demo::(anonymous namespace)::scale<3>(float*, float const*, int)", "scale<3>"),
+    ("void anisodiff::cuda::(anonymous namespace)::add_noise_elementwise<4, 0, true>(anisodiff::NoiseProblem, "
+     "float const*)", "add_noise_elementwise<4, 0, true>"),
+    ("anisodiff::cuda::(anonymous namespace)::two_pass_filter(anisodiff::NoiseProblem, anisodiff::cuda::SpectralGeom, "
+     "float2*, float*)", "two_pass_filter"),
+    ("void a::k<(anisodiff::cuda::Mode)1, true>(int)", "k<(anisodiff::cuda::Mode)1, true>"),
+])
+def test_short_name(demangled, short):
+    assert pm.short_name(demangled) == short
+
+
+# Hand-computed with sm_90's rules: registers per warp rounded up to 256, 4 quadrants of 16384; shared
+# memory + 1 KiB reserved per block, rounded up to 128 B, of 228 KiB; 2048 threads, 64 warps, 32 blocks.
+@pytest.mark.parametrize("threads,regs,smem,blocks,limiter,occ", [
+    (256, 123, 0, 2, "registers", 0.25),      # 128 x 32 = 4096 / warp: 4 warps per quadrant, 16 per SM
+    (512, 64, 132368, 1, "shared_memory", 0.25),  # 133392 B per block: 1 of 233472; registers allow 2
+    (256, 32, 0, 8, "registers", 1.0),        # 1024 / warp: 64 warps; threads and warps also allow 8
+    (128, 255, 0, 2, "registers", 0.125),     # 8192 / warp: 2 per quadrant, 8 warps = 2 blocks of 4
+    (512, 92, 33552, 1, "registers", 0.25),   # 3072 / warp: 5 per quadrant = 20 warps: 1 block of 16
+    (1024, 16, 0, 2, "threads", 1.0),         # threads: 2048 / 1024 = 2 (registers allow 4)
+    (64, 16, 0, 32, "blocks", 1.0),           # 32 blocks of 2 warps
+    (256, 40, 116000, 1, "shared_memory", 0.125),  # 117024 B: one per SM (two need 234048 > 233472)
+])
+def test_occupancy_sm90(threads, regs, smem, blocks, limiter, occ):
+    r = pm.occupancy(threads, regs, smem)
+    assert r["blocks_per_sm"] == blocks
+    assert r["occupancy"] == pytest.approx(occ)
+    assert r["limits"][limiter] == blocks
+    if limiter == "shared_memory":
+        assert r["limiter"] == "shared_memory"
+
+
+def test_occupancy_smem_too_large_for_a_block():
+    assert pm.occupancy(256, 32, 232449)["blocks_per_sm"] == 0
+    assert pm.occupancy(256, 32, 232448 - 1024)["blocks_per_sm"] == 1
+
+
+def test_launch_time_memory_bound_and_fill():
+    occ = pm.occupancy(256, 32)
+    nbytes = 3 * 2**30
+    t = pm.launch_time(grid=4224, threads=256, occ=occ, bytes_dram=nbytes, bytes_read=nbytes / 3, warp_instr=1e6,
+                       mufu=0, fp64=0, wavefronts=0, inflight_per_warp=32 * 16)
+    copy = pm.MACHINE["dram_peak_Bps"] * pm.MACHINE["copy_efficiency"]
+    assert t["bound"] == "dram"
+    assert t["seconds"] == pytest.approx(nbytes / copy + pm.MACHINE["launch_gap_us"] * 1e-6)
+    # one block on each of 16 SMs: the DRAM share is capped per SM, and issue runs on 16 SMs only
+    few = pm.launch_time(grid=16, threads=256, occ=occ, bytes_dram=nbytes, bytes_read=nbytes / 3, warp_instr=1e6,
+                         mufu=0, fp64=0, wavefronts=0, inflight_per_warp=32 * 16)
+    assert few["active_sms"] == 16 and few["seconds"] > 5 * t["seconds"]
+    # shared-memory wavefronts bound a kernel that moves little
+    sm = pm.launch_time(grid=132, threads=512, occ=pm.occupancy(512, 64, 100000), bytes_dram=1e6, bytes_read=0,
+                        warp_instr=1e5, mufu=0, fp64=0, wavefronts=1e9, inflight_per_warp=0)
+    assert sm["bound"] == "shared_memory"
+    assert sm["parts_us"]["shared_memory"] == pytest.approx(1e9 / (132 * pm.SM90["clock_ghz"] * 1e9) * 1e6, rel=1e-3)
+
+
+def test_cases_grid():
+    cases = pm.make_cases(pm.CASE_BATCHES, pm.CASE_SHAPES, pm.CASE_DTYPES, pm.CASE_KINDS)
+    assert len(cases) == 4 * 4 * 2 * 2
+    assert {c["B"] for c in cases} == {16, 64, 256, 1024}
+
+
+def test_committed_model_output_is_labelled_predicted():
+    path = REPO / "benchmarks" / "results" / "model-sm90.json"
+    if not path.exists():
+        pytest.skip("no committed model output yet")
+    rep = json.loads(path.read_text())
+    assert rep["format"] == pm.FORMAT and "PREDICTED" in rep["label"] and "PREDICTED" in rep["note"]
+    assert rep["source"]["commit"] and rep["cases"]
+    assert all(g["verdict"].startswith("PREDICTED") for g in rep["goals"])
+    assert all(k.startswith("predicted") for c in rep["cases"] for k in c["cuda"] if "pct" in k)
+    md = pm.markdown(rep)
+    assert md.startswith("PREDICTED") and "PREDICTED % copy" in md
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_real_ptxas_and_sass_of_a_tiny_kernel(tmp_path):
+    cuobjdump = pm._tool("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump")
+    (tmp_path / "tiny.cu").write_text(TINY_CU)
+    p = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v", str(tmp_path / "tiny.cu"), "-o",
+                        str(tmp_path / "tiny.cubin")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = pm.parse_ptxas(p.stdout + p.stderr)
+    (name,) = res
+    assert pm.short_name(pm.demangle([name])[name]) == "scale<3>"
+    assert res[name]["smem_static"] == 1024 and res[name]["spill_stores"] == 0 and res[name]["registers"] > 0
+    sass = pm.parse_sass(subprocess.run([cuobjdump, "-sass", str(tmp_path / "tiny.cubin")], capture_output=True,
+                                        text=True, check=True).stdout)[name]
+    assert sass["loops"] == 1 and sass["classes"]["smem"] == 2 and sass["main_loop"]["classes"]["sync"] == 3
