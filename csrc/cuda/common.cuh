@@ -97,19 +97,34 @@ __device__ __forceinline__ void store_elem(const TensorArg& t, int64_t idx, floa
   }
 }
 
+// n / d for 64-bit 0 <= n < 2^53 without the 64-bit division subroutine (a call: the kernels around it
+// spilled registers): 32-bit division when both fit, else a double reciprocal and a +-1 correction.
+struct Div64 {
+  int64_t d;
+  double rcp;
+  __device__ __forceinline__ int64_t div(int64_t n) const {
+    if (((n | d) >> 31) == 0) return (int64_t)((uint32_t)n / (uint32_t)d);
+    int64_t q = (int64_t)((double)n * rcp);
+    if (q * d > n) --q;
+    if ((q + 1) * d <= n) ++q;
+    return q;
+  }
+};
+__device__ __forceinline__ Div64 make_div64(int64_t d) { return Div64{d, __drcp_rn((double)d)}; }
+
 // The (h, w) of 4 consecutive pixels hw0 .. hw0 + 3 of a plane (rows may wrap).
 struct QuadPos {
   int64_t h[4], w[4];
 };
 
-__device__ __forceinline__ QuadPos quad_pos(int64_t hw0, int64_t W) {
+__device__ __forceinline__ QuadPos quad_pos(int64_t hw0, const Div64& W) {
   QuadPos q;
-  int64_t h = hw0 / W, w = hw0 - h * W;
+  int64_t h = W.div(hw0), w = hw0 - h * W.d;
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     q.h[l] = h;
     q.w[l] = w;
-    if (++w == W) {
+    if (++w == W.d) {
       w = 0;
       ++h;
     }
