@@ -36,7 +36,7 @@ typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef void* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize, cudaFuncAttributeNonPortableClusterSizeAllowed };
 // EMU_SM_COUNT: the SM count the planner sees (default 4; scripts/cuda_perf_model.py sets 132, sm_90).
 inline int emu_sm_count() { const char* e = getenv("EMU_SM_COUNT"); return e && atoi(e) > 0 ? atoi(e) : 4; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
