@@ -18,6 +18,7 @@
 #                       3x32x32 4x64x64 3x256x256, fp32 and bf16, every kind, no torch.compile)
 #   goals.txt, goals.json   the goal verdicts of that run (from its JSON; from its log if it was killed)
 #   sanitizer.log       compute-sanitizer memcheck on a subset (optional stage)
+#   racecheck.log       compute-sanitizer racecheck on two cases (optional; only with >= 150 s left)
 #   bench.log, bench-<gpu>.json/png   `anisodiff bench --device cuda --quick` (optional stage)
 #   suite.log           the rest of the suite (only with --suite or SUITE=1)
 # --dry-run: the whole flow on a machine without a GPU (tests/test_gpu_check.py): no build and no GPU
@@ -31,7 +32,7 @@
 # argument. The benchmarks run even after test failures.
 # Environment: PYTHON (python3), CUDA_ARCHS (90), BUDGET (480), SUITE=1 (= --suite), OPTIONAL=0
 # (= --no-optional), GOAL_ARGS (the goal benchmark's selection, see below), BENCH_ARGS (--quick),
-# stage limits T_BUILD / T_CUDA / T_GOALS / T_SAN / T_BENCH / T_SUITE (s; each stage also leaves the
+# stage limits T_BUILD / T_CUDA / T_GOALS / T_SAN / T_RACE / T_BENCH / T_SUITE (s; each stage also leaves the
 # time the stages after it need).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -261,6 +262,23 @@ else
       -k "$MEMCHECK_K"; then
     status=1
     note "SANITIZER REPORTED ERRORS (or timed out)"
+  fi
+fi
+
+# Shared-memory / DSMEM hazards of the fused (cluster) and two-pass kernels: racecheck is slow, two cases.
+RACE_K="(test_two_pass_path_matches_cpu and 2x3x7x9 and hdm) or (test_normalisation_and_radius and two_indep and cycles and per_sample and auto)"
+if [ "$OPTIONAL" != 1 ]; then
+  skip_stage racecheck "$OUT/racecheck.log" "--no-optional"
+elif [ "$DRY" = 0 ] && [ ! -x "$SAN" ]; then
+  skip_stage racecheck "$OUT/racecheck.log" "compute-sanitizer not found"
+elif [ "$(left)" -lt 150 ]; then
+  skip_stage racecheck "$OUT/racecheck.log" "$(left) s left"
+else
+  if ! PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage racecheck "$OUT/racecheck.log" "$(limit "${T_RACE:-60}" 90)" \
+      "$SAN" --tool racecheck --error-exitcode 7 "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+      -k "$RACE_K"; then
+    status=1
+    note "RACECHECK REPORTED HAZARDS (or timed out)"
   fi
 fi
 

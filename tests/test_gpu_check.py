@@ -14,7 +14,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 FILES = ["summary.txt", "build.log", "build_info.json", "test_cuda.log", "bench-goals.log", "goals.txt",
-         "goals.json", "sanitizer.log", "bench.log", "suite.log"]
+         "goals.json", "sanitizer.log", "racecheck.log", "bench.log", "suite.log"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -40,8 +40,8 @@ def test_dry_run_writes_every_file_and_the_verdict_summary(tmp_path):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     # the goal benchmark comes right after the CUDA tests, before the optional stages
-    order = [summary.index(f"stage {s}:") for s in ("build", "test_cuda", "bench_goals", "sanitizer", "bench",
-                                                    "suite")]
+    order = [summary.index(f"stage {s}:") for s in ("build", "test_cuda", "bench_goals", "sanitizer", "racecheck",
+                                                    "bench", "suite")]
     assert order == sorted(order), summary
     assert "goal verdicts" in summary
     assert "benchmark flags checked against anisodiff bench --help: ok" in summary
