@@ -842,10 +842,11 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
         ll = sass.get("loop_list", [])
         innermost = [l for l in ll if not any(o is not l and l[0] <= o[0] and o[1] <= l[1] for o in ll)]
         HP = max(16, 1 << (H - 1).bit_length())
-        inner = sum(n for _, _, n in innermost) * HP * C
+        planes = C if len(innermost) < 4 * C else 1  # >= 4 C innermost loops: the channel loop is unrolled
+        inner = sum(n for _, _, n in innermost) * HP * planes
         warp_instr = grid * comp["num_warps"] * (sass.get("total", 0) + inner)
         how = (f"{len(ll)} loops; {len(innermost)} innermost ({sum(n for _, _, n in innermost)} SASS) x {HP} "
-               f"iterations x {C} planes + the rest once")
+               f"iterations x {planes} (channel loop {'rolled' if planes > 1 else 'unrolled'}) + the rest once")
     mufu = warp_instr * cls.get("mufu", 0) / max(sass.get("total", 1), 1)
     t = launch_time(grid=grid, threads=threads, occ=occ, bytes_dram=ideal, bytes_read=elems * DTYPE_BYTES[dt],
                     warp_instr=warp_instr, mufu=mufu, fp64=0.0, wavefronts=0.0,
