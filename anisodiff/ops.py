@@ -23,7 +23,7 @@ from .op_support import register_compiled_ops
 from .plan import TARGET_CODES, kernel_args
 from .rng import check_offset, check_seed, stream_tensor
 from .schedule import VPSchedule, as_schedule
-from .spec import NoiseSpec
+from .spec import NoiseSpec, brief
 
 __all__ = ["white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance"]
 
@@ -45,7 +45,7 @@ def _check_sizes(shape, name: str = "shape") -> tuple[int, ...]:
     try:
         dims = tuple(operator.index(s) for s in shape)
     except TypeError:
-        raise TypeError(f"{name}: expected a sequence of ints, got {shape!r}") from None
+        raise TypeError(f"{name}: expected a sequence of ints, got {brief(shape)}") from None
     if any(s < 0 for s in dims):
         raise ValueError(f"{name}: sizes must be non-negative, got {list(dims)}")
     return dims
@@ -115,7 +115,7 @@ def _check_timesteps(timesteps, batch: int, num_rows: int, device: torch.device,
 
 def _check_target(target: str) -> int:
     if target not in TARGET_CODES:
-        raise ValueError(f"target: must be one of {list(TARGET_CODES)}, got {target!r}")
+        raise ValueError(f"target: must be one of {list(TARGET_CODES)}, got {brief(target)}")
     return TARGET_CODES[target]
 
 
@@ -179,7 +179,7 @@ def _num_rows(spec: NoiseSpec, schedule) -> int:
 # public API
 # ---------------------------------------------------------------------------------------------
 def white_noise(shape: Sequence[int], *, seed: int, offset: int = 0, device=None) -> torch.Tensor:
-    """The canonical white stream (DESIGN.md section 2), float32: element ``i`` of the row-major
+    """The canonical white stream (docs/design.md section 2), float32: element ``i`` of the row-major
     tensor is lane ``i & 3`` of Philox4x32-10 ``randn4x(seed, offset + (i >> 2))`` — Triton's
     ``tl.randn4x`` (identical Philox words; normals equal to within ~1e-6 float rounding).
 
@@ -353,8 +353,10 @@ def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedul
     schedule = as_schedule(_check_schedule(schedule, required=False))
     if timesteps is not None:
         t = torch.as_tensor(timesteps)
-        if t.is_floating_point():
-            raise TypeError(f"timesteps: expected integer timesteps, got {t.dtype}")
+        if t.dim() > 1:
+            raise ValueError(f"timesteps: expected a scalar or a 1-D tensor, got shape {tuple(t.shape)}")
+        # the same integer and range checks as the noise ops ([0, T) where the noise depends on t)
+        _check_timesteps(t, max(1, t.numel()), _num_rows(spec, schedule), torch.device("cpu"), False)
     elif spec.time_varying:
         raise ValueError("timesteps: required, the squeeze strength varies with t")
     return reference.covariance(spec, dims, timesteps, schedule)

@@ -1,9 +1,9 @@
 """The specification: every anisodiff op in plain PyTorch, written for clarity, not speed.
 
 Every kernel (C++ CPU, CUDA, Triton) is tested against these functions on the same noise stream.
-Formulas follow ../shared/DESIGN.md and the paper digests:
+Formulas follow docs/design.md and docs/papers.md:
 
-* noise stream: Philox4x32-10 exactly as Triton's ``tl.randn4x`` (DESIGN.md section 2);
+* noise stream: Philox4x32-10 exactly as Triton's ``tl.randn4x`` (docs/design.md section 2);
 * spatial part (SAGD): ``T_w eps = c Re(ifft2(w * fft2(eps)))`` on the unshifted fftfreq grid;
 * channel part (SDM/HDM): ``S(t) = I + sum_k (exp(-r_k) - 1) v_k v_k^T`` or the det-1 Heisenberg form;
 * forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n`` with ``n = A(t) eps``.
@@ -408,7 +408,7 @@ def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Sampling (DESIGN.md section 1, "Sampling")
+# 5. Sampling (docs/design.md section 1, "Sampling")
 #
 # S(t) = g(t) (I - V V^T) + sum_k f_k(t) v_k v_k^T has the same eigenbasis for every t, and the
 # spatial covariance Sigma_w is time-invariant, so the reverse process splits into one scalar DDPM
@@ -478,7 +478,7 @@ def ddpm_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
     their own). ``noise``: WHITE noise for the fresh draw (``[2, ...]`` for an independent two-band
     spec), ignored at the last step. Returns ``(x_prev, x0_hat)`` in ``sample``'s dtype.
 
-    ``mode="official"`` is the SDM code (research/sdm.md 4.2): isotropic DDPM posterior
+    ``mode="official"`` is the SDM code (docs/papers.md section 1.4): isotropic DDPM posterior
     coefficients, fresh noise ``sigma_t A(t) z``, x0_hat clipped in ``S(t)^-1`` coordinates.
     ``mode="exact"``: the exact Gaussian posterior of the time-varying marginal, per eigen-direction
     ``s_t = sqrt(1 - abar_t) lambda(t)``: ``delta = s_t^2 - alpha' s_prev^2``,

@@ -12,6 +12,7 @@ same noise for the same stream.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 
@@ -24,7 +25,7 @@ from .ops import _KERNEL_DTYPES, _check_noise, _library, add_noise, shaped_noise
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
-from .spec import NoiseSpec
+from .spec import NoiseSpec, check_format_version, read_json_file
 
 __all__ = ["AnisotropicNoise", "CONFIG_NAME", "fused_ddpm_step", "can_fuse_step", "step_op_args"]
 
@@ -90,6 +91,7 @@ class AnisotropicNoise:
         :mod:`anisodiff._autoselect`), or the float64 reference for other dtypes and devices;
         ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` force one.
         """
+        _check_step_tensors(model_output, sample)
         _check_step_timesteps(timestep, prev_timestep, self.num_train_timesteps)
         if backend == "reference":
             fused = None
@@ -109,6 +111,10 @@ class AnisotropicNoise:
                   prev_timestep=None, eta: float = 0.0, generator: torch.Generator | None = None,
                   clip_sample: bool = False, clip_range: float = 1.0):
         """One DDIM step (``eta = 0``: deterministic). Returns ``(prev_sample, pred_original_sample)``."""
+        _check_step_tensors(model_output, sample)
+        _check_step_timesteps(timestep, prev_timestep, self.num_train_timesteps)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
         noise = self._white(sample, generator) if eta > 0 else None
         return reference.ddim_step(model_output, timestep, sample, self.spec, self.schedule,
                                    prev_timestep=prev_timestep, eta=eta, noise=noise,
@@ -127,8 +133,7 @@ class AnisotropicNoise:
     def from_dict(cls, d: dict) -> "AnisotropicNoise":
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"noise config: expected an object with format {_FORMAT!r}")
-        if d.get("version", 1) > 1:
-            raise ValueError(f"noise config: version {d.get('version')} is newer than this anisodiff; upgrade")
+        check_format_version(d, "noise config", _FORMAT, 1)
         return cls(NoiseSpec.from_dict(d.get("spec")), VPSchedule.from_dict(d.get("schedule")))
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
@@ -142,12 +147,9 @@ class AnisotropicNoise:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "AnisotropicNoise":
+        """Read ``<directory>/anisodiff_noise.json`` (JSON only, at most ``MAX_JSON_BYTES``)."""
         path = os.path.join(directory, CONFIG_NAME)
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        d = read_json_file(path, "noise config")
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as exc:
@@ -184,6 +186,18 @@ def _required_step_backend(backend: str, model_output: torch.Tensor, sample: tor
     if model_output.device != sample.device:
         raise ValueError(f"model_output: is on {model_output.device} but sample is on {sample.device}")
     return backend
+
+
+def _check_step_tensors(model_output, sample) -> None:
+    """Floating-point tensors of one shape (integer ones would come back truncated)."""
+    for name, t in (("model_output", model_output), ("sample", sample)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output: expected the sample's shape {list(sample.shape)}, got "
+                         f"{list(model_output.shape)}")
 
 
 def _check_step_timesteps(timestep, prev_timestep, num_train_timesteps: int) -> None:

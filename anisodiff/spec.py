@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import reprlib
 from typing import Any, Sequence
 
 import torch
@@ -35,11 +36,60 @@ RADIUS_CONVENTIONS = ("cycles", "nyquist1", "rmax1")
 MIXTURE_MODES = ("shared", "independent")
 
 _ORTHONORMAL_TOL = 1e-5
+# A spec is kilobytes; a full SpectralTable at 1024 x 1024 is ~20 MB of JSON text. Files are read
+# up to this size and refused beyond it (reading /dev/zero must not exhaust memory).
+MAX_JSON_BYTES = 64 << 20
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 8
+
+
+def brief(value: Any) -> str:
+    """repr() for error messages, cut to ~100 characters: a message never echoes a huge argument."""
+    return _BRIEF.repr(value)
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """Parse a JSON file of at most ``max_bytes`` bytes. Every malformed input (too large, not
+    UTF-8, not JSON, nested too deeply) raises a ValueError naming the file; no code runs."""
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"{name}: {what}: larger than {max_bytes >> 20} MiB; not a {what} file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: {what}: not a UTF-8 JSON text file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: {what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{name}: {what}: JSON nested too deeply") from None
+
+
+def check_format_version(d: dict, where: str, fmt: str, newest: int) -> int:
+    """The ``version`` field of a saved object: a positive int no newer than ``newest``."""
+    if d.get("format", fmt) != fmt:
+        raise ValueError(f"{where}.format: expected {fmt!r}, got {brief(d.get('format'))}")
+    version = d.get("version", newest)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}.version: expected a positive integer, got {brief(version)}")
+    if version > newest:
+        raise ValueError(f"{where}.version: {version} is newer than this anisodiff understands "
+                         f"({newest}); upgrade anisodiff")
+    return version
 
 
 class _Immutable:
     """Specs are values: once built they never change, so everything derived from them (kernel
-    tables, compiled graphs) stays valid. Build a new one instead of editing."""
+    tables, compiled graphs, the cached JSON) stays valid. Build a new one instead of editing.
+
+    A spec owns private copies of the tensors it is given, and its tensor attributes (``axes``,
+    a tabulated ``schedule``, ``weights``) return fresh copies, so no mutation, of the caller's
+    tensor or of what the spec hands out, can make two backends see different specs."""
 
     def _seal(self) -> None:
         object.__setattr__(self, "_sealed", True)
@@ -68,17 +118,26 @@ def _finite_float(value: Any, name: str) -> float:
 
 def _choice(value: Any, name: str, options: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name}: must be one of {list(options)}, got {value!r}")
+        raise ValueError(f"{name}: must be one of {list(options)}, got {brief(value)}")
     return value
 
 
 def _as_float_tensor(value: Any, name: str, ndim: int) -> torch.Tensor:
+    """A private float64 CPU copy of ``value`` (never an alias of the caller's tensor)."""
     try:
-        if isinstance(value, (str, bytes)) or torch.as_tensor(value).dtype == torch.bool:
-            raise TypeError("strings and booleans are not numbers")
-        t = torch.as_tensor(value, dtype=torch.float64).detach().clone().cpu()
+        if isinstance(value, (str, bytes)):
+            raise TypeError("strings are not numbers")
+        raw = torch.as_tensor(value)
+        if raw.dtype == torch.bool:
+            raise TypeError("booleans are not numbers")
+        if raw.is_complex():
+            raise TypeError("complex values have no place here (the weights must be real)")
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to(device="cpu", dtype=torch.float64, copy=True)
+        else:  # lists/arrays straight to float64 (inferring first would round lists to float32)
+            t = torch.as_tensor(value, dtype=torch.float64).clone()
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name}: expected a {ndim}-D array of numbers ({exc})") from None
+        raise TypeError(f"{name}: expected a {ndim}-D array of real numbers ({brief(str(exc))})") from None
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -126,7 +185,7 @@ class Squeeze(_Immutable):
             if (rr.diagonal().abs() < 1e-12).any():
                 raise ValueError("axes: columns are linearly dependent, cannot orthonormalise")
             axes_t = q * torch.sign(rr.diagonal())
-        self.axes = axes_t
+        self._axes = axes_t
 
         if isinstance(strength, numbers.Real):
             strengths = [_finite_float(strength, "strength")] * k
@@ -146,18 +205,28 @@ class Squeeze(_Immutable):
             raise ValueError(f"variant: 'heisenberg' needs k < C to keep det S = 1 (got k={k}, C={C})")
 
         if isinstance(schedule, str):
-            self.schedule = _choice(schedule, "schedule", SQUEEZE_SCHEDULES)
+            self._schedule = _choice(schedule, "schedule", SQUEEZE_SCHEDULES)
         else:
-            self.schedule = _as_float_tensor(schedule, "schedule", 1)
+            self._schedule = _as_float_tensor(schedule, "schedule", 1)
         self._seal()
 
     @property
+    def axes(self) -> torch.Tensor:
+        """The ``[C, k]`` float64 axes (a copy: the spec's own cannot be changed)."""
+        return self._axes.clone()
+
+    @property
+    def schedule(self):
+        """The profile name, or a copy of the ``[T]`` float64 table."""
+        return self._schedule if isinstance(self._schedule, str) else self._schedule.clone()
+
+    @property
     def channels(self) -> int:
-        return self.axes.shape[0]
+        return self._axes.shape[0]
 
     @property
     def k(self) -> int:
-        return self.axes.shape[1]
+        return self._axes.shape[1]
 
     @property
     def is_identity(self) -> bool:
@@ -165,11 +234,11 @@ class Squeeze(_Immutable):
 
     @property
     def time_varying(self) -> bool:
-        return not (isinstance(self.schedule, str) and self.schedule == "constant")
+        return not (isinstance(self._schedule, str) and self._schedule == "constant")
 
     def to_dict(self) -> dict:
-        sched = self.schedule if isinstance(self.schedule, str) else self.schedule.tolist()
-        return {"axes": self.axes.tolist(), "strength": list(self.strength),
+        sched = self._schedule if isinstance(self._schedule, str) else self._schedule.tolist()
+        return {"axes": self._axes.tolist(), "strength": list(self.strength),
                 "variant": self.variant, "schedule": sched}
 
     @classmethod
@@ -181,7 +250,7 @@ class Squeeze(_Immutable):
         return cls(d["axes"], d["strength"], d.get("variant", "sdm"), d.get("schedule", "beta"))
 
     def __repr__(self) -> str:
-        sched = self.schedule if isinstance(self.schedule, str) else f"tensor[{self.schedule.numel()}]"
+        sched = self._schedule if isinstance(self._schedule, str) else f"tensor[{self._schedule.numel()}]"
         return (f"Squeeze(axes=[{self.channels}x{self.k}], strength={list(self.strength)}, "
                 f"variant={self.variant!r}, schedule={sched!r})")
 
@@ -215,7 +284,7 @@ def _band(pair, name: str) -> tuple[float, float]:
     try:
         a, b = pair
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected an (a, b) pair, got {pair!r}") from None
+        raise TypeError(f"{name}: expected an (a, b) pair, got {brief(pair)}") from None
     a = _finite_float(a, f"{name}[0]")
     b = _finite_float(b, f"{name}[1]")
     if a < 0 or a > b:
@@ -292,15 +361,20 @@ class SpectralTable(_Immutable):
             raise ValueError(
                 "weights: must be symmetric on the unshifted fftfreq grid, w[i, j] == "
                 "w[-i % H, -j % W]; symmetrise with 0.5 * (w + w(-f)) if that is what you want")
-        self.weights = w
+        self._weights = w
         self._seal()
 
     @property
+    def weights(self) -> torch.Tensor:
+        """The ``[H, W]`` float64 table (a copy: the spec's own cannot be changed)."""
+        return self._weights.clone()
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weights.shape)
+        return tuple(self._weights.shape)
 
     def to_dict(self) -> dict:
-        return {"type": self.kind, "weights": self.weights.tolist()}
+        return {"type": self.kind, "weights": self._weights.tolist()}
 
     def __repr__(self) -> str:
         return f"SpectralTable([{self.shape[0]}x{self.shape[1]}])"
@@ -314,19 +388,18 @@ def _spectral_from_dict(d: dict):
         raise ValueError("spectral: expected an object with a 'type' field")
     kind = d["type"]
     if not isinstance(kind, str) or kind not in _SPECTRAL_TYPES:
-        raise ValueError(f"spectral.type: must be one of {list(_SPECTRAL_TYPES)}, got {kind!r}")
+        raise ValueError(f"spectral.type: must be one of {list(_SPECTRAL_TYPES)}, got {brief(kind)}")
     args = {k: v for k, v in d.items() if k != "type"}
-    if kind == "power_law":
-        _check_keys(args, "spectral", {"alpha", "eps"})
-        return PowerLaw(**args)
-    if kind == "band":
-        _check_keys(args, "spectral", {"a", "b"})
-        return Band(**args)
-    if kind == "two_band":
-        _check_keys(args, "spectral", {"gamma_low", "low", "gamma_high", "high", "mixture"})
-        return TwoBand(**args)
-    _check_keys(args, "spectral", {"weights"})
-    return SpectralTable(**args)
+    fields = {"power_law": ({"alpha"}, {"eps"}), "band": ({"a", "b"}, set()),
+              "two_band": ({"gamma_low", "low", "gamma_high", "high"}, {"mixture"}),
+              "table": ({"weights"}, set())}
+    required, optional = fields[kind]
+    _check_keys(args, "spectral", required | optional)
+    missing = sorted(required - set(args))
+    if missing:
+        raise ValueError(f"spectral.{missing[0]}: missing (a {kind!r} spectral part needs "
+                         f"{sorted(required)})")
+    return _SPECTRAL_TYPES[kind](**args)
 
 
 def _check_keys(d: dict, where: str, allowed: set) -> None:
@@ -334,7 +407,7 @@ def _check_keys(d: dict, where: str, allowed: set) -> None:
         raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
     unknown = set(d) - allowed
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+        raise ValueError(f"{where}: unknown field(s) {brief(sorted(map(str, unknown)))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,14 +468,7 @@ class NoiseSpec(_Immutable):
     def from_dict(cls, d: dict) -> "NoiseSpec":
         if not isinstance(d, dict):
             raise ValueError(f"spec: expected a JSON object, got {type(d).__name__}")
-        if d.get("format", SPEC_FORMAT) != SPEC_FORMAT:
-            raise ValueError(f"spec.format: expected {SPEC_FORMAT!r}, got {d.get('format')!r}")
-        version = d.get("version", SPEC_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"spec.version: expected a positive integer, got {version!r}")
-        if version > SPEC_VERSION:
-            raise ValueError(f"spec.version: {version} is newer than this anisodiff understands "
-                             f"({SPEC_VERSION}); upgrade anisodiff")
+        check_format_version(d, "spec", SPEC_FORMAT, SPEC_VERSION)
         _check_keys(d, "spec", {"format", "version", "squeeze", "spectral", "normalize", "radius"})
         squeeze = None if d.get("squeeze") is None else Squeeze.from_dict(d["squeeze"])
         spectral = None if d.get("spectral") is None else _spectral_from_dict(d["spectral"])
@@ -435,13 +501,11 @@ class NoiseSpec(_Immutable):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NoiseSpec":
-        """Read a spec written by :meth:`save`. Only JSON is parsed; no code runs."""
-        with open(path, "rb") as f:
-            raw = f.read()
+        """Read a spec written by :meth:`save` (at most ``MAX_JSON_BYTES``). Only JSON is parsed;
+        no code runs."""
+        d = read_json_file(path, "spec")
         try:
-            return cls.from_json(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ValueError(f"{os.fspath(path)}: spec: not a JSON text file") from None
+            return cls.from_dict(d)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{os.fspath(path)}: {exc}") from None
 

@@ -500,7 +500,7 @@ def test_radius_grid_is_unshifted_fftfreq():
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. radius conventions: bin counts at 32 x 32 (sagd.md section 2.4)
+# 6. radius conventions: bin counts at 32 x 32 (docs/papers.md section 2.4)
 # ---------------------------------------------------------------------------------------------
 BANDS = [(round(0.1 * i, 1), round(0.1 * (i + 1), 1)) for i in range(1, 9)]
 BIN_COUNTS = {

@@ -180,7 +180,7 @@ def _ddpm_coefficients(schedule, t, prev):
 
 @pytest.mark.parametrize("t,prev", [(999, 998), (500, 480), (20, 0), (0, -1)])
 def test_official_step_is_the_sdm_code(t, prev, schedule):
-    """research/sdm.md 4.2: map to S^-1 coordinates, standard DDPM step with white z (clip on),
+    """docs/papers.md section 1.4: map to S^-1 coordinates, standard DDPM step with white z (clip on),
     map back with S. Here with clipping active."""
     spec = SPECS["sdm_squeeze"]()
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
 """NoiseSpec and its building blocks: JSON round-trips and validation with clear errors."""
+import os
 import json
 
 import pytest
@@ -355,3 +356,100 @@ def test_nonempty_band_on_same_grid_draws():
     sign = (-1.0) ** (torch.arange(32)[:, None] + torch.arange(32)[None, :])
     ratio = x[0, 0] / (x[0, 0, 0, 0] * sign)
     torch.testing.assert_close(ratio, torch.ones(32, 32), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs own their tensors (issue 12 item 2)
+# ---------------------------------------------------------------------------------------------
+def test_spec_tensors_cannot_be_changed_from_outside(schedule):
+    """Mutating the caller's tensors, or the tensors a spec hands out, changes nothing: the cpu
+    kernel (which caches the lowering by the spec's JSON) and the reference still agree, and the
+    spec still equals a fresh copy of itself. Before, ``spec.squeeze.axes[...] = ...`` changed what
+    the reference saw while the kernel kept the old lowering (relative difference 0.86)."""
+    axes = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
+    sched_table = torch.linspace(0, 1, 1000, dtype=torch.float64)
+    table = torch.ones(4, 4, dtype=torch.float64)
+    spec = ad.NoiseSpec(ad.Squeeze(axes, -0.4, schedule=sched_table), ad.SpectralTable(table))
+    frozen = spec.to_json()
+    t = torch.tensor([500])
+    before = ad.shaped_noise((1, 3, 4, 4), spec, timesteps=t, seed=0, backend="reference")
+    for tensor in (axes, sched_table, table, spec.squeeze.axes, spec.squeeze.schedule,
+                   spec.spectral.weights):
+        tensor.mul_(-3.0).add_(0.5)
+    assert spec.to_json() == frozen and spec == ad.NoiseSpec.from_json(frozen)
+    assert torch.equal(spec.squeeze.axes, torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64))
+    ref = ad.shaped_noise((1, 3, 4, 4), spec, timesteps=t, seed=0, backend="reference")
+    assert torch.equal(ref, before)
+    if ad.build_info().get("cpu"):
+        cpu = ad.shaped_noise((1, 3, 4, 4), spec, timesteps=t, seed=0, backend="cpu")
+        torch.testing.assert_close(cpu, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_spec_tensor_attributes_are_copies_of_the_right_values():
+    axes = torch.tensor([[0.6], [0.8]], dtype=torch.float32)
+    sq = ad.Squeeze(axes, 0.3)
+    assert sq.axes.dtype == torch.float64 and torch.allclose(sq.axes, axes.double())
+    assert sq.axes.data_ptr() != sq.axes.data_ptr()  # a fresh copy every time
+    assert sq.channels == 2 and sq.k == 1 and sq.schedule == "beta"
+    w = ad.SpectralTable(torch.ones(3, 3)).weights
+    assert torch.equal(w, torch.ones(3, 3, dtype=torch.float64))
+    with pytest.raises(AttributeError, match="immutable"):
+        sq.axes = axes
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded reads and the kind of error (issue 12 items 7 and 8)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_load_and_from_pretrained_read_a_bounded_amount(tmp_path):
+    with pytest.raises(ValueError, match=r"/dev/zero: spec: larger than 64 MiB"):
+        ad.NoiseSpec.load("/dev/zero")
+    (tmp_path / "anisodiff_noise.json").symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match=r"noise config: larger than 64 MiB"):
+        ad.AnisotropicNoise.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe\x00 not utf-8", "not a UTF-8 JSON text file"),
+    (b'{"format": "anisodiff.AnisotropicNoise", "version": "2"}', r"version: expected a positive integer, got '2'"),
+    (b'{"format": "anisodiff.AnisotropicNoise", "version": 7}', "newer than this anisodiff"),
+    (b"{not json", "not valid JSON"),
+])
+def test_from_pretrained_malformed_files_raise_value_error(tmp_path, content, match):
+    (tmp_path / "anisodiff_noise.json").write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        ad.AnisotropicNoise.from_pretrained(tmp_path)
+    (tmp_path / "spec.json").write_bytes(content)
+    if b"AnisotropicNoise" not in content:
+        with pytest.raises(ValueError, match=match):
+            ad.NoiseSpec.load(tmp_path / "spec.json")
+
+
+@pytest.mark.parametrize("spectral,match", [
+    ({"type": "power_law"}, r"spectral\.alpha: missing"),
+    ({"type": "band", "a": 0.1}, r"spectral\.b: missing"),
+    ({"type": "two_band", "gamma_low": 1, "low": [0, 0.2], "gamma_high": 1}, r"spectral\.high: missing"),
+    ({"type": "table"}, r"spectral\.weights: missing"),
+])
+def test_from_dict_missing_spectral_fields_name_the_field(spectral, match):
+    with pytest.raises(ValueError, match=match):
+        ad.NoiseSpec.from_dict({"spectral": spectral})
+
+
+def test_complex_spectral_table_is_refused():
+    with pytest.raises(TypeError, match="weights: .*real numbers.*complex"):
+        ad.SpectralTable(torch.ones(4, 4, dtype=torch.complex64))
+
+
+def test_error_messages_do_not_echo_huge_arguments():
+    huge = "x" * 10_000_000
+    for make in (lambda: ad.NoiseSpec(normalize=huge), lambda: ad.NoiseSpec(radius=huge),
+                 lambda: ad.Squeeze(torch.eye(3)[:, :1], variant=huge),
+                 lambda: ad.NoiseSpec.from_dict({"spectral": {"type": huge}}),
+                 lambda: ad.NoiseSpec.from_dict({"version": huge}),
+                 lambda: ad.NoiseSpec.from_dict({huge: 1}),
+                 lambda: ad.Band(*[huge, 1])):
+        with pytest.raises((ValueError, TypeError)) as info:
+            make()
+        assert len(str(info.value)) < 400, str(info.value)[:200]

@@ -1,4 +1,4 @@
-"""The canonical white-noise stream (DESIGN.md section 2): Philox4x32-10 exactly as Triton's
+"""The canonical white-noise stream (docs/design.md section 2): Philox4x32-10 exactly as Triton's
 ``tl.randn4x``; element i is lane ``i & 3`` of ``randn4x(seed, offset + (i >> 2))``."""
 import os
 

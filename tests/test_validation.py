@@ -248,3 +248,92 @@ def test_specs_are_immutable():
         spec.normalize = "none"
     with pytest.raises(AttributeError, match="PowerLaw is immutable"):
         spec.spectral.alpha = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw ops with a tensor on another device (issue 12 item 1)
+# ---------------------------------------------------------------------------------------------
+def _raw_args(schedule):
+    from anisodiff.plan import kernel_args
+    spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4), ad.PowerLaw(-0.2))
+    a = kernel_args(spec, schedule, 3, 8, 8, "cpu")
+    return {"x0": torch.randn(2, 3, 8, 8), "timesteps": torch.tensor([1, 2]), "coef": a.coef,
+            "axes": a.axes, "weights": a.weights, "stream": torch.tensor([1, 0]),
+            "noise": torch.randn(1, 2, 3, 8, 8), "model_output": torch.randn(2, 3, 8, 8),
+            "params": torch.zeros(2, 2 + 4 * 2)}, list(a.gammas)
+
+
+def _call_raw(op, kw, gammas):
+    lib = torch.ops.anisodiff
+    if op == "add_noise":
+        return lib.add_noise(kw["x0"], kw["timesteps"], kw["coef"], kw["axes"], kw["weights"], gammas,
+                             0, 0, 0, kw["stream"], kw["noise"])
+    if op == "shaped_noise":
+        return lib.shaped_noise([2, 3, 8, 8], kw["timesteps"], kw["coef"], kw["axes"], kw["weights"],
+                                gammas, 0, 0, kw["stream"], kw["noise"], torch.float32)
+    return lib.ddpm_step(kw["x0"], kw["model_output"], kw["params"], kw["axes"], kw["weights"], gammas, 0,
+                         0, 1.0, kw["stream"], kw["noise"])
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled CPU ops not built")
+@pytest.mark.parametrize("op,moved", [
+    ("add_noise", "weights"), ("add_noise", "stream"), ("add_noise", "coef"), ("add_noise", "timesteps"),
+    ("add_noise", "axes"), ("add_noise", "noise"), ("add_noise", "x0"),
+    ("shaped_noise", "weights"), ("shaped_noise", "timesteps"), ("shaped_noise", "stream"),
+    ("ddpm_step", "weights"), ("ddpm_step", "model_output"), ("ddpm_step", "axes"),
+])
+def test_raw_ops_with_one_tensor_on_meta_raise(schedule, op, moved):
+    """One tensor on meta sends the call to the fake kernel; it used to return an uninitialised
+    CPU tensor (values up to 1e32) as if it were the result. Now a ValueError names the tensor."""
+    kw, gammas = _raw_args(schedule)
+    kw[moved] = kw[moved].to("meta")
+    named = {"x0": "timesteps" if op != "ddpm_step" else "model_output"}.get(moved, moved)
+    with pytest.raises(ValueError, match=rf"^{named}: is on (meta|cpu)"):
+        _call_raw(op, kw, gammas)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled CPU ops not built")
+@pytest.mark.parametrize("op", ["add_noise", "shaped_noise", "ddpm_step"])
+def test_raw_ops_all_on_meta_give_meta_results(schedule, op):
+    kw, gammas = _raw_args(schedule)
+    kw = {k: v.to("meta") for k, v in kw.items()}
+    out = _call_raw(op, kw, gammas)
+    for t in (out if isinstance(out, tuple) else (out,)):
+        assert t.device.type == "meta" and t.shape == (2, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kind of error (issue 12 item 8)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("timesteps,error,match", [
+    ([5000], ValueError, r"timesteps: values must lie in \[0, 1000\)"),
+    ([-1], ValueError, r"timesteps: values must lie in \[0, 1000\)"),
+    ([[1, 2]], ValueError, "timesteps: expected a scalar or a 1-D tensor"),
+    ([True], TypeError, "timesteps: expected integer timesteps"),
+    (torch.tensor([1.5]), TypeError, "timesteps: expected integer timesteps"),
+])
+def test_covariance_timesteps_are_checked(schedule, timesteps, error, match):
+    spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4))
+    with pytest.raises(error, match=match):
+        ad.covariance(spec, (3, 2, 2), timesteps=timesteps, schedule=schedule)
+    # the valid edges still work, and t = 999 is not t = -1's silent wrap-around
+    last = ad.covariance(spec, (3, 2, 2), timesteps=[999], schedule=schedule)
+    first = ad.covariance(spec, (3, 2, 2), timesteps=[0], schedule=schedule)
+    assert last.shape == (1, 12, 12) and not torch.allclose(last, first)
+
+
+def test_sampler_steps_refuse_integer_tensors_and_bad_eta(schedule):
+    noise = ad.AnisotropicNoise(ad.NoiseSpec(ad.Squeeze(random_axes(3, 1), -0.4)), schedule)
+    ints = torch.ones(1, 3, 4, 4, dtype=torch.int64)
+    floats = torch.ones(1, 3, 4, 4)
+    with pytest.raises(TypeError, match="model_output: expected a floating-point tensor"):
+        noise.ddpm_step(ints, 5, floats)
+    with pytest.raises(TypeError, match="sample: expected a floating-point tensor"):
+        noise.ddpm_step(floats, 5, ints)
+    with pytest.raises(TypeError, match="model_output: expected a floating-point tensor"):
+        noise.ddim_step(ints, 5, floats)
+    for eta in (float("nan"), float("inf"), -0.1, "1"):
+        with pytest.raises(ValueError, match="eta: expected a finite number >= 0"):
+            noise.ddim_step(floats, 5, floats, eta=eta)
+    x, x0 = noise.ddim_step(floats, 5, floats, eta=0.5, generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -1,4 +1,4 @@
-// The canonical noise stream (DESIGN.md section 2): Philox4x32-10 + Box-Muller as in Triton's
+// The canonical noise stream (docs/design.md section 2): Philox4x32-10 + Box-Muller as in Triton's
 // tl.randn4x (identical Philox words; the normals agree to ~1e-6, log/sincos rounding differs).
 // Element i of a contiguous [B, C, H, W] tensor is lane (i & 3) of randn4x(seed, offset + (i >> 2));
 // the 64-bit counter fills words 0 (low) and 1 (high), word 2 holds the draw index (0 for the
