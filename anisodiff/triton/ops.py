@@ -99,8 +99,9 @@ def _dft_block() -> int:
     each step is a numpy call, 16x fewer of them); 0 / -1, the DFT as 12 matrix products per plane
     (tl.dot, input_precision "tf32x3" on tensor cores / "ieee" FMAs). A GPU keeps the loops: sm_90
     ptxas (triton 3.6, 8 warps, maxnreg 255) spills the tl.dot version, whose operands and accumulators
-    live in registers next to the [CP, HP, WP] sample - 768 B of stack per thread at 4 x 32 x 32,
-    2296-2696 B at 64 x 64 (scripts/cuda_perf_model.py reports both)."""
+    live in registers next to the [CP, HP, WP] sample: stack per thread (cuobjdump -res-usage; 32 B is the
+    fixed frame) 752 B at 4 x 32 x 32 (ieee: 536 B), 656 B at 1 x 32 x 32, 2296-2696 B at 64 x 64; only
+    16 x 16 planes fit (4 warps: 0-32 B). scripts/cuda_perf_model.py reports both designs."""
     return 16 if interpreted() else 1
 
 
