@@ -271,7 +271,7 @@ def parse_line_info(text: str) -> dict:
 
 
 def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | None = None,
-                          hi: int | None = None, per: float | None = None) -> dict:
+                          hi: int | None = None, per: float | None = None, by_line: dict | None = None) -> dict:
     """Counts by class of the SASS instructions in [lo, hi] weighted by how often their source line ran
     in the emulator. ``executed``: {"csrc/file:line": executions} (or a set: executed or not; None: all
     count 1). ``per``: the executions of the loop (its closing branch's line): an instruction counts
@@ -291,6 +291,8 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
         c = sass_class(op)
         cls[c] = cls.get(c, 0) + w
         cls["total"] += w
+        if by_line is not None:
+            by_line[where or "?"] = by_line.get(where or "?", 0) + w
     return cls
 
 
@@ -791,7 +793,10 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
             per = None
             if ml and executed:  # iterations of the grid-stride loop: the line of its closing branch
                 per = executed.get(line_of.get(ml["end"], ""), 0) or None
-            bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per) if ml else cls
+            by_line: dict = {}
+            bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per, by_line) if ml else cls
+            info["hot_source_lines"] = [{"line": k, "sass_per_item": round(v, 1)}
+                                        for k, v in sorted(by_line.items(), key=lambda kv: -kv[1])[:10]]
             body = bcls["total"]
             warp_instr = items / 32 * body
             mufu = items / 32 * bcls.get("mufu", 0)
@@ -867,7 +872,8 @@ def goal_verdicts(cases: list[dict]) -> list[dict]:
 
     def add(goal, case_list, ok, worst):
         out.append({"goal": goal, "cases": len(case_list), "met": sum(ok(c) for c in case_list),
-                    "verdict": "PREDICTED MET" if case_list and all(ok(c) for c in case_list) else "PREDICTED NOT MET",
+                    "verdict": ("PREDICTED n/a (no case in the grid)" if not case_list else
+                                "PREDICTED MET" if all(ok(c) for c in case_list) else "PREDICTED NOT MET"),
                     "worst": worst(case_list) if case_list else None})
 
     def cid(c):
