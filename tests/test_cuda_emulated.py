@@ -137,12 +137,12 @@ def test_spectral(emu, order, schedule, monkeypatch, path, shape, kind, k, norma
 
 CLUSTERED = [  # (shape, kind, k, normalize): the fused path with every cluster size R (slabs of H / R rows)
     ((2, 3, 16, 16), "hdm+pl_neg", 2, "calibrated"),
-    ((1, 5, 8, 16), "sdm+two_indep", 1, "per_sample"),  # odd C, two draws, cluster statistics
-    ((2, 2, 24, 8), "band", 1, "per_sample"),           # radix 3 columns, W / R = 1 at R = 8
+    ((1, 5, 16, 16), "sdm+two_indep", 1, "per_sample"),  # odd C, two draws, cluster statistics
+    ((2, 2, 48, 16), "band", 1, "per_sample"),          # radix 3 columns, W / R = 1 at R = 16
 ]
 
 
-@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("shape,kind,k,normalize", CLUSTERED,
                          ids=[f"{c[1]}-{c[3]}-{'x'.join(map(str, c[0]))}" for c in CLUSTERED])
 def test_fused_cluster_sizes(emu, order, schedule, monkeypatch, cluster, shape, kind, k, normalize):
@@ -173,7 +173,7 @@ def test_cluster_size_does_not_change_a_bit(emu, schedule, monkeypatch, shape, k
     common = kernel_common(make_spec(kind, shape[1], k=2, normalize=normalize), shape, schedule, [999, 3])
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(8))
     outs = []
-    for cluster in (1, 2, 4, 8):
+    for cluster in (1, 2, 4, 8, 16):
         monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", str(cluster))
         outs.append(emu.add_noise(x0, *common, 2, STREAM, None))
         assert emu.last_plan()[0] == "fused"
@@ -232,11 +232,12 @@ def test_dc_bin_outside_the_fft(emu, order, schedule, monkeypatch, path, dc):
 
 
 def test_two_pass_natural(emu, schedule, monkeypatch):
-    """10 x 128 x 128 does not fit in the shared memory of an 8-block cluster: two-pass without forcing it."""
+    """130 = 2 x 5 x 13 allows clusters of 2 blocks at most: 65 rows of 4 planes do not fit in shared
+    memory, so the plane goes two-pass without forcing it."""
     monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
     monkeypatch.setenv("EMU_ORDER", "mix")
-    shape = (1, 10, 128, 128)
-    common = kernel_common(make_spec("hdm+pl_neg", 10, k=2), shape, schedule, [400])
+    shape = (1, 4, 130, 130)
+    common = kernel_common(make_spec("hdm+pl_neg", 4, k=2), shape, schedule, [400])
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     run_add_noise(emu, x0, common, 1)
     expect_path(emu, "two_pass")

@@ -857,7 +857,8 @@ constexpr int kFusedMinBlocks = 8;  // __launch_bounds__: at most 64 registers p
 __host__ __device__ constexpr int fused_min_blocks(int ka, bool step) {
   return step ? (ka > 2 ? 2 : 4) : kFusedMinBlocks;
 }
-constexpr int kMaxCluster = 8;      // portable cluster size
+constexpr int kMaxPortableCluster = 8;
+constexpr int kMaxCluster = 16;  // sm_90's non-portable limit: only when 8 blocks would leave < 2 per SM
 
 // Geometry and shared-memory layout of a spectral launch (computed on the host, read by the kernels).
 struct SpectralGeom {

@@ -96,9 +96,10 @@ SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
 // Cluster sizes the fused path may take for an H x W plane: R <= 8 dividing H and W with at least one
 // pixel per thread in a slab (R = 1 always). The sample's result is bit for bit the same for every R
 // (row transforms, column transforms and the sums' order do not depend on it; see sample_sums), so
-// the planner picks R from the batch: the smallest R that gives kFusedTargetBlocksPerSm blocks per SM,
-// else the largest. ANISODIFF_CUDA_CLUSTER=R forces R (tests) when it is a valid size.
+// the planner picks R from the batch: the smallest R that gives kFusedTargetBlocksPerSm blocks per SM
+// for the grid and whose shared memory lets that many be resident, else the largest that fits. ANISODIFF_CUDA_CLUSTER=R forces R (tests) when it is a valid size.
 constexpr int kFusedTargetBlocksPerSm = 4;
+constexpr int kSmemPerSm = 228 * 1024;  // sm_90 (1 KiB of it reserved per block)
 
 bool cluster_ok(int r, int64_t H, int64_t W) {
   return r == 1 || (r <= kMaxCluster && H % r == 0 && W % r == 0 && H * W / r >= kFusedThreads);
@@ -209,11 +210,17 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     const int forced = fused_cluster_forced(H, W);
     const int64_t target = (int64_t)kFusedTargetBlocksPerSm * (sms > 0 ? sms : 1);
     int best = 0;
+    // 16-block clusters (non-portable) only where 8 would leave fewer than kFusedTargetBlocksPerSm blocks
+    // per SM by shared memory (16 x 64 x 64, 4 x 128 x 128 and up), never just to fill the GPU.
+    const size_t smem8 = cluster_ok(8, H, W) ? geometry(p, 0, 8).smem : 0;
+    const bool allow16 = smem8 > 0 && kSmemPerSm / (smem8 + 1024) < (size_t)kFusedTargetBlocksPerSm;
     for (int R = 1; R <= kMaxCluster; R *= 2) {
-      if (forced != 0 ? R != forced : !cluster_ok(R, H, W)) continue;
-      if (geometry(p, 0, R).smem > plan.smem_limit || p.batch * R > (int64_t)INT_MAX) continue;
+      if (forced != 0 ? R != forced : (!cluster_ok(R, H, W) || (R > kMaxPortableCluster && !allow16))) continue;
+      const size_t smem = geometry(p, 0, R).smem;
+      if (smem > plan.smem_limit || p.batch * R > (int64_t)INT_MAX) continue;
       best = R;
-      if (p.batch * R >= target) break;
+      const int per_sm = (int)(kSmemPerSm / (smem + 1024));
+      if (p.batch * R >= target && per_sm >= kFusedTargetBlocksPerSm) break;
     }
     if (best > 0) {
       const SpectralGeom g = geometry(p, 0, best);

@@ -353,8 +353,12 @@ cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
 // A cluster launch (cudaLaunchKernelEx with a cluster dimension) when R > 1.
 template <int KA, bool kStep>
 cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
-  const cudaError_t err = allow_smem(fused_spectral<KA, kStep>, g.smem, smem_cap);
+  cudaError_t err = allow_smem(fused_spectral<KA, kStep>, g.smem, smem_cap);
   if (err != cudaSuccess) return err;
+  if (g.R > kMaxPortableCluster) {
+    err = cudaFuncSetAttribute(fused_spectral<KA, kStep>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)(p.batch * g.R), 1, 1);
   cfg.blockDim = dim3(kFusedThreads, 1, 1);
