@@ -292,6 +292,24 @@ def test_ddpm_step(emu, order, schedule, name, mode, clip, t):
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)  # x0 estimate: 1/sqrt(ab) gain
 
 
+@pytest.mark.parametrize("cluster", [2, 8])
+def test_ddpm_step_clustered(emu, order, schedule, monkeypatch, cluster):
+    """The step epilogue on slabs of a cluster (per-sample normalisation summed over the cluster)."""
+    from test_cuda import step_args
+
+    monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", str(cluster))
+    spec = STEP_SPECS["two_indep_ps"][0](3)
+    shape = (2, 3, 16, 8)
+    args = step_args(spec, schedule, 5, -1, "exact", shape, "cpu", False)
+    g = torch.Generator().manual_seed(12)
+    x, e = 1.5 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    a = emu.ddpm_step(x, e, *args, STREAM, None)
+    b = torch.ops.anisodiff.ddpm_step(x, e, *args, STREAM, None)
+    expect_path(emu, "fused")
+    check_pair(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
 # -- the emulator itself ------------------------------------------------------------------------------
 def test_emulator_catches_missing_barrier(emu, monkeypatch):
     """Shared memory starts as NaN, threads run to the next barrier one after another: a read that is
