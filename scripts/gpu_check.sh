@@ -14,8 +14,8 @@
 #   summary.txt         stages (status, seconds), the goal verdicts, the final status
 #   build.log, build_info.json (anisodiff.build_info(), GPU, torch CUDA, git commit, cuda_plan of goal cases)
 #   test_cuda.log       tests/test_cuda.py
-#   bench-goals.log, bench-goals-<gpu>.json   `anisodiff bench` of the goal cases (add_noise, B=64,
-#                       3x32x32 4x64x64 3x256x256, fp32 and bf16, every kind, no torch.compile)
+#   bench-goals-<shape>.log, bench-goals-<shape>-<gpu>.json   `anisodiff bench` of the goal cases, one run
+#                       per shape (a killed run loses one shape, not all) (add_noise, B=64, 3x32x32 4x64x64 3x256x256, fp32 and bf16, every kind, no torch.compile)
 #   goals.txt, goals.json   the goal verdicts of that run (from its JSON; from its log if it was killed)
 #   sanitizer.log       compute-sanitizer memcheck on a subset (optional stage)
 #   racecheck.log       compute-sanitizer racecheck on two cases (optional; only with >= 150 s left)
@@ -61,7 +61,8 @@ START=$(date +%s)
 status=0
 STAGE=start
 SUMMARY="$OUT/summary.txt"
-GOAL_ARGS=${GOAL_ARGS:---ops add_noise --batch 64 --shapes 3x32x32 4x64x64 3x256x256 --dtypes fp32 bf16 --no-compile --repeats 7 --min-repeats 3 --block-ms 2 --group-s 0.1 --max-group-s 0.5 --warmup 0.005 --copy-mib 1024}
+GOAL_ARGS=${GOAL_ARGS:---ops add_noise --batch 64 --dtypes fp32 bf16 --no-compile --repeats 7 --min-repeats 3 --block-ms 2 --group-s 0.1 --max-group-s 0.5 --warmup 0.005 --copy-mib 1024}
+GOAL_SHAPES=${GOAL_SHAPES:-3x32x32 4x64x64 3x256x256}  # spectral goal shapes first; 3x256x256: >= 32 MB per tensor
 BENCH_ARGS=${BENCH_ARGS:---quick}
 elapsed() { echo $(($(date +%s) - START)); }
 note() { echo "[gpu_check $(elapsed)s] $*"; }
@@ -189,14 +190,21 @@ fi
 [ "$DRY" = 0 ] && tail -15 "$OUT/test_cuda.log"
 
 # --- the goal benchmark: right after the correctness tests, before anything optional --------------
-GOAL_JSON="$OUT/bench-goals-$DEVNAME.json"
-# shellcheck disable=SC2086
-run_stage bench_goals "$OUT/bench-goals.log" "$(limit "${T_GOALS:-180}" 10)" \
-  "$PY" -m anisodiff.cli bench --device cuda $GOAL_ARGS --json "$GOAL_JSON" --no-plot \
-  || note "goal benchmark failed or timed out (see $OUT/bench-goals.log)"
+n_shapes=$(wc -w <<<"$GOAL_SHAPES")
+i=0
+for shape in $GOAL_SHAPES; do
+  i=$((i + 1))
+  # this shape's share of what is left of T_GOALS (180 s in all), keeping 10 s for the rest
+  share=$(( (${T_GOALS:-180} - ($(date +%s) - ${GOALS_T0:=$(date +%s)})) / (n_shapes - i + 1) ))
+  [ "$share" -lt 20 ] && share=20
+  # shellcheck disable=SC2086
+  run_stage "bench_goals_$shape" "$OUT/bench-goals-$shape.log" "$(limit "$share" 10)" \
+    "$PY" -m anisodiff.cli bench --device cuda $GOAL_ARGS --shapes "$shape" --json "$OUT/bench-goals-$shape-$DEVNAME.json" \
+    --no-plot || note "goal benchmark $shape failed or timed out (see $OUT/bench-goals-$shape.log)"
+done
 if [ "$DRY" = 1 ]; then  # the benchmark's flags must exist: check them against its --help
   # shellcheck disable=SC2086
-  flags=$(printf '%s\n' $GOAL_ARGS $BENCH_ARGS --device --json --no-plot --plot | grep -E '^--' | sort -u)
+  flags=$(printf '%s\n' $GOAL_ARGS $BENCH_ARGS --device --json --no-plot --plot --shapes | grep -E '^--' | sort -u)
   if ! help=$("$PY" -m anisodiff.cli bench --help 2>&1); then
     status=1
     record "dry-run: 'anisodiff bench --help' FAILED: $(tail -1 <<<"$help")"
@@ -209,16 +217,18 @@ if [ "$DRY" = 1 ]; then  # the benchmark's flags must exist: check them against 
   fi
 fi
 STAGE=goals
-"$PY" - "$GOAL_JSON" "$OUT/bench-goals.log" "$OUT/goals.json" >"$OUT/goals.txt" 2>&1 <<'EOF'
-# The goal verdicts of the goal benchmark, from its JSON (backend_goals), or from its log when the
-# JSON is missing (a killed run): plain json, no anisodiff import (the bench modules may move).
+"$PY" - "$OUT" "$DEVNAME" "$OUT/goals.json" $GOAL_SHAPES >"$OUT/goals.txt" 2>&1 <<'EOF'
+# The goal verdicts of the goal benchmark, from its JSONs (backend_goals, every shape's run), or from
+# its logs when no JSON was written (killed runs): plain json, no anisodiff import (the bench modules
+# may move).
 import json, pathlib, sys
-js, log, out = map(pathlib.Path, sys.argv[1:4])
-record = {"source": None, "goals": [], "lines": []}
-if js.exists():
-    rep = json.loads(js.read_text())
-    record["source"] = str(js)
-    goals = rep.get("backend_goals", [])
+outdir, dev, out, shapes = pathlib.Path(sys.argv[1]), sys.argv[2], pathlib.Path(sys.argv[3]), sys.argv[4:]
+jsons = [outdir / f"bench-goals-{s}-{dev}.json" for s in shapes]
+logs = [outdir / f"bench-goals-{s}.log" for s in shapes]
+record = {"source": None, "goals": [], "lines": [], "missing": [str(j) for j in jsons if not j.exists()]}
+if any(j.exists() for j in jsons):
+    record["source"] = ", ".join(str(j) for j in jsons if j.exists())
+    goals = [g for j in jsons if j.exists() for g in json.loads(j.read_text()).get("backend_goals", [])]
     by = {}
     for g in goals:
         by.setdefault(g["goal"], []).append(g)
@@ -232,9 +242,12 @@ if js.exists():
         record["lines"].append(line)
     if not goals:
         record["lines"].append("no goal lines in the benchmark JSON (no CUDA backend timed?)")
-elif log.exists() and "DRY RUN" not in log.read_text():
-    record["source"] = str(log) + " (no JSON: the benchmark failed or was killed)"
-    record["lines"] = [l.strip() for l in log.read_text().splitlines() if " goal " in l or "goal (" in l]
+    if record["missing"]:
+        record["lines"].append(f"NO JSON (failed or killed): {', '.join(record['missing'])}")
+elif any(l.exists() and "DRY RUN" not in l.read_text() for l in logs):
+    record["source"] = ", ".join(str(l) for l in logs if l.exists()) + " (no JSON: the benchmark failed or was killed)"
+    record["lines"] = [x.strip() for l in logs if l.exists() for x in l.read_text().splitlines()
+                       if " goal " in x or "goal (" in x]
     if not record["lines"]:
         record["lines"].append("no goal verdicts: the benchmark wrote no JSON and no goal lines")
 else:

@@ -13,7 +13,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-FILES = ["summary.txt", "build.log", "build_info.json", "test_cuda.log", "bench-goals.log", "goals.txt",
+FILES = ["summary.txt", "build.log", "build_info.json", "test_cuda.log", "bench-goals-3x32x32.log",
+         "bench-goals-4x64x64.log", "bench-goals-3x256x256.log", "goals.txt",
          "goals.json", "sanitizer.log", "racecheck.log", "bench.log", "suite.log"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -40,7 +41,8 @@ def test_dry_run_writes_every_file_and_the_verdict_summary(tmp_path):
         assert (out / name).is_file(), name
     summary = (out / "summary.txt").read_text()
     # the goal benchmark comes right after the CUDA tests, before the optional stages
-    order = [summary.index(f"stage {s}:") for s in ("build", "test_cuda", "bench_goals", "sanitizer", "racecheck",
+    order = [summary.index(f"stage {s}:") for s in ("build", "test_cuda", "bench_goals_3x32x32", "bench_goals_3x256x256",
+                                                    "sanitizer", "racecheck",
                                                     "bench", "suite")]
     assert order == sorted(order), summary
     assert "goal verdicts" in summary
@@ -51,7 +53,7 @@ def test_dry_run_writes_every_file_and_the_verdict_summary(tmp_path):
     goals = json.loads((out / "goals.json").read_text())
     assert goals["lines"] and "dry run" in goals["source"]
     assert "DRY RUN" in (out / "test_cuda.log").read_text()
-    assert "anisodiff.cli bench --device cuda" in (out / "bench-goals.log").read_text()
+    assert "anisodiff.cli bench --device cuda" in (out / "bench-goals-4x64x64.log").read_text()
     assert "DRY RUN" in (out / "suite.log").read_text()  # --suite: the opt-in stage is on
 
 
@@ -69,13 +71,14 @@ def test_goal_summary_from_a_benchmark_json(tmp_path):
     body = script.split("<<'EOF'\n# The goal verdicts")[1].split("\nEOF\n")[0]
     goal = {"goal": "cuda_spectral_pct_copy", "kind": "powerlaw", "B": 64, "C": 3, "H": 32, "W": 32,
             "dtype": "fp32", "target": 60.0}
-    (tmp_path / "b.json").write_text(json.dumps({"backend_goals": [
+    (tmp_path / "bench-goals-3x32x32-h200.json").write_text(json.dumps({"backend_goals": [
         {**goal, "value": 71.0, "met": True}, {**goal, "value": 42.5, "met": False, "dtype": "bf16"}]}))
-    r = subprocess.run([sys.executable, "-c", "# The goal verdicts" + body, str(tmp_path / "b.json"),
-                        str(tmp_path / "none.log"), str(tmp_path / "g.json")], capture_output=True, text=True)
+    (tmp_path / "bench-goals-4x64x64.log").write_text("killed mid-run\n")
+    r = subprocess.run([sys.executable, "-c", "# The goal verdicts" + body, str(tmp_path), "h200",
+                        str(tmp_path / "g.json"), "3x32x32", "4x64x64"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "cuda_spectral_pct_copy: met in 1 of 2 cases -> NOT MET; worst 42.50" in r.stdout
-    assert "bf16" in r.stdout
+    assert "bf16" in r.stdout and "NO JSON (failed or killed)" in r.stdout and "4x64x64-h200.json" in r.stdout
     assert json.loads((tmp_path / "g.json").read_text())["goals"][0]["met"] == 1
 
 
