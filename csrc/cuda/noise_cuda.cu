@@ -218,8 +218,11 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
       if (forced != 0 ? R != forced : (!cluster_ok(R, H, W) || (R > kMaxPortableCluster && !allow16))) continue;
       const size_t smem = geometry(p, 0, R).smem;
       if (smem > plan.smem_limit || p.batch * R > (int64_t)INT_MAX) continue;
-      best = R;
       const int per_sm = (int)(kSmemPerSm / (smem + 1024));
+      // A 16-block cluster must fit on half a GPC (2 blocks per SM): not every GPC of an H100 has 16
+      // SMs free, and a cluster that cannot be co-scheduled fails to launch.
+      if (R > kMaxPortableCluster && per_sm < 2) continue;
+      best = R;
       if (p.batch * R >= target && per_sm >= kFusedTargetBlocksPerSm) break;
     }
     if (best > 0) {
