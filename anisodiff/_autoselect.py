@@ -28,7 +28,8 @@ Rationale of the current order (no GPU measurements yet; update the table from
 """
 from __future__ import annotations
 
-__all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "TRITON_MAX_SAMPLE_ELEMENTS",
+__all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "cuda_supports",
+           "CUDA_MAX_FFT_PRIME", "largest_prime_factor", "TRITON_MAX_SAMPLE_ELEMENTS",
            "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS", "TRITON_AUTO_MAX_CHANNELS"]
 
 # (device type) -> (spec kind) -> backends, fastest first
@@ -95,6 +96,28 @@ def triton_supports(kind: str, channels: int, height: int, width: int, auto: boo
     return sample <= TRITON_MAX_SAMPLE_ELEMENTS
 
 
+# csrc/include/anisodiff/spectral.h kMaxDirectPrime: larger prime factors need Bluestein's transform,
+# which the CPU kernel has and the CUDA kernels do not yet (their planner refuses such sides).
+CUDA_MAX_FFT_PRIME = 61
+
+
+def largest_prime_factor(n: int) -> int:
+    largest, q = 1, 2
+    while q * q <= n:
+        while n % q == 0:
+            largest, n = q, n // q
+        q += 1
+    return max(largest, n)
+
+
+def cuda_supports(kind: str, channels: int, height: int, width: int) -> bool:
+    """Whether the CUDA kernels take this problem: any elementwise one; spectral ones whose sides
+    have no prime factor above CUDA_MAX_FFT_PRIME (conservative: per-sample normalisation without
+    weights would run too)."""
+    return kind == "elementwise" or max(largest_prime_factor(height),
+                                        largest_prime_factor(width)) <= CUDA_MAX_FFT_PRIME
+
+
 def choose(device_type: str, kind: str, available, plane=None) -> str:
     """The first backend of the table row that is in ``available`` and supports the problem.
     ``plane``: ``(C, H, W)`` or None (unknown: no size limit applied)."""
@@ -103,6 +126,8 @@ def choose(device_type: str, kind: str, available, plane=None) -> str:
         if backend not in available:
             continue
         if backend == "triton" and plane is not None and not triton_supports(kind, *plane, auto=True):
+            continue
+        if backend == "cuda" and plane is not None and not cuda_supports(kind, *plane):
             continue
         return backend
     return "reference"

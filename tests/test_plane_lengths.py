@@ -105,3 +105,17 @@ def test_a_million_point_prime_plane_finishes():
     assert out.returncode == 0, out.stderr
     _, err, std = out.stdout.split()
     assert float(err) < 1e-5 and float(std) > 0.5
+
+
+def test_auto_skips_cuda_for_sides_with_large_prime_factors():
+    """The CUDA planner refuses spectral planes whose sides have a prime factor above 61 (no
+    Bluestein there yet); "auto" on a CUDA device then falls through instead of failing."""
+    from anisodiff import _autoselect as A
+    assert A.largest_prime_factor(4087) == 67 and A.largest_prime_factor(64) == 2
+    assert A.largest_prime_factor(61) == 61 and A.largest_prime_factor(1) == 1
+    available = ("cuda", "reference")
+    assert A.choose("cuda", "spectral", available, (3, 67, 8)) == "reference"
+    assert A.choose("cuda", "spectral", available, (3, 8, 4087)) == "reference"
+    assert A.choose("cuda", "spectral", available, (3, 61, 64)) == "cuda"
+    assert A.choose("cuda", "elementwise", available, (3, 67, 8)) == "cuda"
+    assert A.choose("cuda", "spectral", ("cuda", "triton", "reference"), (1, 67, 8)) == "triton"

@@ -412,7 +412,12 @@ def test_step_arguments_are_validated_by_name(schedule):
         with pytest.raises(ValueError, match=r"timestep: values must lie in \[0, 1000\)"):
             noise.ddpm_step(x, 1000, x, backend=backend)
         with pytest.raises(ValueError, match=r"prev_timestep: values must lie in \[-1, 1000\)"):
-            noise.ddpm_step(x, 10, x, prev_timestep=-2, backend=backend)
+            noise.ddpm_step(x, 10, x, prev_timestep=1000, backend=backend)
+        # any prev < -1 is the last step, as -1 (a ported diffusers loop passes t - T // n)
+        g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        last = noise.ddpm_step(x, 10, x, prev_timestep=-1, generator=g(), backend=backend)
+        below = noise.ddpm_step(x, 10, x, prev_timestep=-20, generator=g(), backend=backend)
+        assert torch.equal(last[0], below[0]) and torch.equal(last[1], below[1])
         with pytest.raises(TypeError, match="timestep: expected integer"):
             noise.ddpm_step(x, 10.0, x, backend=backend)
     with pytest.raises(ValueError, match=r"noise: expected WHITE noise of shape \[2, 3, 8, 8\]"):

@@ -16,7 +16,6 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 constexpr int kMinTile = 8192;  // two-pass tile: complex elements per row / column tile
-constexpr int kMaxFftPrime = 61;  // largest prime factor of H / W the CUDA FFT takes (generic O(p) butterflies)
 
 int cached_attribute(std::atomic<int>* cache, cudaDeviceAttr attr, int device) {
   if (device < 0 || device >= kMaxDevices) {
@@ -112,16 +111,6 @@ int fused_cluster_forced(int64_t H, int64_t W) {
   return r >= 1 && r <= kMaxCluster && H % r == 0 && W % r == 0 ? r : 0;  // may leave threads without a pixel
 }
 
-int largest_prime(int64_t n) {
-  int64_t largest = 1;
-  for (int64_t q = 2; q * q <= n; ++q)
-    while (n % q == 0) {
-      largest = q;
-      n /= q;
-    }
-  return (int)(n > largest ? n : largest);
-}
-
 unsigned grid_stride_blocks(int64_t items, int threads, int sms) {
   const int64_t blocks = (items + threads - 1) / threads;
   const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 32;  // grid-stride beyond this
@@ -200,7 +189,8 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
                  "channel pairs) is not supported with a spectral spec or per-sample normalisation";
     return plan;
   }
-  if (p.weights != nullptr && (largest_prime(H) > kMaxFftPrime || largest_prime(W) > kMaxFftPrime)) {
+  // Sides that the CPU kernel would send through Bluestein (spectral.h) have no CUDA FFT yet.
+  if (p.weights != nullptr && (bluestein_length((int)H) > 0 || bluestein_length((int)W) > 0)) {
     plan.error = "anisodiff CUDA kernel: spectral weights need plane sides whose prime factors are all <= 61 "
                  "(the CUDA FFT has no Bluestein transform for larger primes; the CPU and reference "
                  "backends take any size)";
