@@ -45,11 +45,9 @@ PYBIND11_MODULE(_C, m) {
     }
     info["cuda_archs"] = archs;
 #ifdef ANISO_WITH_CUDA
-    // Spectral specs (and per-sample normalisation) run fused, one CTA per sample, when a sample's
-    // planes fit in shared memory; otherwise two-pass through a global workspace (cuda_plan tells).
-    info["cuda_fused_smem_limit"] =
-        "device opt-in shared memory per block (227 KiB on sm_90): 16*ceil(C/2)*H*W + 8*(H+W) bytes "
-        "(+ 4*C*H*W for two independent draws), e.g. 64x64 with C <= 4 is fused, 128x128 is two-pass";
+    // Spectral specs run fused (a cluster of blocks per sample, planes in shared memory) when the
+    // planes fit, else two-pass through a global workspace; cuda_plan(...) tells per problem.
+    info["cuda_paths"] = "see anisodiff._C.cuda_plan(B, C, H, W, ...) and docs/cuda.md";
 #endif
     info["cpu_capability"] = anisodiff::cpu::capability();
     info["cpu_capabilities_compiled"] = anisodiff::cpu::compiled_capabilities();
