@@ -78,7 +78,7 @@ def _pow2(n: int, least: int = 1) -> int:
 def spec_kind(spec) -> str:
     """"elementwise" when the noise has no per-plane step (no spectral weights, no per-sample
     normalisation), else "spectral"."""
-    if spec.spectral is None and spec.normalize != "per_sample":
+    if spec.spectral is None and spec.offset is None and spec.normalize != "per_sample":
         return "elementwise"
     return "spectral"
 

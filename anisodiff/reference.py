@@ -173,7 +173,9 @@ def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor |
     """
     sw = spectral_weights(spec, H, W)
     if sw is None:
-        return None
+        if spec.offset is None:
+            return None
+        sw = torch.ones(1, H, W, dtype=torch.float64), [1.0]  # white, plus the offset below
     weights, gammas = sw
     stages = []
     for w, gamma in zip(weights, gammas):
@@ -187,7 +189,26 @@ def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor |
             stages.append((None, gamma * gain))
         else:
             stages.append((w, gamma))
+    if spec.offset is not None:
+        stages = _with_offset(stages, spec.offset.strength, H, W)
     return stages
+
+
+def _with_offset(stages, strength: float, H: int, W: int):
+    """Offset noise as DC power: the first contributing stage's DC weight w0 becomes
+    ``sqrt(w0^2 + strength^2 H W / gamma^2)``, which adds variance ``strength^2`` per pixel, fully
+    correlated over the plane (the DC bin of ``T_w eps`` is ``w0 mean(eps)``, variance ``w0^2 / HW``)."""
+    out = list(stages)
+    for d, (w, gamma) in enumerate(out):
+        if gamma == 0:
+            continue
+        if w is None:  # a scalar gain: as a constant table (gamma keeps the gain)
+            w = torch.ones(H, W, dtype=torch.float64)
+        w = w.clone()
+        w[0, 0] = math.sqrt(float(w[0, 0]) ** 2 + strength**2 * H * W / gamma**2)
+        out[d] = (w, gamma)
+        return out
+    raise ValueError("offset: the spectral part contributes no draw to add it to")  # pragma: no cover
 
 
 def calibration(w: torch.Tensor) -> float:
@@ -446,7 +467,7 @@ def _channels(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _spatial_spec(spec: NoiseSpec) -> NoiseSpec:
-    return NoiseSpec(None, spec.spectral, normalize=spec.normalize, radius=spec.radius)
+    return spec.spatial_part()
 
 
 def _alphas(schedule, timesteps, batch: int):
@@ -576,7 +597,7 @@ def spatial_power(spec: NoiseSpec, H: int, W: int) -> torch.Tensor:
     """The eigenvalues of Sigma_w on the fftfreq grid, ``sum_d gamma_d^2 w_d^2`` ([H, W] float64).
     Per-sample normalisation is taken as its calibrated expectation."""
     if spec.normalize == "per_sample" and spec.spectral is not None:
-        spec = NoiseSpec(None, spec.spectral, normalize="calibrated", radius=spec.radius)
+        spec = NoiseSpec(None, spec.spectral, normalize="calibrated", radius=spec.radius)  # (no offset)
     stages = spatial_stages(spec, H, W) or [(None, 1.0)]
     power = torch.zeros(H, W, dtype=torch.float64)
     for w, gamma in stages:

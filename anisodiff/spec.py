@@ -21,6 +21,7 @@ __all__ = [
     "Band",
     "TwoBand",
     "SpectralTable",
+    "OffsetNoise",
     "NoiseSpec",
     "SPEC_FORMAT",
     "SPEC_VERSION",
@@ -410,6 +411,38 @@ def _check_keys(d: dict, where: str, allowed: set) -> None:
         raise ValueError(f"{where}: unknown field(s) {brief(sorted(map(str, unknown)))}")
 
 
+class OffsetNoise(_Immutable):
+    """Offset noise, the trainers' ``noise + strength * randn(B, C, 1, 1)`` (kohya sd-scripts,
+    diffusers' ``--noise_offset``): a per-(sample, channel) constant added to the spatial noise.
+
+    A constant plane is the DC bin of the unitary DFT and nothing else, so it is a DC weight: the
+    spatial part's DC power grows by ``strength^2 H W`` (per pixel: variance ``strength^2`` more,
+    fully correlated across the plane). It fuses with any spectral part and is squeezed by
+    ``S(t)`` like the rest: ``n = S(t) (T_w eps + strength m)``, ``m ~ N(0, 1)`` per (b, c). The
+    calibration ``c`` is computed from the spectral part alone, so, as in the trainers' recipe,
+    the offset ADDS ``strength^2`` per pixel. Equal to the trainers' noise in distribution (not
+    draw for draw: the offset is the DC part of the same white draw, not a second one)."""
+
+    def __init__(self, strength: float):
+        self.strength = _finite_float(strength, "strength")
+        if self.strength < 0:
+            raise ValueError(f"strength: must be >= 0, got {self.strength}")
+        self._seal()
+
+    def to_dict(self) -> dict:
+        return {"strength": self.strength}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OffsetNoise":
+        _check_keys(d, "offset", {"strength"})
+        if "strength" not in d:
+            raise ValueError("offset.strength: missing")
+        return cls(d["strength"])
+
+    def __repr__(self) -> str:
+        return f"OffsetNoise({self.strength})"
+
+
 # --------------------------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------------------------
@@ -426,12 +459,15 @@ class NoiseSpec(_Immutable):
             ``"none"``: no scaling.
         radius: radial frequency convention for the weights: ``"cycles"`` (cycles/pixel,
             r <= 0.7071), ``"nyquist1"`` (2r, Nyquist = 1) or ``"rmax1"`` (r / r.max()).
+        offset: an :class:`OffsetNoise` (a DC weight added to the spatial part) or None. Not with
+            ``normalize="per_sample"`` (the plane std would divide it out again).
 
     ``NoiseSpec()`` is isotropic white noise.
     """
 
     def __init__(self, squeeze: Squeeze | None = None, spectral=None, *,
-                 normalize: str = "calibrated", radius: str = "cycles"):
+                 normalize: str = "calibrated", radius: str = "cycles",
+                 offset: OffsetNoise | None = None):
         if squeeze is not None and not isinstance(squeeze, Squeeze):
             raise TypeError(f"squeeze: expected anisodiff.Squeeze or None, got {type(squeeze).__name__}")
         if spectral is not None and not isinstance(spectral, tuple(_SPECTRAL_TYPES.values())):
@@ -441,7 +477,20 @@ class NoiseSpec(_Immutable):
         self.spectral = spectral
         self.normalize = _choice(normalize, "normalize", NORMALIZE_MODES)
         self.radius = _choice(radius, "radius", RADIUS_CONVENTIONS)
+        if offset is not None and not isinstance(offset, OffsetNoise):
+            raise TypeError(f"offset: expected anisodiff.OffsetNoise or None, got {type(offset).__name__}")
+        if offset is not None and offset.strength == 0:
+            offset = None  # zero offset is no offset: the same spec, the same JSON
+        if offset is not None and self.normalize == "per_sample":
+            raise ValueError("offset: not supported with normalize='per_sample' (the per-plane std "
+                             "divides a constant plane out again)")
+        self.offset = offset
         self._seal()
+
+    def spatial_part(self) -> "NoiseSpec":
+        """This spec without its squeeze: the spatial filter (spectral part and offset)."""
+        return NoiseSpec(None, self.spectral, normalize=self.normalize, radius=self.radius,
+                         offset=self.offset)
 
     # -- properties used by the ops -----------------------------------------------------------
     @property
@@ -462,6 +511,8 @@ class NoiseSpec(_Immutable):
             "spectral": None if self.spectral is None else self.spectral.to_dict(),
             "normalize": self.normalize,
             "radius": self.radius,
+            # only when set, so specs without an offset read in every anisodiff version
+            **({} if self.offset is None else {"offset": self.offset.to_dict()}),
         }
 
     @classmethod
@@ -469,11 +520,13 @@ class NoiseSpec(_Immutable):
         if not isinstance(d, dict):
             raise ValueError(f"spec: expected a JSON object, got {type(d).__name__}")
         check_format_version(d, "spec", SPEC_FORMAT, SPEC_VERSION)
-        _check_keys(d, "spec", {"format", "version", "squeeze", "spectral", "normalize", "radius"})
+        _check_keys(d, "spec", {"format", "version", "squeeze", "spectral", "normalize", "radius",
+                                "offset"})
         squeeze = None if d.get("squeeze") is None else Squeeze.from_dict(d["squeeze"])
         spectral = None if d.get("spectral") is None else _spectral_from_dict(d["spectral"])
+        offset = None if d.get("offset") is None else OffsetNoise.from_dict(d["offset"])
         return cls(squeeze, spectral, normalize=d.get("normalize", "calibrated"),
-                   radius=d.get("radius", "cycles"))
+                   radius=d.get("radius", "cycles"), offset=offset)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys); computed once, the spec being immutable."""
@@ -516,5 +569,6 @@ class NoiseSpec(_Immutable):
         return hash(self.to_json())
 
     def __repr__(self) -> str:
+        tail = "" if self.offset is None else f", offset={self.offset!r}"
         return (f"NoiseSpec(squeeze={self.squeeze!r}, spectral={self.spectral!r}, "
-                f"normalize={self.normalize!r}, radius={self.radius!r})")
+                f"normalize={self.normalize!r}, radius={self.radius!r}{tail})")

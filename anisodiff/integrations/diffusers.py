@@ -112,7 +112,7 @@ def _as_spec(noise_spec) -> NoiseSpec:
 
 def _is_white(spec: NoiseSpec) -> bool:
     """True when A(t) is the identity for every t (then the parent's code runs, bit for bit)."""
-    return (spec.spectral is None and spec.normalize != "per_sample"
+    return (spec.spectral is None and spec.offset is None and spec.normalize != "per_sample"
             and (spec.squeeze is None or spec.squeeze.is_identity))
 
 
