@@ -9,7 +9,7 @@
 #      of tests/ and of pyproject.toml (pytest markers/options) in a temp dir;
 #   3. runs the kernel test suite
 #        python3 -m pytest tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py \
-#          tests/test_sampling.py (the fused ddpm_step)
+#          tests/test_sampling.py (the fused ddpm_step) tests/test_plane_lengths.py (Bluestein)
 #      from that dir with libasan (+ libubsan) preloaded, then a small edge-case sweep (odd / prime /
 #      degenerate sizes, C = 1..5, caller noise with odd strides, channels_last, fp16/bf16 in and
 #      out, independent two-band with per_sample normalisation, every compiled instruction set,
@@ -242,7 +242,7 @@ echo "   LD_PRELOAD: $LD_PRELOAD"
 (cd "$stage" && logged guard "$PY" -c "import _sanitize_guard, anisodiff; print('   build_info:', anisodiff.build_info())")
 
 status=0
-read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py tests/test_sampling.py}"
+read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py tests/test_sampling.py tests/test_plane_lengths.py}"
 echo "== sanitize_cpu: pytest ${tests[*]} $*"
 t0=$(date +%s)
 (cd "$stage" && logged pytest "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --capture=sys \
@@ -282,6 +282,7 @@ def specs(C):
         "iso": ad.NoiseSpec(),
         "sdm": ad.NoiseSpec(ad.Squeeze(V[:, :1], -0.4)),
         "pl": ad.NoiseSpec(None, ad.PowerLaw(-0.2)),
+        "pl_dc": ad.NoiseSpec(None, ad.PowerLaw(-1.0)),  # DC weight ~1e10: the DC bin outside the FFT
         "band_ps": ad.NoiseSpec(None, ad.Band(0.1, 0.35), normalize="per_sample"),
         "two_shared": ad.NoiseSpec(ad.Squeeze(V[:, :1], 0.3), ad.TwoBand(0.3, (0.0, 0.25), 0.7, (0.25, 1.0))),
         "two_indep_ps": ad.NoiseSpec(ad.Squeeze(V[:, :1], 0.5),
@@ -341,7 +342,7 @@ def cpu(fn):
     return fn()
 
 
-SIZES = [(1, 1), (1, 7), (11, 1), (1, 2), (2, 1), (7, 11), (13, 17), (17, 13), (7, 7), (64, 64)]
+SIZES = [(1, 1), (1, 7), (11, 1), (1, 2), (2, 1), (7, 11), (13, 17), (17, 13), (7, 7), (64, 64), (67, 5), (3, 131)]  # last two: Bluestein
 TARGETS = ["epsilon", "v", "x0", "flow"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 t0 = time.time()
