@@ -291,22 +291,27 @@ void run_stages(const FftPlanView& plan, Planes& cur, Planes& other, int64_t L, 
   }
 }
 
-// Bluestein's chirp-z transform of n rows of L values (in cur, result in cur): the rows are
-// chirped into a zero-padded m-row buffer, convolved with the chirp through the inner power-of-two
-// FFT and chirped back. sg = -1 (the inverse) conjugates both chirps.
-void run_bluestein(const FftPlanView& plan, Planes& cur, int64_t L, float sg, float* const blue[4]) {
-  const int64_t n = plan.n, m = plan.bluestein_m;
-  Planes a{blue[0], blue[1]}, other{blue[2], blue[3]};
-  for (int64_t j = 0; j < n; ++j) {
+// dst row j = src row j * c_j (c conjugated for the inverse), for the n rows of a Bluestein length.
+void chirp_rows(const FftPlanView& plan, float sg, const Planes& src, const Planes& dst, int64_t L) {
+  for (int64_t j = 0; j < plan.n; ++j) {
     const float cr = plan.chirp_re[j], ci = sg * plan.chirp_im[j];
-    const float *xr = cur.re + j * L, *xi = cur.im + j * L;
-    float *yr = a.re + j * L, *yi = a.im + j * L;
+    const float *xr = src.re + j * L, *xi = src.im + j * L;
+    float *yr = dst.re + j * L, *yi = dst.im + j * L;
     ANISO_IVDEP
     for (int64_t l = 0; l < L; ++l) {
       yr[l] = xr[l] * cr - xi[l] * ci;
       yi[l] = xr[l] * ci + xi[l] * cr;
     }
   }
+}
+
+// Bluestein's chirp-z transform of n rows of L values (in cur, result in cur): the rows are
+// chirped into a zero-padded m-row buffer, convolved with the chirp through the inner power-of-two
+// FFT and chirped back. sg = -1 (the inverse) conjugates both chirps.
+void run_bluestein(const FftPlanView& plan, Planes& cur, int64_t L, float sg, float* const blue[4]) {
+  const int64_t n = plan.n, m = plan.bluestein_m;
+  Planes a{blue[0], blue[1]}, other{blue[2], blue[3]};
+  chirp_rows(plan, sg, cur, a, L);
   for (int64_t i = n * L; i < m * L; ++i) a.re[i] = a.im[i] = 0.f;
   run_stages(*plan.inner, a, other, L, 1.f);
   for (int64_t k = 0; k < m; ++k) {
@@ -320,16 +325,7 @@ void run_bluestein(const FftPlanView& plan, Planes& cur, int64_t L, float sg, fl
     }
   }
   run_stages(*plan.inner, a, other, L, -1.f);
-  for (int64_t k = 0; k < n; ++k) {
-    const float cr = plan.chirp_re[k], ci = sg * plan.chirp_im[k];
-    const float *xr = a.re + k * L, *xi = a.im + k * L;
-    float *yr = cur.re + k * L, *yi = cur.im + k * L;
-    ANISO_IVDEP
-    for (int64_t l = 0; l < L; ++l) {
-      yr[l] = xr[l] * cr - xi[l] * ci;
-      yi[l] = xr[l] * ci + xi[l] * cr;
-    }
-  }
+  chirp_rows(plan, sg, a, cur, L);
 }
 
 // One 1-D transform of n rows of L values: mixed radix, or Bluestein for large prime factors.
