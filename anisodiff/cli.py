@@ -5,9 +5,10 @@
                       on built-in images, sample it and compare: table, JSON, pictures (demo.py)
     anisodiff check   five forward-noise operators: measured versus analytic covariance, a picture
                       (check.py)
-    anisodiff fit     fit a spec to data: principal colour axes and power spectrum -> spec.json
-                      (fit.py)
-    anisodiff show    draw the noise of a spec.json: samples, spectra, colour-axis variances (show.py)
+    anisodiff fit     fit a spec to data (images or cached latents): principal colour axes and power
+                      spectrum -> spec.json, terminal-SNR warnings (fit.py)
+    anisodiff show    draw the noise of a spec.json: samples, spectra, colour-axis variances,
+                      terminal-SNR warnings (show.py)
     anisodiff bench   time the fused ops against the baselines: table, JSON, picture (bench/)
 
 Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args) -> int`` listed in
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench, check, datasets, demo, fit, show
+from . import bench, check, datasets, demo, diagnostics, fit, show
 from ._argtypes import UsageError, finite_float, int_in
 from ._ext import available_backends, build_info
 from ._version import __version__
@@ -97,6 +98,24 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
+
+
+def _snr_threshold(text: str) -> float:
+    """argparse type: a finite SNR threshold > 0."""
+    return _positive_float(text)
+
+
+def _add_snr_options(p, what: str) -> None:
+    """The terminal-SNR options of `fit` and `show`."""
+    p.add_argument("--snr-threshold", type=_snr_threshold, default=diagnostics.SNR_THRESHOLD,
+                   metavar="X",
+                   help=f"warn (stderr, one line each) for every frequency band and principal "
+                        f"direction of {what} whose SNR at t = T stays above X: x_T's variance "
+                        f"there is (1 + SNR) times what the shaped prior assumes, so the default "
+                        f"flags a mismatch above 10%% (default: %(default)s)")
+    p.add_argument("--snr-schedule", choices=diagnostics.SNR_SCHEDULES, default="linear",
+                   help="VP beta schedule (T = 1000) of the terminal-SNR check: linear (DDPM) or "
+                        "scaled_linear (Stable Diffusion) (default: %(default)s)")
 
 
 def _threads(text: str) -> int | str:
@@ -210,13 +229,18 @@ def _add_fit(subparsers) -> None:
     p = subparsers.add_parser(
         "fit", help="fit a noise spec to data (principal colour axes, power spectrum)",
         description="Read DATA once, fit the principal colour axes of its pixel covariance (for the "
-                    "SDM/HDM squeeze) and its power spectrum (for the SAGD weights), print them and "
-                    "write a NoiseSpec JSON. 8-bit images are mapped to [-1, 1].")
+                    "SDM/HDM squeeze) and its power spectrum (for the SAGD weights), print them with "
+                    "per-channel statistics and write a NoiseSpec JSON; then warn where the written "
+                    "spec leaves the data a high SNR at t = T. 8-bit images are mapped to [-1, 1]; "
+                    "arrays and latents are used as stored.")
     p.add_argument("data", metavar="DATA",
                    help="a folder of PNG/JPEG images (searched recursively; one size, or --size), "
-                        "an .npy/.npz array (uint8 is read as [N, H, W, C], float as [N, C, H, W]) "
-                        f"or a built-in dataset: {', '.join(datasets.BUILTIN_DATASETS)} (1/f^2 "
-                        "images with correlated colours, generated from --seed)")
+                        "a uint8 .npy/.npz array [N, H, W, C], cached latents (a float .npy/.npz, "
+                        ".pt/.pth or .safetensors file, or a folder of them; [C, H, W] per file, "
+                        "[N, C, H, W], or video [N, C, F, H, W] with per-frame statistics; any "
+                        "channel count) or a built-in dataset: "
+                        f"{', '.join(datasets.BUILTIN_DATASETS)} (1/f^2 images with correlated "
+                        "colours, generated from --seed)")
     p.add_argument("-o", "--out", default="spec.json", metavar="SPEC.json",
                    help="where to write the spec (default: %(default)s)")
     p.add_argument("--k", type=int_in(1), default=1,
@@ -244,16 +268,28 @@ def _add_fit(subparsers) -> None:
                    help="use the first N images (procedural: generate N, default "
                         f"{datasets.PROCEDURAL_DEFAULT_COUNT})")
     p.add_argument("--batch-size", type=int_in(1), default=256, metavar="B",
-                   help="images per batch (default: %(default)s)")
+                   help="images (latents) per batch; latent files are read in chunks of B "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
                    help="seed of the procedural dataset (default: %(default)s)")
+    p.add_argument("--key", default=None, metavar="NAME",
+                   help="the entry of multi-tensor latent files (.npz, .pt dicts, .safetensors) "
+                        f"(default: the only one, else the first of {', '.join(datasets.LATENT_KEYS)})")
+    p.add_argument("--report", default=None, metavar="STATS.json",
+                   help="also write every statistic as JSON: per-channel mean, std, alpha, the "
+                        "PCA, the radial spectrum, the terminal SNR (`anisodiff show --stats` "
+                        "reads it)")
+    _add_snr_options(p, "the written spec on DATA")
 
 
 def _run_fit(args) -> int:
+    report = None if args.report is None else _check_output(Path(args.report), "--report")
     return fit.run(args.data, _check_output(Path(args.out), "-o"), k=args.k,
                    strength=args.strength, variant=args.variant, schedule=args.schedule,
                    spectral=args.spectral, eps=args.eps, radius=args.radius, size=args.size,
-                   limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, key=args.key,
+                   report=report, snr_threshold=args.snr_threshold,
+                   snr_schedule=args.snr_schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +311,8 @@ def _add_show(subparsers) -> None:
                     "the linear VP schedule (T = 1000) and save a picture: one sample, its pixels in "
                     "colour space along the first squeeze axis, and the radial and 2-D power "
                     "spectra, each measured against the analytic value. A spec that does not change "
-                    "with t is drawn once.")
+                    "with t is drawn once. Warns where the spec leaves the data (white unit-variance "
+                    "data, or --stats) a high SNR at t = T.")
     p.add_argument("spec", metavar="SPEC.json", help="a NoiseSpec JSON file")
     p.add_argument("-o", "--out", default="noise.png", metavar="PNG",
                    help="where to write the picture (default: %(default)s)")
@@ -287,11 +324,17 @@ def _add_show(subparsers) -> None:
                    help="channels (default: the squeeze's, else 3)")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0,
                    help="Philox seed of the noise (default: %(default)s)")
+    p.add_argument("--stats", default=None, metavar="STATS.json",
+                   help="data statistics for the terminal-SNR check: the --report of `anisodiff "
+                        "fit` (sets the channels and the plane size); default: white data with "
+                        "unit variance per channel")
+    _add_snr_options(p, "the spec on the data")
 
 
 def _run_show(args) -> int:
     return show.run(args.spec, _check_output(Path(args.out), "-o"), timesteps=args.timesteps,
-                    size=args.size, channels=args.channels, seed=args.seed)
+                    size=args.size, channels=args.channels, seed=args.seed, stats=args.stats,
+                    snr_threshold=args.snr_threshold, snr_schedule=args.snr_schedule)
 
 
 # ---------------------------------------------------------------------------------------------

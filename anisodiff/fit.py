@@ -2,9 +2,14 @@
 
 Input: any iterable of ``[B, C, H, W]`` batches, e.g. a ``torch.utils.data.DataLoader``. A batch may
 be a tensor (or NumPy array), a tuple/list whose first entry is the images (``(images, labels)``), or
-a dict holding them under ``"image"``, ``"img"``, ``"images"`` or ``"pixel_values"``. A single
-``[N, C, H, W]`` tensor is one batch. Statistics are of the values as given, so feed the data exactly
-as the model sees it (same scaling, e.g. ``[-1, 1]``, same resolution).
+a dict holding them under ``"image"``, ``"img"``, ``"images"``, ``"pixel_values"`` or ``"latents"``.
+A single ``[N, C, H, W]`` tensor is one batch. Video batches ``[B, C, F, H, W]`` give per-frame
+statistics (the default noise filters every frame on its own): the channel PCA over every pixel of
+every frame, the spectrum over the ``B F`` frames. A path (``str`` / ``os.PathLike``) to cached
+latents (``.npy``, ``.npz``, ``.pt``, ``.safetensors``, or a folder of them;
+:class:`anisodiff.datasets.LatentFiles`) is read in chunks of ``batch_size``. Statistics are of the
+values as given, so feed the data exactly as the model sees it (same scaling, e.g. ``[-1, 1]`` or a
+VAE's ``scaling_factor``, same resolution).
 
 Both fits read the data once, accumulate in float64 on the data's device (CPU for MPS, which has no
 float64; each batch is converted to float64, and the spectrum takes its complex128 FFT, so pick the
@@ -26,8 +31,10 @@ Turning the statistics into a spec::
 """
 from __future__ import annotations
 
+import json
 import math
 import operator
+import os
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,13 +43,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import reference
+from . import bands, reference
+from ._progress import progress as _progress
 from .spec import RADIUS_CONVENTIONS, NoiseSpec, PowerLaw, SpectralTable, Squeeze
 
 __all__ = ["ChannelPCA", "Spectrum", "fit_channel_pca", "fit_spectrum", "fit_statistics",
            "IMAGE_KEYS", "SPECTRAL_CHOICES", "run"]
 
-IMAGE_KEYS = ("image", "img", "images", "pixel_values")
+IMAGE_KEYS = ("image", "img", "images", "pixel_values", "latents")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +70,11 @@ class ChannelPCA:
     mean: torch.Tensor          # [C] mean pixel
     covariance: torch.Tensor    # [C, C]
     count: int                  # number of pixel vectors
+
+    @property
+    def std(self) -> torch.Tensor:
+        """``[C]`` per-channel standard deviation (of the pixels, about the channel mean)."""
+        return self.covariance.diagonal().clamp_min(0).sqrt()
 
     def squeeze(self, strength, variant: str = "sdm", schedule="beta") -> Squeeze:
         """A :class:`~anisodiff.Squeeze` on these axes (see its arguments); the papers' best
@@ -85,7 +98,9 @@ class Spectrum:
     ``P ~ r^(2 alpha)`` and ``PowerLaw(alpha)`` makes noise with the data's slope. Natural images have
     ``P ~ r^-2``, ``alpha ~ -1``. Rings with zero power are left out; ``nan`` if fewer than 2 remain.
 
-    All tensors are float64 on the CPU, on the unshifted ``fftfreq`` grid.
+    All tensors are float64 on the CPU, on the unshifted ``fftfreq`` grid. ``images``: the number
+    of ``[C, H, W]`` planes averaged (for video: samples times frames); ``frames``: F of video data
+    (0 for ``[B, C, H, W]`` data).
     """
 
     power: torch.Tensor         # [C, H, W]
@@ -95,6 +110,7 @@ class Spectrum:
     alpha: float                # fitted on the channel-mean power
     channel_alpha: tuple        # per channel
     images: int
+    frames: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,7 +123,7 @@ class Spectrum:
         fixes the plane size to :attr:`shape`."""
         power = self.power.mean(dim=0)
         if radial:
-            ring = _ring_index(*self.shape)
+            ring = bands.ring_index(*self.shape)
             power = torch.where(ring > 0, _ring_log_means(power, ring).exp()[ring], power)
         mirrored = torch.roll(torch.flip(power, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
         return SpectralTable((0.5 * (power + mirrored)).sqrt())
@@ -130,7 +146,7 @@ class Spectrum:
 # Batches
 # ---------------------------------------------------------------------------------------------
 def _images(batch, index: int) -> torch.Tensor:
-    """The ``[B, C, H, W]`` image tensor of one batch."""
+    """The ``[B, C, H, W]`` (or video ``[B, C, F, H, W]``) tensor of one batch."""
     if isinstance(batch, Mapping):
         key = next((k for k in IMAGE_KEYS if k in batch), None)
         if key is None:
@@ -145,9 +161,10 @@ def _images(batch, index: int) -> torch.Tensor:
         raise TypeError(f"batch {index}: expected a [B, C, H, W] tensor, or a tuple/list (first "
                         f"entry) or dict (keys {list(IMAGE_KEYS)}) holding one; got "
                         f"{type(batch).__name__}")
-    if batch.dim() != 4:
+    if batch.dim() not in (4, 5):
         hint = " (a single image? add a batch dimension)" if batch.dim() == 3 else ""
-        raise ValueError(f"batch {index}: expected [B, C, H, W], got shape {list(batch.shape)}{hint}")
+        raise ValueError(f"batch {index}: expected [B, C, H, W] (or video [B, C, F, H, W]), got "
+                         f"shape {list(batch.shape)}{hint}")
     if batch.is_complex() or batch.dtype == torch.bool:
         raise TypeError(f"batch {index}: expected real numbers, got {batch.dtype}")
     return batch
@@ -158,32 +175,51 @@ def _is_distributed() -> bool:
 
 
 def _progress_bar(data, desc: str):
-    """A tqdm bar over the batches when their number is known (rank 0 only), else None."""
+    """A progress bar over the batches when their number is known (rank 0 only), else None (tqdm,
+    or a plain line on stderr every 5% without it)."""
     try:
         total = len(data)
-        from tqdm import tqdm
-    except (TypeError, ImportError):  # no __len__ (iterable datasets, generators) or no tqdm
+    except TypeError:  # no __len__ (iterable datasets, generators)
         return None
     if _is_distributed() and dist.get_rank() != 0:
         return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+    return _progress(total, desc)
+
+
+def _as_batches(data, batch_size: int, key: str | None):
+    """``data`` itself, or the chunks of the latent files a path names."""
+    if isinstance(data, (str, os.PathLike)):
+        from . import datasets
+
+        return datasets.LatentFiles(data, key=key).batches(batch_size)
+    if key is not None:
+        raise ValueError("key: applies only when data is a path to latent files")
+    return [data] if isinstance(data, torch.Tensor) else data
 
 
 def _accumulate(data, accumulators, *, progress: bool, desc: str) -> None:
-    """Feed every batch of ``data`` (float64, on the first batch's device) to the accumulators, then
-    combine them across ranks when torch.distributed is initialised."""
-    if isinstance(data, torch.Tensor):
-        data = [data]
+    """Feed every batch of ``data`` (float64, on the first batch's device; video batches as their
+    ``B F`` frames) to the accumulators, then combine them across ranks when torch.distributed is
+    initialised."""
     bar = _progress_bar(data, desc) if progress else None
-    device = None
+    device, frames = None, None
     try:
         for index, batch in enumerate(data):
             x = _images(batch, index)
             if device is None:
                 device = torch.device("cpu") if x.device.type == "mps" else x.device
+            f = x.shape[2] if x.dim() == 5 else 0
+            if frames is None:
+                frames = f
+            elif f != frames:
+                raise ValueError(f"batch {index}: shape {list(x.shape)}, but the first batch had "
+                                 + (f"{frames} frames" if frames else "no frame axis")
+                                 + "; every batch must have the same layout")
             x = x.to(device=device, dtype=torch.float64)
+            if f:  # [B, C, F, H, W] -> the B F frames [B F, C, H, W]
+                x = x.transpose(1, 2).reshape(-1, *x.shape[1:2], *x.shape[3:])
             for acc in accumulators:
-                acc.update(x)
+                acc.update(x, f)
             if bar is not None:
                 bar.update()
     finally:
@@ -267,7 +303,7 @@ class _PixelCovariance:
         self.shape = None       # (C,) once data arrived
         self.moments = None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, frames: int = 0) -> None:
         B, C, H, W = x.shape
         if self.shape is None:
             if self.k > C:
@@ -307,6 +343,7 @@ class _PowerSpectrum:
 
     def __init__(self):
         self.shape = None       # (C, H, W) once data arrived
+        self.frames = 0         # F of video data
         self.power = None
         self.means = None
 
@@ -315,10 +352,11 @@ class _PowerSpectrum:
         self.power = torch.zeros(shape, dtype=torch.float64, device=device)
         self.means = _Moments(shape[0], device)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, frames: int = 0) -> None:
         B, C, H, W = x.shape
         if self.shape is None:
             self._start((C, H, W), x.device)
+            self.frames = frames
         elif (C, H, W) != self.shape:
             raise ValueError(f"data: a batch has images of shape {[C, H, W]}, the first had "
                              f"{list(self.shape)}; the spectrum needs one size (resize or crop)")
@@ -329,7 +367,9 @@ class _PowerSpectrum:
         self.means.add_batch(B, means.mean(dim=0), centred.T @ centred)
 
     def all_reduce(self, device: torch.device) -> None:
-        shape = _agree_on_shape(self.shape, 3, device)
+        local = None if self.shape is None else (*self.shape, self.frames)
+        *shape, self.frames = _agree_on_shape(local, 4, device)
+        shape = tuple(shape)
         if self.power is None:
             self._start(shape, device)
         dist.all_reduce(self.power)
@@ -342,7 +382,7 @@ class _PowerSpectrum:
         power[:, 0, 0] = H * W * self.means.scatter.diagonal().cpu() / n
         if not torch.isfinite(power).all():
             raise ValueError("data: contains NaN or Inf")
-        ring = _ring_index(H, W)
+        ring = bands.ring_index(H, W)
         log_radii = _ring_log_means(reference.radius(H, W, radius), ring)
         rings = ~torch.isnan(log_radii)  # the non-empty rings, DC excluded
         radii = log_radii[rings].exp()
@@ -350,12 +390,7 @@ class _PowerSpectrum:
         mean_log_power = _ring_log_means(power.mean(dim=0), ring)[rings]
         return Spectrum(power, radius, radii, log_power.exp(),
                         _half_slope(radii, mean_log_power),
-                        tuple(_half_slope(radii, lp) for lp in log_power), n)
-
-
-def _ring_index(H: int, W: int) -> torch.Tensor:
-    """``[H, W]`` ring number ``round(r * min(H, W))`` (r in cycles/pixel); ring 0 is the DC bin."""
-    return torch.round(reference.radius(H, W) * min(H, W)).long()
+                        tuple(_half_slope(radii, lp) for lp in log_power), n, self.frames)
 
 
 def _ring_log_means(values: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
@@ -400,46 +435,54 @@ def _check_radius(radius) -> str:
     return radius
 
 
-def fit_channel_pca(data, k: int = 1, *, progress: bool = True) -> ChannelPCA:
+def fit_channel_pca(data, k: int = 1, *, progress: bool = True, batch_size: int = 256,
+                    key: str | None = None) -> ChannelPCA:
     """Principal colour axes of ``data`` for :class:`~anisodiff.Squeeze` (SDM/HDM).
 
     Args:
-        data: iterable of ``[B, C, H, W]`` batches or a DataLoader (see the module docstring).
+        data: iterable of ``[B, C, H, W]`` / ``[B, C, F, H, W]`` batches, a DataLoader, or a path
+            to latent files (see the module docstring).
         k: number of axes (``1 <= k <= C``).
-        progress: show a tqdm bar when the number of batches is known.
+        progress: show a progress bar when the number of batches is known.
+        batch_size, key: for a path: latents per chunk, and the entry of multi-tensor files.
 
     Returns a :class:`ChannelPCA`; ``.squeeze(strength)`` builds the Squeeze.
     """
     pca = _PixelCovariance(_check_k(k))
-    _accumulate(data, [pca], progress=progress, desc="channel PCA")
+    _accumulate(_as_batches(data, batch_size, key), [pca], progress=progress, desc="channel PCA")
     return pca.result()
 
 
-def fit_spectrum(data, radius: str = "cycles", *, progress: bool = True) -> Spectrum:
+def fit_spectrum(data, radius: str = "cycles", *, progress: bool = True, batch_size: int = 256,
+                 key: str | None = None) -> Spectrum:
     """Power spectrum of ``data`` and its power-law slope, for the SAGD weights.
 
     Args:
-        data: iterable of ``[B, C, H, W]`` batches or a DataLoader (see the module docstring); all
-            images must share one size.
+        data: iterable of ``[B, C, H, W]`` / ``[B, C, F, H, W]`` batches, a DataLoader, or a path
+            to latent files (see the module docstring); all images must share one size.
         radius: convention of the reported radii and of :meth:`Spectrum.power_law`'s ``eps``
             (``"cycles"``, ``"nyquist1"``, ``"rmax1"``; alpha does not depend on it). Build the spec
             with the same ``radius``.
-        progress: show a tqdm bar when the number of batches is known.
+        progress: show a progress bar when the number of batches is known.
+        batch_size, key: for a path: latents per chunk, and the entry of multi-tensor files.
 
     Returns a :class:`Spectrum`; ``.power_law()`` and ``.table()`` build the spectral part.
     """
     spectrum = _PowerSpectrum()
     radius = _check_radius(radius)
-    _accumulate(data, [spectrum], progress=progress, desc="power spectrum")
+    _accumulate(_as_batches(data, batch_size, key), [spectrum], progress=progress,
+                desc="power spectrum")
     return spectrum.result(radius)
 
 
-def fit_statistics(data, k: int = 1, radius: str = "cycles", *,
-                   progress: bool = True) -> tuple[ChannelPCA, Spectrum]:
-    """:func:`fit_channel_pca` and :func:`fit_spectrum` in one pass over ``data``."""
+def fit_statistics(data, k: int = 1, radius: str = "cycles", *, progress: bool = True,
+                   batch_size: int = 256, key: str | None = None) -> tuple[ChannelPCA, Spectrum]:
+    """:func:`fit_channel_pca` and :func:`fit_spectrum` in one pass over ``data`` (batches, a
+    DataLoader or a path to latent files; see the module docstring)."""
     pca, spectrum = _PixelCovariance(_check_k(k)), _PowerSpectrum()
     radius = _check_radius(radius)
-    _accumulate(data, [pca, spectrum], progress=progress, desc="fitting")
+    _accumulate(_as_batches(data, batch_size, key), [pca, spectrum], progress=progress,
+                desc="fitting")
     return pca.result(), spectrum.result(radius)
 
 
@@ -452,27 +495,45 @@ SPECTRAL_CHOICES = ("none", "power_law", "table")
 def run(source: str, out, *, k: int = 1, strength: float = -0.4, variant: str = "sdm",
         schedule: str = "beta", spectral: str = "none", eps: float | None = None,
         radius: str = "cycles", size: int | None = None, limit: int | None = None,
-        batch_size: int = 256, seed: int = 0) -> int:
-    """``anisodiff fit``: read ``source`` once (:func:`anisodiff.datasets.open_images`), fit the
-    principal colour axes and the power spectrum, print them and write the spec (the SDM squeeze on
-    the fitted axes, plus the spectral part ``spectral`` asks for) to ``out``. A bad source or
-    option raises :class:`~anisodiff._argtypes.UsageError`. Returns the exit code."""
+        batch_size: int = 256, seed: int = 0, key: str | None = None, report=None,
+        snr_threshold: float | None = None, snr_schedule: str = "linear") -> int:
+    """``anisodiff fit``: read ``source`` once (:func:`anisodiff.datasets.open_images`: images,
+    arrays, cached latents or a built-in), fit the principal colour axes and the power spectrum,
+    print them with the per-channel statistics and write the spec (the SDM squeeze on the fitted
+    axes, plus the spectral part ``spectral`` asks for) to ``out``; ``report``: also write every
+    statistic as JSON. Then the terminal SNR of the written spec on the data (the ``snr_schedule``
+    VP schedule) is checked: one warning line on stderr per band or principal direction above
+    ``snr_threshold`` (default :data:`anisodiff.diagnostics.SNR_THRESHOLD`). A bad source or option
+    raises :class:`~anisodiff._argtypes.UsageError`. Returns the exit code."""
     from pathlib import Path
 
-    from . import datasets
+    from . import datasets, diagnostics
     from ._argtypes import UsageError
 
     if eps is not None and spectral != "power_law":
         raise UsageError("--eps applies only to --spectral power_law")
+    threshold = diagnostics.SNR_THRESHOLD if snr_threshold is None else snr_threshold
     try:
-        images = datasets.open_images(source, size=size, limit=limit, seed=seed)
-        loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
-        pca, spectrum = fit_statistics(loader, k=k, radius=radius)
+        data = datasets.open_images(source, size=size, limit=limit, seed=seed, key=key)
+        if isinstance(data, datasets.LatentFiles):
+            batches = data.batches(batch_size)
+        else:
+            if key is not None:
+                raise datasets.DataError("--key applies only to latent files")
+            batches = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        pca, spectrum = fit_statistics(batches, k=k, radius=radius)
         spec = _fitted_spec(pca, spectrum, strength, variant, schedule, spectral, eps, radius)
+        stats = diagnostics.DataStatistics.from_fit(pca, spectrum)
+        snr = diagnostics.terminal_snr(spec, diagnostics.named_schedule(snr_schedule), stats)
     except ValueError as exc:  # datasets.DataError, k > C, heisenberg with k = C, bad eps ...
         raise UsageError(str(exc)) from None
     spec.save(Path(out))
     _print_fit(source, radius, spectral, pca, spectrum, spec, out)
+    _print_snr(snr, threshold, snr_schedule)
+    if report is not None:
+        _write_report(Path(report), source, pca, spectrum, stats, snr, threshold, snr_schedule)
+        print(f"wrote {report}: the statistics as JSON")
+    diagnostics.print_warnings(snr, threshold, "fit")
     return 0
 
 
@@ -487,21 +548,31 @@ def _fitted_spec(pca, spectrum, strength, variant, schedule, spectral, eps, radi
     return NoiseSpec(squeeze, part, radius=radius)
 
 
+MAX_LISTED_CHANNELS = 16  # the per-channel table lists this many (the --report has all)
+
+
 def _print_fit(source: str, radius: str, spectral: str, pca, spectrum, spec, out) -> None:
     C, H, W = spectrum.power.shape
     share = pca.eigenvalues / pca.eigenvalues.sum()
-    print(f"anisodiff fit: {spectrum.images:,} images of {C}x{H}x{W} from {source} "
-          f"({pca.count:,} pixels)")
+    if spectrum.frames:
+        what = (f"{spectrum.images // spectrum.frames:,} videos of {C}x{spectrum.frames}x{H}x{W} "
+                f"({spectrum.images:,} frames)")
+    else:
+        what = f"{spectrum.images:,} images of {C}x{H}x{W}"
+    print(f"anisodiff fit: {what} from {source} ({pca.count:,} pixels)")
     print(f"  mean pixel:  {_vector(pca.mean)}")
-    print("  eigenvalues: " + "  ".join(f"{e:.4g} ({100 * p:.1f}%)"
-                                        for e, p in zip(pca.eigenvalues.tolist(), share.tolist())))
+    print("  eigenvalues: " + "  ".join(f"{e:.4g} ({100 * p:.1f}%)" for e, p in
+                                        zip(pca.eigenvalues[:MAX_LISTED_CHANNELS].tolist(),
+                                            share[:MAX_LISTED_CHANNELS].tolist()))
+          + ("  ..." if C > MAX_LISTED_CHANNELS else ""))
     for i in range(pca.axes.shape[1]):
         print(f"  axis v{i + 1}:     {_vector(pca.axes[:, i])}  (sign: largest component > 0)")
-    per_channel = ", ".join(f"{a:.3f}" for a in spectrum.channel_alpha)
+    per_channel = ", ".join(f"{a:.3f}" for a in spectrum.channel_alpha[:MAX_LISTED_CHANNELS])
     print(f"  spectrum:    P(r) ~ r^(2 alpha), alpha = {spectrum.alpha:.3f} (per channel "
-          f"{per_channel}); least squares over {spectrum.radii.numel()} radial bins, r = "
-          f"{float(spectrum.radii[0]):.3g}..{float(spectrum.radii[-1]):.3g} ({radius}), DC "
-          "excluded")
+          f"{per_channel}{', ...' if C > MAX_LISTED_CHANNELS else ''}); least squares over "
+          f"{spectrum.radii.numel()} radial bins, r = {float(spectrum.radii[0]):.3g}.."
+          f"{float(spectrum.radii[-1]):.3g} ({radius}), DC excluded")
+    _print_channels(pca, spectrum)
     if spectral == "none":
         print(textwrap.fill(
             "  spectral part: none (the default). To make the noise follow the data spectrum use "
@@ -510,5 +581,64 @@ def _print_fit(source: str, radius: str, spectral: str, pca, spectrum, spec, out
     print(f"wrote {out}: {spec!r}")
 
 
+def _print_channels(pca, spectrum) -> None:
+    """Per channel: mean, std, fitted alpha and the radial power at the lowest, middle and highest
+    ring (what the squeeze and the spectral part are built from)."""
+    radial = spectrum.radial_power
+    rings = sorted({0, radial.shape[1] // 2, radial.shape[1] - 1})
+    radii = "  ".join(f"P(r={float(spectrum.radii[i]):.3g})" for i in rings)
+    print(f"  per channel: mean, std, alpha, radial power {radii}")
+    C = radial.shape[0]
+    for c in range(min(C, MAX_LISTED_CHANNELS)):
+        powers = "  ".join(f"{float(radial[c, i]):.4g}" for i in rings)
+        print(f"    c{c:<3d} {float(pca.mean[c]):+.4f}  {float(pca.std[c]):.4f}  "
+              f"{spectrum.channel_alpha[c]:+.3f}  {powers}")
+    if C > MAX_LISTED_CHANNELS:
+        print(f"    ... {C - MAX_LISTED_CHANNELS} more channels (--report writes them all)")
+
+
+def _print_snr(snr, threshold: float, schedule: str) -> None:
+    band, direction = snr.terminal_band_snr, snr.terminal_direction_snr
+    worst_band, worst_dir = int(band.argmax()), int(direction.argmax())
+    verdict = ("ok" if not snr.offenders(threshold)
+               else f"{len(snr.offenders(threshold))} above, see the warnings")
+    print(f"  terminal SNR at t = {snr.T - 1} ({schedule} VP schedule, T = {snr.T}) of this spec "
+          f"on this data: max over bands {float(band[worst_band]):.3g} (ring {worst_band}), over "
+          f"principal directions {float(direction[worst_dir]):.3g} (v{worst_dir + 1}); threshold "
+          f"{threshold:g}: {verdict}")
+
+
+def _write_report(path, source, pca, spectrum, stats, snr, threshold, schedule) -> None:
+    """Every fitted statistic as JSON; ``data_statistics`` is what ``anisodiff show --stats``
+    reads."""
+    C, H, W = spectrum.power.shape
+    report = {
+        "format": "anisodiff.FitReport", "version": 1, "source": str(source),
+        "shape": [C, spectrum.frames, H, W] if spectrum.frames else [C, H, W],
+        "planes": spectrum.images, "frames": spectrum.frames, "pixels": pca.count,
+        "channels": {"mean": pca.mean.tolist(), "std": pca.std.tolist(),
+                     "alpha": list(spectrum.channel_alpha),
+                     "dc_power": spectrum.power[:, 0, 0].tolist()},
+        "pca": {"eigenvalues": pca.eigenvalues.tolist(), "axes": pca.axes.tolist(),
+                "covariance": pca.covariance.tolist()},
+        "spectrum": {"radius": spectrum.radius, "alpha": spectrum.alpha,
+                     "radii": spectrum.radii.tolist(),
+                     "radial_power": spectrum.radial_power.tolist()},
+        "data_statistics": stats.to_dict(),
+        "terminal_snr": {"schedule": schedule, "t": snr.T - 1, "threshold": threshold,
+                         "band_radius": snr.band_radius.tolist(),
+                         "band_snr": _finite_list(snr.terminal_band_snr),
+                         "direction_snr": _finite_list(snr.terminal_direction_snr),
+                         "warnings": snr.warnings(threshold)},
+    }
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+def _finite_list(values: torch.Tensor) -> list:
+    """JSON has no inf: an infinite SNR (a band without noise) is written as null."""
+    return [v if math.isfinite(v) else None for v in values.tolist()]
+
+
 def _vector(v: torch.Tensor) -> str:
-    return "[" + ", ".join(f"{x:+.4f}" for x in v.tolist()) + "]"
+    shown = ", ".join(f"{x:+.4f}" for x in v[:MAX_LISTED_CHANNELS].tolist())
+    return "[" + shown + (", ..." if v.numel() > MAX_LISTED_CHANNELS else "") + "]"

@@ -1,6 +1,8 @@
 """``anisodiff show``: the noise of a spec JSON, drawn at a few timesteps of the linear VP schedule
 (T = 1000): one sample, its pixels in colour space along the first squeeze axis, and the radial and
-2-D power spectra, each against the analytic value (:mod:`anisodiff.viz` draws the picture)."""
+2-D power spectra, each against the analytic value (:mod:`anisodiff.viz` draws the picture). Before
+drawing it checks the terminal SNR (:mod:`anisodiff.diagnostics`) of the spec on white unit-variance
+data, or on the statistics ``anisodiff fit --report`` wrote, and warns on stderr."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import reference, viz
+from . import diagnostics, reference, viz
 from ._argtypes import UsageError
 from ._progress import progress
 from .ops import shaped_noise
 from .schedule import VPSchedule
-from .spec import NoiseSpec, PowerLaw, SpectralTable
+from .spec import NoiseSpec, PowerLaw, SpectralTable, read_json_file
 
 __all__ = ["SHOW_T", "SHOW_SIZE", "run"]
 
@@ -23,18 +25,43 @@ SHOW_T = 1000  # show uses VPSchedule.linear(T=1000)
 SHOW_SIZE = 64
 
 
-def _show_shape(spec: NoiseSpec, channels: int | None, size: int | None) -> tuple[int, int, int]:
-    """``(C, H, W)`` from the spec and the options; a UsageError where they disagree."""
+def _load_stats(path) -> diagnostics.DataStatistics:
+    """The data statistics of a ``fit --report`` JSON (or a bare DataStatistics JSON)."""
+    try:
+        d = read_json_file(path, "data statistics")
+        if isinstance(d, dict) and "data_statistics" in d:
+            d = d["data_statistics"]
+        return diagnostics.DataStatistics.from_dict(d)
+    except OSError as exc:
+        raise UsageError(f"--stats {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UsageError(f"--stats {path}: {exc}") from None
+
+
+def _show_shape(spec: NoiseSpec, channels: int | None, size: int | None,
+                stats: diagnostics.DataStatistics | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` from the spec, the data statistics and the options; a UsageError where they
+    disagree."""
+    if stats is not None:
+        if channels is not None and channels != stats.channels:
+            raise UsageError(f"--channels {channels}: the --stats data has {stats.channels}")
+        if size is not None and (size, size) != tuple(stats.shape):
+            raise UsageError(f"--size {size}: the --stats data has {stats.shape[0]}x"
+                             f"{stats.shape[1]} planes")
+        channels = stats.channels
     C = channels or (spec.squeeze.channels if spec.squeeze is not None else 3)
     if spec.squeeze is not None and C != spec.squeeze.channels:
         raise UsageError(f"--channels {C}: the spec's squeeze has {spec.squeeze.channels} channels")
     if C < 2:
         raise UsageError("show needs at least 2 channels (the colour panel plots two directions)")
     H = W = size or SHOW_SIZE
+    if stats is not None:
+        H, W = stats.shape
     if isinstance(spec.spectral, SpectralTable):
         table_hw = spec.spectral.shape
-        if size is not None and (H, W) != table_hw:
-            raise UsageError(f"--size {size}: the spec's SpectralTable is "
+        if (size is not None or stats is not None) and (H, W) != table_hw:
+            option = f"--size {size}" if stats is None else "--stats"
+            raise UsageError(f"{option}: {H}x{W} planes, but the spec's SpectralTable is "
                              f"{table_hw[0]}x{table_hw[1]}")
         H, W = table_hw
     return C, H, W
@@ -90,11 +117,28 @@ def _print_rows(rows: list[viz.FigureRow], rows_power) -> None:
               f"{100 * measured:.1f}% (exact {100 * exact:.1f}%)")
 
 
+def _check_snr(spec: NoiseSpec, shape, stats, threshold: float, schedule_name: str) -> None:
+    """The terminal-SNR summary (stdout) and one warning per offending band/direction (stderr)."""
+    data = stats if stats is not None else diagnostics.DataStatistics.white(*shape)
+    snr = diagnostics.terminal_snr(spec, diagnostics.named_schedule(schedule_name), data)
+    found = snr.offenders(threshold)
+    what = "the --stats data" if stats is not None else "white unit-variance data"
+    print(f"  terminal SNR at t = {snr.T - 1} ({schedule_name} VP schedule) on {what}: max over "
+          f"bands {float(snr.terminal_band_snr.max()):.3g}, over principal directions "
+          f"{float(snr.terminal_direction_snr.max()):.3g}; threshold {threshold:g}: "
+          + ("ok" if not found else f"{len(found)} above, see the warnings"))
+    diagnostics.print_warnings(snr, threshold, "show")
+
+
 def run(spec_path: str, out: Path, *, timesteps=(0, 500, 999), size: int | None = None,
-        channels: int | None = None, seed: int = 0) -> int:
+        channels: int | None = None, seed: int = 0, stats=None,
+        snr_threshold: float = diagnostics.SNR_THRESHOLD, snr_schedule: str = "linear") -> int:
     """``anisodiff show``: draw the noise of the spec JSON at ``spec_path`` at ``timesteps`` (once
     for a spec that does not change with t), print the measured and exact statistics and save the
-    picture to ``out``. Returns the exit code (1: no matplotlib); a bad spec or option raises
+    picture to ``out``. First the terminal SNR of the spec on the data (the ``stats`` JSON of
+    ``anisodiff fit --report``, else white unit-variance data) on the ``snr_schedule`` VP schedule:
+    one warning line on stderr per band or principal direction above ``snr_threshold``. Returns the
+    exit code (1: no matplotlib); a bad spec or option raises
     :class:`~anisodiff._argtypes.UsageError`."""
     out = Path(out)
     try:
@@ -105,15 +149,17 @@ def run(spec_path: str, out: Path, *, timesteps=(0, 500, 999), size: int | None 
         raise UsageError(str(exc)) from None
     except (KeyError, TypeError) as exc:  # a field missing or of the wrong type
         raise UsageError(f"{spec_path}: not a valid spec ({type(exc).__name__}: {exc})") from None
-    C, H, W = shape = _show_shape(spec, channels, size)
+    data_stats = None if stats is None else _load_stats(stats)
+    C, H, W = shape = _show_shape(spec, channels, size, data_stats)
     schedule = VPSchedule.linear(T=SHOW_T)
     axis, axis_name = _show_axis(spec, C)
+    print(f"anisodiff show: {spec_path}, {C}x{H}x{W} planes, linear VP schedule (T = {SHOW_T}), "
+          f"axis {axis_name}")
     try:
+        _check_snr(spec, shape, data_stats, snr_threshold, snr_schedule)
         rows = _show_rows(spec, shape, timesteps, seed, schedule, axis)
     except ValueError as exc:  # e.g. a squeeze schedule table of another length
         raise UsageError(f"{spec_path}: {exc}") from None
-    print(f"anisodiff show: {spec_path}, {C}x{H}x{W} planes, linear VP schedule (T = {SHOW_T}), "
-          f"axis {axis_name}")
     _print_rows(rows, [(viz.low_frequency_share(r.power_measured),
                         viz.low_frequency_share(r.power_analytic)) for r in rows])
     if importlib.util.find_spec("matplotlib") is None:
