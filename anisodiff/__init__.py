@@ -12,10 +12,11 @@ from .fit import ChannelPCA, Spectrum, fit_channel_pca, fit_spectrum, fit_statis
 from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
 from .sampling import AnisotropicNoise
 from .schedule import VPSchedule
-from .spec import Band, NoiseSpec, OffsetNoise, PowerLaw, SpectralTable, Squeeze, TwoBand
+from .spec import Band, NoiseSpec, OffsetNoise, PowerLaw, PyramidNoise, SpectralTable, Squeeze, TwoBand
 
 __all__ = [
     "AnisotropicNoise", "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "OffsetNoise",
+    "PyramidNoise",
     "VPSchedule",
     "white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance",
     "fit_channel_pca", "fit_spectrum", "fit_statistics", "ChannelPCA", "Spectrum",

@@ -18,13 +18,16 @@ from typing import Sequence
 
 import torch
 
-from .spec import Band, NoiseSpec, PowerLaw, SpectralTable, Squeeze, TwoBand
+from .pyramid import expected_power as _pyramid_power
+from .pyramid import pyramid_noise_like  # noqa: F401 - the trainers' exact recipe, part of the spec
+from .spec import Band, NoiseSpec, PowerLaw, PyramidNoise, SpectralTable, Squeeze, TwoBand
 
 __all__ = [
     "philox4x32_10", "uint32_to_uniform", "box_muller", "randn4x", "white_noise",
     "radius", "spectral_weights", "calibration", "filter_planes", "spatial_noise",
     "squeeze_profile", "squeeze_strengths", "squeeze_matrices", "apply_operator",
     "shaped_noise", "add_noise", "covariance", "TARGETS",
+    "pyramid_noise_like",
 ]
 
 TARGETS = ("epsilon", "v", "x0", "flow")
@@ -154,6 +157,8 @@ def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, lis
             raise ValueError(f"spectral: SpectralTable is {sp.shape[0]}x{sp.shape[1]} but the noise "
                              f"planes are {H}x{W}")
         planes, gammas = [sp.weights.to(torch.float64)], [1.0]
+    elif isinstance(sp, PyramidNoise):  # the expected power spectrum of the trainers' recipe
+        planes, gammas = [_pyramid_power(H, W, sp.iterations, sp.discount).sqrt()], [1.0]
     else:  # pragma: no cover - NoiseSpec validates the type
         raise TypeError(f"spectral: unsupported {type(sp).__name__}")
     for plane, gamma in zip(planes, gammas):
@@ -190,6 +195,9 @@ def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor |
         else:
             stages.append((w, gamma))
     if spec.offset is not None:
+        if spec.offset.random_strength:
+            raise ValueError("offset: random_strength=True draws a new strength every training step; "
+                             "pass the step's spec, spec.draw_offset(generator), to the op")
         stages = _with_offset(stages, spec.offset.strength, H, W)
     return stages
 

@@ -21,6 +21,7 @@ __all__ = [
     "Band",
     "TwoBand",
     "SpectralTable",
+    "PyramidNoise",
     "OffsetNoise",
     "NoiseSpec",
     "SPEC_FORMAT",
@@ -381,7 +382,46 @@ class SpectralTable(_Immutable):
         return f"SpectralTable([{self.shape[0]}x{self.shape[1]}])"
 
 
-_SPECTRAL_TYPES = {"power_law": PowerLaw, "band": Band, "two_band": TwoBand, "table": SpectralTable}
+class PyramidNoise(_Immutable):
+    """Pyramid (multi-resolution) noise as a spectral part: the trainers'
+    ``--multires_noise_iterations`` / ``--multires_noise_discount`` (kohya sd-scripts'
+    ``pyramid_noise_like``), as the stationary Gaussian noise with the SAME EXPECTED POWER SPECTRUM
+    (``anisodiff/pyramid.py``: derived exactly over the recipe's random scale factors, its
+    stopping rule and its global std; in the limit of many planes per call). It fuses like any
+    spectral part. It is not the recipe draw for draw, nor in every statistic: the recipe's noise
+    is non-stationary, non-Gaussian and couples a batch through its per-call scale factors and
+    std. The exact recipe is :func:`anisodiff.reference.pyramid_noise_like`.
+
+    Args:
+        iterations: the recipe's levels ``L`` (an integer in [1, 64]).
+        discount: the amplitude ratio between levels, in [0, 1].
+
+    The weights are ``sqrt`` of that spectrum: mean square 1, so ``"calibrated"`` leaves them as
+    they are. The radius convention of the spec does not apply (the spectrum is not radial).
+    """
+
+    kind = "pyramid"
+
+    def __init__(self, iterations: int = 6, discount: float = 0.4):
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
+            raise TypeError(f"iterations: expected an integer, got {type(iterations).__name__}")
+        self.iterations = int(iterations)
+        if not 1 <= self.iterations <= 64:
+            raise ValueError(f"iterations: must be in [1, 64], got {self.iterations}")
+        self.discount = _finite_float(discount, "discount")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError(f"discount: must be in [0, 1], got {self.discount}")
+        self._seal()
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "iterations": self.iterations, "discount": self.discount}
+
+    def __repr__(self) -> str:
+        return f"PyramidNoise(iterations={self.iterations}, discount={self.discount})"
+
+
+_SPECTRAL_TYPES = {"power_law": PowerLaw, "band": Band, "two_band": TwoBand, "table": SpectralTable,
+                   "pyramid": PyramidNoise}
 
 
 def _spectral_from_dict(d: dict):
@@ -393,7 +433,7 @@ def _spectral_from_dict(d: dict):
     args = {k: v for k, v in d.items() if k != "type"}
     fields = {"power_law": ({"alpha"}, {"eps"}), "band": ({"a", "b"}, set()),
               "two_band": ({"gamma_low", "low", "gamma_high", "high"}, {"mixture"}),
-              "table": ({"weights"}, set())}
+              "table": ({"weights"}, set()), "pyramid": ({"iterations", "discount"}, set())}
     required, optional = fields[kind]
     _check_keys(args, "spectral", required | optional)
     missing = sorted(required - set(args))
@@ -421,26 +461,36 @@ class OffsetNoise(_Immutable):
     ``S(t)`` like the rest: ``n = S(t) (T_w eps + strength m)``, ``m ~ N(0, 1)`` per (b, c). The
     calibration ``c`` is computed from the spectral part alone, so, as in the trainers' recipe,
     the offset ADDS ``strength^2`` per pixel. Equal to the trainers' noise in distribution (not
-    draw for draw: the offset is the DC part of the same white draw, not a second one)."""
+    draw for draw: the offset is the DC part of the same white draw, not a second one).
 
-    def __init__(self, strength: float):
+    ``random_strength=True`` is kohya's ``--noise_offset_random_strength``: every training step
+    uses the strength ``u * strength``, ``u ~ U[0, 1)`` drawn once per step and shared by the
+    batch. Such a spec is a family of specs, one per step: :meth:`NoiseSpec.draw_offset` gives the
+    step's spec (a per-call DC weight; the fused ops run it in their single pass), and the ops
+    refuse the family itself."""
+
+    def __init__(self, strength: float, random_strength: bool = False):
         self.strength = _finite_float(strength, "strength")
         if self.strength < 0:
             raise ValueError(f"strength: must be >= 0, got {self.strength}")
+        if not isinstance(random_strength, bool):
+            raise TypeError(f"random_strength: expected a bool, got {type(random_strength).__name__}")
+        self.random_strength = random_strength
         self._seal()
 
     def to_dict(self) -> dict:
-        return {"strength": self.strength}
+        # "random_strength" only when set, so fixed offsets read in every anisodiff version
+        return {"strength": self.strength, **({"random_strength": True} if self.random_strength else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "OffsetNoise":
-        _check_keys(d, "offset", {"strength"})
+        _check_keys(d, "offset", {"strength", "random_strength"})
         if "strength" not in d:
             raise ValueError("offset.strength: missing")
-        return cls(d["strength"])
+        return cls(d["strength"], d.get("random_strength", False))
 
     def __repr__(self) -> str:
-        return f"OffsetNoise({self.strength})"
+        return f"OffsetNoise({self.strength}" + (", random_strength=True)" if self.random_strength else ")")
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +501,9 @@ class NoiseSpec(_Immutable):
 
     Args:
         squeeze: a :class:`Squeeze` (channel part, SDM/HDM) or None.
-        spectral: a :class:`PowerLaw`, :class:`Band`, :class:`TwoBand` or :class:`SpectralTable`
-            (spatial part, SAGD) or None.
+        spectral: a :class:`PowerLaw`, :class:`Band`, :class:`TwoBand`, :class:`SpectralTable`
+            (spatial part, SAGD) or :class:`PyramidNoise` (the trainers' multi-resolution noise)
+            or None.
         normalize: how the spatial part is scaled. ``"calibrated"`` (default): ``c = mean(w^2)^-1/2``,
             exact ``N(0, Sigma_w)`` with unit mean per-pixel variance; ``"per_sample"``: each (b, c)
             plane divided by its spatial std (ddof=0) + 1e-8, as in the SAGD appendix code;
@@ -471,8 +522,8 @@ class NoiseSpec(_Immutable):
         if squeeze is not None and not isinstance(squeeze, Squeeze):
             raise TypeError(f"squeeze: expected anisodiff.Squeeze or None, got {type(squeeze).__name__}")
         if spectral is not None and not isinstance(spectral, tuple(_SPECTRAL_TYPES.values())):
-            raise TypeError("spectral: expected PowerLaw, Band, TwoBand, SpectralTable or None, "
-                            f"got {type(spectral).__name__}")
+            raise TypeError("spectral: expected PowerLaw, Band, TwoBand, SpectralTable, PyramidNoise "
+                            f"or None, got {type(spectral).__name__}")
         self.squeeze = squeeze
         self.spectral = spectral
         self.normalize = _choice(normalize, "normalize", NORMALIZE_MODES)
@@ -486,6 +537,19 @@ class NoiseSpec(_Immutable):
                              "divides a constant plane out again)")
         self.offset = offset
         self._seal()
+
+    def draw_offset(self, generator: torch.Generator | None = None) -> "NoiseSpec":
+        """The spec of one training step for a random-strength offset (kohya's
+        ``--noise_offset_random_strength``): the offset strength ``u * strength`` with one
+        ``u ~ U[0, 1)`` from ``generator`` (torch's global generator when None) for the whole call.
+        Conditionally on u the noise is Gaussian with ``Sigma = S S^T (x) (Sigma_w + (u strength)^2
+        1 1^T)``; over steps the offset variance averages to ``strength^2 / 3``. Any other spec is
+        returned as it is."""
+        if self.offset is None or not self.offset.random_strength:
+            return self
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        return NoiseSpec(self.squeeze, self.spectral, normalize=self.normalize, radius=self.radius,
+                         offset=OffsetNoise(u * self.offset.strength))
 
     def spatial_part(self) -> "NoiseSpec":
         """This spec without its squeeze: the spatial filter (spectral part and offset)."""
