@@ -28,7 +28,8 @@ Rationale of the current order (no GPU measurements yet; update the table from
 """
 from __future__ import annotations
 
-__all__ = ["PREFERENCE", "FALLBACK", "spec_kind", "choose", "triton_supports", "cuda_supports",
+__all__ = ["PREFERENCE", "FALLBACK", "FEATURES", "BACKEND_FEATURES", "missing_features", "spec_kind",
+           "choose", "triton_supports", "cuda_supports",
            "CUDA_MAX_FFT_PRIME", "largest_prime_factor", "TRITON_MAX_SAMPLE_ELEMENTS",
            "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS", "TRITON_AUTO_MAX_CHANNELS"]
 
@@ -44,6 +45,23 @@ PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 FALLBACK: tuple[str, ...] = ("reference",)  # any other device type (mps, xpu, ...)
+
+# Problem features beyond the [B, C, H, W] image case, and the backends that implement them. "auto"
+# skips a backend that lacks a feature of the call; naming one raises (anisodiff.ops).
+#   "frames":  a [B, C, F, H, W] video tensor with F > 1 (5-D with F = 1 is the 4-D problem)
+#   "perturb": add_noise(..., input_perturbation=gamma) with gamma > 0
+FEATURES = ("frames", "perturb")
+BACKEND_FEATURES: dict[str, frozenset] = {
+    "reference": frozenset(FEATURES),
+    "cpu": frozenset({"frames", "perturb"}),
+    "triton": frozenset({"frames"}),
+    "cuda": frozenset(),  # csrc/cuda: not yet (the glue refuses both, csrc/cuda/ops_cuda.cpp)
+}
+
+
+def missing_features(backend: str, needs) -> list[str]:
+    """The features of ``needs`` that ``backend`` does not implement (sorted)."""
+    return sorted(set(needs) - BACKEND_FEATURES.get(backend, frozenset()))
 
 # Sizes are of the padded sample [CP, HP, WP]: powers of two, H and W padded to >= 16.
 # Hard limit of backend="triton": up to 4 x 64 x 64 (SD latents, 3 x 64 x 64 images). It works, but
@@ -118,12 +136,13 @@ def cuda_supports(kind: str, channels: int, height: int, width: int) -> bool:
                                         largest_prime_factor(width)) <= CUDA_MAX_FFT_PRIME
 
 
-def choose(device_type: str, kind: str, available, plane=None) -> str:
+def choose(device_type: str, kind: str, available, plane=None, needs=()) -> str:
     """The first backend of the table row that is in ``available`` and supports the problem.
-    ``plane``: ``(C, H, W)`` or None (unknown: no size limit applied)."""
+    ``plane``: ``(C, H, W)`` or None (unknown: no size limit applied); ``needs``: features of
+    :data:`FEATURES` the call uses."""
     order = PREFERENCE.get(device_type, {}).get(kind, FALLBACK)
     for backend in (*order, *FALLBACK):
-        if backend not in available:
+        if backend not in available or missing_features(backend, needs):
             continue
         if backend == "triton" and plane is not None and not triton_supports(kind, *plane, auto=True):
             continue

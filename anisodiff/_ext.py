@@ -84,15 +84,17 @@ def _why_missing(backend: str, device: torch.device) -> str:
     return ""
 
 
-def require_backend(backend: str, device: torch.device, kind: str = "spectral", plane=None) -> str:
+def require_backend(backend: str, device: torch.device, kind: str = "spectral", plane=None,
+                    needs=()) -> str:
     """Resolve ``backend`` ("auto" or a name) for ``device``; raise a clear error if unavailable.
 
     ``kind``: "elementwise" or "spectral" (anisodiff._autoselect.spec_kind); ``plane``: (C, H, W),
-    so "auto" skips a backend that cannot take the problem."""
+    so "auto" skips a backend that cannot take the problem; ``needs``: the features of
+    anisodiff._autoselect.FEATURES the call uses ("auto" skips backends without them)."""
     device = torch.device(device)
     avail = available_backends(device)
     if backend == "auto":
-        return _autoselect.choose(device.type, kind, avail, plane)
+        return _autoselect.choose(device.type, kind, avail, plane, needs)
     if backend not in _KNOWN:
         raise ValueError(f"backend: must be 'auto' or one of {list(_KNOWN)}, got {backend!r}")
     if backend not in avail:

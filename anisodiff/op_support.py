@@ -34,7 +34,7 @@ def check_devices(op: str, anchor_name: str, anchor: torch.Tensor, stream: torch
 
 
 def add_noise_fake(x0, timesteps, coef, axes, weights, gammas, variant, normalize, target, stream,
-                   noise):
+                   noise, perturb=0.0):
     check_devices("add_noise", "x0", x0, stream, timesteps=timesteps, coef=coef, axes=axes,
                   weights=weights, noise=noise)
     return torch.empty_like(x0), torch.empty_like(x0)
@@ -55,17 +55,21 @@ def ddpm_step_fake(sample, model_output, params, axes, weights, gammas, normaliz
 
 
 def add_noise_setup_context(ctx, inputs, output):
-    _, timesteps, coef = inputs[:3]
+    x0, timesteps, coef = inputs[:3]
     ctx.target = inputs[8]
+    ctx.num_inputs = len(inputs)
+    ctx.data_dims = x0.dim()  # 4, or 5 for video [B, C, F, H, W]
     ctx.save_for_backward(timesteps, coef)
 
 
 def add_noise_backward(ctx, grad_xt, grad_target):
     """The add_noise autograd w.r.t. x0, shared by every backend's op (same schema)."""
-    # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow)
+    # x_t = a x0 + b n; d target / d x0 = 0 (epsilon), -b (v), 1 (x0), -1 (flow). The input
+    # perturbation only changes n, so it does not enter the gradient.
     timesteps, coef = ctx.saved_tensors
-    a = coef[timesteps, 0].view(-1, 1, 1, 1)
-    b = coef[timesteps, 1].view(-1, 1, 1, 1)
+    view = (-1,) + (1,) * (ctx.data_dims - 1)
+    a = coef[timesteps, 0].view(view)
+    b = coef[timesteps, 1].view(view)
     grad = None
     if grad_xt is not None:
         grad = grad_xt * a.to(grad_xt.dtype)
@@ -73,7 +77,7 @@ def add_noise_backward(ctx, grad_xt, grad_target):
         d = {TARGET_CODES["v"]: -b, TARGET_CODES["x0"]: torch.ones_like(b),
              TARGET_CODES["flow"]: -torch.ones_like(b)}[ctx.target].to(grad_target.dtype)
         grad = grad_target * d if grad is None else grad + grad_target * d
-    return (grad,) + (None,) * 10
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 def register_compiled_ops() -> None:

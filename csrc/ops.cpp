@@ -24,9 +24,9 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
     const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
     const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
     int64_t normalize, int64_t target, const at::Tensor& stream,
-    const std::optional<at::Tensor>& noise) {
+    const std::optional<at::Tensor>& noise, double perturb) {
   PreparedOp op = prepare_add_noise(KernelDevice::cpu(), x0, timesteps, coef, axes, weights, gammas,
-                                    variant, normalize, target, stream, noise);
+                                    variant, normalize, target, stream, noise, perturb);
   launch_cpu(op.problem);
   return {op.out0, op.out1};
 }
@@ -59,7 +59,7 @@ TORCH_LIBRARY(anisodiff, m) {
   m.def(
       "add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
       "float[] gammas, int variant, int normalize, int target, Tensor stream, "
-      "Tensor? noise) -> (Tensor, Tensor)");
+      "Tensor? noise, float perturb=0.0) -> (Tensor, Tensor)");
   m.def(
       "shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
       "float[] gammas, int variant, int normalize, Tensor stream, Tensor? noise, "

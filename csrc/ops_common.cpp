@@ -1,6 +1,8 @@
 // Argument checking and problem filling shared by the CPU (ops.cpp) and CUDA (cuda/ops_cuda.cpp) glue.
 #include "ops_common.h"
 
+#include <cmath>
+#include <string>
 #include <tuple>
 
 namespace anisodiff {
@@ -15,13 +17,31 @@ DType storage_dtype(at::ScalarType st, const char* name) {
   }
 }
 
+// [B, C, H, W], or a [B, C, F, H, W] video tensor (any strides, channels_last_3d included): its
+// frame stride goes to frame_stride, the others to stride[0..3] as (b, c, h, w).
 TensorArg tensor_arg(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, ": expected a 4-D [B, C, H, W] tensor, got ", t.dim(), "-D");
+  TORCH_CHECK(t.dim() == 4 || t.dim() == 5, name, ": expected a 4-D [B, C, H, W] or 5-D [B, C, F, H, W] tensor, got ",
+              t.dim(), "-D");
   TensorArg a;
   a.data = const_cast<void*>(t.data_ptr());
   a.dtype = storage_dtype(t.scalar_type(), name);
-  for (int i = 0; i < 4; ++i) a.stride[i] = t.stride(i);
+  const bool video = t.dim() == 5;
+  a.stride[0] = t.stride(0);
+  a.stride[1] = t.stride(1);
+  a.stride[2] = t.stride(video ? 3 : 2);
+  a.stride[3] = t.stride(video ? 4 : 3);
+  a.frame_stride = video ? t.stride(2) : 0;
   return a;
+}
+
+// Sizes of [B, C, H, W] or [B, C, F, H, W] into the problem.
+void fill_sizes(NoiseProblem& p, at::IntArrayRef sizes) {
+  const bool video = sizes.size() == 5;
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.frames = video ? sizes[2] : 1;
+  p.height = sizes[video ? 3 : 2];
+  p.width = sizes[video ? 4 : 3];
 }
 
 void check_on_device(const KernelDevice& dev, const at::Tensor& t) {
@@ -110,14 +130,19 @@ void fill_operator(const KernelDevice& dev, NoiseProblem& p, const at::Tensor& t
   fill_spatial(dev, p, weights, gammas, normalize, st);
 }
 
-void fill_noise(const KernelDevice& dev, NoiseProblem& p, const std::optional<at::Tensor>& noise) {
+// The caller's white draws [D, *data shape]; data_dims: 4 or 5 (video).
+void fill_noise(const KernelDevice& dev, NoiseProblem& p, const std::optional<at::Tensor>& noise,
+                int64_t data_dims) {
   if (!noise.has_value()) return;
   const at::Tensor& n = *noise;
   TORCH_CHECK(n.device() == dev.device, "noise: the ", dev.kernel, " kernel needs it on ", dev.where());
-  TORCH_CHECK(n.dim() == 5 && n.size(0) == p.draws && n.size(1) == p.batch &&
-                  n.size(2) == p.channels && n.size(3) == p.height && n.size(4) == p.width,
-              "noise: expected shape [", p.draws, ", ", p.batch, ", ", p.channels, ", ", p.height,
-              ", ", p.width, "], got ", n.sizes());
+  const bool video = data_dims == 5;
+  TORCH_CHECK(n.dim() == data_dims + 1 && n.size(0) == p.draws && n.size(1) == p.batch &&
+                  n.size(2) == p.channels && (!video || n.size(3) == p.frames) &&
+                  n.size(n.dim() - 2) == p.height && n.size(n.dim() - 1) == p.width,
+              "noise: expected shape [", p.draws, ", ", p.batch, ", ", p.channels, ", ",
+              (video ? std::to_string(p.frames) + ", " : std::string()), p.height, ", ", p.width,
+              "], got ", n.sizes());
   for (int d = 0; d < p.draws; ++d) p.noise[d] = tensor_arg(n.select(0, d), "noise");
 }
 
@@ -127,24 +152,24 @@ PreparedOp prepare_add_noise(const KernelDevice& dev, const at::Tensor& x0, cons
                              const at::Tensor& coef, const at::Tensor& axes,
                              const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
                              int64_t variant, int64_t normalize, int64_t target, const at::Tensor& stream,
-                             const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(x0.dim() == 4, "x0: expected a 4-D [B, C, H, W] tensor, got ", x0.dim(), "-D");
+                             const std::optional<at::Tensor>& noise, double perturb) {
+  TORCH_CHECK(x0.dim() == 4 || x0.dim() == 5, "x0: expected a 4-D [B, C, H, W] or 5-D [B, C, F, H, W] tensor, got ",
+              x0.dim(), "-D");
   TORCH_CHECK(target >= 0 && target <= 3, "target: expected 0..3");
+  TORCH_CHECK(std::isfinite(perturb) && perturb >= 0.0, "perturb: expected a finite value >= 0, got ", perturb);
   TORCH_CHECK(x0.device() == dev.device, "x0: the ", dev.kernel, " kernel needs it on ", dev.where());
   PreparedOp op;
   NoiseProblem& p = op.problem;
-  p.batch = x0.size(0);
-  p.channels = x0.size(1);
-  p.height = x0.size(2);
-  p.width = x0.size(3);
+  fill_sizes(p, x0.sizes());
   fill_operator(dev, p, timesteps, coef, axes, weights, gammas, variant, normalize, stream, op.stream);
-  fill_noise(dev, p, noise);
+  fill_noise(dev, p, noise, x0.dim());
   op.out0 = at::empty_like(x0);
   op.out1 = at::empty_like(x0);
   p.x0 = tensor_arg(x0, "x0");
   p.x_t = tensor_arg(op.out0, "x_t");
   p.out = tensor_arg(op.out1, "target");
   p.target = static_cast<Target>(target);
+  p.perturb = (float)perturb;
   return op;
 }
 
@@ -154,16 +179,14 @@ PreparedOp prepare_shaped_noise(const KernelDevice& dev, c10::SymIntArrayRef sha
                                 int64_t variant, int64_t normalize, const at::Tensor& stream,
                                 const std::optional<at::Tensor>& noise, at::ScalarType dtype) {
   const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(shape);
-  TORCH_CHECK(sizes.size() == 4, "shape: expected [B, C, H, W], got ", sizes);
+  TORCH_CHECK(sizes.size() == 4 || sizes.size() == 5, "shape: expected [B, C, H, W] or [B, C, F, H, W], got ",
+              sizes);
   for (int64_t s : sizes) TORCH_CHECK(s >= 0, "shape: sizes must be non-negative, got ", sizes);
   PreparedOp op;
   NoiseProblem& p = op.problem;
-  p.batch = sizes[0];
-  p.channels = sizes[1];
-  p.height = sizes[2];
-  p.width = sizes[3];
+  fill_sizes(p, sizes);
   fill_operator(dev, p, timesteps, coef, axes, weights, gammas, variant, normalize, stream, op.stream);
-  fill_noise(dev, p, noise);
+  fill_noise(dev, p, noise, (int64_t)sizes.size());
   op.out0 = at::empty(sizes, coef.options().dtype(dtype));
   p.out = tensor_arg(op.out0, "out");
   return op;
@@ -175,16 +198,14 @@ PreparedOp prepare_ddpm_step(const KernelDevice& dev, const at::Tensor& sample,
                              at::ArrayRef<double> gammas, int64_t normalize, int64_t clip,
                              double clip_range, const at::Tensor& stream,
                              const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(sample.dim() == 4, "sample: expected a 4-D [B, C, H, W] tensor, got ", sample.dim(), "-D");
+  TORCH_CHECK(sample.dim() == 4 || sample.dim() == 5,
+              "sample: expected a 4-D [B, C, H, W] or 5-D [B, C, F, H, W] tensor, got ", sample.dim(), "-D");
   TORCH_CHECK(model_output.sizes() == sample.sizes(), "model_output: expected shape ", sample.sizes(),
               ", got ", model_output.sizes());
   for (const at::Tensor* t : {&sample, &model_output, &params, &axes}) check_on_device(dev, *t);
   PreparedOp op;
   NoiseProblem& p = op.problem;
-  p.batch = sample.size(0);
-  p.channels = sample.size(1);
-  p.height = sample.size(2);
-  p.width = sample.size(3);
+  fill_sizes(p, sample.sizes());
   TORCH_CHECK(axes.scalar_type() == at::kFloat && axes.dim() == 2 && axes.is_contiguous() &&
                   axes.size(0) == p.channels && axes.size(1) <= kMaxAxes,
               "axes: expected a contiguous float32 [C, k] tensor with k <= ", kMaxAxes);
@@ -195,7 +216,7 @@ PreparedOp prepare_ddpm_step(const KernelDevice& dev, const at::Tensor& sample,
   TORCH_CHECK(clip >= 0 && clip <= 2, "clip: expected 0 (none), 1 (plain) or 2 (in S^-1 coordinates)");
   op.stream = checked_stream(dev, stream);
   fill_spatial(dev, p, weights, gammas, normalize, op.stream);
-  fill_noise(dev, p, noise);
+  fill_noise(dev, p, noise, sample.dim());
   p.axes = axes.data_ptr<float>();
   p.step_k = (int)k;
   p.step_params = params.data_ptr<float>();

@@ -34,7 +34,7 @@ PreparedOp prepare_add_noise(const KernelDevice& dev, const at::Tensor& x0, cons
                              const at::Tensor& coef, const at::Tensor& axes,
                              const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas,
                              int64_t variant, int64_t normalize, int64_t target, const at::Tensor& stream,
-                             const std::optional<at::Tensor>& noise);
+                             const std::optional<at::Tensor>& noise, double perturb = 0.0);
 
 PreparedOp prepare_shaped_noise(const KernelDevice& dev, c10::SymIntArrayRef shape,
                                 const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
@@ -50,7 +50,7 @@ PreparedOp prepare_ddpm_step(const KernelDevice& dev, const at::Tensor& sample,
                              const std::optional<at::Tensor>& noise);
 
 inline bool is_empty(const NoiseProblem& p) {
-  return p.batch == 0 || p.channels == 0 || p.height == 0 || p.width == 0;
+  return p.batch == 0 || p.channels == 0 || p.frames == 0 || p.height == 0 || p.width == 0;
 }
 
 }  // namespace anisodiff

@@ -76,6 +76,24 @@ def normals_aligned(seed, counter, DRAW: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
+# slices of video tensors: s = b F + f (F = 1 for [B, C, H, W]; csrc/include/anisodiff/problem.h)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _slice_offset(s, F, sb, sf):
+    """Element offset of slice ``s = b F + f`` of a ``[B, C, F, H, W]`` tensor: ``b sb + f sf``."""
+    b = s // F
+    return b * sb + (s - b * F) * sf
+
+
+@triton.jit
+def _stream_plane(s, c, C, F, HW):
+    """Stream index of element (b, c, f, 0, 0) of slice ``s = b F + f``: ``((b C + c) F + f) H W``
+    (the row-major index of ``[B, C, F, H, W]``; F = 1 is the 4-D stream)."""
+    b = s // F
+    return ((b * C + c) * F + (s - b * F)) * HW
+
+
+# ---------------------------------------------------------------------------------------------
 # per-sample coefficients, channel squeeze, mixing
 # ---------------------------------------------------------------------------------------------
 @triton.jit
@@ -217,21 +235,23 @@ def _block_coords(H, W, C: tl.constexpr, CP: tl.constexpr, BLOCK_PIX: tl.constex
 
 
 @triton.jit
-def _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix, h, w, mask, HW,
-                C: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_PIX: tl.constexpr):
-    """White noise (draw 0) of a ``[CP, BLOCK_PIX]`` tile: the caller's, or the canonical stream."""
+def _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, n_sf, F, stream_ptr, sample, chan, first_pix, pix, h, w, mask,
+                HW, C: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_PIX: tl.constexpr,
+                DRAW: tl.constexpr = 0):
+    """White noise (draw DRAW) of a ``[CP, BLOCK_PIX]`` tile of slice ``sample``: the caller's, or
+    the canonical stream."""
     if HAS_NOISE:
-        offs = sample * n_sb + chan[:, None] * n_sc + (h * n_sh + w * n_sw)[None, :]
+        offs = _slice_offset(sample, F, n_sb, n_sf) + chan[:, None] * n_sc + (h * n_sh + w * n_sw)[None, :]
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         seed = tl.load(stream_ptr)
         offset = tl.load(stream_ptr + 1)
-        plane_start = (sample * C + chan) * HW  # linear index of (sample, c, 0, 0)
+        plane_start = _stream_plane(sample, chan, C, F, HW)  # linear index of (b, c, f, 0, 0)
         if ALIGNED:  # HW % 4 == 0: every block row starts on a counter
             counter = offset + ((plane_start + first_pix) >> 2)[:, None] + tl.arange(0, BLOCK_PIX // 4)[None, :]
-            eps = normals_aligned(seed, counter, 0)
+            eps = normals_aligned(seed, counter, DRAW)
         else:
-            eps = normals_per_element(seed, offset, plane_start[:, None] + pix[None, :], 0)
+            eps = normals_per_element(seed, offset, plane_start[:, None] + pix[None, :], DRAW)
     return eps
 
 
@@ -244,24 +264,25 @@ def squeeze_mix_kernel(
     n_sb, n_sc, n_sh, n_sw,
     xt_sb, xt_sc, xt_sh, xt_sw,
     out_sb, out_sc, out_sh, out_sw,
+    F, x0_sf, n_sf, xt_sf, out_sf,
     C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, HAS_X0: tl.constexpr,
     HAS_NOISE: tl.constexpr, TARGET: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
     BLOCK_PIX: tl.constexpr,
 ):
-    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)
+    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)  # sample: the slice b F + f
     HW = H * W
-    eps = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix,
-                              h, w, mask, HW, C, HAS_NOISE, ALIGNED, BLOCK_PIX)
+    eps = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, n_sf, F, stream_ptr, sample, chan, first_pix,
+                              pix, h, w, mask, HW, C, HAS_NOISE, ALIGNED, BLOCK_PIX)
 
-    row, valid = _coef_row(timesteps_ptr, sample, num_rows)
+    row, valid = _coef_row(timesteps_ptr, sample // F, num_rows)
     a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
     b = tl.load(coef_ptr + row * (2 + K) + 1)
 
     n = tl.where(valid, _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C, K, HEISENBERG), float("nan"))
 
-    x0_offs = sample * x0_sb + chan[:, None] * x0_sc + (h * x0_sh + w * x0_sw)[None, :]
-    xt_offs = sample * xt_sb + chan[:, None] * xt_sc + (h * xt_sh + w * xt_sw)[None, :]
-    out_offs = sample * out_sb + chan[:, None] * out_sc + (h * out_sh + w * out_sw)[None, :]
+    x0_offs = _slice_offset(sample, F, x0_sb, x0_sf) + chan[:, None] * x0_sc + (h * x0_sh + w * x0_sw)[None, :]
+    xt_offs = _slice_offset(sample, F, xt_sb, xt_sf) + chan[:, None] * xt_sc + (h * xt_sh + w * xt_sw)[None, :]
+    out_offs = _slice_offset(sample, F, out_sb, out_sf) + chan[:, None] * out_sc + (h * out_sh + w * out_sw)[None, :]
     _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
 
 
@@ -274,42 +295,45 @@ def step_elementwise_kernel(
     n_sb, n_sc, n_sh, n_sw,
     p_sb, p_sc, p_sh, p_sw,
     o_sb, o_sc, o_sh, o_sw,
+    F, x_sf, e_sf, n_sf, p_sf, o_sf,
     C: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
     CP: tl.constexpr, BLOCK_PIX: tl.constexpr,
 ):
     """ddpm_step without a spatial part: the white step noise of squeeze_mix_kernel (no squeeze)."""
-    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)
-    n = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, stream_ptr, sample, chan, first_pix, pix,
+    sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)  # sample: the slice b F + f
+    n = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, n_sf, F, stream_ptr, sample, chan, first_pix, pix,
                             h, w, mask, H * W, C, HAS_NOISE, ALIGNED, BLOCK_PIX)
     c2 = chan[:, None]
     h2 = h[None, :]
     w2 = w[None, :]
     _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr,
-                    sample * x_sb + c2 * x_sc + h2 * x_sh + w2 * x_sw,
-                    sample * e_sb + c2 * e_sc + h2 * e_sh + w2 * e_sw,
-                    sample * p_sb + c2 * p_sc + h2 * p_sh + w2 * p_sw,
-                    sample * o_sb + c2 * o_sc + h2 * o_sh + w2 * o_sw,
-                    mask, params_ptr, axes_ptr, sample, chan, clip_range, C, K, CLIP)
+                    _slice_offset(sample, F, x_sb, x_sf) + c2 * x_sc + h2 * x_sh + w2 * x_sw,
+                    _slice_offset(sample, F, e_sb, e_sf) + c2 * e_sc + h2 * e_sh + w2 * e_sw,
+                    _slice_offset(sample, F, p_sb, p_sf) + c2 * p_sc + h2 * p_sh + w2 * p_sw,
+                    _slice_offset(sample, F, o_sb, o_sf) + c2 * o_sc + h2 * o_sh + w2 * o_sw,
+                    mask, params_ptr, axes_ptr, sample // F, chan, clip_range, C, K, CLIP)
 
 
 # ---------------------------------------------------------------------------------------------
 # spatial part: one program per sample, planes on chip
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+def _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                  DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                  HP: tl.constexpr, WP: tl.constexpr):
-    """White plane (sample, c_in) of draw DRAW as an ``[HP, WP]`` tile, zero outside ``H x W``."""
+    """White plane c_in of slice ``sample`` (= b F + f) of draw DRAW as an ``[HP, WP]`` tile, zero
+    outside ``H x W``. HAS_NOISE: the caller's draw DRAW (0 or 1), else the stream."""
     rows = tl.arange(0, HP).to(tl.int64)
     cols = tl.arange(0, WP).to(tl.int64)
     mask = (rows[:, None] < H) & (cols[None, :] < W)
     if HAS_NOISE:
         c64 = tl.full([], c_in, tl.int64)  # the loop index is int32
         # DRAW is 0 or 1: DRAW * n_sd cannot wrap; it is added to the int64 part
-        offs = sample * n_sb + c64 * n_sc + (rows[:, None] * n_sh + cols[None, :] * n_sw) + DRAW * n_sd
+        offs = (_slice_offset(sample, F, n_sb, n_sf) + c64 * n_sc + (rows[:, None] * n_sh + cols[None, :] * n_sw)
+                + DRAW * n_sd)
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        row_start = ((sample * C + c_in) * H + rows) * W  # linear index of (sample, c_in, h, 0)
+        row_start = _stream_plane(sample, c_in, C, F, H * W) + rows * W  # linear index of (b, c_in, f, h, 0)
         if ALIGNED:  # W % 4 == 0: every row starts on a counter
             counter = offset + (row_start >> 2)[:, None] + tl.arange(0, WP // 4)[None, :]
             eps = normals_aligned(seed, counter, DRAW)
@@ -481,13 +505,13 @@ def _normalize_plane(x, mask, num_pixels, dc):
 
 
 @triton.jit
-def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                    w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
                    DRAW: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                    FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                    DFT_BLOCK: tl.constexpr):
     """N(T_w eps) for one plane of one draw."""
-    x = _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+    x = _white_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                      DRAW, HAS_NOISE, ALIGNED, HP, WP)
     dc = 0.0
     if FILTER:
@@ -504,19 +528,19 @@ def _spatial_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample
 
 
 @triton.jit
-def _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+def _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                   w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask, gamma0, gamma1,
                   DRAWS: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                   FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                   DFT_BLOCK: tl.constexpr):
     """sum_d gamma_d N(T_{w_d} eps_d) for one plane (before any channel squeeze)."""
     plane = gamma0 * _spatial_plane(
-        noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+        noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
         w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
         0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
         plane += gamma1 * _spatial_plane(
-            noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+            noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
             w_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
             1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     return plane
@@ -543,6 +567,7 @@ def spectral_kernel(
     n_sd, n_sb, n_sc, n_sh, n_sw,
     xt_sb, xt_sc, xt_sh, xt_sw,
     out_sb, out_sc, out_sh, out_sw,
+    F, x0_sf, n_sf, xt_sf, out_sf,
     C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_X0: tl.constexpr, HAS_NOISE: tl.constexpr, TARGET: tl.constexpr,
     ALIGNED: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
@@ -556,14 +581,14 @@ def spectral_kernel(
     seed, offset = _stream_words(stream_ptr, HAS_NOISE)
     scratch = scratch_ptr + sample * (2 * HP * WP)  # this program's [2, HP, WP] (FILTER only)
 
-    row, valid = _coef_row(timesteps_ptr, sample, num_rows)
+    row, valid = _coef_row(timesteps_ptr, sample // F, num_rows)
     g = 1.0
     if K > 0:
         g = _complement_gain(coef_ptr, row, C, K, HEISENBERG)
 
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
     for c_in in range(0, C):  # C is a constexpr: a plain loop (the interpreter cannot range over a runtime int)
-        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                               weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
                               gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
         # column c_in of S(t) = g I + sum_k (f_k - g) v_k v_k^T
@@ -581,9 +606,9 @@ def spectral_kernel(
     h3 = rows.to(tl.int64)[None, :, None]
     w3 = cols.to(tl.int64)[None, None, :]
     mask = (c3 < C) & plane_mask[None, :, :]
-    x0_offs = sample * x0_sb + c3 * x0_sc + h3 * x0_sh + w3 * x0_sw
-    xt_offs = sample * xt_sb + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
-    out_offs = sample * out_sb + c3 * out_sc + h3 * out_sh + w3 * out_sw
+    x0_offs = _slice_offset(sample, F, x0_sb, x0_sf) + c3 * x0_sc + h3 * x0_sh + w3 * x0_sw
+    xt_offs = _slice_offset(sample, F, xt_sb, xt_sf) + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
+    out_offs = _slice_offset(sample, F, out_sb, out_sf) + c3 * out_sc + h3 * out_sh + w3 * out_sw
     _mix_and_store(noise, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
 
 
@@ -597,6 +622,7 @@ def step_spectral_kernel(
     n_sd, n_sb, n_sc, n_sh, n_sw,
     p_sb, p_sc, p_sh, p_sw,
     o_sb, o_sc, o_sh, o_sw,
+    F, x_sf, e_sf, n_sf, p_sf, o_sf,
     C: tl.constexpr, K: tl.constexpr, CLIP: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
     HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
@@ -614,7 +640,7 @@ def step_spectral_kernel(
 
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
     for c_in in range(0, C):
-        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, seed, offset, sample, c_in, C, H, W,
+        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                               weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
                               gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
         noise += tl.where(chan == c_in, 1.0, 0.0)[:, None, None] * plane[None, :, :]
@@ -626,8 +652,8 @@ def step_spectral_kernel(
     c2 = chan.to(tl.int64)[:, None]
     mask = (c2 < C) & (h2 < H) & (w2 < W)
     _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr,
-                    sample * x_sb + c2 * x_sc + h2 * x_sh + w2 * x_sw,
-                    sample * e_sb + c2 * e_sc + h2 * e_sh + w2 * e_sw,
-                    sample * p_sb + c2 * p_sc + h2 * p_sh + w2 * p_sw,
-                    sample * o_sb + c2 * o_sc + h2 * o_sh + w2 * o_sw,
-                    mask, params_ptr, axes_ptr, sample, chan, clip_range, C, K, CLIP)
+                    _slice_offset(sample, F, x_sb, x_sf) + c2 * x_sc + h2 * x_sh + w2 * x_sw,
+                    _slice_offset(sample, F, e_sb, e_sf) + c2 * e_sc + h2 * e_sh + w2 * e_sw,
+                    _slice_offset(sample, F, p_sb, p_sf) + c2 * p_sc + h2 * p_sh + w2 * p_sw,
+                    _slice_offset(sample, F, o_sb, o_sf) + c2 * o_sc + h2 * o_sh + w2 * o_sw,
+                    mask, params_ptr, axes_ptr, sample // F, chan, clip_range, C, K, CLIP)

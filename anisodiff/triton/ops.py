@@ -145,7 +145,7 @@ def _check_interpreter(device) -> None:
 
 
 def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, variant, normalize,
-                   stream, noise) -> None:
+                   stream, noise, frames=None) -> None:
     _check_interpreter(device)
     for t, name in ((timesteps, "timesteps"), (coef, "coef"), (axes, "axes")):
         _check_device(t, name, device)
@@ -164,10 +164,11 @@ def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, v
         raise ValueError(f"timesteps: expected an int64 tensor of shape [{B}]")
     if variant not in (0, 1) or (variant == 1 and k >= C):
         raise ValueError("variant: expected 0 (sdm) or 1 (heisenberg, which needs k < C)")
-    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise)
+    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames)
 
 
-def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise) -> None:
+def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames=None) -> None:
+    """frames: F of video data [B, C, F, H, W], None for [B, C, H, W]."""
     """The spatial part, the stream and the caller's noise (shared by every op)."""
     if normalize not in (0, 1):
         raise ValueError("normalize: expected 0 (folded) or 1 (per_sample)")
@@ -188,8 +189,9 @@ def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise
         _check_device(noise, "noise", device)
         if noise.dtype not in _DTYPES:
             raise TypeError(f"noise: expected float32, float16 or bfloat16, got {noise.dtype}")
-        if tuple(noise.shape) != (draws, B, C, H, W):
-            raise ValueError(f"noise: expected shape {[draws, B, C, H, W]}, got {list(noise.shape)}")
+        want = [draws, B, C, H, W] if frames is None else [draws, B, C, frames, H, W]
+        if list(noise.shape) != want:
+            raise ValueError(f"noise: expected shape {want}, got {list(noise.shape)}")
     if weights is not None or normalize == 1:
         if not _autoselect.triton_supports("spectral", C, H, W):
             others = "'cuda' or 'reference'" if device.type == "cuda" else "'cpu' or 'reference'"
@@ -199,8 +201,28 @@ def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise
                 f"[{C}, {H}, {W}] is too large (use backend={others})")
 
 
-def _strides(t: Optional[torch.Tensor], n: int) -> Tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0,) * n
+def _strides(t: Optional[torch.Tensor], n: int = 4) -> Tuple[int, ...]:
+    """(b, c, h, w) strides of a [B, C, H, W] or [B, C, F, H, W] tensor (with a leading draw dim
+    for n = 5: (d, b, c, h, w)); zeros for an absent tensor."""
+    if t is None:
+        return (0,) * n
+    st = tuple(t.stride())
+    if t.dim() == n + 1:  # video: drop the frame stride (see _frame_stride)
+        st = st[:n - 2] + st[n - 1:]
+    return st
+
+
+def _frame_stride(t: Optional[torch.Tensor], n: int = 4) -> int:
+    """The frame stride of a [B, C, F, H, W] tensor (its dim n - 2), 0 for 4-D or absent tensors."""
+    return t.stride(n - 2) if t is not None and t.dim() == n + 1 else 0
+
+
+def _split(shape) -> Tuple[int, int, int, int, int]:
+    """(B, C, F, H, W) of [B, C, H, W] (F = 1) or [B, C, F, H, W]."""
+    if len(shape) == 5:
+        return tuple(int(v) for v in shape)
+    B, C, H, W = (int(v) for v in shape)
+    return B, C, 1, H, W
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +252,8 @@ def _spectral_tables(B, H, W, weights, device, placeholder):
 
 def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize, target,
             stream, noise) -> None:
-    B, C, H, W = shape
+    """One launch over the slices (b, f) of [B, C, H, W] or [B, C, F, H, W] (kernels._slice_offset)."""
+    B, C, F, H, W = _split(shape)
     device = out.device
     k = axes.shape[1]
     # The kernel reads [seed, offset] at run time. A stream drawn from a CUDA generator is already
@@ -245,26 +268,27 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
     x_t_arg = x_t if x_t is not None else out
     common = dict(C=C, K=k, HEISENBERG=variant == 1, HAS_X0=has_x0, HAS_NOISE=has_noise, TARGET=target,
                   CP=_pow2(C))
-    x0_s, xt_s, out_s = _strides(x0, 4), _strides(x_t, 4), out.stride()
+    x0_s, xt_s, out_s = _strides(x0), _strides(x_t), _strides(out)
+    frame_s = (F, _frame_stride(x0), _frame_stride(noise, 5), _frame_stride(x_t), _frame_stride(out))
 
     if weights is None and normalize == 0:  # elementwise: white or squeeze-only
         block = _elementwise_block(H * W, common["CP"])
-        n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
-        kernels.squeeze_mix_kernel[elementwise_grid(B, H * W, block)](
+        n_s = _strides(noise, 5)[1:]
+        kernels.squeeze_mix_kernel[elementwise_grid(B * F, H * W, block)](
             x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
             H, W, coef.shape[0], float(gammas[0]),
-            *x0_s, *n_s, *xt_s, *out_s,
+            *x0_s, *n_s, *xt_s, *out_s, *frame_s,
             ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, **common)
         return
 
-    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, coef)
+    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B * F, H, W, weights, device, coef)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
-    n_s = noise.stride() if has_noise else (0,) * 5
-    kernels.spectral_kernel[spectral_grid(B)](
+    n_s = _strides(noise, 5)
+    kernels.spectral_kernel[spectral_grid(B * F)](
         x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
         weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, coef.shape[0], float(gammas[0]), gamma1,
-        *x0_s, *n_s, *xt_s, *out_s,
+        *x0_s, *n_s, *xt_s, *out_s, *frame_s,
         DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
         ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
         **_spectral_launch_options(HP, WP), **common)
@@ -273,29 +297,31 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
 def _launch_step(sample, model_output, params, axes, weights, gammas, normalize, clip, clip_range, stream,
                  noise, x_prev, x0_hat) -> None:
     """ddpm_step: the step noise of the shaped_noise path with no squeeze, then the step per pixel."""
-    B, C, H, W = sample.shape
+    B, C, F, H, W = _split(sample.shape)
     device = sample.device
     stream = stream.to(device, non_blocking=True)  # graph-safe only if already on the device (_launch)
     has_noise = noise is not None
     noise_arg = noise if has_noise else x_prev
     common = dict(C=C, K=axes.shape[1], CLIP=clip, HAS_NOISE=has_noise, CP=_pow2(C))
-    io_s = (*sample.stride(), *model_output.stride())
-    out_s = (*x_prev.stride(), *x0_hat.stride())
+    io_s = (*_strides(sample), *_strides(model_output))
+    out_s = (*_strides(x_prev), *_strides(x0_hat))
+    frame_s = (F, _frame_stride(sample), _frame_stride(model_output), _frame_stride(noise, 5),
+               _frame_stride(x_prev), _frame_stride(x0_hat))
     if weights is None and normalize == 0:  # white step noise: elementwise
         block = _elementwise_block(H * W, common["CP"])
-        n_s = noise.select(0, 0).stride() if has_noise else (0,) * 4
-        kernels.step_elementwise_kernel[elementwise_grid(B, H * W, block)](
+        n_s = _strides(noise, 5)[1:]
+        kernels.step_elementwise_kernel[elementwise_grid(B * F, H * W, block)](
             sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
-            H, W, float(gammas[0]), float(clip_range), *io_s, *n_s, *out_s,
+            H, W, float(gammas[0]), float(clip_range), *io_s, *n_s, *out_s, *frame_s,
             ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, **common)
         return
-    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B, H, W, weights, device, params)
+    HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B * F, H, W, weights, device, params)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
-    n_s = noise.stride() if has_noise else (0,) * 5
-    kernels.step_spectral_kernel[spectral_grid(B)](
+    n_s = _strides(noise, 5)
+    kernels.step_spectral_kernel[spectral_grid(B * F)](
         sample, model_output, noise_arg, x_prev, x0_hat, params, axes, stream,
         weights if weights is not None else params, cos_h, sin_h, cos_w, sin_w, scratch,
-        H, W, float(gammas[0]), gamma1, float(clip_range), *io_s, *n_s, *out_s,
+        H, W, float(gammas[0]), gamma1, float(clip_range), *io_s, *n_s, *out_s, *frame_s,
         DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
         ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
         **_spectral_launch_options(HP, WP), **common)
@@ -308,20 +334,23 @@ def _launch_step(sample, model_output, params, axes, weights, gammas, normalize,
 def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axes: torch.Tensor,
               weights: Optional[torch.Tensor], gammas: List[float], variant: int, normalize: int,
               target: int, stream: torch.Tensor,
-              noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if x0.dim() != 4:
-        raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got {x0.dim()}-D")
+              noise: Optional[torch.Tensor], perturb: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    if x0.dim() not in (4, 5):
+        raise ValueError(f"x0: expected a 4-D [B, C, H, W] or 5-D [B, C, F, H, W] tensor, got {x0.dim()}-D")
     if x0.dtype not in _DTYPES:
         raise TypeError(f"x0: expected float32, float16 or bfloat16, got {x0.dtype}")
     if target not in (0, 1, 2, 3):
         raise ValueError("target: expected 0..3")
-    B, C, H, W = x0.shape
+    if perturb != 0.0:
+        raise ValueError("input_perturbation: the Triton kernels do not implement it yet; use backend='cpu' "
+                         "or 'reference' (backend='auto' skips Triton for it)")
+    B, C, F, H, W = _split(x0.shape)
     _check_problem(B, C, H, W, x0.device, timesteps, coef, axes, weights, gammas, variant, normalize,
-                   stream, noise)
+                   stream, noise, F if x0.dim() == 5 else None)
     x_t, out = torch.empty_like(x0), torch.empty_like(x0)
     if x0.numel() > 0:
         with _device_guard(x0.device):
-            _launch((B, C, H, W), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
+            _launch(tuple(x0.shape), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
                     target, stream, noise)
     return x_t, out
 
@@ -333,17 +362,17 @@ add_noise.register_fake(op_support.add_noise_fake)
 def shaped_noise(shape: List[int], timesteps: torch.Tensor, coef: torch.Tensor, axes: torch.Tensor,
                  weights: Optional[torch.Tensor], gammas: List[float], variant: int, normalize: int,
                  stream: torch.Tensor, noise: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    if len(shape) != 4 or any(s < 0 for s in shape):
-        raise ValueError(f"shape: expected non-negative [B, C, H, W], got {list(shape)}")
+    if len(shape) not in (4, 5) or any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative [B, C, H, W] or [B, C, F, H, W], got {list(shape)}")
     if dtype not in _DTYPES:
         raise TypeError(f"dtype: the triton kernel produces float32, float16 or bfloat16, got {dtype}")
-    B, C, H, W = shape
+    B, C, F, H, W = _split(shape)
     _check_problem(B, C, H, W, coef.device, timesteps, coef, axes, weights, gammas, variant, normalize,
-                   stream, noise)
+                   stream, noise, F if len(shape) == 5 else None)
     out = torch.empty(list(shape), device=coef.device, dtype=dtype)
     if out.numel() > 0:
         with _device_guard(out.device):
-            _launch((B, C, H, W), None, None, out, timesteps, coef, axes, weights, gammas, variant,
+            _launch(tuple(shape), None, None, out, timesteps, coef, axes, weights, gammas, variant,
                     normalize, 0, stream, noise)
     return out
 
@@ -358,14 +387,14 @@ def ddpm_step(sample: torch.Tensor, model_output: torch.Tensor, params: torch.Te
               noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One fused DDPM step, as ``torch.ops.anisodiff.ddpm_step``: ``(x_prev, x0_hat)`` in the
     sample's dtype (params: per sample a_t, b_t, then (perp, axes[k]) of S(t), C0, Ct and Sig)."""
-    if sample.dim() != 4:
-        raise ValueError(f"sample: expected a 4-D [B, C, H, W] tensor, got {sample.dim()}-D")
+    if sample.dim() not in (4, 5):
+        raise ValueError(f"sample: expected a 4-D [B, C, H, W] or 5-D [B, C, F, H, W] tensor, got {sample.dim()}-D")
     for t, name in ((sample, "sample"), (model_output, "model_output")):
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output: expected shape {list(sample.shape)}, got {list(model_output.shape)}")
-    B, C, H, W = sample.shape
+    B, C, F, H, W = _split(sample.shape)
     device = sample.device
     _check_interpreter(device)
     for t, name in ((model_output, "model_output"), (params, "params"), (axes, "axes")):
@@ -379,7 +408,8 @@ def ddpm_step(sample: torch.Tensor, model_output: torch.Tensor, params: torch.Te
         raise ValueError(f"params: expected a contiguous float32 [{B}, {2 + 4 * (1 + k)}] tensor")
     if clip not in (0, 1, 2):
         raise ValueError("clip: expected 0 (none), 1 (plain) or 2 (in S^-1 coordinates)")
-    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise)
+    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise,
+                   F if sample.dim() == 5 else None)
     x_prev, x0_hat = torch.empty_like(sample), torch.empty_like(sample)
     if sample.numel() > 0:
         with _device_guard(sample.device):

@@ -48,6 +48,7 @@ struct Workspace {
   float* row;        // [3 * W]
   float* step_x;     // [C * H * W] (ddpm_step only)
   float* step_e;     // [C * H * W] (ddpm_step only)
+  float* pert;       // [C * H * W]: the input perturbation n' (add_noise with perturb != 0 only)
 };
 
 int64_t workspace_floats(const NoiseProblem& p);
@@ -56,7 +57,7 @@ Workspace carve_workspace(const NoiseProblem& p, float* base);
 #define ANISO_DECLARE_CAPABILITY(NS)                                                          \
   namespace NS {                                                                             \
   void process_samples(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws, \
-                       int64_t sample_begin, int64_t sample_end);                            \
+                       int64_t slice_begin, int64_t slice_end);                              \
   }
 ANISO_DECLARE_CAPABILITY(cap_default)
 ANISO_DECLARE_CAPABILITY(cap_avx2)

@@ -45,6 +45,7 @@ int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
   w.row = take(3 * p.width);
   w.step_x = take(step_planes);
   w.step_e = take(step_planes);
+  w.pert = take(p.perturb != 0.f && p.x0.data != nullptr ? sample : 0);
   if (ws) *ws = w;
   return used;
 }

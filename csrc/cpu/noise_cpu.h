@@ -21,7 +21,8 @@ class CpuLaunch {
  public:
   explicit CpuLaunch(const NoiseProblem& problem);
   ~CpuLaunch();
-  int64_t num_samples() const { return problem_.batch; }
+  // Work items: the slices (b, f) of [0, batch * frames), each independent (problem.h).
+  int64_t num_samples() const { return problem_.batch * problem_.frames; }
   void run(int64_t sample_begin, int64_t sample_end) const;
   const char* capability_name() const { return capability_name_; }
 

@@ -75,8 +75,9 @@ void generate_normals(float* __restrict out, int64_t i0, int64_t i1, uint64_t se
 // ------------------------------------------------------------------------------------------
 // Strided row I/O with dtype conversion
 // ------------------------------------------------------------------------------------------
-void load_row(const TensorArg& t, int64_t b, int64_t c, int64_t h, int64_t W, float* __restrict dst) {
-  const int64_t base = t.index(b, c, h, 0), sw = t.stride[3];
+// Row (c, h) of the slice at element offset `slice` (TensorArg::slice_offset) into dst[0, W).
+void load_row(const TensorArg& t, int64_t slice, int64_t c, int64_t h, int64_t W, float* __restrict dst) {
+  const int64_t base = slice + c * t.stride[1] + h * t.stride[2], sw = t.stride[3];
   switch (t.dtype) {
     case DType::kFloat32: {
       const float* src = static_cast<const float*>(t.data) + base;
@@ -100,8 +101,8 @@ void load_row(const TensorArg& t, int64_t b, int64_t c, int64_t h, int64_t W, fl
   }
 }
 
-void store_row(const TensorArg& t, int64_t b, int64_t c, int64_t h, int64_t W, const float* __restrict src) {
-  const int64_t base = t.index(b, c, h, 0), sw = t.stride[3];
+void store_row(const TensorArg& t, int64_t slice, int64_t c, int64_t h, int64_t W, const float* __restrict src) {
+  const int64_t base = slice + c * t.stride[1] + h * t.stride[2], sw = t.stride[3];
   switch (t.dtype) {
     case DType::kFloat32: {
       float* dst = static_cast<float*>(t.data) + base;
@@ -440,8 +441,8 @@ void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, 
   apply_channels(e, p.axes, p.k, (int)p.channels, squeeze_coeffs(r, p.k, (int)p.channels, p.variant), proj, HW);
 }
 
-// One DDPM step for sample b; n: its generated (spatially shaped) noise planes.
-void step_sample(const NoiseProblem& p, int64_t b, float* __restrict n, const Workspace& ws) {
+// One DDPM step for slice (b, f); n: its generated (spatially shaped) noise planes.
+void step_sample(const NoiseProblem& p, int64_t b, int64_t f, float* __restrict n, const Workspace& ws) {
   const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W;
   const int k = p.step_k;
   const float* q = p.step_params + b * (2 + 4 * (1 + k));
@@ -449,10 +450,12 @@ void step_sample(const NoiseProblem& p, int64_t b, float* __restrict n, const Wo
   const float *S = q + 2, *C0 = S + (1 + k), *Ct = C0 + (1 + k), *Sig = Ct + (1 + k);
   float* x = ws.step_x;
   float* x0 = ws.step_e;
+  const int64_t sx = p.step_x.slice_offset(b, f), se = p.step_eps.slice_offset(b, f);
+  const int64_t sp = p.out.slice_offset(b, f), s0 = p.out_x0.slice_offset(b, f);
   for (int64_t c = 0; c < C; ++c)
     for (int64_t h = 0; h < H; ++h) {
-      load_row(p.step_x, b, c, h, W, x + (c * H + h) * W);
-      load_row(p.step_eps, b, c, h, W, x0 + (c * H + h) * W);
+      load_row(p.step_x, sx, c, h, W, x + (c * H + h) * W);
+      load_row(p.step_eps, se, c, h, W, x0 + (c * H + h) * W);
     }
   const int64_t total = C * HW;
   for (int64_t i = 0; i < total; ++i) x0[i] = (x[i] - bt * x0[i]) / a;
@@ -463,19 +466,21 @@ void step_sample(const NoiseProblem& p, int64_t b, float* __restrict n, const Wo
     if (p.step_clip == 2) apply_channels(x0, p.axes, k, (int)C, step_matrix(S, k, false), ws.proj, HW);
   }
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) store_row(p.out_x0, b, c, h, W, x0 + (c * H + h) * W);
+    for (int64_t h = 0; h < H; ++h) store_row(p.out_x0, s0, c, h, W, x0 + (c * H + h) * W);
   apply_channels(x0, p.axes, k, (int)C, step_matrix(C0, k, false), ws.proj, HW);
   apply_channels(x, p.axes, k, (int)C, step_matrix(Ct, k, false), ws.proj, HW);
   apply_channels(n, p.axes, k, (int)C, step_matrix(Sig, k, false), ws.proj, HW);
   for (int64_t i = 0; i < total; ++i) x[i] += x0[i] + n[i];
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) store_row(p.out, b, c, h, W, x + (c * H + h) * W);
+    for (int64_t h = 0; h < H; ++h) store_row(p.out, sp, c, h, W, x + (c * H + h) * W);
 }
 
-// Mix one sample's shaped noise n[C][H][W] with x0 and store (or store the noise alone).
-void store_sample(const NoiseProblem& p, int64_t b, const float* __restrict n, float a, float bcoef,
-                  float* __restrict row) {
+// Mix one slice's shaped noise n[C][H][W] with x0 and store (or store the noise alone). n_in: the
+// noise that goes into x_t (n + perturb n' under input perturbation, else n itself).
+void store_sample(const NoiseProblem& p, int64_t b, int64_t f, const float* __restrict n,
+                  const float* __restrict n_in, float a, float bcoef, float* __restrict row) {
   const int64_t C = p.channels, H = p.height, W = p.width;
+  const int64_t s_out = p.out.slice_offset(b, f);
   float* x0 = row;
   float* xt = row + W;
   float* tg = row + 2 * W;
@@ -483,10 +488,10 @@ void store_sample(const NoiseProblem& p, int64_t b, const float* __restrict n, f
     for (int64_t h = 0; h < H; ++h) {
       const float* nr = n + (c * H + h) * W;
       if (p.x0.data == nullptr) {
-        store_row(p.out, b, c, h, W, nr);
+        store_row(p.out, s_out, c, h, W, nr);
         continue;
       }
-      load_row(p.x0, b, c, h, W, x0);
+      load_row(p.x0, p.x0.slice_offset(b, f), c, h, W, x0);
       switch (p.target) {
         case Target::kEpsilon:
           for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kEpsilon, xt[x], tg[x]);
@@ -501,62 +506,95 @@ void store_sample(const NoiseProblem& p, int64_t b, const float* __restrict n, f
           for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kFlow, xt[x], tg[x]);
           break;
       }
-      store_row(p.x_t, b, c, h, W, xt);
-      store_row(p.out, b, c, h, W, tg);
+      if (n_in != n) {  // x_t from the perturbed noise; the target stays that of n
+        const float* pr = n_in + (c * H + h) * W;
+        for (int64_t x = 0; x < W; ++x) xt[x] = a * x0[x] + bcoef * pr[x];
+      }
+      store_row(p.x_t, p.x_t.slice_offset(b, f), c, h, W, xt);
+      store_row(p.out, s_out, c, h, W, tg);
     }
+}
+
+// sum_d gamma_d N(T_{w_d} eps_d) for slice (b, f) into ws.eps[0] (ws.eps[1] holds a second draw).
+// Draw d is the caller's eps when given and use_caller, else the stream with counter word 2 =
+// first_draw + d. The white value of (b, c, f, h, w) is stream index ((b C + c) F + f) H W + h W + w.
+void spatial_slice(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws, int64_t b,
+                   int64_t f, int first_draw, bool use_caller) {
+  const int64_t C = p.channels, F = p.frames, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
+  for (int d = 0; d < p.draws; ++d) {
+    float* e = ws.eps[d];
+    const uint32_t draw = (uint32_t)(first_draw + d);
+    if (use_caller && p.noise[d].data != nullptr) {
+      const int64_t slice = p.noise[d].slice_offset(b, f);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], slice, c, h, W, e + (c * H + h) * W);
+    } else if (F == 1) {  // the sample's planes are one contiguous range of the stream
+      generate_normals(e, b * CHW, (b + 1) * CHW, p.seed, p.offset, draw);
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t start = ((b * C + c) * F + f) * HW;
+        generate_normals(e + c * HW, start, start + HW, p.seed, p.offset, draw);
+      }
+    }
+    float* dc_terms = ws.dc_terms;  // per plane: the DC bin's contribution, added last
+    for (int64_t q = 0; q < C; ++q) dc_terms[q] = 0.f;
+    if (p.weights != nullptr) {
+      // Planes are paired within the slice only (a lone last plane gets a zero partner), so a
+      // slice's noise is bit for bit the same whatever the batch around it.
+      const float* w_t = plan.weights_t + d * HW;
+      for (int64_t q = 0; q < C; q += 2) {
+        float* partner = ws.zero_plane;
+        float unused = 0.f;
+        float& dc_b = q + 1 < C ? dc_terms[q + 1] : unused;
+        if (q + 1 < C) {
+          partner = e + (q + 1) * HW;
+        } else {
+          for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
+        }
+        filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], ws, H, W, dc_terms[q], dc_b);
+      }
+    }
+    for (int64_t q = 0; q < C; ++q) finish_plane(e + q * HW, HW, dc_terms[q], p.per_sample_norm);
+    const float gamma = p.gammas[d];
+    float* acc = ws.eps[0];
+    if (d == 0) {
+      if (gamma != 1.f)
+        for (int64_t i = 0; i < CHW; ++i) acc[i] *= gamma;
+    } else {
+      for (int64_t i = 0; i < CHW; ++i) acc[i] += gamma * e[i];
+    }
+  }
 }
 
 }  // namespace
 
+// Slices s in [slice_begin, slice_end) of [0, batch * frames): b = s / frames, f = s % frames.
 void process_samples(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,
-                     int64_t sample_begin, int64_t sample_end) {
+                     int64_t slice_begin, int64_t slice_end) {
   const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
   const int64_t ncoef = 2 + p.k;
-  for (int64_t b = sample_begin; b < sample_end; ++b) {
-    for (int d = 0; d < p.draws; ++d) {
-      float* e = ws.eps[d];
-      if (p.noise[d].data != nullptr) {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], b, c, h, W, e + (c * H + h) * W);
-      } else {
-        generate_normals(e, b * CHW, (b + 1) * CHW, p.seed, p.offset, (uint32_t)d);
-      }
-      float* dc_terms = ws.dc_terms;  // per plane: the DC bin's contribution, added last
-      for (int64_t q = 0; q < C; ++q) dc_terms[q] = 0.f;
-      if (p.weights != nullptr) {
-        // Planes are paired within the sample only (a lone last plane gets a zero partner), so a
-        // sample's noise is bit for bit the same whatever the batch around it.
-        const float* w_t = plan.weights_t + d * HW;
-        for (int64_t q = 0; q < C; q += 2) {
-          float* partner = ws.zero_plane;
-          float unused = 0.f;
-          float& dc_b = q + 1 < C ? dc_terms[q + 1] : unused;
-          if (q + 1 < C) {
-            partner = e + (q + 1) * HW;
-          } else {
-            for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
-          }
-          filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], ws, H, W, dc_terms[q], dc_b);
-        }
-      }
-      for (int64_t q = 0; q < C; ++q) finish_plane(e + q * HW, HW, dc_terms[q], p.per_sample_norm);
-      const float gamma = p.gammas[d];
-      float* acc = ws.eps[0];
-      if (d == 0) {
-        if (gamma != 1.f)
-          for (int64_t i = 0; i < CHW; ++i) acc[i] *= gamma;
-      } else {
-        for (int64_t i = 0; i < CHW; ++i) acc[i] += gamma * e[i];
-      }
+  const bool perturbed = p.perturb != 0.f && p.x0.data != nullptr;
+  for (int64_t s = slice_begin; s < slice_end; ++s) {
+    const int64_t b = s / p.frames, f = s % p.frames;
+    float* pert = ws.pert;
+    if (perturbed) {  // n'_sp first (it needs the eps buffers too), kept in ws.pert
+      spatial_slice(p, plan, ws, b, f, p.draws, false);
+      for (int64_t i = 0; i < CHW; ++i) pert[i] = ws.eps[0][i];
     }
+    spatial_slice(p, plan, ws, b, f, 0, true);
     float* e = ws.eps[0];
     if (p.step_params != nullptr) {
-      step_sample(p, b, e, ws);
+      step_sample(p, b, f, e, ws);
       continue;
     }
     const float* row = p.coef + p.timesteps[b] * ncoef;
-    if (p.k > 0) squeeze_sample(e, p, row + 2, ws.proj, HW);
-    store_sample(p, b, e, row[0], row[1], ws.row);
+    if (p.k > 0) {
+      squeeze_sample(e, p, row + 2, ws.proj, HW);
+      if (perturbed) squeeze_sample(pert, p, row + 2, ws.proj, HW);
+    }
+    if (perturbed)  // n + gamma n', both through the same operator A(t)
+      for (int64_t i = 0; i < CHW; ++i) pert[i] = e[i] + p.perturb * pert[i];
+    store_sample(p, b, f, e, perturbed ? pert : e, row[0], row[1], ws.row);
   }
 }
 

@@ -17,8 +17,18 @@
 namespace anisodiff {
 namespace {
 
+// What the CUDA kernels (csrc/cuda/*.cu) do not implement yet: refused here with a clear error (and
+// skipped by backend="auto", anisodiff/_autoselect.py BACKEND_FEATURES).
+void check_cuda_supports(const NoiseProblem& p) {
+  TORCH_CHECK(p.frames <= 1, "shape: the CUDA kernels do not take video tensors [B, C, F, H, W] with F > 1 yet "
+              "(got F = ", p.frames, "); use backend='triton' or 'reference', or move the data to the CPU");
+  TORCH_CHECK(p.perturb == 0.f, "input_perturbation: the CUDA kernels do not implement it yet; use "
+              "backend='reference' (or the CPU backend)");
+}
+
 void launch_cuda(const PreparedOp& op, const at::Device& device) {
   const NoiseProblem& p = op.problem;
+  check_cuda_supports(p);
   if (is_empty(p)) return;
   const cuda::LaunchPlan plan = cuda::plan_launch(p, device.index());
   TORCH_CHECK(plan.error == nullptr, plan.error ? plan.error : "");
@@ -33,11 +43,11 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(
     const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
     const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
     int64_t normalize, int64_t target, const at::Tensor& stream,
-    const std::optional<at::Tensor>& noise) {
+    const std::optional<at::Tensor>& noise, double perturb) {
   TORCH_CHECK(x0.is_cuda(), "x0: the CUDA kernel needs it on a CUDA device");
   const c10::cuda::CUDAGuard guard(x0.device());
   const PreparedOp op = prepare_add_noise(KernelDevice::cuda(x0.device()), x0, timesteps, coef, axes, weights,
-                                          gammas, variant, normalize, target, stream, noise);
+                                          gammas, variant, normalize, target, stream, noise, perturb);
   launch_cuda(op, x0.device());
   return {op.out0, op.out1};
 }

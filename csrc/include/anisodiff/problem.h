@@ -10,18 +10,29 @@
 namespace anisodiff {
 
 // A strided [B, C, H, W] view of float32 / float16 / bfloat16 storage; data == nullptr means absent.
+// A 5-D video tensor [B, C, F, H, W] keeps stride[0..3] for (b, c, h, w) and its frame stride in
+// frame_stride (docs/design.md section 6).
 struct TensorArg {
   void* data = nullptr;
   DType dtype = DType::kFloat32;
   int64_t stride[4] = {0, 0, 0, 0};
+  int64_t frame_stride = 0;
 
   ANISO_HD int64_t index(int64_t b, int64_t c, int64_t h, int64_t w) const {
     return b * stride[0] + c * stride[1] + h * stride[2] + w * stride[3];
   }
+  // Element offset of (b, f, 0, 0, 0): add c * stride[1] + h * stride[2] + w * stride[3].
+  ANISO_HD int64_t slice_offset(int64_t b, int64_t f) const { return b * stride[0] + f * frame_stride; }
 };
 
+// Kernels work on "slices" s in [0, batch * frames): b = s / frames, f = s % frames. Slice s reads
+// the timestep / coefficient row of b, element (s, c, h, w) at TensorArg::slice_offset(b, f) +
+// c * stride[1] + h * stride[2] + w * stride[3], and its white value at stream index
+// ((b * C + c) * F + f) * H * W + h * W + w (the row-major index of [B, C, F, H, W]; F = 1 is the
+// 4-D stream). The spatial filter and the per-sample normalisation act on each slice's planes.
 struct NoiseProblem {
   int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t frames = 1;  // F of a [B, C, F, H, W] video tensor; 1 for [B, C, H, W]
 
   // Per-timestep coefficients, gathered per sample: row t of coef is (a_t, b_t, r_1(t) .. r_k(t)).
   const int64_t* timesteps = nullptr;  // [B], every value in [0, coef_rows)
@@ -51,6 +62,10 @@ struct NoiseProblem {
   // add_noise reads x0 and writes x_t and the target into out; shaped_noise writes the noise into out.
   TensorArg x0, x_t, out;
   Target target = Target::kEpsilon;
+  // Input perturbation (DDPM-IP, add_noise only): x_t = a x0 + b (n + perturb n'), the target from n.
+  // n' = A(t) eps' with eps' draw d from the stream (seed, offset), counter word 2 = draws + d
+  // (also when the caller gave eps); 0 = off.
+  float perturb = 0.f;
 
   // ddpm_step (step_params != nullptr): reads step_x (x_t) and step_eps (the model's shaped-noise
   // estimate), writes x_prev into out and x0_hat into out_x0. The generated noise gets no squeeze
