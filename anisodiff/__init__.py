@@ -22,3 +22,9 @@ __all__ = [
     "fit_channel_pca", "fit_spectrum", "fit_statistics", "ChannelPCA", "Spectrum",
     "build_info", "available_backends", "reference", "__version__",
 ]
+
+# diffusers.DiffusionPipeline.from_pretrained finds the anisodiff pipelines once diffusers is
+# imported (anisodiff never imports diffusers itself; see anisodiff/integrations/diffusers_registry.py).
+from .integrations import diffusers_registry as _diffusers_registry  # noqa: E402
+
+_diffusers_registry.install()

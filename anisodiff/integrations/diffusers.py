@@ -48,13 +48,17 @@ time-varying posterior).
 
 Pipelines: :class:`AnisoDDPMPipeline` and :class:`AnisoDDIMPipeline` are ``DDPMPipeline`` /
 ``DDIMPipeline`` whose ``x_T`` is ``init_noise_sigma * A(T - 1) z``. Save them with
-``save_pretrained`` and load them with ``AnisoDDPMPipeline.from_pretrained(path)`` (after importing
-this module; diffusers resolves the scheduler class from it).
+``save_pretrained``; ``diffusers.DiffusionPipeline.from_pretrained(path)`` (or
+``AnisoDDPMPipeline.from_pretrained``) loads them back, with the spec, in any process that has
+imported anisodiff: importing this module registers the pipeline and scheduler classes as
+attributes of the ``diffusers`` module, and ``import anisodiff`` imports it as soon as diffusers is
+imported (:mod:`anisodiff.integrations.diffusers_registry` says why this is the mechanism).
 """
 from __future__ import annotations
 
 import inspect
 import json
+import os
 
 import torch
 
@@ -138,14 +142,58 @@ def _scalar_index(t) -> int:
     return int(torch.as_tensor(t).reshape(-1)[0])
 
 
+_SCHEDULER_NAMES = ("AnisoDDPMScheduler", "AnisoDDIMScheduler", "AnisoEulerDiscreteScheduler",
+                    "AnisoFlowMatchEulerDiscreteScheduler")
+
+
+def _config_file(path, subfolder, config_name: str) -> str:
+    """The config file diffusers' ``load_config`` reads (for error messages)."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return path
+    if subfolder and os.path.isfile(os.path.join(path, subfolder, config_name)):
+        return os.path.join(path, subfolder, config_name)
+    return os.path.join(path, config_name)
+
+
+def _check_saved_spec(config: dict, where: str) -> None:
+    """A config saved by an anisodiff scheduler always has a ``noise_spec`` entry (null when white):
+    refuse one without it or with a spec that does not parse, naming the file. Other configs (a stock
+    ``DDPMScheduler``'s) load as white noise, as ``from_config`` does."""
+    name = config.get("_class_name")
+    if name not in _SCHEDULER_NAMES:
+        return
+    if "noise_spec" not in config:
+        raise ValueError(f"{where}: noise_spec: missing; an {name} config saved by anisodiff always has "
+                         "it (null for white noise), so this file was truncated or edited")
+    try:
+        _as_spec(config["noise_spec"])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: noise_spec: {exc}") from None
+
 class _AnisoSchedulerMixin:
     """Shared by the four schedulers: the spec, white draws with diffusers' generator, shaping."""
 
     noise_spec: NoiseSpec
 
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' ``load_config``, then a check of the saved ``noise_spec``, so a broken or missing
+        entry fails naming the file (``from_pretrained``, also through ``DiffusionPipeline``, reads here)."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        _check_saved_spec(config, _config_file(pretrained_model_name_or_path, kwargs.get("subfolder"),
+                                               cls.config_name))
+        return out
+
     # -- construction -----------------------------------------------------------------------
     def _init_noise_spec(self, noise_spec) -> None:
-        spec = _as_spec(noise_spec)
+        try:
+            spec = _as_spec(noise_spec)
+        except (TypeError, ValueError) as exc:  # name the config entry (load_config adds the file)
+            message = str(exc) if str(exc).startswith("noise_spec") else f"noise_spec: {exc}"
+            raise type(exc)(message) from None
         self.noise_spec = spec
         self._noise_vp_cache = None
         if self._needs_schedule():  # built (the betas validated) now: a bad config fails here
@@ -619,3 +667,21 @@ class AnisoDDIMPipeline(DDIMPipeline):
                                         use_clipped_model_output=use_clipped_model_output,
                                         generator=generator).prev_sample
         return _postprocess(self, image, output_type, return_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: DiffusionPipeline.from_pretrained looks `_class_name` up on the diffusers module
+# ---------------------------------------------------------------------------------------------
+def _register_with_diffusers() -> None:
+    import diffusers as _diffusers_module
+    for cls in (AnisoDDPMPipeline, AnisoDDIMPipeline, AnisoDDPMScheduler, AnisoDDIMScheduler,
+                AnisoEulerDiscreteScheduler, AnisoFlowMatchEulerDiscreteScheduler):
+        current = _diffusers_module.__dict__.get(cls.__name__)
+        lazy = getattr(_diffusers_module, "_class_to_module", {})  # diffusers' own, not yet imported
+        if cls.__name__ in lazy or (current is not None and current is not cls):  # never shadow theirs
+            logger.warning(f"diffusers already has a {cls.__name__}; anisodiff's is not registered")
+            continue
+        setattr(_diffusers_module, cls.__name__, cls)
+
+
+_register_with_diffusers()
