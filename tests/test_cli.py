@@ -342,3 +342,121 @@ def test_fit_and_show_bad_input_exit_with_code_2(bad_inputs, argv, message, caps
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# terminal-SNR warnings of `fit` and `show`; `fit` on cached latents
+# ---------------------------------------------------------------------------------------------
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if ": warning: terminal SNR" in line]
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_show_warns_for_the_papers_dc_floor_and_not_for_a_good_one(tmp_path, capsys):
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    ad.NoiseSpec(spectral=ad.PowerLaw(-0.3)).save(bad)              # eps = 1e-10
+    ad.NoiseSpec(spectral=ad.PowerLaw(-0.3, eps=0.125)).save(good)
+    png = str(tmp_path / "noise.png")
+    assert cli.main(["show", str(bad), "-o", png, "--size", "8"]) == 0
+    captured = capsys.readouterr()
+    lines = _warnings(captured.err)
+    assert len(lines) == 6  # rings 1..6 of the 8x8 plane; DC is drowned
+    for ring in range(1, 7):
+        line = next(l for l in lines if f"band r = {ring}/8 cycles/pixel" in l)
+        assert line.startswith("anisodiff show: warning: terminal SNR ")
+        assert "raise the DC floor eps" in line and "rescale_betas_zero_snr" in line
+    assert "white unit-variance data" in captured.out and "6 above" in captured.out
+    assert cli.main(["show", str(good), "-o", png, "--size", "8"]) == 0
+    captured = capsys.readouterr()
+    assert _warnings(captured.err) == [] and "threshold 0.1: ok" in captured.out
+    # the threshold option: the six SNRs are ~0.20, 0.29, 0.35, 0.42, 0.48, 0.51
+    assert cli.main(["show", str(bad), "-o", png, "--size", "8", "--snr-threshold", "0.4"]) == 0
+    assert len(_warnings(capsys.readouterr().err)) == 3
+    assert cli.main(["show", str(bad), "-o", png, "--size", "8", "--snr-threshold", "0.6"]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+
+
+def test_fit_warns_when_the_fitted_power_law_has_the_papers_floor(tmp_path, capsys):
+    common = ["fit", "procedural", "--limit", "64", "--size", "8", "--spectral", "power_law"]
+    assert cli.main([*common, "-o", str(tmp_path / "a.json"), "--eps", "1e-10"]) == 0
+    captured = capsys.readouterr()
+    lines = _warnings(captured.err)
+    assert lines and all(l.startswith("anisodiff fit: warning: terminal SNR") for l in lines)
+    assert all("band r = " in l and "raise the DC floor eps" in l for l in lines)
+    assert "terminal SNR at t = 999" in captured.out
+    assert cli.main([*common, "-o", str(tmp_path / "b.json")]) == 0  # the default floor
+    captured = capsys.readouterr()
+    assert _warnings(captured.err) == [] and "threshold 0.1: ok" in captured.out
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib not installed")
+def test_fit_on_latents_with_a_report_and_show_with_its_stats(tmp_path, capsys):
+    import safetensors.torch
+
+    from anisodiff.fit import fit_statistics
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(20, 16, 8, 8, generator=g) * torch.linspace(0.5, 2, 16)[:, None, None]
+    (tmp_path / "cache").mkdir()
+    for i, part in enumerate(latents.split(7)):
+        safetensors.torch.save_file({"latents": part.contiguous()},
+                                    str(tmp_path / "cache" / f"{i}.safetensors"))
+    spec_path, report = tmp_path / "spec.json", tmp_path / "stats.json"
+    assert cli.main(["fit", str(tmp_path / "cache"), "-o", str(spec_path), "--k", "2",
+                     "--report", str(report), "--batch-size", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "20 images of 16x8x8" in out and "per channel: mean, std, alpha" in out
+    assert "    c15 " in out and "more channels" not in out  # 16 channels: all listed
+    pca, spectrum = fit_statistics(latents, k=2, progress=False)
+    stats = json.loads(report.read_text())
+    assert stats["shape"] == [16, 8, 8] and stats["pixels"] == 20 * 64
+    assert stats["channels"]["std"] == pytest.approx(pca.std.tolist(), rel=1e-6)
+    assert stats["channels"]["mean"] == pytest.approx(pca.mean.tolist(), rel=1e-6, abs=1e-9)
+    assert torch.allclose(torch.tensor(stats["spectrum"]["radial_power"], dtype=torch.float64),
+                          spectrum.radial_power, rtol=1e-6)
+    assert stats["terminal_snr"]["warnings"] == []
+    assert ad.NoiseSpec.load(spec_path).squeeze.axes.shape == (16, 2)
+    # show reads the data statistics (channels and plane size from them)
+    bad = tmp_path / "bad.json"
+    ad.NoiseSpec(spectral=ad.PowerLaw(-0.3)).save(bad)
+    assert cli.main(["show", str(bad), "-o", str(tmp_path / "n.png"), "--stats", str(report),
+                     "--timesteps", "999"]) == 0
+    captured = capsys.readouterr()
+    assert "16x8x8 planes" in captured.out and "the --stats data" in captured.out
+    assert len(_warnings(captured.err)) >= 3
+
+
+def test_fit_on_video_latents_prints_frames(tmp_path, capsys):
+    video = torch.randn(3, 4, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.save({"latents": video}, tmp_path / "video.pt")
+    assert cli.main(["fit", str(tmp_path / "video.pt"), "-o", str(tmp_path / "s.json")]) == 0
+    assert "3 videos of 4x5x8x8 (15 frames)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def snr_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("snr")
+    torch.save({"mu": torch.zeros(2, 4, 8, 8), "logvar": torch.zeros(2, 4, 8, 8)}, root / "two.pt")
+    ad.NoiseSpec(spectral=ad.PowerLaw(-0.3)).save(root / "spec.json")
+    ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1])).save(root / "rgb.json")
+    (root / "stats.json").write_text('{"data_statistics": {"shape": [8, 8], "covariance": [[1.0]]}}')
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "procedural", "--snr-threshold", "0"], "--snr-threshold"),
+    (["fit", "procedural", "--snr-threshold", "nan"], "--snr-threshold"),
+    (["fit", "procedural", "--snr-schedule", "cosine"], "invalid choice"),
+    (["fit", "procedural", "--limit", "4", "--key", "latents"], "--key applies only"),
+    (["fit", "{root}/two.pt"], "pass key="),
+    (["fit", "{root}/two.pt", "--key", "z"], "no entry 'z'"),
+    (["fit", "{root}/two.pt", "--key", "mu", "--size", "8"], "used as stored"),
+    (["fit", "procedural", "--report", "{root}/nowhere/r.json"], "does not exist"),
+    (["show", "{root}/spec.json", "--stats", "{root}/missing.json"], "cannot read"),
+    (["show", "{root}/spec.json", "--stats", "{root}/stats.json"], "band_power: missing"),
+])
+def test_snr_and_latent_options_bad_input_exit_with_code_2(snr_inputs, argv, message, capsys):
+    argv = [a.replace("{root}", str(snr_inputs)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

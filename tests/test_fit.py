@@ -406,3 +406,192 @@ def test_open_images_resolves_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(datasets.DataError, match="no image files"):
         datasets.open_images(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------------------------
+# cached latents: .npy / .npz / .pt / .safetensors, files and folders, any C, 5-D video
+# ---------------------------------------------------------------------------------------------
+def planted_latents(N=12, C=4, H=8, W=8, seed=0, frames=None):
+    """Latent-like data: correlated channels with a large mean, a spectral tilt."""
+    x, _ = planted_pixels(B=N * (frames or 1), H=H, W=W, seed=seed,
+                          mean=torch.linspace(-1, 2, C, dtype=torch.float64),
+                          eigenvalues=torch.logspace(0, -1, C, dtype=torch.float64))
+    x = ad.reference.filter_planes(x, (ad.reference.radius(H, W) + 0.1) ** -0.5)
+    if frames:
+        x = x.reshape(N, frames, C, H, W).transpose(1, 2).contiguous()
+    return x.float()
+
+
+def _save_latents(path, x, key="latents", **extra):
+    import safetensors.torch
+
+    suffix = path.suffix
+    if suffix == ".npy":
+        np.save(path, x.numpy())
+    elif suffix == ".npz":
+        np.savez_compressed(path, **{key: x.numpy()}, **{k: np.asarray(v) for k, v in extra.items()})
+    elif suffix == ".pt":
+        torch.save({key: x, **extra}, path)
+    else:
+        safetensors.torch.save_file({key: x.contiguous(), **extra}, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz", ".pt", ".safetensors"])
+def test_latent_files_fit_as_the_tensor(tmp_path, suffix):
+    x = planted_latents(C=16)
+    path = tmp_path / f"latents{suffix}"
+    extra = {} if suffix == ".npy" else {"original_size": torch.tensor([64, 64])}
+    _save_latents(path, x, **extra)
+    expected = fit_statistics(x, k=3, progress=False)
+    for data in (path, str(path)):
+        pca, spectrum = fit_statistics(data, k=3, progress=False, batch_size=5)
+        assert torch.allclose(pca.covariance, expected[0].covariance, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(spectrum.power, expected[1].power, rtol=1e-11, atol=1e-15)
+        assert pca.axes.shape == (16, 3) and spectrum.images == 12 and spectrum.frames == 0
+    latents = datasets.open_images(str(path))
+    assert isinstance(latents, datasets.LatentFiles) and len(latents) == 12
+    assert [b.shape[0] for b in latents.batches(5)] == [5, 5, 2] and len(latents.batches(5)) == 3
+    assert torch.equal(latents[7], x[7]) and latents.sample_shape == (16, 8, 8)
+
+
+def test_a_folder_of_single_latents_and_half_precision(tmp_path):
+    """kohya-style caches: one [C, H, W] latent per .npz (with other entries), and fp16 / bf16
+    .pt / .safetensors batches, mixed in one folder."""
+    x = planted_latents(N=10)
+    for i in range(4):
+        _save_latents(tmp_path / f"a{i:02d}.npz", x[i], original_size=np.array([64, 64]))
+    _save_latents(tmp_path / "b.pt", x[4:7].half())
+    (tmp_path / "sub").mkdir()
+    _save_latents(tmp_path / "sub" / "c.safetensors", x[7:].bfloat16())
+    stored = torch.cat([x[:4], x[4:7].half().float(), x[7:].bfloat16().float()])
+    pca, spectrum = fit_statistics(tmp_path, progress=False, batch_size=3)
+    expected_pca, expected_spectrum = fit_statistics(stored, progress=False)
+    assert torch.allclose(pca.covariance, expected_pca.covariance, rtol=1e-12)
+    assert torch.allclose(spectrum.power, expected_spectrum.power, rtol=1e-11)
+    assert spectrum.images == 10
+
+
+def test_video_latents_give_per_frame_statistics(tmp_path):
+    video = planted_latents(N=6, C=16, frames=5)  # [N, C, F, H, W]
+    frames = video.transpose(1, 2).reshape(30, 16, 8, 8)
+    pca, spectrum = fit_statistics(video.split(4), k=2, progress=False)
+    expected_pca, expected_spectrum = fit_statistics(frames, k=2, progress=False)
+    assert torch.allclose(pca.covariance, expected_pca.covariance, rtol=1e-12)
+    assert torch.allclose(spectrum.power, expected_spectrum.power, rtol=1e-11)
+    assert spectrum.frames == 5 and spectrum.images == 30 and pca.count == 30 * 64
+    _save_latents(tmp_path / "video.safetensors", video)
+    from_file = fit_statistics(tmp_path / "video.safetensors", progress=False, batch_size=4)[1]
+    assert torch.allclose(from_file.power, expected_spectrum.power, rtol=1e-11)
+    assert datasets.LatentFiles(tmp_path / "video.safetensors")[2].shape == (16, 5, 8, 8)
+    with pytest.raises(ValueError, match="frames"):
+        fit_statistics([video[:2], frames[:2]], progress=False)
+
+
+def test_torch_load_is_weights_only(tmp_path, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    _save_latents(tmp_path / "x.pt", planted_latents(N=3))
+    fit_statistics(tmp_path / "x.pt", progress=False)
+    assert calls and all(c.get("weights_only") is True for c in calls)
+    assert any(c.get("mmap") for c in calls)
+    monkeypatch.setattr(torch, "load", real_load)
+    # a pickle that is not tensors is refused, and never run
+    torch.save({"latents": planted_latents(N=2), "evil": _DictImages([], "x")}, tmp_path / "p.pt")
+    with pytest.raises(datasets.DataError, match="not a readable pt file"):
+        datasets.LatentFiles(tmp_path / "p.pt")
+
+
+def test_latents_progress_bar(tmp_path, capsys, monkeypatch):
+    _save_latents(tmp_path / "x.npy", planted_latents(N=9))
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the plain fallback
+    fit_statistics(tmp_path / "x.npy", progress=True, batch_size=4)
+    err = capsys.readouterr().err
+    assert "fitting: 3/3" in err
+
+
+def test_bad_latent_files_are_named(tmp_path):
+    x = planted_latents(N=4)
+    nan = x.clone()
+    nan[2, 1, 3, 3] = math.nan
+    cases = {
+        "empty.pt": None,
+        "rank2.npy": np.zeros((4, 8), dtype=np.float32),
+        "rank6.safetensors": torch.zeros(1, 2, 3, 4, 5, 6),
+        "ints.pt": torch.zeros(2, 4, 8, 8, dtype=torch.int32),
+        "bool.safetensors": torch.zeros(2, 4, 8, 8, dtype=torch.bool),
+        "none.npy": np.zeros((0, 4, 8, 8), dtype=np.float32),
+        "nhwc.pt": torch.zeros(2, 16, 16, 4),
+        "nan.safetensors": nan,
+    }
+    messages = {"empty.pt": "the file is empty", "rank2.npy": "got shape [4, 8]",
+                "rank6.safetensors": "[N, C, F, H, W]", "ints.pt": "floating point",
+                "bool.safetensors": "floating point", "none.npy": "holds no latents",
+                "nhwc.pt": "channels-last", "nan.safetensors": "latent 2 of the file contains NaN"}
+    for name, value in cases.items():
+        path = tmp_path / name
+        if value is None:
+            path.write_bytes(b"")
+        elif isinstance(value, np.ndarray):
+            np.save(path, value)
+        else:
+            _save_latents(path, value)
+        with pytest.raises(datasets.DataError, match=__import__("re").escape(messages[name])) as info:
+            fit_statistics(path, progress=False)
+        assert str(path) in str(info.value)
+    (tmp_path / "mixed").mkdir()
+    _save_latents(tmp_path / "mixed" / "a.pt", x)
+    _save_latents(tmp_path / "mixed" / "b.pt", x[:, :3])
+    with pytest.raises(datasets.DataError, match="latents of one shape"):
+        datasets.LatentFiles(tmp_path / "mixed")
+    torch.save({"mu": x, "logvar": x}, tmp_path / "two.pt")
+    with pytest.raises(datasets.DataError, match="pass key="):
+        datasets.LatentFiles(tmp_path / "two.pt")
+    assert len(datasets.LatentFiles(tmp_path / "two.pt", key="mu")) == 4
+    with pytest.raises(datasets.DataError, match="no entry 'z'"):
+        datasets.LatentFiles(tmp_path / "two.pt", key="z")
+    with pytest.raises(ValueError, match="key: applies only"):
+        fit_statistics(x, key="mu", progress=False)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(datasets.DataError, match="no latent files"):
+        datasets.LatentFiles(tmp_path / "nothing")
+
+
+def test_sd_vae_latent_recipe(tmp_path):
+    """The README's recipe: a random-weight tiny AutoencoderKL encodes procedural images into a
+    latent cache (scaled by the VAE's scaling_factor, as diffusers' training scripts do); the fit of
+    the cache equals the fit of the latents, and `anisodiff fit` writes a 4-channel spec."""
+    diffusers = pytest.importorskip("diffusers")
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    images = torch.stack(datasets.ProceduralImages(16, size=32, seed=0).__getitems__(range(16)))
+    (tmp_path / "cache").mkdir()
+    with torch.no_grad():
+        for i, chunk in enumerate(images.split(8)):
+            z = vae.encode(chunk).latent_dist.sample() * vae.config.scaling_factor
+            safetensors.torch.save_file({"latents": z.contiguous()}, str(tmp_path / "cache" / f"{i}.safetensors"))
+    cache = torch.cat([safetensors.torch.load_file(str(tmp_path / "cache" / f"{i}.safetensors"))
+                       ["latents"] for i in range(2)])
+    assert cache.shape == (16, 4, 16, 16)
+    pca, spectrum = fit_statistics(tmp_path / "cache", k=1, progress=False)
+    expected_pca, expected_spectrum = fit_statistics(cache, k=1, progress=False)
+    assert torch.allclose(pca.covariance, expected_pca.covariance, rtol=1e-12)
+    assert torch.allclose(spectrum.power, expected_spectrum.power, rtol=1e-11)
+    from anisodiff import cli
+
+    out, report = tmp_path / "spec.json", tmp_path / "stats.json"
+    assert cli.main(["fit", str(tmp_path / "cache"), "-o", str(out), "--report", str(report)]) == 0
+    assert ad.NoiseSpec.load(out).squeeze.channels == 4
+    import json
+    stats = json.loads(report.read_text())
+    assert stats["shape"] == [4, 16, 16]
+    assert stats["channels"]["std"] == pytest.approx(expected_pca.std.tolist(), rel=1e-9)
