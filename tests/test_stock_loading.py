@@ -302,10 +302,30 @@ def test_a_kohya_lora_noise_offset_becomes_the_equivalent_spec(tmp_path):
     assert noise.spec == ad.NoiseSpec() and noise.input_perturbation == 0.1
 
 
-@pytest.mark.parametrize("key,value", [("ss_noise_offset_random_strength", "True"),
-                                       ("ss_adaptive_noise_scale", "0.00357"),
-                                       ("ss_ip_noise_gamma_random_strength", "True")])
-def test_kohya_flags_without_an_equivalent_are_refused_or_left_out(key, value):
+def test_kohya_random_strength_and_pyramid_flags_map_to_their_parts(tmp_path):
+    meta = {**KOHYA, "ss_noise_offset_random_strength": "True"}
+    assert ck.noise_from_metadata(meta).spec == ad.NoiseSpec(offset=ad.OffsetNoise(0.0357, random_strength=True))
+    pyramid = {**KOHYA, "ss_noise_offset": "None", "ss_multires_noise_iterations": "6",
+               "ss_multires_noise_discount": "0.4"}
+    assert ck.noise_from_metadata(pyramid).spec == ad.NoiseSpec(spectral=ad.PyramidNoise(6, 0.4))
+    del pyramid["ss_multires_noise_discount"]                                  # kohya's default: 0.3
+    assert ck.noise_from_metadata(pyramid).spec == ad.NoiseSpec(spectral=ad.PyramidNoise(6, 0.3))
+    offset = ad.OffsetNoise(0.05, random_strength=True)
+    for spec, kohya_part in ((ad.NoiseSpec(spectral=ad.PyramidNoise(4, 0.25)),) * 2,     # spec, what kohya's
+                             (ad.NoiseSpec(squeeze=ad.Squeeze(AXIS, 0.3), offset=offset),  # keys say of it
+                              ad.NoiseSpec(offset=offset))):
+        path = tmp_path / "s.safetensors"
+        ck.save_file({"w": torch.ones(1)}, path, spec, metadata=dict(KOHYA, ss_noise_offset="None"))
+        meta = ck.read_safetensors_metadata(path)
+        assert ck.load_spec_from_safetensors(path) == spec
+        kohya_only = {k: v for k, v in meta.items() if not k.startswith("anisodiff_")}
+        assert ck.noise_from_metadata(kohya_only).spec == kohya_part
+    assert meta["ss_noise_offset"] == "0.05" and meta["ss_noise_offset_random_strength"] == "True"
+
+
+@pytest.mark.parametrize("key,value,parent", [("ss_adaptive_noise_scale", "0.00357", "ss_noise_offset"),
+                                              ("ss_ip_noise_gamma_random_strength", "True", "ss_ip_noise_gamma")])
+def test_kohya_flags_without_an_equivalent_are_refused_or_left_out(key, value, parent):
     meta = {**KOHYA, key: value, "ss_ip_noise_gamma": "0.1"}
     with pytest.raises(ValueError, match=key):
         ck.noise_from_metadata(meta)
@@ -313,7 +333,19 @@ def test_kohya_flags_without_an_equivalent_are_refused_or_left_out(key, value):
         noise = ck.noise_from_metadata(meta, strict=False)
     assert noise.spec == ad.NoiseSpec(offset=ad.OffsetNoise(0.0357)) and noise.input_perturbation == 0.1
     with pytest.raises(ValueError, match=key):          # writing one would claim what the spec is not
-        ck.noise_metadata(SPEC, metadata={key: value})
+        ck.noise_metadata(SPEC, input_perturbation=0.1, metadata={key: value})
+    # kohya ignores the flag when the one it modifies is off: so do we
+    off = ck.noise_from_metadata({**meta, parent: "None"})
+    assert (off.spec.offset is None) == (parent == "ss_noise_offset")
+    assert (off.input_perturbation == 0.0) == (parent == "ss_ip_noise_gamma")
+
+
+def test_kohya_offset_with_pyramid_noise_has_no_equivalent():
+    meta = {**KOHYA, "ss_multires_noise_iterations": "6", "ss_multires_noise_discount": "0.4"}
+    with pytest.raises(ValueError, match="ss_noise_offset.*one std"):
+        ck.noise_from_metadata(meta)
+    with pytest.warns(RuntimeWarning, match="ss_noise_offset"):
+        assert ck.noise_from_metadata(meta, strict=False).spec == ad.NoiseSpec(spectral=ad.PyramidNoise(6, 0.4))
 
 
 def test_metadata_that_contradicts_the_spec_is_refused():

@@ -8,7 +8,9 @@ when unset). anisodiff does the same, with two kinds of keys:
 * ``anisodiff_noise_spec``: the whole :class:`~anisodiff.NoiseSpec` as its JSON (the source of
   truth when the spec is read back), with ``anisodiff_version`` beside it;
 * the kohya keys where the spec has an equivalent, so tools that show a LoRA's training flags see
-  them: an :class:`~anisodiff.OffsetNoise` is ``ss_noise_offset``, a ``PyramidNoise`` spectral part
+  them: an :class:`~anisodiff.OffsetNoise` is ``ss_noise_offset`` (and
+  ``ss_noise_offset_random_strength`` when its strength is random), a
+  :class:`~anisodiff.PyramidNoise` spectral part
   ``ss_multires_noise_iterations`` / ``ss_multires_noise_discount`` (same expected power spectrum,
   not the recipe draw for draw), the ``input_perturbation`` of the training call ``ss_ip_noise_gamma``
   (it is an argument of ``add_noise``, not part of the spec).
@@ -17,11 +19,13 @@ Reading (:func:`load_spec_from_safetensors`, :func:`noise_from_metadata`) takes
 ``anisodiff_noise_spec`` when present (kohya keys that disagree with it raise) and otherwise turns a
 kohya checkpoint's flags into the equivalent spec: ``ss_noise_offset = o`` is
 ``NoiseSpec(offset=OffsetNoise(o))``, exactly the distribution of kohya's
-``noise + o * randn(B, C, 1, 1)``; the multires keys become ``PyramidNoise`` where this anisodiff
-has it. Flags with no equivalent (``ss_noise_offset_random_strength``, ``ss_adaptive_noise_scale``,
-``ss_ip_noise_gamma_random_strength``, an offset together with pyramid noise, which kohya
-normalises together) raise ``ValueError`` naming the key, or with ``strict=False`` are left out
-with a warning. Only the header is read (its size capped); no tensor is loaded, no code runs.
+``noise + o * randn(B, C, 1, 1)`` (``OffsetNoise(o, random_strength=True)`` with
+``ss_noise_offset_random_strength``); the multires keys become ``PyramidNoise(iterations,
+discount)``, the fused part with the recipe's expected power spectrum (not the recipe draw for
+draw). Flags with no equivalent (``ss_adaptive_noise_scale``, ``ss_ip_noise_gamma_random_strength``,
+and an offset together with pyramid noise, which kohya normalises together by one std) raise
+``ValueError`` naming the key, or with ``strict=False`` are left out with a warning. Only the
+header is read (its size capped); no tensor is loaded, no code runs.
 """
 from __future__ import annotations
 
@@ -47,13 +51,20 @@ OFFSET = "ss_noise_offset"
 MULTIRES_ITERATIONS = "ss_multires_noise_iterations"
 MULTIRES_DISCOUNT = "ss_multires_noise_discount"
 IP_GAMMA = "ss_ip_noise_gamma"
-# kohya flags that change the noise but have no NoiseSpec equivalent, and why
+OFFSET_RANDOM = "ss_noise_offset_random_strength"
+# kohya flags that change the noise but have no NoiseSpec equivalent: the flag they modify (kohya
+# ignores them without it) and why
 _NO_EQUIVALENT = {
-    "ss_noise_offset_random_strength": "the offset strength is drawn uniformly per step; "
-                                       "OffsetNoise has one fixed strength",
-    "ss_adaptive_noise_scale": "the offset grows with the mean of each latent (data-dependent)",
-    "ss_ip_noise_gamma_random_strength": "gamma is drawn uniformly per step; input_perturbation is fixed",
+    "ss_adaptive_noise_scale": (OFFSET, "the offset grows with the mean of each latent (data-dependent)"),
+    "ss_ip_noise_gamma_random_strength": (IP_GAMMA, "gamma is drawn uniformly per step; "
+                                                    "input_perturbation is fixed"),
 }
+
+
+def _unrepresentable(meta: dict[str, str]) -> list[tuple[str, str]]:
+    """The (key, why) of the flags in ``meta`` that change the noise in a way no spec describes."""
+    return [(key, why) for key, (parent, why) in _NO_EQUIVALENT.items()
+            if _is_set(meta.get(key)) and _is_set(meta.get(parent))]
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,8 @@ def _kohya_keys(spec: NoiseSpec, input_perturbation: float) -> dict[str, str]:
     keys = {}
     if spec.offset is not None:
         keys[OFFSET] = str(spec.offset.strength)
+        if spec.offset.random_strength:
+            keys[OFFSET_RANDOM] = "True"
     if getattr(spec.spectral, "kind", None) == "pyramid":
         keys[MULTIRES_ITERATIONS] = str(spec.spectral.iterations)
         keys[MULTIRES_DISCOUNT] = str(spec.spectral.discount)
@@ -115,10 +128,9 @@ def noise_metadata(spec: NoiseSpec, *, input_perturbation: float = 0.0,
     if clash:
         raise ValueError(f"metadata[{clash[0]!r}] = {out[clash[0]]!r}: {clash[1]}; drop the key or fix the spec")
     out.update({SPEC_KEY: text, VERSION_KEY: __version__, **kohya})
-    for key in _NO_EQUIVALENT:  # a flag the spec cannot express must not claim the checkpoint used it
-        if _is_set(out.get(key)):
-            raise ValueError(f"metadata[{key!r}] = {out[key]!r}: {_NO_EQUIVALENT[key]}, which the spec does "
-                             "not describe; drop the key")
+    for key, why in _unrepresentable(out):  # the metadata must not claim what the spec is not
+        raise ValueError(f"metadata[{key!r}] = {out[key]!r}: {why}, which the spec does not describe; "
+                         "drop the key")
     return out
 
 
@@ -181,13 +193,15 @@ def _as_number(value: str, key: str) -> float:
 def _disagreement(ours: dict[str, str], theirs: dict[str, str]) -> tuple[str, str] | None:
     """The first kohya key of ``theirs`` that says something else than ``ours`` (the keys a spec
     maps to) about the noise, with the reason; None when they agree."""
-    for key in (OFFSET, MULTIRES_ITERATIONS, MULTIRES_DISCOUNT, IP_GAMMA):
+    for key in (OFFSET, OFFSET_RANDOM, MULTIRES_ITERATIONS, MULTIRES_DISCOUNT, IP_GAMMA):
         mine, old = ours.get(key), theirs.get(key)
         if key == MULTIRES_DISCOUNT and not _is_set(theirs.get(MULTIRES_ITERATIONS)):
             continue  # kohya writes its default discount even without pyramid noise
         if mine is None:
             if _is_set(old):
                 return key, "the spec (or input_perturbation) has no such part"
+        elif key == OFFSET_RANDOM:
+            continue  # a flag: set in ours, so whatever theirs says is replaced by "True"
         elif old is not None and old != mine and (_is_set(old) or key == MULTIRES_DISCOUNT) \
                 and _as_number(old, key) != float(mine):
             return key, f"disagrees with the spec ({mine})"
@@ -204,15 +218,16 @@ def _kohya_noise(meta: dict[str, str], strict: bool) -> CheckpointNoise:
                              "(strict=False leaves it out)")
         skipped.append(key)
 
-    for key, why in _NO_EQUIVALENT.items():
-        if _is_set(meta.get(key)):
-            refuse(key, why)
+    for key, why in _unrepresentable(meta):
+        refuse(key, why)
     offset = _as_number(meta[OFFSET], OFFSET) if _is_set(meta.get(OFFSET)) else 0.0
+    random_strength = _is_set(meta.get(OFFSET_RANDOM))  # kohya ignores it without an offset
     spectral = None
     if _is_set(meta.get(MULTIRES_ITERATIONS)):
         iterations = _as_number(meta[MULTIRES_ITERATIONS], MULTIRES_ITERATIONS)
         if iterations != int(iterations):
-            raise ValueError(f"metadata[{MULTIRES_ITERATIONS!r}]: expected an integer, got {meta[MULTIRES_ITERATIONS]!r}")
+            raise ValueError(f"metadata[{MULTIRES_ITERATIONS!r}]: expected an integer, "
+                             f"got {meta[MULTIRES_ITERATIONS]!r}")
         discount = _as_number(meta.get(MULTIRES_DISCOUNT, "0.3"), MULTIRES_DISCOUNT)  # kohya's default
         spectral = {"type": "pyramid", "iterations": int(iterations), "discount": discount}
         if offset > 0:
@@ -221,7 +236,8 @@ def _kohya_noise(meta: dict[str, str], strict: bool) -> CheckpointNoise:
     gamma = _as_number(meta[IP_GAMMA], IP_GAMMA) if _is_set(meta.get(IP_GAMMA)) else 0.0
     try:
         spec = NoiseSpec.from_dict({"spectral": spectral,
-                                    "offset": {"strength": offset} if offset > 0 else None})
+                                    "offset": {"strength": offset, "random_strength": random_strength}
+                                    if offset > 0 else None})
     except (TypeError, ValueError) as exc:  # e.g. an anisodiff without pyramid noise
         raise ValueError(f"metadata: the kohya noise flags have no equivalent here ({exc})") from None
     if skipped:
@@ -251,7 +267,7 @@ def noise_from_metadata(metadata: dict[str, str], *, strict: bool = True) -> Che
             raise ValueError(f"metadata[{clash[0]!r}] = {metadata[clash[0]]!r}: {clash[1]} (was the file "
                              "edited after saving?)")
         return CheckpointNoise(spec, gamma)
-    if not any(key in metadata for key in (OFFSET, MULTIRES_ITERATIONS, IP_GAMMA, *_NO_EQUIVALENT)):
+    if not any(key in metadata for key in (OFFSET, MULTIRES_ITERATIONS, IP_GAMMA)):
         raise ValueError(f"metadata: no noise settings ({SPEC_KEY} or kohya's ss_noise_offset, "
                          "ss_multires_noise_iterations, ss_ip_noise_gamma)")
     return _kohya_noise(metadata, strict)
