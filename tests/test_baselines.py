@@ -525,3 +525,55 @@ def test_compiled_eager_ddpm_step():
     want = abl.eager_ddpm_step(*args, variant=case.variant, prev_timestep=STEP_PREV, noise=eps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(fn(*args, variant=case.variant, prev_timestep=STEP_PREV)[0]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainers' noise flags (anisodiff bench's trainer kinds)
+# ---------------------------------------------------------------------------------------------
+def test_kohya_pyramid_is_the_reference_recipe(monkeypatch):
+    """The benchmark's kohya pattern (Python random, torch's global randn) and anisodiff's exact
+    recipe (a generator) are the same computation: with Python's random.random drawing from torch's
+    global generator, both consume the same numbers in the same order and agree to float32
+    rounding, including a plane that stops early."""
+    import random as pyrandom
+
+    monkeypatch.setattr(pyrandom, "random", lambda: float(torch.rand((), dtype=torch.float64)))
+    for shape, levels, discount in (((2, 3, 16, 16), 6, 0.4), ((1, 2, 6, 40), 8, 0.7)):
+        white = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(11)
+        ours = ad.reference.pyramid_noise_like(white, levels, discount)
+        torch.manual_seed(11)
+        theirs = bl.kohya_pyramid_noise_like(white.clone(), "cpu", levels, discount)
+        # the recipe upsamples each float32 level in float32, the reference in float64
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+
+
+def test_trainer_baselines_with_the_same_white_noise():
+    """Given the white noise, each flag's baseline adds exactly what the flag means: a per-(b, c)
+    constant (offset), the perturbation in x_t only (target = the noise), the flow mix."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(8, 3, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    sched = ad.VPSchedule.linear(T=1000)
+    ac = sched.alphas_cumprod
+    a, b = ac[t].sqrt()[:, None, None, None], (1 - ac[t]).sqrt()[:, None, None, None]
+    for fn in (bl.kohya_offset, bl.kohya_offset_random):
+        x_t, n = fn(x0, t, ac, sched.betas, noise=eps)
+        d = n - eps
+        assert float((d - d.mean(dim=(-2, -1), keepdim=True)).abs().max()) < 1e-6  # constant planes
+        assert float(d.abs().max()) > 0 or fn is bl.kohya_offset_random
+        torch.testing.assert_close(x_t, a * x0 + b * n, rtol=1e-5, atol=1e-5)
+    x_t, n = bl.ddpm_input_perturbation(x0, t, ac, sched.betas, noise=eps)
+    assert torch.equal(n, eps)
+    perturb = (x_t - a * x0 - b * eps) / b
+    assert abs(float(perturb.std()) - bl.INPUT_PERTURBATION) < 0.02
+    sigmas = torch.rand(8, generator=g)
+    x_t, v = bl.flow_matching(x0, sigmas, noise=eps)
+    s = sigmas[:, None, None, None]
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * eps)
+    torch.testing.assert_close(v, eps - x0)
+    # kohya's pyramid with given noise leaves the caller's tensor alone
+    before = eps.clone()
+    bl.kohya_pyramid(x0, t, ac, sched.betas, noise=eps)
+    assert torch.equal(eps, before)

@@ -37,6 +37,11 @@ needs_diffusers = pytest.mark.skipif(not HAVE_DIFFUSERS, reason="the train/sampl
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("add_noise", "shaped_noise", "ddpm_step")
 KINDS = ("iso", "sdm", "hdm", "powerlaw", "band", "sdm_powerlaw")
+# the trainers' noise flags: add_noise only, each against its training-script baseline
+TRAINER = {"offset": "kohya_offset", "offset_random": "kohya_offset_random",
+           "pyramid": "kohya_pyramid", "perturb": "ddpm_input_perturbation", "flow": "flow_matching"}
+ALL_KINDS = KINDS + tuple(TRAINER)
+TIMED_TRAINER = tuple(k for k in TRAINER if cases.trainer_kind_pending(k) is None)
 ITEMSIZE = {"fp32": 4, "bf16": 2}
 # add_noise: read x0 + write x_t + write target; shaped_noise: write noise; ddpm_step: read x_t and
 # the model output + write x_prev and x0_hat
@@ -97,9 +102,10 @@ def test_every_case_is_there_with_its_numbers(smoke):
     report = smoke[2]
     cases = report["cases"]
     keys = {(c["op"], c["kind"], c["dtype"]) for c in cases}
-    assert keys == {(op, k, dt) for op in OPS for k in KINDS for dt in ("fp32", "bf16")}
+    assert keys == ({(op, k, dt) for op in OPS for k in KINDS for dt in ("fp32", "bf16")}
+                    | {("add_noise", k, dt) for k in TIMED_TRAINER for dt in ("fp32", "bf16")})
     assert len(cases) == len(keys)
-    for c in cases:
+    for c in (c for c in cases if c["kind"] in KINDS):
         for key in ("median_ms", "iqr_ms", "gbps", "pct_copy_bw", "floor_ms"):
             assert isinstance(c[key], float) and math.isfinite(c[key]), (key, c)
         assert _finite_positive(c["median_ms"]) and c["iqr_ms"] >= 0
@@ -123,6 +129,70 @@ def test_every_case_is_there_with_its_numbers(smoke):
             assert ("official_sdm" in c["speedups"]) == HAVE_DIFFUSERS  # the sampler step pattern
         if c["op"] == "add_noise" and c["kind"] in ("powerlaw", "band", "sdm_powerlaw"):
             assert {"sagd_appendix", "eager_rfft"} <= set(c["speedups"])
+
+
+def test_trainer_flag_rows(smoke):
+    """Each trainer flag (offset, random-strength offset, pyramid; input perturbation and flow
+    matching where the build has them) is an add_noise case: the fused op against the training
+    scripts' eager code, the isotropic floor and anisodiff's white floor, and an issue-15 verdict
+    per case; kinds the build cannot time are named, not dropped silently."""
+    report = smoke[2]
+    rows = [r for r in report["results"] if r["kind"] in TRAINER]
+    assert {(r["op"], r["kind"], r["dtype"]) for r in rows} == {
+        ("add_noise", k, dt) for k in TIMED_TRAINER for dt in ("fp32", "bf16")}
+    for kind in TIMED_TRAINER:
+        impls = {r["impl"] for r in rows if r["kind"] == kind and r["dtype"] == "fp32"}
+        assert impls == {"anisodiff_cpu", TRAINER[kind], "isotropic_floor", "anisodiff_white"}
+    for c in (c for c in report["cases"] if c["kind"] in TRAINER):
+        assert c["fastest_baseline"] == TRAINER[c["kind"]]
+        assert c["speedup_vs_fastest"] == c["speedups"][TRAINER[c["kind"]]]
+    goals = report["trainer_goals"]
+    assert {(g["kind"], g["dtype"]) for g in goals} == {(k, dt) for k in TIMED_TRAINER
+                                                        for dt in ("fp32", "bf16")}
+    for g in goals:
+        assert g["issue"] == 15 and g["met"] == (g["value"] >= 1.0) and _finite_positive(g["value"])
+    assert "issue 15 goal (fused add_noise with a trainer flag" in smoke[1]
+    pending = report["settings"]["kinds_pending"]
+    assert set(pending) == set(TRAINER) - set(TIMED_TRAINER)
+    assert any(line.startswith(f"{'add_noise':<13}{'pyramid':<13}") for line in smoke[1].splitlines())
+
+
+def test_trainer_baselines_are_the_flags(smoke):
+    """The fused callables and the baselines of the trainer kinds compute what their flag means:
+    the offset's plane-mean variance, pyramid noise's unit variance, the perturbation only in x_t,
+    the flow path's mix and target."""
+    from anisodiff.bench import impls as bench_impls
+
+    B, C, H, W = 256, 3, 16, 16
+    for kind in TIMED_TRAINER:
+        case = cases.make_case(kind, B, C, H, W)
+        for impl in ("fused", TRAINER[kind]):
+            torch.manual_seed(0)
+            x_t, target = bench_impls.make_callable("add_noise", impl, case, torch.float32, "cpu",
+                                                    "cpu", {})()
+            x0 = case.x0.double()
+            if kind == "flow":
+                sigma = bench_impls.trainer_sigmas(case).double()[:, None, None, None]
+                n = target.double() + x0
+                torch.testing.assert_close(x_t.double(), (1 - sigma) * x0 + sigma * n,
+                                           rtol=0, atol=1e-5)
+                assert abs(float(n.var()) - 1) < 0.02, (kind, impl)
+                continue
+            ac = case.schedule.alphas_cumprod[case.timesteps].double()[:, None, None, None]
+            resid = x_t.double() - ac.sqrt() * x0 - (1 - ac).sqrt() * target.double()
+            n = target.double()
+            if kind == "perturb":  # the perturbation is in x_t only: resid = b gamma n'
+                ratio = float((resid / (1 - ac).sqrt()).std())
+                assert abs(ratio - baselines.INPUT_PERTURBATION) < 0.01, (kind, impl, ratio)
+            else:
+                assert float(resid.abs().max()) < 1e-4, (kind, impl)
+            plane_mean_var = float(n.mean(dim=(-2, -1)).var())
+            if kind == "offset":  # 1 / HW + s^2
+                want = 1 / (H * W) + baselines.NOISE_OFFSET**2
+                assert abs(plane_mean_var / want - 1) < 0.15, (kind, impl, plane_mean_var)
+            if kind == "pyramid":  # unit variance, far more low-frequency power than white
+                assert abs(float(n.var()) - 1) < 0.05, (kind, impl)
+                assert plane_mean_var > 2.5 / (H * W), (kind, impl, plane_mean_var)
 
 
 def test_ddpm_step_rows(smoke):
@@ -249,7 +319,7 @@ def test_cuda_presets_cover_issue_7_item_2():
     assert full["suites"] == ["ops"]
     assert full["batch"] == [1, 16, 128, 512]
     assert full["shapes"] == [(3, 32, 32), (3, 64, 64), (4, 64, 64), (4, 128, 128), (3, 256, 256)]
-    assert full["dtypes"] == ["fp32", "bf16"] and full["kinds"] == list(KINDS)
+    assert full["dtypes"] == ["fp32", "bf16"] and full["kinds"] == list(ALL_KINDS)
     assert full["compile"] is True
     assert full["compile_impls"] == ["compiled_eager", "compiled_eager_max_autotune"]  # issue 3's baseline
     assert _settings([])["compile_impls"] == ["compiled_eager", "compiled_eager_fallback_random"]
@@ -371,10 +441,10 @@ def test_presets_cover_the_matrix():
     assert full["batch"] == [1, 16, 128, 512]
     assert full["shapes"] == [(3, 32, 32), (3, 64, 64), (4, 64, 64)]
     assert full["dtypes"] == ["fp32", "bf16"] and full["ops"] == list(OPS)
-    assert full["kinds"] == list(KINDS) and full["compile"] is True
+    assert full["kinds"] == list(ALL_KINDS) and full["compile"] is True
     quick = _settings(["--quick"])
     assert quick["batch"] == [64] and quick["shapes"] == [(3, 32, 32)]
-    assert quick["kinds"] == list(KINDS) and quick["ops"] == list(OPS)
+    assert quick["kinds"] == list(ALL_KINDS) and quick["ops"] == list(OPS)
     assert quick["compile"] is False
     custom = _settings(["--quick", "--batch", "8", "--size", "16", "--kinds", "sdm+powerlaw"])
     assert custom["batch"] == [8] and custom["shapes"] == [(3, 16, 16)]

@@ -37,12 +37,20 @@ isotropic DDPM posterior coefficients, fresh step noise ``sigma_t A(t) z``. :fun
 (vectorised eager) and :func:`isotropic_ddpm_step` (the white floor); the official sampler pattern
 is :func:`official_sdm_ddpm_step` (a diffusers scheduler in place of the schedule tensors).
 
+The trainers' noise flags (``anisodiff bench``'s trainer kinds, add_noise only) have baselines
+with the first signature too, written as kohya sd-scripts and diffusers' training scripts write
+them: :func:`kohya_offset` (``--noise_offset``), :func:`kohya_offset_random`
+(``--noise_offset_random_strength``), :func:`kohya_pyramid` (``--multires_noise_iterations``),
+:func:`ddpm_input_perturbation` (``--input_perturbation``); :func:`flow_matching` (the SD3 / Flux
+scripts' rectified-flow step) takes the float sigmas instead of the schedule.
+
 Nothing here is tuned against anisodiff: each function is written the way its source writes it, so
 the benchmarks compare anisodiff against real user code. :func:`make_case` builds the benchmark and
 test inputs (and the matching anisodiff ``NoiseSpec``) for the four spec kinds.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,7 +61,9 @@ __all__ = [
     "official_sdm_ddpm_step", "sagd_appendix", "eager_vectorised", "eager_shaped_noise", "isotropic_floor",
     "eager_ddpm_step", "isotropic_ddpm_step", "step_inputs", "make_compiled_eager", "STEP_BASELINES",
     "power_law_table", "band_table", "radius_table", "SPEC_KINDS", "Case", "make_case",
-    "BASELINES", "supports", "LUMINANCE_AXIS",
+    "BASELINES", "supports", "LUMINANCE_AXIS", "kohya_pyramid_noise_like", "kohya_offset",
+    "kohya_offset_random", "kohya_pyramid", "ddpm_input_perturbation", "flow_matching",
+    "TRAINER_BASELINES", "NOISE_OFFSET", "PYRAMID_ITERATIONS", "PYRAMID_DISCOUNT", "INPUT_PERTURBATION",
 ]
 
 # The classic ImageNet RGB PCA top eigenvector (fb.resnet.torch lighting augmentation), normalised.
@@ -494,6 +504,103 @@ def isotropic_floor(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.
     anisotropy, the lower bound every anisotropic implementation is compared against."""
     eps = _white(x0, noise, generator)
     return _diffusers_add_noise(alphas_cumprod, x0, eps, timesteps), eps
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) the trainers' noise flags, as the training scripts write them today (eager, 4-D)
+# ---------------------------------------------------------------------------------------------
+# The values the benchmark's trainer cases use: kohya's pyramid_noise_like defaults, a typical
+# --noise_offset and --input_perturbation.
+NOISE_OFFSET = 0.1
+PYRAMID_ITERATIONS, PYRAMID_DISCOUNT = 6, 0.4
+INPUT_PERTURBATION = 0.1
+
+
+def kohya_pyramid_noise_like(noise, device, iterations=PYRAMID_ITERATIONS, discount=PYRAMID_DISCOUNT):
+    """kohya sd-scripts' multi-resolution noise recipe (``--multires_noise_iterations`` /
+    ``--multires_noise_discount``), re-written here with its structure and cost: one
+    ``nn.Upsample(mode="bilinear")`` to the plane, per level a scale factor ``r = 2 + 2 u`` from
+    Python's ``random``, a white ``torch.randn(b, c, h / r^i, w / r^i)`` drawn on the CPU and moved,
+    bilinearly upsampled and added in place with weight ``discount^i``, an early stop at a 1-pixel
+    side, then the division by the global std. (anisodiff's exact version, with a generator:
+    ``anisodiff.reference.pyramid_noise_like``.)"""
+    b, c, h, w = noise.shape
+    up = torch.nn.Upsample(size=(h, w), mode="bilinear").to(device)
+    for i in range(iterations):
+        r = random.random() * 2 + 2
+        hn, wn = max(1, int(h / (r**i))), max(1, int(w / (r**i)))
+        noise += up(torch.randn(b, c, hn, wn).to(device)) * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()
+
+
+def kohya_offset(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                 variant="sdm", noise=None, generator=None, noise_offset=NOISE_OFFSET,
+                 random_strength=False):
+    """Offset noise as kohya sd-scripts (``apply_noise_offset``) and diffusers' training examples
+    (``--noise_offset``) write it: ``noise + noise_offset * torch.randn(B, C, 1, 1)``;
+    ``random_strength``: kohya's ``--noise_offset_random_strength``, the strength times one
+    ``torch.rand(1)`` per step. Then the stock diffusers ``add_noise``; the target is the noise.
+    (The offset is drawn in x0's dtype so the noise keeps it.)"""
+    eps = _white(x0, noise, generator)
+    offset = noise_offset
+    if random_strength:
+        offset = torch.rand(1, device=x0.device) * noise_offset
+    B, C = x0.shape[:2]
+    eps = eps + offset * torch.randn((B, C, 1, 1), device=x0.device, dtype=x0.dtype)
+    return _diffusers_add_noise(alphas_cumprod, x0, eps, timesteps), eps
+
+
+def kohya_offset_random(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None,
+                        **kw):
+    """:func:`kohya_offset` with ``--noise_offset_random_strength``."""
+    return kohya_offset(x0, timesteps, alphas_cumprod, betas, axes, strength, weights,
+                        random_strength=True, **kw)
+
+
+def kohya_pyramid(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0, weights=None, *,
+                  variant="sdm", noise=None, generator=None, iterations=PYRAMID_ITERATIONS,
+                  discount=PYRAMID_DISCOUNT):
+    """kohya's training step with multi-resolution noise: ``torch.randn_like``, then
+    :func:`kohya_pyramid_noise_like` on it, then the stock diffusers ``add_noise``."""
+    eps = _white(x0, noise, generator)
+    if noise is not None:
+        eps = eps.clone()  # the recipe adds in place; a caller's noise stays as it was
+    eps = kohya_pyramid_noise_like(eps, x0.device, iterations, discount)
+    return _diffusers_add_noise(alphas_cumprod, x0, eps, timesteps), eps
+
+
+def ddpm_input_perturbation(x0, timesteps, alphas_cumprod, betas, axes=None, strength=0.0,
+                            weights=None, *, variant="sdm", noise=None, generator=None,
+                            gamma=INPUT_PERTURBATION):
+    """Input perturbation (DDPM-IP) as diffusers' ``train_text_to_image.py`` writes it
+    (``--input_perturbation``): ``new_noise = noise + gamma * torch.randn_like(noise)`` goes into
+    ``add_noise``, the target stays ``noise``."""
+    eps = _white(x0, noise, generator)
+    new_noise = eps + gamma * torch.randn_like(eps)
+    return _diffusers_add_noise(alphas_cumprod, x0, new_noise, timesteps), eps
+
+
+def flow_matching(x0, sigmas, *, noise=None, generator=None):
+    """The rectified-flow step of diffusers' SD3 / Flux training scripts: ``torch.randn_like``,
+    the per-sample sigmas viewed to ``[B, 1, 1, 1]`` in x0's dtype, ``x = (1 - sigma) x0 + sigma
+    noise``, target ``noise - x0``. (Their sigma lookup from the scheduler's timesteps is left out
+    here and on the fused side alike: both take the float sigmas.)"""
+    eps = _white(x0, noise, generator)
+    sigma = sigmas.to(device=x0.device, dtype=x0.dtype).flatten()
+    while sigma.dim() < x0.dim():
+        sigma = sigma.unsqueeze(-1)
+    return (1.0 - sigma) * x0 + sigma * eps, eps - x0
+
+
+# the trainer flags' baselines with the schedule-tensor signature (flow_matching takes sigmas)
+TRAINER_BASELINES = {
+    "kohya_offset": kohya_offset,
+    "kohya_offset_random": kohya_offset_random,
+    "kohya_pyramid": kohya_pyramid,
+    "ddpm_input_perturbation": ddpm_input_perturbation,
+}
 
 
 BASELINES = {

@@ -1,13 +1,15 @@
 """The project's performance goals and their verdicts: the foundation goal (fused add_noise >= 2x
 eager PyTorch, :func:`headline_goals`), issue 3's CUDA goals (:func:`cuda_goals`), issue 4's Triton
-goals (:func:`backend_goals`) and issue 7's train-step goal (:func:`train_goals`). Each verdict says
+goals (:func:`backend_goals`), issue 7's train-step goal (:func:`train_goals`) and issue 15's
+trainer-flag goal (:func:`trainer_goals`). Each verdict says
 MET / NOT MET and is flagged when the machine was busy."""
 from __future__ import annotations
 
-from .cases import SPECTRAL_KINDS, SQUEEZE_ONLY_KINDS, TRAFFIC_TENSORS
+from .cases import SPECTRAL_KINDS, SQUEEZE_ONLY_KINDS, TRAFFIC_TENSORS, TRAINER_BASELINE
 
-__all__ = ["HEADLINE", "TRITON_VS_CUDA_TARGET", "CUDA_GOALS", "TRAIN_GOAL_PCT", "headline_goals",
-           "cuda_goals", "backend_goals", "train_goals", "goal_verdict", "backend_goal_lines"]
+__all__ = ["HEADLINE", "TRITON_VS_CUDA_TARGET", "CUDA_GOALS", "TRAIN_GOAL_PCT", "TRAINER_TARGET",
+           "headline_goals", "cuda_goals", "backend_goals", "train_goals", "trainer_goals",
+           "goal_verdict", "backend_goal_lines", "trainer_goal_lines"]
 
 
 # The foundation goal: fused add_noise >= 2x faster than eager_vectorised at B=64, 3x32x32 fp32.
@@ -105,6 +107,42 @@ def train_goals(variants: list[dict], reliable: bool) -> list[dict]:
              "overhead_pct_of_medians": v["overhead_pct"], "target_pct": TRAIN_GOAL_PCT,
              "met": v["paired_overhead_pct"] <= TRAIN_GOAL_PCT, "reliable": reliable}
             for v in variants if v["anisodiff"]]
+
+
+# issue 15: a trainer flag in the fused op costs no more than the training scripts' eager code
+TRAINER_TARGET = 1.0
+
+
+def trainer_goals(cases: list[dict]) -> list[dict]:
+    """Issue 15's goal per trainer-kind case (:data:`~anisodiff.bench.cases.TRAINER_BASELINE`):
+    the fused op's speed-up over the training scripts' eager code, at least :data:`TRAINER_TARGET`."""
+    out = []
+    for c in cases:
+        name = TRAINER_BASELINE.get(c["kind"])
+        if name is None or name not in c["speedups"]:
+            continue
+        x = c["speedups"][name]
+        out.append({"goal": "trainer_flag_vs_eager", "issue": 15,
+                    **{k: c[k] for k in ("op", "kind", "B", "C", "H", "W", "dtype")},
+                    "baseline": name, "value": x, "target": TRAINER_TARGET, "met": x >= TRAINER_TARGET,
+                    "reliable": c["reliable"]})
+    return out
+
+
+def trainer_goal_lines(goals: list[dict]) -> list[str]:
+    """One line per trainer-kind case and a verdict line (issue 15)."""
+    if not goals:
+        return []
+    lines = [""]
+    for g in goals:
+        lines.append(f"issue 15: {g['kind']:<14} B={g['B']} {g['C']}x{g['H']}x{g['W']} {g['dtype']}: fused "
+                     f"{g['value']:.2f}x faster than {g['baseline']} -> "
+                     + goal_verdict(g["met"], g["reliable"]))
+    met = sum(g["met"] for g in goals)
+    lines.append(f"issue 15 goal (fused add_noise with a trainer flag >= {TRAINER_TARGET:g}x the "
+                 f"training scripts' eager code): met in {met} of {len(goals)} cases -> "
+                 + ("MET" if met == len(goals) else "NOT MET"))
+    return lines
 
 
 def goal_verdict(met: bool, reliable: bool) -> str:

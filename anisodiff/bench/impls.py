@@ -12,11 +12,12 @@ from ..ops import add_noise, shaped_noise
 from ..sampling import AnisotropicNoise
 from ..spec import NoiseSpec
 from . import baselines as bl
-from .cases import (OPS, SPECTRAL_KINDS, SQUEEZE_ONLY_KINDS, STEP_PREV, STEP_T, op_backends)
+from .cases import (OPS, SPECTRAL_KINDS, SQUEEZE_ONLY_KINDS, STEP_PREV, STEP_T, TRAINER_BASELINE,
+                    TRAINER_KINDS, op_backends)
 
 __all__ = ["COMPILED_OPS", "FLOOR", "WHITE", "COMPILED", "CPU_COMPILED", "BASELINE_ORDER",
            "IMPL_ORDER", "IMPLS", "impls_for", "same_operator", "is_fused", "make_callable",
-           "compiled_key", "compiled_fns", "case_impls"]
+           "compiled_key", "compiled_fns", "case_impls", "trainer_sigmas"]
 
 
 # ops with torch.compile baselines (compiled per op: add_noise's keys are the impl names,
@@ -28,7 +29,8 @@ COMPILED = ("compiled_eager", "compiled_eager_fallback_random", "compiled_eager_
 CPU_COMPILED = COMPILED[:2]  # max-autotune is the GPU goal's baseline; on a CPU it only adds minutes
 
 # every implementation's column in the table and slot in the plot, in this order (after the fused op)
-BASELINE_ORDER = ("eager_vectorised", "eager_rfft", *COMPILED, "official_sdm", "sagd_appendix")
+BASELINE_ORDER = ("eager_vectorised", "eager_rfft", *COMPILED, "official_sdm", "sagd_appendix",
+                  *TRAINER_BASELINE.values())
 IMPL_ORDER = ("fused", "fused_alt", *BASELINE_ORDER, FLOOR, WHITE)
 IMPLS = {
     "fused": "anisodiff.add_noise / shaped_noise / AnisotropicNoise.ddpm_step (mode='official') on "
@@ -54,6 +56,20 @@ IMPLS = {
     FLOOR: "no anisotropy: torch.randn_like + diffusers add_noise (add_noise), torch.randn "
            "(shaped_noise), diffusers-style DDPMScheduler.step with torch.randn_like (ddpm_step)",
     WHITE: "anisodiff with NoiseSpec(): the fused op's own white-noise floor",
+    "kohya_offset": "kohya sd-scripts / diffusers --noise_offset: randn_like + s * randn(B, C, 1, 1), "
+                    "diffusers add_noise (trainer kind offset)",
+    "kohya_offset_random": "kohya --noise_offset_random_strength: the same with s * torch.rand(1) "
+                           "per step (trainer kind offset_random; fused: spec.draw_offset())",
+    "kohya_pyramid": "kohya --multires_noise_iterations: randn_like, pyramid_noise_like (Python "
+                     "random r per level, CPU randn, nn.Upsample bilinear, global std), diffusers "
+                     "add_noise (trainer kind pyramid; fused: PyramidNoise, the same expected "
+                     "power spectrum)",
+    "ddpm_input_perturbation": "diffusers train_text_to_image --input_perturbation: noise + gamma * "
+                               "randn_like(noise) into add_noise, target noise (trainer kind perturb; "
+                               "fused: add_noise(..., input_perturbation=gamma))",
+    "flow_matching": "diffusers SD3/Flux training step: randn_like, (1 - sigma) x0 + sigma n, "
+                     "target n - x0 (trainer kind flow; fused: add_noise(x0, sigmas, spec, "
+                     "FlowMatchEulerDiscreteScheduler(), target='flow'))",
 }
 
 
@@ -61,6 +77,8 @@ def impls_for(op: str, kind: str, compiled: tuple = (), extra_backends: tuple = 
     """The implementations timed for one case: ``"fused"`` (the primary fused backend) first, then
     ``"fused:<backend>"`` for every other fused backend, then the baselines."""
     out = ["fused", *(f"fused:{b}" for b in extra_backends)]
+    if kind in TRAINER_KINDS:  # a trainer flag: against today's training-script code
+        return out + [TRAINER_BASELINE[kind], FLOOR, WHITE]
     if not (op == "shaped_noise" and kind == "iso"):  # there it is torch.randn, the floor itself
         out.append("eager_vectorised")
     if kind in SPECTRAL_KINDS:
@@ -95,6 +113,8 @@ def same_operator(impl: str, kind: str) -> bool:
         return False
     if impl == FLOOR:
         return kind == "iso"
+    if kind in TRAINER_KINDS:
+        return impl == TRAINER_BASELINE[kind]
     if impl == "sagd_appendix":
         return kind != "sdm_powerlaw"
     return True
@@ -106,6 +126,11 @@ def is_fused(impl: str) -> bool:
 
 
 def _note(op: str, kind: str, impl: str) -> str:
+    if kind == "pyramid" and impl == "kohya_pyramid":
+        return ("the fused op is PyramidNoise, the stationary Gaussian noise with the recipe's "
+                "expected power spectrum, not the recipe itself")
+    if kind == "offset_random" and impl == "fused":
+        return "fused: spec.draw_offset() per call (a new DC weight: the lowering runs every call)"
     if impl == "sagd_appendix" and kind == "sdm_powerlaw":
         return "spatial part only (no published code does both): a lower bound"
     if impl == "sagd_appendix":
@@ -122,6 +147,8 @@ def make_callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device:
     nkw = {} if noise is None else {"noise": noise}
     if impl.startswith("fused:"):
         impl, backend = "fused", impl.split(":", 1)[1]
+    if op == "add_noise" and case.kind in TRAINER_KINDS:
+        return _trainer_callable(impl, case, dtype, backend, nkw, upcast)
     if op == "add_noise":
         if impl == "fused":
             return lambda: add_noise(x0, t, spec, sched, backend=backend, **nkw)
@@ -165,6 +192,49 @@ def make_callable(op: str, impl: str, case: bl.Case, dtype: torch.dtype, device:
     if upcast:
         return lambda: bl.eager_shaped_noise(*a, **kw, dtype=torch.float32).to(dtype)
     return lambda: bl.eager_shaped_noise(*a, **kw, dtype=dtype)
+
+
+def trainer_sigmas(case: bl.Case) -> torch.Tensor:
+    """The flow kind's per-sample sigmas, from the case's timesteps: ``(t + 1) / T`` in (0, 1]."""
+    T = case.schedule.num_train_timesteps
+    return ((case.timesteps.double() + 1) / T).to(torch.float32)
+
+
+def _trainer_callable(impl: str, case: bl.Case, dtype: torch.dtype, backend: str, nkw: dict,
+                      upcast: bool):
+    """:func:`make_callable` for add_noise on a trainer kind (:data:`TRAINER_KINDS`): the fused op
+    with the flag (an offset / pyramid spec, ``input_perturbation=``, a flow schedule), the
+    training scripts' eager code, the white floors."""
+    x0, t, spec, sched, kind = case.x0, case.timesteps, case.spec, case.schedule, case.kind
+    fused_kw = {"backend": backend, **nkw}
+    if kind == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched, t = FlowMatchEulerDiscreteScheduler(), trainer_sigmas(case).to(x0.device)
+        fused_kw["target"] = "flow"
+    if impl == "fused":
+        if kind == "offset_random":
+            return lambda: add_noise(x0, t, spec.draw_offset(), sched, **fused_kw)
+        if kind == "perturb":
+            return lambda: add_noise(x0, t, spec, sched, input_perturbation=bl.INPUT_PERTURBATION,
+                                     **fused_kw)
+        return lambda: add_noise(x0, t, spec, sched, **fused_kw)
+    if impl == WHITE:
+        white = NoiseSpec()
+        return lambda: add_noise(x0, t, white, sched, **fused_kw)
+    if impl == "flow_matching":
+        fn, args = bl.flow_matching, (t,)
+    else:
+        fn = bl.BASELINES[FLOOR] if impl == FLOOR else bl.TRAINER_BASELINES[impl]
+        args = case.baseline_args(impl)[1:]
+    if not upcast:
+        return lambda: fn(x0, *args, **nkw)
+    nkw32 = {"noise": nkw["noise"].float()} if nkw else {}
+
+    def run_upcast():
+        x_t, n = fn(x0.float(), *args, **nkw32)
+        return x_t.to(dtype), n.to(dtype)
+    return run_upcast
 
 
 def _step_callable(impl: str, case: bl.Case, dtype: torch.dtype, backend: str, compiled: dict,

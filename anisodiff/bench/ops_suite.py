@@ -12,7 +12,7 @@ import torch
 
 from . import cases
 from .cases import DTYPES, KIND_TITLES, STEP_PREV, STEP_T, TRAFFIC_TENSORS, case_matrix, make_case, op_backends
-from .goals import backend_goals, headline_goals
+from .goals import backend_goals, headline_goals, trainer_goals
 from .impls import (COMPILED, FLOOR, IMPLS, WHITE, _note, case_impls, compiled_fns, is_fused,
                     make_callable, same_operator)
 from .machine import busy_cpus, loadavg, wait_for_idle
@@ -172,6 +172,8 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
                      "skipped_backends": skipped, "op_skipped_backends": op_skipped,
                      "ops_not_timed": {op: "no fused backend of the device has the op"
                                        for op in no_backend},
+                     "kinds_pending": {k: why for k in s["kinds"] if k in cases.TRAINER_KINDS
+                                       for why in [cases.trainer_kind_pending(k)] if why},
                      "ddpm_step": {"timestep": STEP_T, "prev_timestep": STEP_PREV,
                                    "mode": "official", "model_output": "torch.randn, seeded",
                                    "sample": "sqrt(abar_t) x0 + sqrt(1 - abar_t) e, e white, seeded"}
@@ -194,4 +196,5 @@ def run(s: dict, *, progress=None, argv: list[str] | None = None) -> dict:
         "cases": summaries,
         "goal": headline_goals(summaries, s["given_noise"]),
         "backend_goals": backend_goals(summaries),
+        "trainer_goals": trainer_goals(summaries),
     }

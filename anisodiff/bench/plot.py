@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 from .goals import TRAIN_GOAL_PCT
+from .cases import TRAINER_BASELINE
 from .impls import FLOOR, IMPL_ORDER, WHITE
 from .models import ISO
 
@@ -16,6 +17,8 @@ _COLORS = {
     "compiled_eager": "#9467bd", "compiled_eager_fallback_random": "#c5b0d5",
     "compiled_eager_max_autotune": "#54278f",
     "official_sdm": "#ff7f0e", "sagd_appendix": "#2ca02c", FLOOR: "#7f7f7f", WHITE: "#c7c7c7",
+    # the trainers' eager code (one per trainer kind, so one colour for all)
+    **{name: "#8c564b" for name in TRAINER_BASELINE.values()},
 }
 
 

@@ -7,7 +7,8 @@ import datetime as _dt
 import shlex
 import sys
 
-from .goals import backend_goal_lines, goal_verdict
+from .cases import TRAINER_BASELINE
+from .goals import backend_goal_lines, goal_verdict, trainer_goal_lines
 from .machine import machine_info
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "base_report", "format_table", "format_train",
@@ -42,6 +43,17 @@ _COLUMNS = (("eager_vectorised", "eager"), ("eager_rfft", "rfft"), ("compiled_ea
             ("sagd_appendix", "sagd"))
 
 
+_TRAINER = "trainer"
+
+
+def _speedup(case: dict, column: str):
+    """The case's speed-up over the column's baseline; the trainer column: over the case's
+    training-script baseline (trainer kinds)."""
+    if column == _TRAINER:
+        return case["speedups"].get(TRAINER_BASELINE.get(case["kind"], ""))
+    return case["speedups"].get(column)
+
+
 def _ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -51,6 +63,8 @@ def format_table(report: dict, details: bool = False) -> str:
     over each baseline (baseline median / fused median) and its cost relative to the floor."""
     m, st, cp = report["machine"], report["settings"], report["copy_bandwidth"]
     cols = [(k, h) for k, h in _COLUMNS if any(k in c["speedups"] for c in report["cases"])]
+    if any(c["kind"] in TRAINER_BASELINE for c in report["cases"]):
+        cols.append((_TRAINER, "trainer"))  # the case's training-script baseline
     ratio_cols = list(dict.fromkeys(k for c in report["cases"] for k in c.get("backend_ratios", {})))
     primary = st.get("fused_backend", "")
     lines = [
@@ -90,7 +104,7 @@ def format_table(report: dict, details: bool = False) -> str:
         lines.append(
             f"{c['op']:<13}{c['kind']:<13}{c['B']:>4}  {shape:<10}{c['dtype']:<6}"
             f"{c['median_ms']:>10.3f}{c['iqr_ms']:>9.3f}{c['gbps']:>8.2f}{c['pct_copy_bw']:>6.0f}% |"
-            + "".join(f"{_ratio(c['speedups'].get(k)):>9}" for k, _ in cols)
+            + "".join(f"{_ratio(_speedup(c, k)):>9}" for k, _ in cols)
             + f"{_ratio(c['speedup_vs_fastest']):>8} | {c['overhead_vs_floor_ms']:>+8.3f} ms "
             f"{c['ratio_vs_floor']:>4.2f}x"
             + "".join(f"{_ratio(c.get('backend_ratios', {}).get(k)):>13}" for k in ratio_cols)
@@ -111,6 +125,10 @@ def format_table(report: dict, details: bool = False) -> str:
                          f"{g['baseline']}, B={g['B']}, 3x32x32 fp32, {g['kind']}): measured "
                          f"{g['speedup']:.2f}x -> {verdict}")
     lines += backend_goal_lines(report.get("backend_goals", []))
+    lines += trainer_goal_lines(report.get("trainer_goals", []))
+    pending = report["settings"].get("kinds_pending", {})
+    if pending:
+        lines += [""] + [f"trainer kind {k} not timed: {why}" for k, why in pending.items()]
     if any(not c["reliable"] for c in report["cases"]):
         lines.append(f"WARNING: other processes kept the CPUs busy during some cases (more than "
                      f"{st['max_other_load']} CPUs in most rounds): times are inflated and ratios "
