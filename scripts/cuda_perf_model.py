@@ -270,22 +270,67 @@ def parse_line_info(text: str) -> dict:
     return out
 
 
+_ND_CHAIN = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
+
+
+def parse_inline_chains(text: str) -> dict:
+    """{mangled: {address: ["csrc/file:line", ...]}} from `nvdisasm -gi -c`: every instruction's source line
+    and the lines it is inlined at, innermost first (the cubin needs -lineinfo). A header function inlined
+    at several call sites (or a dead one) is told apart by its call sites' lines."""
+    out, cur, chain, collecting = {}, None, [], False
+    for line in text.splitlines():
+        m = _ND_FUNC.match(line.strip())
+        if m:
+            cur, chain, collecting = m.group(1), [], False
+            out[cur] = {}
+            continue
+        m = _ND_CHAIN.search(line)
+        if m:
+            if not collecting:
+                chain, collecting = [], True
+            for f, ln in ((m.group(1), m.group(2)), (m.group(3), m.group(4))):
+                if f is not None:
+                    where = f"{_rel_source(f)}:{ln}"
+                    if where not in chain:
+                        chain.append(where)
+            continue
+        m = _ND_INSTR.search(line)
+        if m and cur is not None and chain and m.group(2) != "NOP":
+            collecting = False
+            out[cur][int(m.group(1), 16)] = list(chain)
+    return out
+
+
 def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | None = None,
-                          hi: int | None = None, per: float | None = None, by_line: dict | None = None) -> dict:
+                          hi: int | None = None, per: float | None = None, by_line: dict | None = None,
+                          chain_of: dict | None = None, inner_loops: list | None = None) -> dict:
     """Counts by class of the SASS instructions in [lo, hi] weighted by how often their source line ran
     in the emulator. ``executed``: {"csrc/file:line": executions} (or a set: executed or not; None: all
     count 1). ``per``: the executions of the loop (its closing branch's line): an instruction counts
     min(1, executions of its line / per) - 0 for a branch the case never takes, 1 for straight-line code
-    and for every copy of an unrolled loop. Lines outside csrc/ (CUDA's headers) count 1."""
+    and for every copy of an unrolled loop. With ``chain_of`` ({address: [line, call site, ...]}, from
+    parse_inline_chains) the weight is the smallest over the instruction's line and every call site it is
+    inlined at, so a shared header line (Philox, Box-Muller) inlined at a call site that never runs counts
+    0 there. ``inner_loops``: [(start, end, iterations per execution of the enclosing loop)] of the loops
+    nested in [lo, hi] that the compiler kept rolled: an instruction inside one counts that many times
+    (the innermost loop around it), times the weight above. Lines outside csrc/ (CUDA's headers) count 1."""
     cls: dict[str, float] = {"total": 0}
+
+    def weight(where):
+        if executed is None or where is None or not where.startswith("csrc/"):
+            return 1.0
+        n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
+        return min(1.0, n / per) if per else (1.0 if n > 0 else 0.0)
+
     for a, op in sass_instrs:
         if lo is not None and not lo <= a <= hi:
             continue
         where = line_of.get(a)
-        w = 1.0
-        if executed is not None and where is not None and where.startswith("csrc/"):
-            n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
-            w = (min(1.0, n / per) if per else (1.0 if n > 0 else 0.0))
+        chain = (chain_of or {}).get(a) or [where]
+        w = min(weight(x) for x in chain)
+        around = [l for l in (inner_loops or []) if l[0] <= a <= l[1]]
+        if around and w > 0:
+            w *= min(around, key=lambda l: l[1] - l[0])[2]
         if w <= 0:
             continue
         c = sass_class(op)
@@ -377,7 +422,7 @@ def compile_cuda(root: Path, cache: Path, log=print) -> tuple[dict, dict]:
         + sorted((root / "csrc" / "include").rglob("*.h"))
     flags = ["-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-lineinfo", f"-I{root / 'csrc' / 'include'}",
              f"-I{root / 'csrc'}", "-Xptxas", "-v"]
-    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.2", *flags[:5], *(p.read_text() for p in deps)]).encode()
+    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.3", *flags[:5], *(p.read_text() for p in deps)]).encode()
                                  ).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / f"cuda-{fingerprint}.json"
@@ -396,16 +441,18 @@ def compile_cuda(root: Path, cache: Path, log=print) -> tuple[dict, dict]:
         res = parse_ptxas(text)
         sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
                                          check=True).stdout)
-        lines = {}
+        chains = {}
         if nvdisasm:
-            lines = parse_line_info(subprocess.run([nvdisasm, "-g", "-c", str(cubin)], capture_output=True,
-                                                   text=True).stdout)
+            chains = parse_inline_chains(subprocess.run([nvdisasm, "-gi", "-c", str(cubin)], capture_output=True,
+                                                        text=True).stdout)
+        lines = {f: {a: c[0] for a, c in per.items()} for f, per in chains.items()}
         dem = demangle(res)
         for mangled, r in res.items():
             name = short_name(dem[mangled])
             kernels[name] = {"source": f"csrc/cuda/{src.name}", "mangled": mangled, "demangled": dem[mangled],
                              **r, "sass": sass.get(mangled),
-                             "line_of": {str(a): w for a, w in lines.get(mangled, {}).items()}}
+                             "line_of": {str(a): w for a, w in lines.get(mangled, {}).items()},
+                             "chain_of": {str(a): c for a, c in chains.get(mangled, {}).items()}}
         log(f"  {src.name}: {len(res)} kernel(s)")
     cached.write_text(json.dumps(kernels, indent=1))
     return kernels, {"fingerprint": fingerprint, "cached": False}
@@ -775,8 +822,9 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         # without a trace): drops the code of the dtypes, layouts and options the case does not use
         executed = trace["executed_lines"] if trace and trace.get("executed_lines") else None
         line_of = {int(a): w for a, w in (k.get("line_of") or {}).items()}
+        chain_of = {int(a): c for a, c in (k.get("chain_of") or {}).items()}
         instrs = sass.get("instructions", [])
-        cls = executed_instructions(instrs, line_of, executed)
+        cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of)
         smem_static_ops = cls.get("smem", 0)
         if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
             # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
@@ -794,7 +842,13 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
             if ml and executed:  # iterations of the grid-stride loop: the line of its closing branch
                 per = executed.get(line_of.get(ml["end"], ""), 0) or None
             by_line: dict = {}
-            bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per, by_line) if ml else cls
+            inner = []  # loops the compiler kept rolled inside the main loop, with their iterations per item
+            if ml and executed and per:
+                for lo, hi, _n in sass.get("loop_list", []):
+                    if ml["start"] <= lo and hi <= ml["end"] and (lo, hi) != (ml["start"], ml["end"]):
+                        inner.append((lo, hi, executed.get(line_of.get(hi, ""), 0) / per))
+            bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per, by_line,
+                                         chain_of, inner) if ml else cls
             info["hot_source_lines"] = [{"line": k, "sass_per_item": round(v, 1)}
                                         for k, v in sorted(by_line.items(), key=lambda kv: -kv[1])[:10]]
             body = bcls["total"]
@@ -976,7 +1030,7 @@ def run_model(args, log=print) -> dict:
                        "snapshot": "a `git archive` of that commit (--source-commit)"}),
                    "cuda_fingerprint": fp["fingerprint"]},
         "hardware": {"sm90": SM90, "machine": MACHINE},
-        "kernels": {n: {k: v for k, v in r.items() if k not in ("sass", "line_of")} | {"sass": _sass_summary(r.get("sass"))}
+        "kernels": {n: {k: v for k, v in r.items() if k not in ("sass", "line_of", "chain_of")} | {"sass": _sass_summary(r.get("sass"))}
                     for n, r in sorted(kernels.items())},
         "bank_traces": {k: {"plan_B1": v["plan_B1"]["path"], "seconds": v["seconds"],
                             "executed_source_lines": len(v.get("executed_lines", [])),

@@ -106,6 +106,51 @@ def test_elementwise(emu, order, schedule, shape, kind, k, how, dtype, target):
     expect_path(emu, "elementwise")
 
 
+FAST = [  # (C, kind, k, dtype, target): the straight-line kernel add_noise_fast<CK = C, KK = k>
+    (1, "iso", 0, torch.float32, 0),
+    (2, "sdm", 1, torch.bfloat16, 1),
+    (3, "sdm", 1, torch.float32, 0),
+    (3, "sdm_pos", 2, torch.bfloat16, 2),
+    (4, "sdm_linear", 1, torch.float16, 3),
+    (4, "hdm", 2, torch.float32, 0),
+    (16, "iso", 0, torch.float32, 0),
+    (16, "sdm", 1, torch.float32, 1),
+    (16, "hdm", 2, torch.bfloat16, 0),
+]
+
+
+@pytest.mark.parametrize("C,kind,k,dtype,target", FAST,
+                         ids=[f"C{c[0]}-{c[1]}-k{c[2]}-{str(c[3])[6:]}-t{c[4]}" for c in FAST])
+def test_elementwise_fast(emu, order, schedule, C, kind, k, dtype, target):
+    """The compile-time-channel kernel (generated noise, vectorised tensors) against the CPU kernel:
+    add_noise with every target and shaped_noise, fp32 / fp16 / bf16; the plan names the kernel."""
+    import json
+
+    shape = (3, C, 4, 12)
+    common = kernel_common(make_spec(kind, C, k=max(k, 1)), shape, schedule, [999, 0, 500])
+    assert (common[2].shape[-1] if common[2].numel() else 0) == k
+    plan = json.loads(emu.plan(*shape, False, 1, False, k, dtype=dtype))
+    assert plan["kernel"] == f"add_noise_fast<CK={C},KK={k}>", plan
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(C)).to(dtype)
+    run_add_noise(emu, x0, common, target)
+    expect_path(emu, "elementwise")
+    a = emu.shaped_noise(list(shape), *common, STREAM, None, dtype)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, dtype)
+    check_pair(a, b, dtype)
+
+
+def test_gpu_stream_stays_within_its_bound(emu, schedule):
+    """The CUDA stream (SFU sqrt / sin / cos in Box-Muller, common.cuh) differs from the CPU's by at most
+    3.5e-6 per normal; the emulator adds the intrinsics' documented worst-case errors, so this is that
+    bound on any GPU within them. The differences must also be there (the error model is active)."""
+    shape = (8, 3, 32, 32)
+    common = kernel_common(ad.NoiseSpec(), shape, schedule, [5] * 8)
+    a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
+    diff = (a.double() - b.double()).abs().max().item()
+    assert 1e-7 < diff <= 3.5e-6, diff
+
+
 # -- spectral paths (fused, and the forced two-pass fallback) ---------------------------------------
 SPECTRAL = [  # (shape, kind, k, normalize)
     ((2, 3, 16, 16), "pl_neg", 1, "calibrated"),         # power law, radix-4/2 FFT

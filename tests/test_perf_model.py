@@ -174,6 +174,37 @@ def test_line_info_and_executed_instructions():
     assert loop["total"] == 7 and loop.get("smem") == 1 and "sync" not in loop and loop["fp32"] == 1
 
 
+NVDISASM_GI = """
+.text._Z1kv:
+	//## File "/src/csrc/cuda/k.cu", line 10
+        /*0000*/                   IMAD R0, R1, R2, RZ ;
+	//## File "/src/csrc/include/anisodiff/philox.h", line 30 inlined at "/src/csrc/cuda/k.cu", line 12
+	//## File "/src/csrc/cuda/k.cu", line 12
+        /*0010*/                   IMAD.WIDE.U32 R2, R3, 0x5, RZ ;
+	//## File "/src/csrc/include/anisodiff/philox.h", line 30 inlined at "/src/csrc/cuda/k.cu", line 14
+	//## File "/src/csrc/cuda/k.cu", line 14
+        /*0020*/                   IMAD.WIDE.U32 R4, R3, 0x5, RZ ;
+        /*0030*/                   LOP3.LUT R4, R4, R5, RZ, 0x3c, !PT ;
+"""
+
+
+def test_inline_chains_weight_a_shared_header_line_by_its_call_site():
+    chains = pm.parse_inline_chains(NVDISASM_GI)["_Z1kv"]
+    assert chains[0x0] == ["csrc/cuda/k.cu:10"]
+    assert chains[0x10] == ["csrc/include/anisodiff/philox.h:30", "csrc/cuda/k.cu:12"]
+    assert chains[0x30] == ["csrc/include/anisodiff/philox.h:30", "csrc/cuda/k.cu:14"]
+    instrs = [(0x0, "IMAD"), (0x10, "IMAD"), (0x20, "IMAD"), (0x30, "LOP3")]
+    line_of = {a: c[0] for a, c in chains.items()}
+    # the header line ran (from the call at line 12); the call at line 14 never did
+    ran = {"csrc/cuda/k.cu:10": 5, "csrc/cuda/k.cu:12": 5, "csrc/cuda/k.cu:14": 0,
+           "csrc/include/anisodiff/philox.h:30": 5}
+    assert pm.executed_instructions(instrs, line_of, ran, per=5)["total"] == 4  # innermost line alone
+    assert pm.executed_instructions(instrs, line_of, ran, per=5, chain_of=chains)["total"] == 2
+    # a loop kept rolled around 0x10 that runs 3 times per iteration of the main loop
+    assert pm.executed_instructions(instrs, line_of, ran, per=5, chain_of=chains,
+                                    inner_loops=[(0x10, 0x10, 3.0)])["total"] == 4
+
+
 def test_ldg_bytes():
     assert pm._ldg_bytes("LDG", ".E.128.CONSTANT") == 16
     assert pm._ldg_bytes("LDG", ".E.64") == 8

@@ -50,10 +50,70 @@ __device__ __forceinline__ float pick4(const float v[4], int lane) {
   return lane == 0 ? v[0] : (lane == 1 ? v[1] : (lane == 2 ? v[2] : v[3]));
 }
 
+// ---------------------------------------------------------------------------------------------
+// The canonical stream on the GPU (docs/cuda.md, "The stream on the GPU"). The Philox words are
+// philox.h's bit for bit (the products as 32-bit multiply-high / low: one IMAD.WIDE each, where the
+// 64-bit form left an add of zero per product); Box-Muller uses philox.h's uniform map and
+// fast_logf (exact enough near u1 = 1, where the SFU's lg2 is not), and the SFU for the rest:
+// rsqrt.approx (2 ulp) for the radius and __sincosf (2^-21.41 absolute on [-pi, pi]) for the angle,
+// taken as 2 pi u2 - pi with both signs flipped. About 45 instructions per normal fewer than
+// philox.h's Cephes sin/cos + IEEE sqrt; each normal is within 3.5e-6 (absolute) of the CPU's
+// (r <= 5.68). The host emulator adds the documented worst-case error of both intrinsics, so its
+// comparisons with the CPU kernel check that bound.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void philox_words(uint64_t seed, uint64_t counter, uint32_t draw, uint32_t w[4]) {
+  uint32_t c0 = (uint32_t)counter, c1 = (uint32_t)(counter >> 32), c2 = draw, c3 = 0u;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t lo_a = kPhiloxRoundA * c0, hi_a = __umulhi(kPhiloxRoundA, c0);
+    const uint32_t lo_b = kPhiloxRoundB * c2, hi_b = __umulhi(kPhiloxRoundB, c2);
+    c0 = hi_b ^ c1 ^ k0;
+    c2 = hi_a ^ c3 ^ k1;
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+#if defined(ANISO_CUDA_EMULATOR)
+__device__ __forceinline__ float rsqrt_approx(float x) { return emu_rsqrt_approx(x); }
+#else
+__device__ __forceinline__ float rsqrt_approx(float x) {
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));  // x >= 1.19e-7 here: never subnormal
+  return y;
+}
+#endif
+
+__device__ __forceinline__ void box_muller_sfu(uint32_t w1, uint32_t w2, float& n1, float& n2) {
+  const float u1 = fmaxf(uint32_to_uniform(w1), 1.0e-7f);  // philox.h: u1 > 1e-7 ? u1 : 1e-7
+  const float u2 = uint32_to_uniform(w2);
+  const float x = -2.0f * fast_logf(u1);                     // in [1.19e-7, 32.3]
+  const float r = x * rsqrt_approx(x);
+  float s, c;
+  __sincosf(fmaf(6.283185307179586f, u2, -3.14159265358979f), &s, &c);  // = -sin, -cos of 2 pi u2
+  n1 = -r * c;
+  n2 = -r * s;
+}
+
+// Four standard normals for one 64-bit counter: philox.h's randn4 with the SFU Box-Muller above.
+__device__ __forceinline__ void cuda_randn4(uint64_t seed, uint64_t counter, uint32_t draw, float out[4]) {
+  uint32_t w[4];
+  philox_words(seed, counter, draw, w);
+  box_muller_sfu(w[0], w[1], out[0], out[1]);
+  box_muller_sfu(w[2], w[3], out[2], out[3]);
+}
+
 // One white normal: element i of draw `draw` of the stream.
 __device__ __forceinline__ float stream_normal(const Stream& st, uint32_t draw, int64_t i) {
   float v[4];
-  randn4(st.seed, st.offset + (uint64_t)(i >> 2), draw, v);
+  cuda_randn4(st.seed, st.offset + (uint64_t)(i >> 2), draw, v);
   return pick4(v, (int)(i & 3));
 }
 
@@ -62,13 +122,13 @@ __device__ __forceinline__ void stream_quad(const Stream& st, uint32_t draw, int
   const uint64_t q = (uint64_t)(i0 >> 2);
   const int r = (int)(i0 & 3);
   float lo[4], hi[4] = {0.f, 0.f, 0.f, 0.f};
-  randn4(st.seed, st.offset + q, draw, lo);
+  cuda_randn4(st.seed, st.offset + q, draw, lo);
   if (r == 0) {
 #pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = lo[l];
     return;
   }
-  if (r + n > 4) randn4(st.seed, st.offset + q + 1, draw, hi);
+  if (r + n > 4) cuda_randn4(st.seed, st.offset + q + 1, draw, hi);
 #pragma unroll
   for (int l = 0; l < 4; ++l) out[l] = (r + l < 4) ? pick4(lo, r + l) : pick4(hi, r + l - 4);
 }
@@ -76,13 +136,46 @@ __device__ __forceinline__ void stream_quad(const Stream& st, uint32_t draw, int
 // ---------------------------------------------------------------------------------------------
 // Strided I/O of float32 / float16 / bfloat16 tensors
 // ---------------------------------------------------------------------------------------------
+// On the GPU the conversions are the hardware's cvt (round to nearest even, like dtype.h's software
+// ones: the same bits for every non-NaN value; a NaN stays a NaN, its payload may differ) - one
+// instruction instead of 5-20. The host emulator runs dtype.h's.
+#if defined(ANISO_CUDA_EMULATOR)
 __device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
   return dt == DType::kFloat16 ? fp16_to_float(bits) : bf16_to_float(bits);
 }
-
 __device__ __forceinline__ uint16_t from_float(float v, DType dt) {
   return dt == DType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
 }
+// (lo, hi) as two 16-bit values in one word, lo in bits 0-15
+__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi, DType dt) {
+  return (uint32_t)from_float(lo, dt) | ((uint32_t)from_float(hi, dt) << 16);
+}
+#else
+__device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
+  if (dt != DType::kFloat16) return __uint_as_float((uint32_t)bits << 16);
+  float f;
+  asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(bits));
+  return f;
+}
+__device__ __forceinline__ uint16_t from_float(float v, DType dt) {
+  uint16_t h;
+  if (dt == DType::kFloat16) {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  } else {
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  }
+  return h;
+}
+__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi, DType dt) {
+  uint32_t w;
+  if (dt == DType::kFloat16) {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  }
+  return w;
+}
+#endif
 
 __device__ __forceinline__ float load_elem(const TensorArg& t, int64_t idx) {
   if (t.dtype == DType::kFloat32) return static_cast<const float*>(t.data)[idx];
@@ -168,8 +261,8 @@ __device__ __forceinline__ void store_quad(const TensorArg& t, int64_t b, int64_
       *reinterpret_cast<float4*>(static_cast<float*>(t.data) + base) = make_float4(v[0], v[1], v[2], v[3]);
     } else {
       uint2 o;
-      o.x = (uint32_t)from_float(v[0], t.dtype) | ((uint32_t)from_float(v[1], t.dtype) << 16);
-      o.y = (uint32_t)from_float(v[2], t.dtype) | ((uint32_t)from_float(v[3], t.dtype) << 16);
+      o.x = pack_16x2(v[0], v[1], t.dtype);
+      o.y = pack_16x2(v[2], v[3], t.dtype);
       *reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + base) = o;
     }
   } else {
@@ -466,7 +559,7 @@ __device__ __forceinline__ void generate_segments(const Stream& st, uint32_t dra
     const int64_t q = (first >> 2) + jq;
     if (4 * q >= first + len) continue;
     float v[4];
-    randn4(st.seed, st.offset + (uint64_t)q, draw, v);
+    cuda_randn4(st.seed, st.offset + (uint64_t)q, draw, v);
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t i = 4 * q + l;
@@ -937,6 +1030,33 @@ __host__ __device__ __forceinline__ TileLayout tile_layout(int H, int W, int til
   return L;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise launches (host): 256 threads per block, halved (down to 32) while the grid would leave
+// SMs idle, so a small batch still spreads over the GPU (B=16 at 3x32x32: 128 blocks of 32); grid-stride
+// beyond 32 blocks per SM.
+// ---------------------------------------------------------------------------------------------
+struct ElementwiseLaunch {
+  unsigned grid;
+  int threads;
+};
+
+inline ElementwiseLaunch elementwise_launch(int64_t items, int sm_count) {
+  const int64_t sms = sm_count > 0 ? sm_count : 1;
+  int threads = kElementwiseThreads;
+  while (threads > 32 && (items + threads - 1) / threads < sms) threads /= 2;
+  const int64_t blocks = (items + threads - 1) / threads;
+  return ElementwiseLaunch{(unsigned)(blocks < 1 ? 1 : (blocks < sms * 32 ? blocks : sms * 32)), threads};
+}
+
+// The channel count of the straight-line kernel add_noise_fast<CK, k> for this problem, or 0 for the
+// general one: generated noise of one draw (no caller noise, no workspace), vectorised I/O, k <= 2,
+// C in {1, 2, 3, 4, 16}.
+inline int fast_channels(const NoiseProblem& p, const float* ws, bool vec) {
+  if (ws != nullptr || p.noise[0].data != nullptr || !vec || p.k > 2 || p.step_params != nullptr) return 0;
+  const int64_t C = p.channels;
+  return (C >= 1 && C <= 4) || C == 16 ? (int)C : 0;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Launchers (defined in noise_elementwise.cu / noise_spectral.cu, used by noise_cuda.cu)

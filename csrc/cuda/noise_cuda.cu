@@ -111,22 +111,32 @@ int fused_cluster_forced(int64_t H, int64_t W) {
   return r >= 1 && r <= kMaxCluster && H % r == 0 && W % r == 0 ? r : 0;  // may leave threads without a pixel
 }
 
-unsigned grid_stride_blocks(int64_t items, int threads, int sms) {
-  const int64_t blocks = (items + threads - 1) / threads;
-  const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 32;  // grid-stride beyond this
-  return (unsigned)std::max<int64_t>(1, std::min(blocks, cap));
-}
-
 // The kernel launch_elementwise picks (names as in the sources' templates).
-void describe_elementwise(const NoiseProblem& p, bool vec, int sms, const char*& kernel, unsigned& grid, int& block) {
+// two_pass_input: the second pass of the two-pass path (reads the filtered workspace).
+void describe_elementwise(const NoiseProblem& p, bool vec, bool two_pass_input, int sms, const char*& kernel,
+                          unsigned& grid, int& block) {
   const int64_t HW = p.height * p.width;
-  block = kElementwiseThreads;
   if (p.step_params != nullptr) {
     kernel = p.step_k <= 2 ? "ddpm_step_elementwise<KA=2>" : "ddpm_step_elementwise<KA=8>";
-    grid = grid_stride_blocks(p.batch * HW, block, sms);
+    const ElementwiseLaunch L = elementwise_launch(p.batch * HW, sms);
+    grid = L.grid;
+    block = L.threads;
     return;
   }
-  grid = grid_stride_blocks(p.batch * ((HW + 3) / 4), block, sms);
+  const ElementwiseLaunch L = elementwise_launch(p.batch * ((HW + 3) / 4), sms);
+  grid = L.grid;
+  block = L.threads;
+  const int ck = two_pass_input ? 0 : fast_channels(p, nullptr, vec);
+  if (ck > 0) {
+    static const char* names[5][3] = {
+        {"add_noise_fast<CK=1,KK=0>", "add_noise_fast<CK=1,KK=1>", "add_noise_fast<CK=1,KK=2>"},
+        {"add_noise_fast<CK=2,KK=0>", "add_noise_fast<CK=2,KK=1>", "add_noise_fast<CK=2,KK=2>"},
+        {"add_noise_fast<CK=3,KK=0>", "add_noise_fast<CK=3,KK=1>", "add_noise_fast<CK=3,KK=2>"},
+        {"add_noise_fast<CK=4,KK=0>", "add_noise_fast<CK=4,KK=1>", "add_noise_fast<CK=4,KK=2>"},
+        {"add_noise_fast<CK=16,KK=0>", "add_noise_fast<CK=16,KK=1>", "add_noise_fast<CK=16,KK=2>"}};
+    kernel = names[ck == 16 ? 4 : ck - 1][p.k];
+    return;
+  }
   static const char* names[2][5] = {
       {"add_noise_elementwise<K=4,KA=0,vec=0>", "add_noise_elementwise<K=4,KA=2,vec=0>",
        "add_noise_elementwise<K=16,KA=2,vec=0>", "add_noise_elementwise<K=4,KA=8,vec=0>",
@@ -179,7 +189,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   const int sms = sm_count(device);
   if (p.weights == nullptr && !p.per_sample_norm) {
     plan.path = Path::kElementwise;
-    describe_elementwise(p, vec_ok(p, true), sms, plan.kernel, plan.grid, plan.block);
+    describe_elementwise(p, vec_ok(p, true), false, sms, plan.kernel, plan.grid, plan.block);
     return plan;
   }
   // Plane kernels index a plane (and the fused kernel a whole sample) with 32-bit ints.
@@ -245,7 +255,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   plan.kernel = "two_pass_filter";
   plan.grid = (unsigned)(p.batch * ((C + 1) / 2));
   plan.block = kSpectralThreads;
-  describe_elementwise(p, vec_ok(p, false), sms, plan.kernel2, plan.grid2, plan.block2);
+  describe_elementwise(p, vec_ok(p, false), true, sms, plan.kernel2, plan.grid2, plan.block2);
   return plan;
 }
 

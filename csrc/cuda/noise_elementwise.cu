@@ -13,14 +13,17 @@ namespace {
 constexpr int kThreads = kElementwiseThreads;
 
 // Blocks of 256 threads per SM the register budget is sized for: 3 (<= 85 registers) for the common
-// variants (C <= 4 cached, k <= 2), which then compile without spills (ptxas left alone stopped at 64 /
-// 80 registers and spilled 8-20 B); 1 for the 16-channel or 8-axis caches (176-220 registers).
-constexpr int elementwise_min_blocks(int k_cache, int ka) { return k_cache > 4 || ka > 2 ? 1 : 3; }
+// vectorised variants (C <= 4 cached, k <= 2), 2 for their strided I/O (79 registers spilled 16 B at 85),
+// which then compile without spills (ptxas left alone stopped at 64 / 80 registers and spilled 8-20 B);
+// 1 for the 16-channel or 8-axis caches (176-220 registers).
+constexpr int elementwise_min_blocks(int k_cache, int ka, bool vec) {
+  return k_cache > 4 || ka > 2 ? 1 : (vec ? 3 : 2);
+}
 
 // K: channels kept in registers between the squeeze's two passes (more are fetched again);
 // KA: the most squeeze axes handled (0: no squeeze).
 template <int K, int KA, bool kVec>
-__global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA)) add_noise_elementwise(const NoiseProblem p, const float* ws) {
+__global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec)) add_noise_elementwise(const NoiseProblem p, const float* ws) {
   const int64_t HW = p.height * p.width, C = p.channels, CHW = C * HW;
   const int64_t quads = (HW + 3) / 4, total = p.batch * quads;
   const Stream st = read_stream(p);
@@ -68,6 +71,108 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA)) add_n
   }
 }
 
+// The training hot path: the canonical stream (no caller noise, no workspace), tensors that pass the
+// vectorised-I/O conditions (kVec), exactly CK channels and KK axes (k) known at compile time. Every
+// loop is unrolled without a run-time guard, so the grid-stride body is straight-line code: per item
+// (4 pixels x CK channels) CK Philox calls with the SFU Box-Muller, the squeeze on registers, the mix,
+// and one 16-byte (fp32) / 8-byte (16-bit) load and two stores per channel. The operation order is
+// add_noise_quad's (the CPU kernel's). A bad timestep makes the gain NaN, so every output but an x0
+// target is NaN (as in the general kernel).
+template <int CK, int KK>
+__global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const NoiseProblem p) {
+  constexpr int KU = KK > 0 ? KK : 1;
+  const int64_t HW = p.height * p.width, quads = HW / 4, total = p.batch * quads;
+  const Stream st = read_stream(p);
+  const float gamma = p.gammas[0];
+  const bool mixing = p.x0.data != nullptr, eps_target = p.target == Target::kEpsilon;
+  // the axes: in registers for the whole loop when few, else read per item (uniform, cached loads)
+  constexpr bool kAxesInRegisters = CK * KU <= 8;
+  float ax_reg[kAxesInRegisters ? CK : 1][KU];
+#pragma unroll
+  for (int c = 0; c < (kAxesInRegisters ? CK : 1); ++c)
+#pragma unroll
+    for (int i = 0; i < KU; ++i) ax_reg[c][i] = KK > 0 ? __ldg(p.axes + c * KK + i) : 0.f;
+  auto axis = [&](int c, int i) { return kAxesInRegisters ? ax_reg[kAxesInRegisters ? c : 0][i] : __ldg(p.axes + c * KK + i); };
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  const Div64 dq = make_div64(quads);
+  const int64_t stride_b = dq.div(stride), stride_j = stride - stride_b * quads;
+  int64_t b = dq.div(first), j = first - b * quads;
+  for (int64_t item = first; item < total; item += stride) {
+    const int64_t hw0 = 4 * j;
+    bool valid;
+    const float* row = coef_row(p, b, valid);
+    const float a = __ldg(row), bc = __ldg(row + 1);
+    const SqueezeCoeffs sc = squeeze_coeffs(row + 2, KK, CK, p.variant);
+    const float gain = valid ? gamma : __int_as_float(0x7fc00000);
+    const uint64_t ctr = st.offset + (uint64_t)((b * CK * HW + hw0) >> 2);  // channel c: + c * quads
+    auto emit = [&](int c, const float (&nz)[4]) {
+      const QuadPos pos{};
+      if (!mixing) {
+        store_quad<true>(p.out, b, c, hw0, 4, pos, nz);
+        return;
+      }
+      float x0[4], xt[4], tg[4];
+      load_quad<true>(p.x0, b, c, hw0, 4, pos, x0);
+      if (eps_target) {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * nz[l];
+        store_quad<true>(p.x_t, b, c, hw0, 4, pos, xt);
+        store_quad<true>(p.out, b, c, hw0, 4, pos, nz);
+      } else {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
+        store_quad<true>(p.x_t, b, c, hw0, 4, pos, xt);
+        store_quad<true>(p.out, b, c, hw0, 4, pos, tg);
+      }
+    };
+    if (KK == 0) {  // no squeeze: each channel is finished as soon as it is drawn
+#pragma unroll
+      for (int c = 0; c < CK; ++c) {
+        float e[4];
+        cuda_randn4(st.seed, ctr + (uint64_t)(c * quads), 0u, e);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) e[l] *= gain;
+        emit(c, e);
+      }
+    } else {  // S(t) e: the projections u_i = v_i . e, then g e_c + sum_i (f_i - g) v_ci u_i
+      float e[CK][4], u[KU][4];
+#pragma unroll
+      for (int i = 0; i < KU; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) u[i][l] = 0.f;
+#pragma unroll
+      for (int c = 0; c < CK; ++c) {
+        cuda_randn4(st.seed, ctr + (uint64_t)(c * quads), 0u, e[c]);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) e[c][l] *= gain;
+#pragma unroll
+        for (int i = 0; i < KU; ++i)
+#pragma unroll
+          for (int l = 0; l < 4; ++l) u[i][l] += axis(c, i) * e[c][l];
+      }
+#pragma unroll
+      for (int c = 0; c < CK; ++c) {
+        float s[4];
+#pragma unroll
+        for (int l = 0; l < 4; ++l) s[l] = sc.g * e[c][l];
+#pragma unroll
+        for (int i = 0; i < KU; ++i) {
+          const float coef = sc.f_minus_g[i] * axis(c, i);
+#pragma unroll
+          for (int l = 0; l < 4; ++l) s[l] += coef * u[i][l];
+        }
+        emit(c, s);
+      }
+    }
+    b += stride_b;
+    j += stride_j;
+    if (j >= quads) {
+      j -= quads;
+      ++b;
+    }
+  }
+}
+
 // One thread per pixel: the step needs several channel vectors per pixel at once. Generated noise
 // costs one Philox call per element here (4 lanes computed, one used).
 template <int KA>
@@ -95,18 +200,23 @@ __global__ void __launch_bounds__(kThreads, KA > 2 ? 1 : 2) ddpm_step_elementwis
   }
 }
 
-unsigned grid_for(int64_t items, int sm_count) {
-  const int64_t blocks = (items + kThreads - 1) / kThreads;
-  const int64_t cap = (int64_t)(sm_count > 0 ? sm_count : 1) * 32;  // grid-stride beyond this
-  return (unsigned)std::max<int64_t>(1, std::min(blocks, cap));
+template <int K, int KA>
+void launch_add(const NoiseProblem& p, const float* ws, bool vec, const ElementwiseLaunch& L, cudaStream_t stream) {
+  if (vec) {
+    add_noise_elementwise<K, KA, true><<<L.grid, L.threads, 0, stream>>>(p, ws);
+  } else {
+    add_noise_elementwise<K, KA, false><<<L.grid, L.threads, 0, stream>>>(p, ws);
+  }
 }
 
-template <int K, int KA>
-void launch_add(const NoiseProblem& p, const float* ws, bool vec, unsigned grid, cudaStream_t stream) {
-  if (vec) {
-    add_noise_elementwise<K, KA, true><<<grid, kThreads, 0, stream>>>(p, ws);
+template <int CK>
+void launch_fast(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
+  if (p.k == 0) {
+    add_noise_fast<CK, 0><<<L.grid, L.threads, 0, stream>>>(p);
+  } else if (p.k == 1) {
+    add_noise_fast<CK, 1><<<L.grid, L.threads, 0, stream>>>(p);
   } else {
-    add_noise_elementwise<K, KA, false><<<grid, kThreads, 0, stream>>>(p, ws);
+    add_noise_fast<CK, 2><<<L.grid, L.threads, 0, stream>>>(p);
   }
 }
 
@@ -116,15 +226,23 @@ cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec,
                                cudaStream_t stream) {
   const int64_t HW = p.height * p.width;
   if (p.step_params != nullptr) {
-    const unsigned grid = grid_for(p.batch * HW, sm_count);
+    const ElementwiseLaunch L = elementwise_launch(p.batch * HW, sm_count);
     if (p.step_k <= 2) {
-      ddpm_step_elementwise<2><<<grid, kThreads, 0, stream>>>(p, ws);
+      ddpm_step_elementwise<2><<<L.grid, L.threads, 0, stream>>>(p, ws);
     } else {
-      ddpm_step_elementwise<kMaxAxes><<<grid, kThreads, 0, stream>>>(p, ws);
+      ddpm_step_elementwise<kMaxAxes><<<L.grid, L.threads, 0, stream>>>(p, ws);
     }
     return cudaGetLastError();
   }
-  const unsigned grid = grid_for(p.batch * ((HW + 3) / 4), sm_count);
+  const ElementwiseLaunch grid = elementwise_launch(p.batch * ((HW + 3) / 4), sm_count);
+  switch (fast_channels(p, ws, vec)) {
+    case 1: launch_fast<1>(p, grid, stream); return cudaGetLastError();
+    case 2: launch_fast<2>(p, grid, stream); return cudaGetLastError();
+    case 3: launch_fast<3>(p, grid, stream); return cudaGetLastError();
+    case 4: launch_fast<4>(p, grid, stream); return cudaGetLastError();
+    case 16: launch_fast<16>(p, grid, stream); return cudaGetLastError();
+    default: break;
+  }
   const bool few = p.channels <= 4;
   if (p.k == 0) {
     launch_add<4, 0>(p, ws, vec, grid, stream);

@@ -32,6 +32,21 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned 
 inline double __drcp_rn(double x) { return 1.0 / x; }
 inline float __int_as_float(int i) { float f; __builtin_memcpy(&f, &i, 4); return f; }
 inline void sincospi(double x, double* s, double* c) { *s = sin(M_PI * x); *c = cos(M_PI * x); }
+// The SFU intrinsics with their documented worst-case error ADDED (sign from a hash of the argument),
+// so the emulator's comparisons with the CPU kernel hold for any GPU within those bounds:
+// __sincosf: 2^-21.41 absolute on [-pi, pi] (CUDA programming guide); rsqrt.approx.ftz.f32 (rsqrtf):
+// 2 ulp, i.e. a relative 2^-22.
+inline float emu_worst_sign(float x, unsigned salt) {
+  unsigned u;
+  __builtin_memcpy(&u, &x, 4);
+  return ((u ^ salt) * 2654435761u) >> 31 ? 1.0f : -1.0f;
+}
+inline void __sincosf(float x, float* s, float* c) {
+  const float e = 3.6e-7f;  // > 2^-21.41 = 3.57e-7
+  *s = sinf(x) + e * emu_worst_sign(x, 0x5u);
+  *c = cosf(x) + e * emu_worst_sign(x, 0xc0u);
+}
+inline float emu_rsqrt_approx(float x) { return (1.0f / sqrtf(x)) * (1.0f + 2.4e-7f * emu_worst_sign(x, 0x71u)); }
 typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 typedef void* cudaStream_t;
