@@ -20,7 +20,7 @@ import anisodiff as ad
 from anisodiff import pyramid
 from anisodiff.reference import pyramid_noise_like
 
-from conftest import random_axes, requires_compiled
+from conftest import random_axes, requires_compiled, requires_triton
 
 SCHEDULE = ad.VPSchedule.linear(T=1000)
 
@@ -156,6 +156,17 @@ def test_fused_pyramid_matches_the_reference(target):
     white = ad.add_noise(x0, t, ad.NoiseSpec(spec.squeeze, offset=spec.offset), SCHEDULE, seed=3,
                          target=target, backend="cpu")
     assert (white[1] - got[1]).abs().max() > 0.1  # the pyramid spectrum changes the noise
+
+
+@requires_triton
+def test_triton_pyramid_matches_the_reference():
+    from anisodiff._ext import available_backends
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("triton interpreter not active (TRITON_INTERPRET=1)")
+    spec = ad.NoiseSpec(spectral=ad.PyramidNoise(5, 0.6), offset=ad.OffsetNoise(0.2))
+    got = ad.shaped_noise((2, 2, 8, 12), spec, seed=1, backend="triton")
+    want = ad.shaped_noise((2, 2, 8, 12), spec, seed=1, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pyramid_spec_json_and_errors():
