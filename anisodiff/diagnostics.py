@@ -336,14 +336,19 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
     noise_power = reference.spatial_power(spec, H, W)  # eigenvalues of Sigma_w on the DFT grid
     noise_band = bands.ring_sums(noise_power, bands.ring_index(H, W))
 
+    # S(t)^2 = g^2 (I - V V^T) + V diag(f^2) V^T: its quadratic forms without a [T, C, C] tensor
+    V = torch.zeros(C, 0, dtype=torch.float64) if spec.squeeze is None else spec.squeeze.axes
+    on_axes = (V.T @ vectors) ** 2  # [k, C]: (v_k . e_j)^2
+
     def snr_at(t: torch.Tensor):
-        g, f = reference.squeeze_eigenvalues(spec, t, vp, t.numel())
-        S2 = reference.channel_matrix(spec, g**2, f**2, C)  # S(t)^2, [n, C, C]
-        along = torch.einsum("ci,ncd,di->ni", vectors, S2, vectors)  # e_j^T S^2 e_j
+        g, f = reference.squeeze_eigenvalues(spec, t if vp is not None else torch.zeros_like(t),
+                                             vp, t.numel())
+        g2, f2 = g[:, None] ** 2, f**2
+        along = g2 * (1 - on_axes.sum(dim=0))[None, :] + f2 @ on_axes  # e_j^T S^2 e_j, [n, C]
+        trace = g2[:, 0] * (C - V.shape[1]) + f2.sum(dim=1)            # tr S^2, [n]
         a, b = a2[t][:, None], b2[t][:, None]
         direction = _ratio(a * values[None, :], b * along * noise_power.mean())
-        band = _ratio(a * stats.band_power[None, :],
-                      b * S2.diagonal(dim1=1, dim2=2).sum(dim=1)[:, None] * noise_band[None, :])
+        band = _ratio(a * stats.band_power[None, :], b * trace[:, None] * noise_band[None, :])
         return direction, band
 
     direction, band = snr_at(ts)

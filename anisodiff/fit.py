@@ -619,8 +619,8 @@ def _write_report(path, source, pca, spectrum, stats, snr, threshold, schedule) 
         "channels": {"mean": pca.mean.tolist(), "std": pca.std.tolist(),
                      "alpha": list(spectrum.channel_alpha),
                      "dc_power": spectrum.power[:, 0, 0].tolist()},
-        "pca": {"eigenvalues": pca.eigenvalues.tolist(), "axes": pca.axes.tolist(),
-                "covariance": pca.covariance.tolist()},
+        "pca": {"eigenvalues": pca.eigenvalues.tolist(), "axes": pca.axes.tolist()},
+        # the covariance is data_statistics.covariance
         "spectrum": {"radius": spectrum.radius, "alpha": spectrum.alpha,
                      "radii": spectrum.radii.tolist(),
                      "radial_power": spectrum.radial_power.tolist()},
