@@ -20,7 +20,7 @@ of the noise power, so at t = T of the linear schedule those bands keep an SNR n
 Both are ratios of the energy of the data term and of the noise term of ``x_t`` in that subspace, as
 the dense covariances give them (``tests/test_terminal_snr.py`` checks them against
 :func:`anisodiff.reference.covariance`). A band with no noise at all has SNR ``inf`` (its data is never
-noised). ``x_T``'s variance in a subspace is ``(1 + SNR)`` times what the prior assumes there, so the
+noised). A random-strength offset enters with its mean covariance (strength ``o / sqrt(3)``). ``x_T``'s variance in a subspace is ``(1 + SNR)`` times what the prior assumes there, so the
 default threshold :data:`SNR_THRESHOLD` = 0.1 flags a mismatch of more than 10% at the start of
 sampling. Without data statistics the data is taken as white with unit variance per channel
 (:meth:`DataStatistics.white`, what a well-scaled latent approximates).
@@ -34,6 +34,7 @@ gives SNR 0), for specs whose squeeze does not vary with t.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -182,6 +183,17 @@ def named_schedule(name: str) -> VPSchedule:
     if name == "scaled_linear":
         return VPSchedule(torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2)
     raise ValueError(f"schedule: must be one of {list(SNR_SCHEDULES)}, got {name!r}")
+
+
+def _mean_offset(spec: NoiseSpec) -> NoiseSpec:
+    """A random-strength offset (strength ``u o``, ``u ~ U[0, 1)`` per step) as its mean covariance:
+    the noise covariance is affine in ``u^2``, so its mean is that of the fixed strength
+    ``o / sqrt(3)`` (``E u^2 = 1/3``)."""
+    offset = spec.offset
+    if offset is None or not getattr(offset, "random_strength", False):
+        return spec
+    return NoiseSpec(spec.squeeze, spec.spectral, normalize=spec.normalize, radius=spec.radius,
+                     offset=type(offset)(offset.strength / math.sqrt(3)))
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -333,7 +345,7 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
     pivot = vectors.abs().argmax(dim=0)
     vectors = vectors * torch.sign(vectors[pivot, torch.arange(C)])
 
-    noise_power = reference.spatial_power(spec, H, W)  # eigenvalues of Sigma_w on the DFT grid
+    noise_power = reference.spatial_power(_mean_offset(spec), H, W)  # eigenvalues of Sigma_w
     noise_band = bands.ring_sums(noise_power, bands.ring_index(H, W))
 
     # S(t)^2 = g^2 (I - V V^T) + V diag(f^2) V^T: its quadratic forms without a [T, C, C] tensor

@@ -77,6 +77,7 @@ SPECS = {
         spectral=ad.TwoBand(0.8, (0, 0.3), 0.3, (0.25, 1), mixture="independent")),
     "table_uncalibrated": lambda C, H, W: ad.NoiseSpec(
         spectral=ad.SpectralTable(1 + reference.radius(H, W) ** 2), normalize="none"),
+    "pyramid": lambda C, H, W: ad.NoiseSpec(spectral=ad.PyramidNoise(3, 0.6)),
     "white": lambda C, H, W: ad.NoiseSpec(),
 }
 
@@ -252,3 +253,26 @@ def test_named_schedules_are_the_diffusers_ones():
     assert torch.equal(named_schedule("linear").betas, diffusers.DDPMScheduler().betas)
     with pytest.raises(ValueError, match="schedule"):
         named_schedule("cosine")
+
+
+def test_a_random_strength_offset_enters_with_its_mean_covariance():
+    """Sigma(u) is affine in u^2 and E u^2 = 1/3 for u ~ U[0, 1): the mean covariance is the fixed
+    strength o / sqrt(3)'s, checked here against the dense covariances at u = 0 and u = 1."""
+    x = planted_data(C=3, H=4, W=4)
+    stats = ad.fit_statistics(x, progress=False)
+    spatial = ad.PowerLaw(-0.4, eps=0.05)
+    random = ad.NoiseSpec(spectral=spatial, offset=ad.OffsetNoise(0.8, random_strength=True))
+    snr = terminal_snr(random, SCHEDULE, stats, timesteps=[999])
+    lo = reference.covariance(ad.NoiseSpec(spectral=spatial), (3, 4, 4), timesteps=999,
+                              schedule=SCHEDULE)
+    hi = reference.covariance(ad.NoiseSpec(spectral=spatial, offset=ad.OffsetNoise(0.8)), (3, 4, 4),
+                              timesteps=999, schedule=SCHEDULE)
+    mean_noise = lo + (hi - lo) / 3
+    dc = torch.kron(torch.eye(3, dtype=torch.float64), ring_projector(4, 4, 0))
+    ab = float(SCHEDULE.alphas_cumprod[999])
+    flat = (x - x.mean(dim=(0, 2, 3))[:, None, None]).reshape(x.shape[0], -1)
+    data = flat.T @ flat / x.shape[0]
+    expected = ab * torch.trace(dc @ data) / ((1 - ab) * torch.trace(dc @ mean_noise))
+    assert float(snr.band_snr[0, 0]) == pytest.approx(float(expected), rel=1e-9)
+    fixed = ad.NoiseSpec(spectral=spatial, offset=ad.OffsetNoise(0.8))
+    assert float(terminal_snr(fixed, SCHEDULE, stats).terminal_band_snr[0]) < float(snr.band_snr[0, 0])
