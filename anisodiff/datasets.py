@@ -350,7 +350,7 @@ class LatentFiles(Dataset):
         else:
             raise DataError(f"{root}: no such file or folder")
         self.root = root
-        self.files = [_TensorFile(p, key) for p in paths]
+        self.files = self._headers(paths, key)
         counts = []
         self.sample_shape = None
         for f in self.files:
@@ -369,6 +369,23 @@ class LatentFiles(Dataset):
         self.count = total if limit is None else min(total, limit)
         self.dtype = torch.float64 if all(f.dtype == "float64" for f in self.files) else torch.float32
         self._cache: dict = {}
+
+    HEADER_PROGRESS = 256  # a progress bar over the headers of folders with more files
+
+    @classmethod
+    def _headers(cls, paths: list, key: str | None) -> list:
+        if len(paths) <= cls.HEADER_PROGRESS:
+            return [_TensorFile(p, key) for p in paths]
+        from ._progress import progress
+
+        bar, files = progress(len(paths), "reading latent headers"), []
+        try:
+            for p in paths:
+                files.append(_TensorFile(p, key))
+                bar.update()
+        finally:
+            bar.close()
+        return files
 
     @staticmethod
     def _check(f: _TensorFile) -> tuple[int, tuple]:

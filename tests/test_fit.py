@@ -595,3 +595,14 @@ def test_sd_vae_latent_recipe(tmp_path):
     stats = json.loads(report.read_text())
     assert stats["shape"] == [4, 16, 16]
     assert stats["channels"]["std"] == pytest.approx(expected_pca.std.tolist(), rel=1e-9)
+
+
+def test_a_large_folder_shows_header_progress(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets.LatentFiles, "HEADER_PROGRESS", 4)
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the plain fallback
+    x = planted_latents(N=6)
+    for i in range(6):
+        np.save(tmp_path / f"{i}.npy", x[i].numpy())
+    latents = datasets.LatentFiles(tmp_path)
+    assert len(latents) == 6 and torch.equal(latents[5], x[5])
+    assert "reading latent headers: 6/6" in capsys.readouterr().err
