@@ -98,10 +98,26 @@ def _joint_sizes(H: int, W: int, level: int) -> list[tuple[float, int, int]]:
 def _upsampled_power(n_out: int, n_in: int) -> torch.Tensor:
     """``p(f) = sum_j |DFT(U[:, j])(f)|^2 / n_out`` for the 1-D bilinear upsampling ``U``
     (``n_out x n_in``) that ``F.interpolate(mode="bilinear", align_corners=False)`` applies along
-    one axis (float64 ``[n_out]``; its mean is the mean per-pixel variance of the upsampled white)."""
+    one axis (float64 ``[n_out]``; its mean is the mean per-pixel variance of the upsampled white).
+
+    ``p`` is the DFT of the circular autocorrelation ``c(d) = sum_y (U U^T)[y, y - d]``. Each
+    output mixes at most two neighbouring inputs, so ``U U^T`` is banded and each lag of ``c`` is a
+    sum over the output rows of the products of their (at most 2 x 2) matching weights."""
     eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
-    U = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]  # [n_in, n_out]
-    return (torch.fft.fft(U, dim=1).abs() ** 2).sum(dim=0) / n_out
+    U = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T  # [n_out, n_in]
+    k = min(2, n_in)
+    w, j = torch.topk(U, k, dim=1)  # each row's (at most two) nonzero weights and their inputs
+    # an input feeds the outputs whose source coordinate lies within 1 of it (clamped at the
+    # borders): fewer than 2 n_out / n_in + 2 of them, so (U U^T)[y, y'] = 0 beyond this lag
+    band = min(2 * -(-n_out // n_in) + 2, n_out - 1)
+    c = torch.zeros(n_out, dtype=torch.float64)
+    for d in range(band + 1):
+        same = j[d:, :, None] == j[: n_out - d, None, :]
+        v = float((w[d:, :, None] * w[: n_out - d, None, :] * same).sum())
+        c[d] += v
+        if d:
+            c[-d] += v  # U U^T is symmetric: lag -d, folded mod n_out
+    return torch.fft.fft(c).real / n_out
 
 
 def _pieces(H: int, W: int, iterations: int, discount: float):
@@ -150,14 +166,16 @@ def _expected_power(H: int, W: int, iterations: int, discount: float) -> torch.T
         G[i] = acc
     power = torch.full((H, W), float((base * G[0]).sum()), dtype=torch.float64)
     A = torch.ones_like(lam)                  # E[exp(-lam * levels < i) ; level i is drawn]
+    ys, xs = [], []                           # power += sum_k ys[k] (x) xs[k], as one product
     for i in range(L):
         g = discount ** (2 * i)
         nxt = torch.zeros_like(lam)
         for p, _, _, stops, v, py, px in levels[i]:
             e = p * torch.exp(-lam * v)
             coeff = float((base * A * e * (1.0 if stops else G[i + 1])).sum())
-            power += (coeff * g) * torch.outer(py, px)
+            ys.append((coeff * g) * py)
+            xs.append(px)
             if not stops:
                 nxt += e
         A = A * nxt
-    return power
+    return power + torch.stack(ys).T @ torch.stack(xs)

@@ -157,7 +157,7 @@ def test_trainer_flag_rows(smoke):
     assert any(line.startswith(f"{'add_noise':<13}{'pyramid':<13}") for line in smoke[1].splitlines())
 
 
-def test_trainer_baselines_are_the_flags(smoke):
+def test_trainer_baselines_are_the_flags():
     """The fused callables and the baselines of the trainer kinds compute what their flag means:
     the offset's plane-mean variance, pyramid noise's unit variance, the perturbation only in x_t,
     the flow path's mix and target."""

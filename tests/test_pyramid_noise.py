@@ -103,6 +103,18 @@ def test_expected_power_quadrature_equals_the_enumeration(H, W, iterations, disc
     torch.testing.assert_close(got, torch.roll(torch.flip(got, (0, 1)), (1, 1), (0, 1)))  # w(f) = w(-f)
 
 
+@pytest.mark.parametrize("n_out", [1, 2, 7, 16, 45, 128])
+def test_upsampled_power_is_the_per_column_spectrum(n_out):
+    """The banded autocorrelation shortcut against its definition: the DFT power of every column
+    of the 1-D bilinear upsampling matrix, summed (the matrix taken from F.interpolate itself)."""
+    for n_in in sorted({1, 2, 3, max(1, n_out // 3), max(1, n_out // 2), n_out - 1, n_out} - {0}):
+        eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
+        cols = torch.nn.functional.interpolate(eye, size=(n_out, 1), mode="bilinear",
+                                               align_corners=False)[:, 0, :, 0]
+        want = (torch.fft.fft(cols, dim=1).abs() ** 2).sum(dim=0) / n_out
+        torch.testing.assert_close(pyramid._upsampled_power(n_out, n_in), want, rtol=1e-12, atol=1e-12)
+
+
 def test_level_size_probabilities_sum_to_one():
     for level in range(5):
         pieces = pyramid._joint_sizes(37, 64, level)
