@@ -30,7 +30,9 @@ Schedules: a :class:`~anisodiff.VPSchedule` or any diffusers scheduler with ``be
 ``rescale_betas_zero_snr=True``, has ``a_T = 0`` and SNR 0), or a flow-matching scheduler with
 ``sigmas`` and no ``alphas_cumprod`` (diffusers' ``FlowMatchEulerDiscreteScheduler``:
 ``x = (1 - sigma) x0 + sigma n``, ``t`` indexes its sigmas in ascending order; sigma = 1 at the end
-gives SNR 0), for specs whose squeeze does not vary with t.
+gives SNR 0; a squeeze that varies with sigma needs the scheduler's ``flow_schedule``), or an
+``anisodiff.FlowSchedule`` (evaluated at ``sigma = i / 1000``, i = 1..1000, with the squeeze
+profile ``tau(sigma)`` of :mod:`anisodiff.reference`).
 """
 from __future__ import annotations
 
@@ -155,24 +157,46 @@ def _as_statistics(data_stats, shape, spec: NoiseSpec) -> DataStatistics:
 # ---------------------------------------------------------------------------------------------
 # Schedules: (a_t^2, b_t^2) along t, and the VP schedule the squeeze profile reads
 # ---------------------------------------------------------------------------------------------
+FLOW_GRID = 1000  # a FlowSchedule is evaluated at sigma = i / 1000 (diffusers' default grid)
+
+
 def _coefficients(schedule, spec: NoiseSpec):
-    """``(a2 [T], b2 [T], vp)`` float64; ``vp`` is the VP schedule for the squeeze (None for flow)."""
+    """``(a2 [T], b2 [T], times [T], profile_schedule, flow)``: the float64 coefficients along t,
+    the squeeze's time argument at each t (VP timesteps, or flow sigmas) and the schedule its
+    profile reads."""
+    if getattr(schedule, "path", None) == "flow":  # anisodiff.FlowSchedule: any sigma in [0, 1]
+        sigmas = torch.arange(1, FLOW_GRID + 1, dtype=torch.float64) / FLOW_GRID
+        return (1 - sigmas) ** 2, sigmas**2, sigmas, schedule, True
     if getattr(schedule, "alphas_cumprod", None) is None and getattr(schedule, "sigmas", None) is not None:
         sigmas = torch.as_tensor(schedule.sigmas).double().cpu().reshape(-1)
         sigmas = torch.sort(sigmas[sigmas > 0]).values  # ascending: t = 0 least noise
         if sigmas.numel() == 0 or (sigmas > 1).any():
             raise ValueError("schedule: a flow-matching schedule needs sigmas in (0, 1]")
-        if spec.time_varying:
-            raise ValueError("schedule: a squeeze that varies with t has no profile on a "
-                             "flow-matching sigma schedule here; use schedule='constant' for the "
-                             "squeeze, or a VP schedule")
-        return (1 - sigmas) ** 2, sigmas**2, None
+        own = getattr(schedule, "flow_schedule", None)  # what anisodiff's flow schedulers carry
+        if spec.time_varying and getattr(own, "path", None) != "flow":
+            raise ValueError("schedule: a squeeze that varies with sigma needs its profile's "
+                             "reference schedule: pass anisodiff.FlowSchedule() (or an anisodiff "
+                             "flow scheduler), or use schedule='constant' for the squeeze")
+        return (1 - sigmas) ** 2, sigmas**2, sigmas, own, True
     vp = as_schedule(schedule)
     if vp is None:
-        raise ValueError("schedule: required (a VPSchedule, a diffusers scheduler or a "
-                         "flow-matching scheduler)")
+        raise ValueError("schedule: required (a VPSchedule, a diffusers scheduler, a FlowSchedule "
+                         "or a flow-matching scheduler)")
     ac = vp.alphas_cumprod.double()
-    return ac, 1 - ac, vp
+    return ac, 1 - ac, torch.arange(ac.numel()), vp, False
+
+
+def _squeeze_eigenvalues(spec: NoiseSpec, times: torch.Tensor, schedule, flow: bool):
+    """``(g [n], f [n, k])``: the eigenvalues of S on the complement of the axes and on them at
+    ``times`` (those of :func:`anisodiff.reference.squeeze_matrices`)."""
+    n, sq = times.numel(), spec.squeeze
+    if not flow or sq is None:
+        return reference.squeeze_eigenvalues(spec, times if not flow else torch.zeros_like(times),
+                                             schedule, n)
+    r = reference.squeeze_strengths(sq, times, schedule).expand(n, -1)  # s_k tau(sigma)
+    C, k = sq.axes.shape
+    g = torch.exp(r.sum(dim=1) / (C - k)) if sq.variant == "heisenberg" else torch.ones(n, dtype=torch.float64)
+    return g, torch.exp(-r)
 
 
 def named_schedule(name: str) -> VPSchedule:
@@ -334,7 +358,7 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
         raise TypeError(f"spec: expected anisodiff.NoiseSpec, got {type(spec).__name__}")
     stats = _as_statistics(data_stats, shape, spec)
     C, (H, W) = stats.channels, stats.shape
-    a2, b2, vp = _coefficients(schedule, spec)
+    a2, b2, times, profile, flow = _coefficients(schedule, spec)
     T = a2.numel()
     ts = torch.arange(T) if timesteps is None else torch.as_tensor(timesteps).reshape(-1).long()
     if ts.numel() == 0 or int(ts.min()) < 0 or int(ts.max()) >= T:
@@ -353,8 +377,7 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
     on_axes = (V.T @ vectors) ** 2  # [k, C]: (v_k . e_j)^2
 
     def snr_at(t: torch.Tensor):
-        g, f = reference.squeeze_eigenvalues(spec, t if vp is not None else torch.zeros_like(t),
-                                             vp, t.numel())
+        g, f = _squeeze_eigenvalues(spec, times[t], profile, flow)
         g2, f2 = g[:, None] ** 2, f**2
         along = g2 * (1 - on_axes.sum(dim=0))[None, :] + f2 @ on_axes  # e_j^T S^2 e_j, [n, C]
         trace = g2[:, 0] * (C - V.shape[1]) + f2.sum(dim=1)            # tr S^2, [n]

@@ -175,7 +175,7 @@ def test_flow_matching_schedule_ends_at_zero_snr():
     sigma = sigmas[100]
     white = terminal_snr(ad.NoiseSpec(), flow, shape=(3, 4, 4), timesteps=[100])
     assert torch.allclose(white.band_snr, ((1 - sigma) ** 2 / sigma**2).expand(1, 4), rtol=1e-12)
-    with pytest.raises(ValueError, match="flow-matching"):
+    with pytest.raises(ValueError, match="varies with sigma"):
         terminal_snr(ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5)), flow, shape=(3, 4, 4))
     constant = ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5, schedule="constant"))
     assert terminal_snr(constant, flow, shape=(3, 4, 4)).warnings() == []
