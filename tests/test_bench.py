@@ -306,6 +306,11 @@ def test_bad_options_fail_before_timing(tmp_path):
         assert code == 2 and "--given-noise" in err
     code, _, _ = _main(["bench", "--shapes", "3x32"])
     assert code == 2
+    # a trainer kind with an op it does not run for: nothing to time, said before any timing
+    code, _, err = _main(["bench", "--smoke", "--ops", "shaped_noise", "--kinds", "offset", "pyramid",
+                          "--json", str(tmp_path / "y.json"), "--no-plot"])
+    assert code == 2 and "nothing to time" in err and "add_noise only" in err
+    assert not (tmp_path / "y.json").exists()
 
 
 def _settings(argv):

@@ -8,7 +8,8 @@ import argparse
 import pathlib
 
 from .._argtypes import int_in, nonneg_float
-from .cases import DTYPES, KINDS, OPS
+from .cases import (DTYPES, KINDS, OPS, TRAINER_KINDS, TRAINER_OPS, case_matrix,
+                    trainer_kind_pending)
 from .errors import BenchError
 from .impls import CPU_COMPILED
 from .models import AMP, UNETS
@@ -228,6 +229,12 @@ def resolve_settings(args) -> dict:
                            else DEFAULT_MAX_OTHER_LOAD[args.device])
     s["threads"] = args.threads
     s["suites"] = suites(args)
+    if "ops" in s["suites"] and not case_matrix(s):
+        why = [f"{k}: {trainer_kind_pending(k)}" for k in s["kinds"]
+               if k in TRAINER_KINDS and trainer_kind_pending(k)]
+        raise BenchError("--kinds/--ops: nothing to time (the trainer kinds "
+                         f"{', '.join(TRAINER_KINDS)} run for {', '.join(TRAINER_OPS)} only"
+                         + (f"; {'; '.join(why)}" if why else "") + ")")
     if "train" in s["suites"] or "sampling" in s["suites"]:
         s.update(resolve_model_settings(args, mode, s["suites"]))
     return s
