@@ -17,7 +17,13 @@ of the noise power, so at t = T of the linear schedule those bands keep an SNR n
   ``SNR_R(t) = a_t^2 sum_{f in R} sum_c P_c(f) / (b_t^2 tr(S(t)^2) sum_{f in R} P_n(f))``, with the
   data's per-channel power spectrum ``P_c`` (:class:`anisodiff.Spectrum`).
 
-Both are ratios of the energy of the data term and of the noise term of ``x_t`` in that subspace, as
+* **per band and principal direction** (where the data's per-band cross-spectra are known,
+  :attr:`Spectrum.band_cross`, up to 64 channels): ``SNR_jR(t) = a_t^2 e_j^T B_R e_j /
+  (b_t^2 (e_j^T S(t)^2 e_j) sum_{f in R} P_n(f))`` with ``B_R = sum_{f in R} Re E[X(f) X(f)^H] /
+  (H W)``. Both marginals above are weighted means of these, so a squeezed direction in one band
+  shows here even when neither marginal flags it.
+
+All are ratios of the energy of the data term and of the noise term of ``x_t`` in that subspace, as
 the dense covariances give them (``tests/test_terminal_snr.py`` checks them against
 :func:`anisodiff.reference.covariance`). A band with no noise at all has SNR ``inf`` (its data is never
 noised). A random-strength offset enters with its mean covariance (strength ``o / sqrt(3)``). ``x_T``'s variance in a subspace is ``(1 + SNR)`` times what the prior assumes there, so the
@@ -50,6 +56,7 @@ __all__ = ["DataStatistics", "TerminalSNR", "terminal_snr", "print_warnings", "n
            "SNR_THRESHOLD", "SNR_SCHEDULES", "DATA_STATISTICS_FORMAT"]
 
 SNR_THRESHOLD = 0.1
+WHITE_CROSS_CHANNELS = 64  # DataStatistics.white keeps per-band cross-spectra up to this many
 DATA_STATISTICS_FORMAT = "anisodiff.DataStatistics"
 # the schedules `anisodiff fit` / `show` evaluate the SNR on (T = 1000, diffusers' beta schedules)
 SNR_SCHEDULES = ("linear", "scaled_linear")
@@ -66,12 +73,14 @@ class DataStatistics:
     ``covariance``: the centred ``C x C`` pixel covariance (:attr:`ChannelPCA.covariance`).
     ``band_power``: ``[R + 1]`` per ring of :func:`anisodiff.bands.ring_index` (ring 0 = DC), the
     data's power ``sum_{f in ring} sum_c P_c(f)`` (:attr:`Spectrum.power` summed). ``shape``: the
-    ``(H, W)`` plane these bands belong to.
+    ``(H, W)`` plane these bands belong to. ``band_covariance``: optional ``[R + 1, C, C]``, the
+    per-band cross-spectra (:attr:`Spectrum.band_cross`; their traces are ``band_power``).
     """
 
     covariance: torch.Tensor
     band_power: torch.Tensor
     shape: tuple
+    band_covariance: torch.Tensor | None = None
 
     def __post_init__(self):
         cov, power = self.covariance, self.band_power
@@ -85,6 +94,10 @@ class DataStatistics:
                              f"shape {list(power.shape)}")
         if not (torch.isfinite(cov).all() and torch.isfinite(power).all()) or (power < 0).any():
             raise ValueError("data_stats: covariance and band_power must be finite, band_power >= 0")
+        bc = self.band_covariance
+        if bc is not None and (bc.shape != (expected, *cov.shape) or not torch.isfinite(bc).all()):
+            raise ValueError(f"data_stats.band_covariance: expected finite values of shape "
+                             f"{[expected, *cov.shape]}, got {list(bc.shape)}")
 
     @property
     def channels(self) -> int:
@@ -98,18 +111,27 @@ class DataStatistics:
             raise ValueError(f"data_stats: the PCA has {pca.covariance.shape[0]} channels, the "
                              f"spectrum {C}")
         band_power = bands.ring_sums(spectrum.power.sum(dim=0), bands.ring_index(H, W))
-        return cls(pca.covariance.double().cpu().clone(), band_power, (H, W))
+        cross = getattr(spectrum, "band_cross", None)
+        return cls(pca.covariance.double().cpu().clone(), band_power, (H, W),
+                   None if cross is None else cross.double().cpu().clone())
 
     @classmethod
     def white(cls, channels: int, H: int, W: int, variance: float = 1.0) -> "DataStatistics":
         """White data with ``variance`` per channel, uncorrelated channels: ``P_c(f) = variance``."""
         cov = variance * torch.eye(channels, dtype=torch.float64)
-        per_bin = torch.full((H, W), channels * variance, dtype=torch.float64)
-        return cls(cov, bands.ring_sums(per_bin, bands.ring_index(H, W)), (H, W))
+        ring = bands.ring_index(H, W)
+        power = bands.ring_sums(torch.full((H, W), channels * variance, dtype=torch.float64), ring)
+        cross = None
+        if channels <= WHITE_CROSS_CHANNELS:  # B_R = variance * (bins of R) * I
+            cross = (power / channels)[:, None, None] * torch.eye(channels, dtype=torch.float64)
+        return cls(cov, power, (H, W), cross)
 
     def to_dict(self) -> dict:
-        return {"format": DATA_STATISTICS_FORMAT, "version": 1, "shape": list(self.shape),
-                "covariance": self.covariance.tolist(), "band_power": self.band_power.tolist()}
+        out = {"format": DATA_STATISTICS_FORMAT, "version": 1, "shape": list(self.shape),
+               "covariance": self.covariance.tolist(), "band_power": self.band_power.tolist()}
+        if self.band_covariance is not None:
+            out["band_covariance"] = self.band_covariance.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d) -> "DataStatistics":
@@ -120,11 +142,13 @@ class DataStatistics:
             H, W = (int(s) for s in d["shape"])
             cov = torch.tensor(d["covariance"], dtype=torch.float64)
             power = torch.tensor(d["band_power"], dtype=torch.float64)
+            cross = d.get("band_covariance")
+            cross = None if cross is None else torch.tensor(cross, dtype=torch.float64)
         except KeyError as exc:
             raise ValueError(f"data_stats.{exc.args[0]}: missing") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"data_stats: not a valid statistics object ({exc})") from None
-        return cls(cov, power, (H, W))
+        return cls(cov, power, (H, W), cross)
 
 
 def _as_statistics(data_stats, shape, spec: NoiseSpec) -> DataStatistics:
@@ -237,8 +261,10 @@ class TerminalSNR:
     length (t = T - 1 is the terminal step). ``directions [C, C]``: the data's principal channel
     directions (columns, by descending variance ``direction_variance [C]``; largest component > 0);
     ``direction_snr [n, C]``. ``band_radius [R + 1]``: nominal ring radius ``k / min(H, W)`` in
-    cycles/pixel (0 = DC); ``band_snr [n, R + 1]``. ``terminal_direction_snr`` / ``terminal_band_snr``:
-    the values at t = T - 1. ``noise_band_power [R + 1]``: ``sum_{f in ring} P_n(f)``.
+    cycles/pixel (0 = DC); ``band_snr [n, R + 1]``. ``joint_snr [n, R + 1, C]``: per band and
+    principal direction (None without the data's per-band cross-spectra).
+    ``terminal_direction_snr`` / ``terminal_band_snr`` / ``terminal_joint_snr``: the values at
+    t = T - 1. ``noise_band_power [R + 1]``: ``sum_{f in ring} P_n(f)``.
     """
 
     spec: NoiseSpec
@@ -253,24 +279,50 @@ class TerminalSNR:
     terminal_direction_snr: torch.Tensor
     terminal_band_snr: torch.Tensor
     noise_band_power: torch.Tensor
+    joint_snr: torch.Tensor | None = None
+    terminal_joint_snr: torch.Tensor | None = None
+    terminal_along: torch.Tensor | None = None  # [C] e_j^T S(T-1)^2 e_j
 
-    def offenders(self, threshold: float = SNR_THRESHOLD) -> list[tuple[str, int, float]]:
+    def offenders(self, threshold: float = SNR_THRESHOLD) -> list[tuple[str, object, float]]:
         """``(kind, index, snr)`` for every band (``"band"``, ring index) and principal direction
-        (``"direction"``, 0-based) whose terminal SNR exceeds ``threshold``, worst first."""
+        (``"direction"``, 0-based) whose terminal SNR exceeds ``threshold``, and, per band that
+        neither flags, its worst principal direction above it among those not flagged
+        (``"band_direction"``, ``(ring, j)``), worst first."""
         threshold = float(threshold)
         if not threshold > 0:
             raise ValueError(f"threshold: must be > 0, got {threshold}")
         found = [("band", i, float(v)) for i, v in enumerate(self.terminal_band_snr) if v > threshold]
         found += [("direction", j, float(v)) for j, v in enumerate(self.terminal_direction_snr)
                   if v > threshold]
+        if self.terminal_joint_snr is not None:
+            bad_bands = {i for kind, i, _ in found if kind == "band"}
+            bad_dirs = torch.zeros(self.terminal_joint_snr.shape[1], dtype=torch.bool)
+            for kind, j, _ in found:
+                if kind == "direction":
+                    bad_dirs[j] = True
+            for ring, row in enumerate(self.terminal_joint_snr):
+                if ring in bad_bands:
+                    continue
+                row = torch.where(bad_dirs, torch.zeros_like(row), row)
+                j = int(row.argmax())
+                if row[j] > threshold:
+                    found.append(("band_direction", (ring, j), float(row[j])))
         return sorted(found, key=lambda item: -item[2])
 
     def warnings(self, threshold: float = SNR_THRESHOLD) -> list[str]:
-        """One line per offending band or direction (see :meth:`offenders`), naming it and the fix."""
+        """One line per offending band, direction or (band, direction) (see :meth:`offenders`),
+        naming it and the fix."""
         lines = []
         for kind, index, snr in self.offenders(threshold):
-            where = self._band_name(index) if kind == "band" else self._direction_name(index)
-            fix = self._band_fix(index) if kind == "band" else self._direction_fix(index)
+            if kind == "band":
+                where, fix = self._band_name(index), self._band_fix(index)
+            elif kind == "direction":
+                where, fix = self._direction_name(index), self._direction_fix(index)
+            else:
+                ring, j = index
+                where = f"{self._band_name(ring)} {self._direction_name(j)}"
+                squeezed = self.terminal_along is not None and float(self.terminal_along[j]) < 1
+                fix = self._direction_fix(j) if squeezed else self._band_fix(ring)
             lines.append(f"terminal SNR {snr:.3g} > {threshold:g} at t = {self.T - 1} {where}: "
                          f"the noise does not drown the data there, so sampling from the shaped "
                          f"prior cannot recover it. Fix: {fix}")
@@ -375,6 +427,8 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
     # S(t)^2 = g^2 (I - V V^T) + V diag(f^2) V^T: its quadratic forms without a [T, C, C] tensor
     V = torch.zeros(C, 0, dtype=torch.float64) if spec.squeeze is None else spec.squeeze.axes
     on_axes = (V.T @ vectors) ** 2  # [k, C]: (v_k . e_j)^2
+    cross = stats.band_covariance
+    data_joint = None if cross is None else torch.einsum("ci,rcd,di->ri", vectors, cross, vectors)
 
     def snr_at(t: torch.Tensor):
         g, f = _squeeze_eigenvalues(spec, times[t], profile, flow)
@@ -384,14 +438,18 @@ def terminal_snr(spec: NoiseSpec, schedule, data_stats=None, shape=None, *,
         a, b = a2[t][:, None], b2[t][:, None]
         direction = _ratio(a * values[None, :], b * along * noise_power.mean())
         band = _ratio(a * stats.band_power[None, :], b * trace[:, None] * noise_band[None, :])
-        return direction, band
+        joint = None
+        if data_joint is not None:  # [n, R + 1, C]
+            joint = _ratio(a[:, :, None] * data_joint[None],
+                           b[:, :, None] * noise_band[None, :, None] * along[:, None, :])
+        return direction, band, joint, along
 
-    direction, band = snr_at(ts)
-    terminal_direction, terminal_band = snr_at(torch.tensor([T - 1]))
+    direction, band, joint, _ = snr_at(ts)
+    t_direction, t_band, t_joint, t_along = snr_at(torch.tensor([T - 1]))
     full_shape = tuple(shape) if shape is not None else (C, H, W)
     return TerminalSNR(spec, full_shape, T, ts, vectors, values, direction,
-                       bands.ring_radii(H, W), band, terminal_direction[0], terminal_band[0],
-                       noise_band)
+                       bands.ring_radii(H, W), band, t_direction[0], t_band[0], noise_band,
+                       joint, None if t_joint is None else t_joint[0], t_along[0])
 
 
 def print_warnings(snr: TerminalSNR, threshold: float, command: str) -> int:

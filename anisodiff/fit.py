@@ -100,7 +100,11 @@ class Spectrum:
 
     All tensors are float64 on the CPU, on the unshifted ``fftfreq`` grid. ``images``: the number
     of ``[C, H, W]`` planes averaged (for video: samples times frames); ``frames``: F of video data
-    (0 for ``[B, C, H, W]`` data).
+    (0 for ``[B, C, H, W]`` data). ``band_cross``: ``[R + 1, C, C]`` per band of
+    :func:`anisodiff.bands.ring_index` (0 = DC) the cross-spectral matrix summed over the band's
+    bins, ``sum_f Re E[X(f) X(f)^H] / (H W)`` (its diagonal sums :attr:`power` over the band; what
+    the terminal SNR per band and principal direction reads), for data with at most
+    :data:`CROSS_SPECTRUM_CHANNELS` channels, else None.
     """
 
     power: torch.Tensor         # [C, H, W]
@@ -111,6 +115,7 @@ class Spectrum:
     channel_alpha: tuple        # per channel
     images: int
     frames: int = 0
+    band_cross: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -337,20 +342,31 @@ class _PixelCovariance:
                           m.n)
 
 
+CROSS_SPECTRUM_CHANNELS = 64  # the per-band C x C cross-spectra are kept up to this many channels
+
+
 class _PowerSpectrum:
-    """Sum over images of ``|fft2(x - image mean)|^2`` per channel, and the moments of the images'
-    mean colours (for the DC bin)."""
+    """Sum over images of ``|fft2(x - image mean)|^2`` per channel, per band the sum of
+    ``Re(X X^H)`` over its bins (up to CROSS_SPECTRUM_CHANNELS channels), and the moments of the
+    images' mean colours (for the DC bin)."""
 
     def __init__(self):
         self.shape = None       # (C, H, W) once data arrived
         self.frames = 0         # F of video data
         self.power = None
+        self.cross = None       # [R + 1, C, C]
         self.means = None
 
     def _start(self, shape: tuple, device: torch.device) -> None:
         self.shape = shape
+        C, H, W = shape
         self.power = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.means = _Moments(shape[0], device)
+        self.means = _Moments(C, device)
+        if C <= CROSS_SPECTRUM_CHANNELS:
+            ring = bands.ring_index(H, W).reshape(-1)
+            self._bins = [torch.nonzero(ring == r).reshape(-1).to(device)
+                          for r in range(int(ring.max()) + 1)]
+            self.cross = torch.zeros(len(self._bins), C, C, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor, frames: int = 0) -> None:
         B, C, H, W = x.shape
@@ -363,6 +379,12 @@ class _PowerSpectrum:
         means = x.mean(dim=(2, 3))
         spectrum = torch.fft.fft2(x - means[:, :, None, None])
         self.power += (spectrum.real ** 2 + spectrum.imag ** 2).sum(dim=0)
+        if self.cross is not None:
+            flat = spectrum.reshape(B, C, H * W)
+            for r, bins in enumerate(self._bins[1:], start=1):  # DC (ring 0) comes from the means
+                z = flat[:, :, bins]
+                self.cross[r] += (torch.einsum("bcf,bdf->cd", z.real, z.real)
+                                  + torch.einsum("bcf,bdf->cd", z.imag, z.imag))
         centred = means - means.mean(dim=0)
         self.means.add_batch(B, means.mean(dim=0), centred.T @ centred)
 
@@ -373,6 +395,8 @@ class _PowerSpectrum:
         if self.power is None:
             self._start(shape, device)
         dist.all_reduce(self.power)
+        if self.cross is not None:
+            dist.all_reduce(self.cross)
         self.means = self.means.all_gather()
 
     def result(self, radius: str) -> Spectrum:
@@ -382,6 +406,10 @@ class _PowerSpectrum:
         power[:, 0, 0] = H * W * self.means.scatter.diagonal().cpu() / n
         if not torch.isfinite(power).all():
             raise ValueError("data: contains NaN or Inf")
+        cross = None
+        if self.cross is not None:
+            cross = (self.cross / (n * H * W)).cpu()
+            cross[0] = H * W * self.means.scatter.cpu() / n
         ring = bands.ring_index(H, W)
         log_radii = _ring_log_means(reference.radius(H, W, radius), ring)
         rings = ~torch.isnan(log_radii)  # the non-empty rings, DC excluded
@@ -390,7 +418,7 @@ class _PowerSpectrum:
         mean_log_power = _ring_log_means(power.mean(dim=0), ring)[rings]
         return Spectrum(power, radius, radii, log_power.exp(),
                         _half_slope(radii, mean_log_power),
-                        tuple(_half_slope(radii, lp) for lp in log_power), n, self.frames)
+                        tuple(_half_slope(radii, lp) for lp in log_power), n, self.frames, cross)
 
 
 def _ring_log_means(values: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
@@ -602,10 +630,12 @@ def _print_snr(snr, threshold: float, schedule: str) -> None:
     worst_band, worst_dir = int(band.argmax()), int(direction.argmax())
     verdict = ("ok" if not snr.offenders(threshold)
                else f"{len(snr.offenders(threshold))} above, see the warnings")
+    joint = ("" if snr.terminal_joint_snr is None else
+             f", over (band, direction) pairs {float(snr.terminal_joint_snr.max()):.3g}")
     print(f"  terminal SNR at t = {snr.T - 1} ({schedule} VP schedule, T = {snr.T}) of this spec "
           f"on this data: max over bands {float(band[worst_band]):.3g} (ring {worst_band}), over "
-          f"principal directions {float(direction[worst_dir]):.3g} (v{worst_dir + 1}); threshold "
-          f"{threshold:g}: {verdict}")
+          f"principal directions {float(direction[worst_dir]):.3g} (v{worst_dir + 1}){joint}; "
+          f"threshold {threshold:g}: {verdict}")
 
 
 def _write_report(path, source, pca, spectrum, stats, snr, threshold, schedule) -> None:
@@ -629,6 +659,8 @@ def _write_report(path, source, pca, spectrum, stats, snr, threshold, schedule) 
                          "band_radius": snr.band_radius.tolist(),
                          "band_snr": _finite_list(snr.terminal_band_snr),
                          "direction_snr": _finite_list(snr.terminal_direction_snr),
+                         "band_direction_snr": None if snr.terminal_joint_snr is None else
+                         [_finite_list(row) for row in snr.terminal_joint_snr],
                          "warnings": snr.warnings(threshold)},
     }
     path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

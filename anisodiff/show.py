@@ -125,7 +125,10 @@ def _check_snr(spec: NoiseSpec, shape, stats, threshold: float, schedule_name: s
     what = "the --stats data" if stats is not None else "white unit-variance data"
     print(f"  terminal SNR at t = {snr.T - 1} ({schedule_name} VP schedule) on {what}: max over "
           f"bands {float(snr.terminal_band_snr.max()):.3g}, over principal directions "
-          f"{float(snr.terminal_direction_snr.max()):.3g}; threshold {threshold:g}: "
+          f"{float(snr.terminal_direction_snr.max()):.3g}"
+          + ("" if snr.terminal_joint_snr is None else
+             f", over (band, direction) pairs {float(snr.terminal_joint_snr.max()):.3g}")
+          + f"; threshold {threshold:g}: "
           + ("ok" if not found else f"{len(found)} above, see the warnings"))
     diagnostics.print_warnings(snr, threshold, "show")
 

@@ -303,6 +303,8 @@ def test_distributed_ranks_agree_with_the_full_data_fit(tmp_path):
         assert torch.allclose(pca0.axes, full_pca.axes, atol=1e-12)
         assert torch.allclose(pca0.covariance, full_pca.covariance, rtol=1e-12)
         assert torch.allclose(spec0.power, full_spectrum.power, rtol=1e-11)
+        assert torch.equal(spec0.band_cross, spec1.band_cross)
+        assert torch.allclose(spec0.band_cross, full_spectrum.band_cross, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,3 +608,19 @@ def test_a_large_folder_shows_header_progress(tmp_path, capsys, monkeypatch):
     latents = datasets.LatentFiles(tmp_path)
     assert len(latents) == 6 and torch.equal(latents[5], x[5])
     assert "reading latent headers: 6/6" in capsys.readouterr().err
+
+
+def test_band_cross_spectra_sum_to_the_power_and_the_covariance():
+    from anisodiff import bands
+
+    x = planted_latents(N=20, C=5, H=6, W=7)
+    pca, spectrum = fit_statistics(x.split(6), progress=False)
+    cross = spectrum.band_cross
+    ring = bands.ring_index(6, 7)
+    assert cross.shape == (int(ring.max()) + 1, 5, 5)
+    assert torch.allclose(cross.diagonal(dim1=1, dim2=2).sum(1),
+                          bands.ring_sums(spectrum.power.sum(0), ring), rtol=1e-11)
+    assert torch.allclose(cross.sum(0) / 42, pca.covariance, rtol=1e-10)  # Parseval
+    assert torch.allclose(cross, cross.transpose(1, 2), atol=1e-12)
+    wide = fit_spectrum(torch.randn(2, 65, 4, 4), progress=False)
+    assert wide.band_cross is None  # more channels than CROSS_SPECTRUM_CHANNELS

@@ -39,7 +39,8 @@ def ring_projector(H, W, ring):
 
 
 def dense_snr(spec, x, t, schedule=SCHEDULE):
-    """(band SNRs, direction SNRs, directions) at timestep t from dense covariances."""
+    """(band SNRs, direction SNRs, directions, joint [band, direction] SNRs) at timestep t from
+    dense covariances."""
     N, C, H, W = x.shape
     mean = x.mean(dim=(0, 2, 3))
     flat = (x - mean[:, None, None]).reshape(N, -1)
@@ -58,7 +59,13 @@ def dense_snr(spec, x, t, schedule=SCHEDULE):
     for j in range(C):
         P = torch.kron(torch.outer(vectors[:, j], vectors[:, j]), torch.eye(H * W, dtype=torch.float64))
         direction.append(a2 * torch.trace(P @ data) / (b2 * torch.trace(P @ noise)))
-    return torch.stack(band), torch.stack(direction), vectors
+    joint = torch.zeros(len(band), C, dtype=torch.float64)
+    for ring in range(len(band)):
+        Pr = ring_projector(H, W, ring)
+        for j in range(C):
+            P = torch.kron(torch.outer(vectors[:, j], vectors[:, j]), Pr)
+            joint[ring, j] = a2 * torch.trace(P @ data) / (b2 * torch.trace(P @ noise))
+    return torch.stack(band), torch.stack(direction), vectors, joint
 
 
 def _orthonormal(C, k, seed):
@@ -93,9 +100,10 @@ def test_snr_matches_the_dense_covariances(name, shape):
     snr = terminal_snr(spec, SCHEDULE, stats, timesteps=ts)
     assert isinstance(snr, TerminalSNR) and snr.T == 1000 and snr.timesteps.tolist() == ts
     for row, t in enumerate(ts):
-        band, direction, vectors = dense_snr(spec, x, t)
+        band, direction, vectors, joint = dense_snr(spec, x, t)
         assert torch.allclose(snr.band_snr[row], band, rtol=1e-9, atol=0), (name, t)
         assert torch.allclose(snr.direction_snr[row], direction, rtol=1e-9, atol=0), (name, t)
+        assert torch.allclose(snr.joint_snr[row], joint, rtol=1e-8, atol=0), (name, t)
         # same directions, up to sign
         assert torch.allclose((snr.directions * vectors).sum(0).abs(), torch.ones(C,
                               dtype=torch.float64), atol=1e-9)
@@ -276,3 +284,31 @@ def test_a_random_strength_offset_enters_with_its_mean_covariance():
     assert float(snr.band_snr[0, 0]) == pytest.approx(float(expected), rel=1e-9)
     fixed = ad.NoiseSpec(spectral=spatial, offset=ad.OffsetNoise(0.8))
     assert float(terminal_snr(fixed, SCHEDULE, stats).terminal_band_snr[0]) < float(snr.band_snr[0, 0])
+
+
+def test_a_squeezed_direction_in_one_band_is_found_where_both_marginals_miss_it():
+    """Luminance (variance 1) lives in ring 1 of 8x8 planes only, and a squeeze s = 3 shrinks the
+    noise along it by e^-6: along luminance over all bands, and in ring 1 over all channels, the
+    SNR is below 0.1, but in ring 1 along luminance it is ~0.13."""
+    g = torch.Generator().manual_seed(4)
+    Q = _orthonormal(3, 3, 5)
+    ring1 = (bands.ring_index(8, 8) == 1).double()
+    z = torch.randn(400, 3, 8, 8, generator=g, dtype=torch.float64)
+    lum = reference.filter_planes(z[:, :1], ring1 * (64 / ring1.sum()) ** 0.5)
+    x = torch.einsum("ck,bkhw->bchw", Q, torch.cat([lum, 0.1 * z[:, 1:]], dim=1))
+    pca, spectrum = ad.fit_statistics(x, k=1, progress=False)
+    spec = ad.NoiseSpec(pca.squeeze(3.0, schedule="constant"))
+    snr = terminal_snr(spec, SCHEDULE, (pca, spectrum))
+    assert float(snr.terminal_direction_snr.max()) < 0.1 and float(snr.terminal_band_snr.max()) < 0.1
+    joint = snr.terminal_joint_snr
+    assert float(joint[1, 0]) > 0.1 and float(joint.max()) == float(joint[1, 0])
+    _, _, _, dense = dense_snr(spec, x, 999)
+    assert torch.allclose(joint, dense, rtol=1e-8)
+    assert snr.offenders() == [("band_direction", (1, 0), pytest.approx(float(joint[1, 0])))]
+    (line,) = snr.warnings()
+    assert "band r = 1/8" in line and "principal direction 1 of the data" in line
+    assert "squeeze" in line and "rescale_betas_zero_snr" in line
+    # without the cross-spectra only the marginals are known: nothing is flagged
+    stats = DataStatistics.from_fit(pca, spectrum)
+    blind = DataStatistics(stats.covariance, stats.band_power, stats.shape)
+    assert terminal_snr(spec, SCHEDULE, blind).warnings() == []
