@@ -57,10 +57,11 @@ def pyramid_noise_like(noise: torch.Tensor, iterations: int = 6, discount: float
     _check_args(iterations, discount)
     B, C, H, W = noise.shape
     out = noise.double().clone()
+    drawn_on = generator.device if generator is not None else torch.device("cpu")
     for i in range(iterations):
-        r = float(torch.rand((), generator=generator, dtype=torch.float64)) * 2 + 2
+        r = float(torch.rand((), generator=generator, dtype=torch.float64, device=drawn_on)) * 2 + 2
         h, w = max(1, int(H / (r**i))), max(1, int(W / (r**i)))
-        level = torch.randn(B, C, h, w, generator=generator).to(out.device, torch.float64)
+        level = torch.randn(B, C, h, w, generator=generator, device=drawn_on).to(out.device, torch.float64)
         out += F.interpolate(level, size=(H, W), mode="bilinear", align_corners=False) * discount**i
         if h == 1 or w == 1:
             break
