@@ -324,8 +324,8 @@ class TerminalSNR:
                 squeezed = self.terminal_along is not None and float(self.terminal_along[j]) < 1
                 fix = self._direction_fix(j) if squeezed else self._band_fix(ring)
             lines.append(f"terminal SNR {snr:.3g} > {threshold:g} at t = {self.T - 1} {where}: "
-                         f"the noise does not drown the data there, so sampling from the shaped "
-                         f"prior cannot recover it. Fix: {fix}")
+                         f"x_T still holds data there (variance {1 + snr:.3g} times the shaped "
+                         f"prior's), so a sampler started from the prior misses it. Fix: {fix}")
         return lines
 
     # -- naming and fixes ---------------------------------------------------------------------
@@ -376,10 +376,12 @@ class TerminalSNR:
     def _direction_fix(self, j: int) -> str:
         spec = self.spec
         hints = []
-        if spec.squeeze is not None and not spec.squeeze.is_identity:
-            hints.append(f"the squeeze {spec.squeeze.variant} strength "
-                         f"{list(spec.squeeze.strength)} shrinks the noise along it: a smaller "
-                         "strength (or s < 0, antisqueeze) on this axis")
+        along = None if self.terminal_along is None else float(self.terminal_along[j])
+        if spec.squeeze is not None and along is not None and along < 1:
+            hints.append(f"the squeeze ({spec.squeeze.variant}, strength "
+                         f"{list(spec.squeeze.strength)}) shrinks the noise variance along it to "
+                         f"{along:.3g} of white: a smaller strength (or s < 0, antisqueeze) on "
+                         "this axis")
         if spec.normalize == "none" and float(self.noise_band_power.mean()) < 1:
             hints.append("normalize='calibrated' (unit mean noise variance)")
         if not hints:
