@@ -332,7 +332,9 @@ class LatentFiles(Dataset):
     bad file fails first. ``limit``: use the first ``limit`` latents.
 
     Items are float32 (float64 files: float64) ``[C, H, W]`` / ``[C, F, H, W]`` tensors;
-    :meth:`batches` reads contiguous chunks and checks them for NaN / Inf.
+    :meth:`batches` reads contiguous chunks and checks them for NaN / Inf. ``.npy``, ``.pt`` and
+    ``.safetensors`` files are read chunk by chunk (memory maps, slices); an ``.npz`` archive
+    (possibly compressed) is decompressed whole, one file at a time.
     """
 
     def __init__(self, source, key: str | None = None, limit: int | None = None):
