@@ -18,7 +18,7 @@ of the noise power, so at t = T of the linear schedule those bands keep an SNR n
   data's per-channel power spectrum ``P_c`` (:class:`anisodiff.Spectrum`).
 
 * **per band and principal direction** (where the data's per-band cross-spectra are known,
-  :attr:`Spectrum.band_cross`, up to 64 channels): ``SNR_jR(t) = a_t^2 e_j^T B_R e_j /
+  :attr:`Spectrum.band_cross`, up to 16 channels): ``SNR_jR(t) = a_t^2 e_j^T B_R e_j /
   (b_t^2 (e_j^T S(t)^2 e_j) sum_{f in R} P_n(f))`` with ``B_R = sum_{f in R} Re E[X(f) X(f)^H] /
   (H W)``. Both marginals above are weighted means of these, so a squeezed direction in one band
   shows here even when neither marginal flags it.

@@ -342,7 +342,9 @@ class _PixelCovariance:
                           m.n)
 
 
-CROSS_SPECTRUM_CHANNELS = 64  # the per-band C x C cross-spectra are kept up to this many channels
+# the per-band C x C cross-spectra are kept up to this many channels (SD/SDXL: 4, SD3/Flux: 16): they
+# cost B C^2 H W per batch, beside the B C H W log(H W) of the FFT
+CROSS_SPECTRUM_CHANNELS = 16
 
 
 class _PowerSpectrum:
