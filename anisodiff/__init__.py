@@ -8,6 +8,7 @@ weights per spatial frequency) as one fused operation, ``n = A(t) eps`` with
 from . import reference
 from ._ext import available_backends, build_info
 from ._version import __version__
+from .flow import FlowSchedule
 from .diagnostics import DataStatistics, TerminalSNR, terminal_snr
 from .fit import ChannelPCA, Spectrum, fit_channel_pca, fit_spectrum, fit_statistics
 from .ops import add_noise, apply_operator, covariance, shaped_noise, white_noise
@@ -18,7 +19,7 @@ from .spec import Band, NoiseSpec, OffsetNoise, PowerLaw, PyramidNoise, Spectral
 __all__ = [
     "AnisotropicNoise", "NoiseSpec", "Squeeze", "PowerLaw", "Band", "TwoBand", "SpectralTable", "OffsetNoise",
     "PyramidNoise",
-    "VPSchedule",
+    "VPSchedule", "FlowSchedule",
     "white_noise", "apply_operator", "shaped_noise", "add_noise", "covariance",
     "fit_channel_pca", "fit_spectrum", "fit_statistics", "ChannelPCA", "Spectrum",
     "terminal_snr", "TerminalSNR", "DataStatistics",

@@ -21,6 +21,7 @@ import torch
 from . import reference
 from ._autoselect import spec_kind
 from ._ext import require_backend
+from .flow import FlowSchedule, as_flow_schedule, check_sigmas, is_flow_schedule
 from .ops import _KERNEL_DTYPES, _check_noise, _library, add_noise, shaped_noise, white_noise
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
@@ -39,35 +40,53 @@ class AnisotropicNoise:
     Args:
         spec: the noise shape.
         schedule: a :class:`VPSchedule` or a diffusers scheduler (its ``betas`` and
-            ``alphas_cumprod`` are copied).
+            ``alphas_cumprod`` are copied), or a flow-matching schedule (:class:`FlowSchedule`, or a
+            diffusers flow-matching scheduler): then ``add_noise`` takes float sigmas, the prior is at
+            sigma = 1 and :meth:`flow_step` samples (DDPM / DDIM steps and the VP score do not apply).
     """
 
     def __init__(self, spec: NoiseSpec, schedule):
         if not isinstance(spec, NoiseSpec):
             raise TypeError(f"spec: expected anisodiff.NoiseSpec, got {type(spec).__name__}")
-        schedule = as_schedule(schedule)
+        schedule = as_flow_schedule(schedule) if is_flow_schedule(schedule) else as_schedule(schedule)
         if schedule is None:
             raise ValueError("schedule: required (anisodiff.VPSchedule or a diffusers scheduler)")
         self.spec = spec
         self.schedule = schedule
 
     @property
+    def is_flow(self) -> bool:
+        """True when the schedule is a flow-matching path (``x = (1 - sigma) x0 + sigma n``)."""
+        return isinstance(self.schedule, FlowSchedule)
+
+    @property
     def num_train_timesteps(self) -> int:
+        self._require_vp("num_train_timesteps")
         return self.schedule.num_train_timesteps
+
+    def _require_vp(self, what: str) -> None:
+        if self.is_flow:
+            raise TypeError(f"schedule: {what} needs a VP schedule; this AnisotropicNoise has a flow-matching "
+                            "schedule (sample it with flow_step)")
 
     # -- training ---------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, timesteps, *, generator: torch.Generator | None = None,
                   target: str = "epsilon", backend: str = "auto"):
-        """``(x_t, target)``, see :func:`anisodiff.add_noise`."""
+        """``(x_t, target)``, see :func:`anisodiff.add_noise` (on a flow schedule ``timesteps`` are the
+        float sigmas and ``target="flow"`` gives the velocity ``n - x0``)."""
         return add_noise(x0, timesteps, self.spec, self.schedule, generator=generator, target=target,
                          backend=backend)
 
     # -- sampling ---------------------------------------------------------------------------
     def sample_prior(self, shape, *, generator: torch.Generator | None = None, device=None,
                      dtype=None) -> torch.Tensor:
-        """x_T drawn from the shaped prior ``A(T - 1) z`` (essential when a band has zero weight)."""
+        """x_T drawn from the shaped prior ``A(T - 1) z`` (essential when a band has zero weight); on a
+        flow schedule the pure noise ``A(sigma = 1) z``."""
         B = int(shape[0])
-        t = torch.full((B,), self.num_train_timesteps - 1, dtype=torch.int64)
+        if self.is_flow:
+            t = torch.ones(B, dtype=torch.float64)
+        else:
+            t = torch.full((B,), self.num_train_timesteps - 1, dtype=torch.int64)
         return shaped_noise(shape, self.spec, timesteps=t, schedule=self.schedule, generator=generator,
                             device=device, dtype=dtype)
 
@@ -91,6 +110,7 @@ class AnisotropicNoise:
         :mod:`anisodiff._autoselect`), or the float64 reference for other dtypes and devices;
         ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"`` force one.
         """
+        self._require_vp("ddpm_step")
         _check_step_tensors(model_output, sample)
         _check_step_timesteps(timestep, prev_timestep, self.num_train_timesteps)
         if backend == "reference":
@@ -111,6 +131,7 @@ class AnisotropicNoise:
                   prev_timestep=None, eta: float = 0.0, generator: torch.Generator | None = None,
                   clip_sample: bool = False, clip_range: float = 1.0):
         """One DDIM step (``eta = 0``: deterministic). Returns ``(prev_sample, pred_original_sample)``."""
+        self._require_vp("ddim_step")
         _check_step_tensors(model_output, sample)
         _check_step_timesteps(timestep, prev_timestep, self.num_train_timesteps)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
@@ -122,7 +143,40 @@ class AnisotropicNoise:
 
     def score(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
         """``grad log q_t = -Sigma_t^+ eps_hat / sqrt(1 - abar_t)`` (pseudo-inverse on zero bands)."""
+        self._require_vp("score")
         return reference.score(model_output, timestep, sample, self.spec, self.schedule)
+
+    def flow_step(self, model_output: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, *,
+                  stochastic: bool = False, generator: torch.Generator | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+        """One step ``sigma -> sigma_next`` of a flow-matching sampler, for a model trained on
+        ``target="flow"`` (``v_hat = E[n - x0 | x]``). ``sigma``, ``sigma_next``: floats or ``[B]``.
+
+        Deterministic (default): Euler on the flow ODE, ``x + (sigma_next - sigma) v``, with
+        ``v = v_hat`` for a time-invariant spec (in float32, as diffusers' step) and the exact path
+        velocity :func:`anisodiff.reference.flow_velocity` for a time-varying squeeze.
+        ``stochastic=True`` (diffusers' ``stochastic_sampling``): ``x0_hat = x - sigma v_hat``, then
+        the fused ``add_noise(x0_hat, sigma_next)``, i.e. fresh SHAPED noise at ``sigma_next``.
+        Returns the next sample in ``sample``'s dtype."""
+        if not self.is_flow:
+            raise TypeError("schedule: flow_step needs a flow-matching schedule (anisodiff.FlowSchedule or a "
+                            "diffusers flow-matching scheduler); use ddpm_step / ddim_step on a VP schedule")
+        _check_step_tensors(model_output, sample)
+        B = sample.shape[0]
+        s = check_sigmas(_as_float(sigma), B, torch.device("cpu"), True)
+        s_next = check_sigmas(_as_float(sigma_next), B, torch.device("cpu"), True)
+        view = (B,) + (1,) * (sample.dim() - 1)
+        if stochastic:
+            dtype = torch.promote_types(sample.dtype, torch.float32)  # float32 math, as diffusers' step
+            x0_hat = sample.to(dtype) - s.to(dtype).view(view).to(sample.device) * model_output.to(dtype)
+            if backend == "auto" and dtype not in _KERNEL_DTYPES:
+                backend = "reference"
+            x_next, _ = add_noise(x0_hat, s_next, self.spec, self.schedule, generator=generator, backend=backend)
+            return x_next.to(sample.dtype)
+        if self.spec.time_varying:
+            return reference.flow_euler_step(model_output, s, s_next, sample, self.spec, self.schedule)
+        dt = (s_next - s).float().view(view).to(sample.device)
+        return (sample.float() + dt * model_output.float()).to(sample.dtype)
 
     # -- persistence ------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -134,7 +188,10 @@ class AnisotropicNoise:
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"noise config: expected an object with format {_FORMAT!r}")
         check_format_version(d, "noise config", _FORMAT, 1)
-        return cls(NoiseSpec.from_dict(d.get("spec")), VPSchedule.from_dict(d.get("schedule")))
+        sched = d.get("schedule")
+        flow = isinstance(sched, dict) and sched.get("type") == "flow"
+        return cls(NoiseSpec.from_dict(d.get("spec")),
+                   FlowSchedule.from_dict(sched) if flow else VPSchedule.from_dict(sched))
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write ``<directory>/anisodiff_noise.json`` (JSON only); returns its path."""
@@ -157,6 +214,14 @@ class AnisotropicNoise:
 
     def __repr__(self) -> str:
         return f"AnisotropicNoise({self.spec!r}, {self.schedule!r})"
+
+
+def _as_float(value):
+    """A step's sigma: a Python number (``1`` and ``0`` included: flow_step has no integer timesteps
+    to confuse them with) as a float64 tensor; tensors as they are (integer ones are refused)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    return value
 
 
 def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor, spec: NoiseSpec | None = None) -> str | None:

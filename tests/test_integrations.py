@@ -249,9 +249,9 @@ def test_config_validation(dd):
     table = ad.NoiseSpec(squeeze=ad.Squeeze(AXIS, 1.0, schedule=torch.ones(500)))
     with pytest.raises(ValueError, match="entries"):
         dd.AnisoDDPMScheduler(noise_spec=table)            # a table must have T entries
-    with pytest.raises(ValueError, match="'beta'"):
-        dd.AnisoFlowMatchEulerDiscreteScheduler(noise_spec=SDM)   # flow matching has no betas
-    dd.AnisoFlowMatchEulerDiscreteScheduler(noise_spec=SDM_LINEAR)
+    # flow matching has no betas: "beta" is the SDM profile at the VP timestep of equal SNR (anisodiff.flow)
+    assert dd.AnisoFlowMatchEulerDiscreteScheduler(noise_spec=SDM).noise_spec == SDM
+    dd.AnisoFlowMatchEulerDiscreteScheduler(noise_spec=table)  # any table length: knots on sigma in [0, 1]
 
 
 # -- DDPM ---------------------------------------------------------------------------------------
@@ -497,16 +497,16 @@ def test_flow_match_scale_noise_and_stochastic_step(dd):
         z = randn_tensor(x.shape, generator=_gen(i))
         s = out["sdm"][0]
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
-        for name, spec, t in (("sagd", SAGD, None),
-                              ("sdm", SDM_LINEAR, torch.full((2,), int(torch.round(sigma_next * 1000))))):
-            expected = (1 - sigma_next) * (x - sigma * v) + sigma_next * ad.apply_operator(z, spec, timesteps=t, schedule=VP)
+        for name, spec, t in (("sagd", SAGD, None), ("sdm", SDM_LINEAR, torch.full((2,), float(sigma_next)))):
+            expected = (1 - sigma_next) * (x - sigma * v) + sigma_next * ad.apply_operator(
+                z, spec, timesteps=t, schedule=ad.FlowSchedule())  # the squeeze at tau(sigma_next) = sigma_next
             torch.testing.assert_close(out[name][1][i], expected, atol=1e-5, rtol=1e-5)
     s = dd.AnisoFlowMatchEulerDiscreteScheduler(noise_spec=SDM_LINEAR)
     s.set_timesteps(8)
     t = s.timesteps[[1, 4]]
     expected_sigma = s.sigmas[[1, 4]].view(-1, 1, 1, 1)
     x0, white = _randn(2, 3, 8, 8, seed=3), _randn(2, 3, 8, 8, seed=4)
-    shaped = ad.apply_operator(white, SDM_LINEAR, timesteps=t.round().long(), schedule=VP)
+    shaped = ad.apply_operator(white, SDM_LINEAR, timesteps=t / 1000, schedule=ad.FlowSchedule())
     torch.testing.assert_close(s.shape_noise(white, t), shaped)
     torch.testing.assert_close(s.scale_noise(x0, t, white), (1 - expected_sigma) * x0 + expected_sigma * shaped,
                                atol=1e-5, rtol=1e-5)

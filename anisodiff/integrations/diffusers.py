@@ -35,16 +35,22 @@ What changes against the parent class:
 DDPM/DDIM with an anisotropic spec support ``prediction_type="epsilon"`` (the papers' setting) and
 raise ``NotImplementedError`` for other prediction types, thresholding and learned variances.
 
-**Time-varying squeeze (SDM) on Euler and flow matching.** The noise drawn at a scheduler timestep
-uses the squeeze strength at the corresponding training timestep: Euler rounds its (fractional)
-timestep to the nearest training timestep (``timestep_type="continuous"`` maps its ``0.25 log
-sigma`` through the nearest sigma), flow matching uses ``round(sigma * num_train_timesteps)``
-clamped to ``[0, T - 1]``. The churn noise uses the current timestep, flow matching's re-noising the
-next one (where the noise lands), the prior the first. Flow matching has no betas, so its squeeze
-profile must be ``"constant"``, ``"linear"`` (``t / (T - 1)``) or a table of ``T`` values; the
-``"beta"`` profile raises. Only the noise is squeezed: the deterministic Euler / flow updates are
-the standard ones, an approximation when the squeeze varies with t (use DDPM/DDIM for the exact
-time-varying posterior).
+**Time-varying squeeze (SDM) on Euler.** The noise drawn at a scheduler timestep uses the squeeze
+strength at the corresponding training timestep: Euler rounds its (fractional) timestep to the
+nearest training timestep (``timestep_type="continuous"`` maps its ``0.25 log sigma`` through the
+nearest sigma); the churn noise uses the current timestep, the prior the first. Only the noise is
+squeezed: the deterministic Euler update is the standard one, an approximation when the squeeze
+varies with t (use DDPM/DDIM for the exact time-varying posterior).
+
+**Flow matching** is exact for every spec: the noise at a scheduler timestep is ``A(sigma)`` at
+that timestep's ``sigma = timestep / num_train_timesteps``, with the squeeze profile ``tau(sigma)``
+of :mod:`anisodiff.flow` (``"linear"``: ``tau = sigma``; ``"beta"``: the SDM profile at the VP
+timestep of equal SNR; a table of any length on ``sigma = i / (T - 1)``), the same as
+``anisodiff.add_noise(x0, sigmas, spec, scheduler, target="flow")`` trains with. The re-noising of
+``stochastic_sampling`` uses the next sigma (where the noise lands), the prior the first sigma.
+For a time-varying squeeze the deterministic step adds the path's own term to the velocity
+(:func:`anisodiff.reference.flow_velocity`: ``d x_sigma / dsigma = n - x0 + sigma S' S^-1 n``);
+for a time-invariant spec it is the parent's step, bit for bit.
 
 Pipelines: :class:`AnisoDDPMPipeline` and :class:`AnisoDDIMPipeline` are ``DDPMPipeline`` /
 ``DDIMPipeline`` whose ``x_T`` is ``init_noise_sigma * A(T - 1) z``. Save them with
@@ -80,6 +86,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
         f"(import failed: {exc})") from exc
 
 from .. import reference
+from ..flow import FlowSchedule
 from ..ops import add_noise as _add_noise
 from ..ops import apply_operator
 from ..sampling import can_fuse_step, fused_ddpm_step
@@ -170,6 +177,7 @@ def _check_saved_spec(config: dict, where: str) -> None:
         _as_spec(config["noise_spec"])
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{where}: noise_spec: {exc}") from None
+
 
 class _AnisoSchedulerMixin:
     """Shared by the four schedulers: the spec, white draws with diffusers' generator, shaping."""
@@ -504,10 +512,11 @@ class AnisoEulerDiscreteScheduler(_AnisoSchedulerMixin, EulerDiscreteScheduler):
 # ---------------------------------------------------------------------------------------------
 class AnisoFlowMatchEulerDiscreteScheduler(_AnisoSchedulerMixin, FlowMatchEulerDiscreteScheduler):
     """``FlowMatchEulerDiscreteScheduler`` with shaped noise (extra config entry ``noise_spec``):
-    ``scale_noise`` = ``(1 - sigma) x0 + sigma A(t) noise``, shaped re-noising when
-    ``stochastic_sampling=True``, shaped prior. The flow target is ``shape_noise(noise, t) - x0``.
-    A time-varying squeeze uses ``round(sigma T)`` and cannot use the ``"beta"`` profile (module
-    docstring)."""
+    ``scale_noise`` = ``(1 - sigma) x0 + sigma A(sigma) noise``, shaped re-noising when
+    ``stochastic_sampling=True``, shaped prior, and for a time-varying squeeze the exact flow ODE
+    velocity in ``step`` (module docstring). The flow target is ``shape_noise(noise, t) - x0``."""
+
+    flow_schedule = FlowSchedule()  # tau(sigma) of the squeeze profiles (anisodiff.flow)
 
     def __init__(self, *args, noise_spec=None, **kwargs):
         _raw_init(FlowMatchEulerDiscreteScheduler)(self, *args, **kwargs)
@@ -516,27 +525,31 @@ class AnisoFlowMatchEulerDiscreteScheduler(_AnisoSchedulerMixin, FlowMatchEulerD
     __init__.__signature__ = _init_signature(FlowMatchEulerDiscreteScheduler, noise_spec=None)
     __init__ = register_to_config(__init__)
 
-    def _noise_schedule(self) -> VPSchedule:
-        # No betas here: a stand-in of length T serves the "linear" / "constant" / table profiles.
-        sq = self.noise_spec.squeeze
-        if self.noise_spec.time_varying and isinstance(sq.schedule, str) and sq.schedule == "beta":
-            raise ValueError(
-                "noise_spec: the squeeze profile 'beta' (beta_t / beta_max) needs a VP schedule, and flow "
-                "matching has none; use Squeeze(..., schedule='linear'), 'constant' or a table of "
-                f"{self.config.num_train_timesteps} values")
-        return VPSchedule.linear(int(self.config.num_train_timesteps))
+    def _needs_schedule(self) -> bool:
+        return False  # the flow path reads no VP schedule
 
     def _train_index(self, timesteps, batch: int) -> torch.Tensor:
-        T = self.config.num_train_timesteps
+        """The float64 sigmas ``timesteps / num_train_timesteps`` (what the shaped noise reads here)."""
         t = torch.as_tensor(timesteps).detach().double().reshape(-1).cpu()
-        idx = t.round().clamp(0, T - 1).long()
-        return idx.expand(batch) if idx.numel() == 1 else idx
+        sigma = t / self.config.num_train_timesteps
+        return sigma.expand(batch) if sigma.numel() == 1 else sigma
 
-    def _prior_index(self) -> int:
-        return int(self._train_index(self.timesteps[0], 1)[0])
+    def _shape(self, white: torch.Tensor, index) -> torch.Tensor:
+        if self.is_white:
+            return white
+        backend = "auto" if white.dtype in _KERNEL_DTYPES else "reference"
+        sigma = index if self.noise_spec.time_varying else None
+        return apply_operator(white, self.noise_spec, timesteps=sigma, schedule=self.flow_schedule,
+                              backend=backend)
+
+    def prior_noise(self, shape, *, generator=None, device=None, dtype=None) -> torch.Tensor:
+        """Unit-scale shaped prior ``A(sigma_first) z`` (``sigma_first = 1`` unless the config ends the
+        schedule early) with ``z`` from ``randn_tensor(generator=...)``."""
+        z = self._draw_white(shape, generator, device, dtype)
+        return self._shape(z, self._train_index(self.timesteps[0], int(shape[0])))
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """``(1 - sigma) x0 + sigma A(t) noise`` for WHITE ``noise``."""
+        """``(1 - sigma) x0 + sigma A(sigma) noise`` for WHITE ``noise``."""
         if noise is None:
             raise ValueError("noise: required (white noise of the sample's shape)")
         return super().scale_noise(sample, timestep, self.shape_noise(noise, timestep))
@@ -545,12 +558,14 @@ class AnisoFlowMatchEulerDiscreteScheduler(_AnisoSchedulerMixin, FlowMatchEulerD
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: torch.Generator | None = None, per_token_timesteps: torch.Tensor | None = None,
              return_dict: bool = True):
-        """The parent's step; with ``stochastic_sampling`` the re-noising draws ``A(t_next) z``."""
-        if self.is_white or not self.config.stochastic_sampling:
+        """The parent's step, with ``stochastic_sampling`` re-noising with ``A(sigma_next) z`` and, for
+        a time-varying squeeze, the deterministic update along :func:`anisodiff.reference.flow_velocity`."""
+        stochastic = self.config.stochastic_sampling
+        if self.is_white or not (stochastic or self.noise_spec.time_varying):
             return super().step(model_output, timestep, sample, s_churn=s_churn, s_tmin=s_tmin,
                                 s_tmax=s_tmax, s_noise=s_noise, generator=generator,
                                 per_token_timesteps=per_token_timesteps, return_dict=return_dict)
-        # FlowMatchEulerDiscreteScheduler.step (diffusers 0.42), stochastic branch, noise shaped
+        # FlowMatchEulerDiscreteScheduler.step (diffusers 0.42) with the noise shaped
         if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
             raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              "`FlowMatchEulerDiscreteScheduler.step()` is not supported. Make sure to "
@@ -570,12 +585,16 @@ class AnisoFlowMatchEulerDiscreteScheduler(_AnisoSchedulerMixin, FlowMatchEulerD
         else:
             current_sigma = self.sigmas[self.step_index]
             next_sigma = self.sigmas[self.step_index + 1]
-        x0 = sample - current_sigma * model_output
-        z = self._draw_white(sample.shape, generator, sample.device, sample.dtype)
-        index = None
-        if self.noise_spec.time_varying:
-            index = self._train_index(next_sigma * self.config.num_train_timesteps, sample.shape[0])
-        prev_sample = (1.0 - next_sigma) * x0 + next_sigma * self._shape(z, index)
+        if stochastic:
+            x0 = sample - current_sigma * model_output
+            z = self._draw_white(sample.shape, generator, sample.device, sample.dtype)
+            index = None
+            if self.noise_spec.time_varying:
+                index = torch.as_tensor(next_sigma).double().reshape(-1).expand(sample.shape[0])
+            prev_sample = (1.0 - next_sigma) * x0 + next_sigma * self._shape(z, index)
+        else:  # time-varying squeeze, deterministic: Euler on the exact velocity
+            prev_sample = reference.flow_euler_step(model_output, current_sigma, next_sigma, sample,
+                                                    self.noise_spec, self.flow_schedule)
         self._step_index += 1
         if per_token_timesteps is None:
             prev_sample = prev_sample.to(model_output.dtype)
