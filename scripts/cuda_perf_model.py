@@ -311,7 +311,8 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
     and for every copy of an unrolled loop. With ``chain_of`` ({address: [line, call site, ...]}, from
     parse_inline_chains) the weight is the smallest over the instruction's line and every call site it is
     inlined at, so a shared header line (Philox, Box-Muller) inlined at a call site that never runs counts
-    0 there. ``inner_loops``: [(start, end, iterations per execution of the enclosing loop)] of the loops
+    0 there; a line that has no host code at all (absent from ``executed``: the GPU-only side of an
+    ``#if`` in the sources, e.g. inline PTX) leaves the weight to its call sites. ``inner_loops``: [(start, end, iterations per execution of the enclosing loop)] of the loops
     nested in [lo, hi] that the compiler kept rolled: an instruction inside one counts that many times
     (the innermost loop around it), times the weight above. Lines outside csrc/ (CUDA's headers) count 1."""
     cls: dict[str, float] = {"total": 0}
@@ -319,6 +320,8 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
     def weight(where):
         if executed is None or where is None or not where.startswith("csrc/"):
             return 1.0
+        if isinstance(executed, dict) and chain_of is not None and where not in executed:
+            return 1.0  # no host code on this line (GPU-only inline PTX): its call sites decide
         n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
         return min(1.0, n / per) if per else (1.0 if n > 0 else 0.0)
 

@@ -355,6 +355,105 @@ def test_ddpm_step_clustered(emu, order, schedule, monkeypatch, cluster):
     torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
 
 
+# -- video tensors [B, C, F, H, W]: every kernel takes the B x F slices (problem.h) ---------------------
+VIDEO = [  # (shape [B, C, F, H, W], kind, k, normalize, layout, path, cluster)
+    ((2, 3, 3, 8, 8), "sdm", 1, "calibrated", "contiguous", "elementwise", None),    # add_noise_fast
+    ((2, 3, 2, 7, 9), "hdm", 2, "calibrated", "contiguous", "elementwise", None),    # odd H*W: general
+    ((2, 3, 2, 6, 8), "sdm", 1, "calibrated", "strided", "elementwise", None),       # strided I/O
+    ((2, 3, 3, 16, 16), "sdm+pl_neg", 1, "calibrated", "contiguous", "fused", "4"),  # clusters per slice
+    ((1, 5, 2, 16, 12), "sdm+two_indep", 1, "per_sample", "strided", "fused", None),  # per-(b, c, f) norm
+    ((2, 3, 2, 12, 10), "hdm+band", 2, "per_sample", "contiguous", "two_pass", None),
+]
+
+
+def video_layout(x, how):
+    if how == "strided":  # a slice along W: frame, batch and channel strides of a bigger tensor
+        big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x
+
+
+@pytest.mark.parametrize("shape,kind,k,normalize,how,path,cluster", VIDEO,
+                         ids=[f"{c[1]}-{c[3]}-{'x'.join(map(str, c[0]))}-{c[4]}-{c[5]}" for c in VIDEO])
+def test_video(emu, order, schedule, monkeypatch, shape, kind, k, normalize, how, path, cluster):
+    """5-D tensors against the CPU kernel (which is tested against the reference): the stream is the
+    row-major [B, C, F, H, W] one, the squeeze acts at every (f, h, w), the filter and the per-sample
+    normalisation on every (b, c, f) plane, the timestep row is b's."""
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    if path == "two_pass":
+        monkeypatch.setenv("ANISODIFF_CUDA_PATH", "two_pass")
+    if cluster:
+        monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", cluster)
+    B, C, F, H, W = shape
+    common = kernel_common(make_spec(kind, C, k=k, normalize=normalize), (B, C, H, W), schedule, [999, 3])
+    x0 = video_layout(torch.randn(shape, generator=torch.Generator().manual_seed(21)), how)
+    for target in (0, 1):
+        run_add_noise(emu, x0, common, target)
+        expect_path(emu, path)
+    run_add_noise(emu, x0.to(torch.bfloat16), common, 3)
+    a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
+    check_pair(a, b)
+    eps = torch.randn(len(common[4]), *shape, generator=torch.Generator().manual_seed(22))
+    a = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    check_pair(a, b)
+
+
+def test_video_frames_are_the_4d_stream_in_row_major_order(emu, schedule):
+    """Frame f of sample b of a [B, C, F, H, W] call is a [1, C, H, W] call whose stream element
+    (c, h, w) is the video's ((b C + c) F + f) H W + h W + w: for white noise, the 4-D call with C F
+    channels gives the same values in the same order (bit for bit)."""
+    B, C, F, H, W = 2, 3, 4, 8, 8
+    common5 = kernel_common(ad.NoiseSpec(), (B, C, H, W), schedule, [5, 5])
+    common4 = kernel_common(ad.NoiseSpec(), (B, C * F, H, W), schedule, [5, 5])
+    v = emu.shaped_noise([B, C, F, H, W], *common5, STREAM, None, torch.float32)
+    flat = emu.shaped_noise([B, C * F, H, W], *common4, STREAM, None, torch.float32)
+    assert torch.equal(v.reshape(B, C * F, H, W), flat)
+
+
+@pytest.mark.parametrize("name,mode,clip,t", [("hdm_k2", "exact", False, (5, -1)),
+                                              ("sdm_band", "official", True, (999, 979))])
+def test_video_ddpm_step(emu, order, schedule, name, mode, clip, t):
+    from test_cuda import step_args
+
+    make, path = STEP_SPECS[name]
+    B, C, F, H, W = 2, 4 if name == "hdm_k2" else 3, 3, 8, 8
+    spec = make(C)
+    args = step_args(spec, schedule, t[0], t[1], mode, (B, C, H, W), "cpu", clip)
+    g = torch.Generator().manual_seed(13)
+    x, e = 1.5 * torch.randn(B, C, F, H, W, generator=g), torch.randn(B, C, F, H, W, generator=g)
+    a = emu.ddpm_step(x, e, *args, STREAM, None)
+    b = torch.ops.anisodiff.ddpm_step(x, e, *args, STREAM, None)
+    expect_path(emu, path)
+    check_pair(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
+# -- channel counts: 16 (Flux / SD3 latents) and 768 (embeddings) on every CUDA path ------------------
+@pytest.mark.parametrize("C,kind,k,shape_hw,path", [
+    (16, "sdm", 2, (8, 8), "elementwise"),          # add_noise_fast<16, 2>
+    (16, "hdm+pl_neg", 2, (16, 16), "fused"),
+    (768, "sdm", 2, (4, 6), "elementwise"),         # the general kernel: 16 cached, the rest regenerated
+    (768, "iso", 1, (4, 6), "elementwise"),
+    (768, "sdm+pl_pos", 1, (2, 4), "two_pass"),     # 768 planes do not fit a slab (384 CTAs: slow here)
+])
+def test_many_channels(emu, schedule, monkeypatch, C, kind, k, shape_hw, path):
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("EMU_ORDER", "rev")
+    shape = (1 if path == "two_pass" else 2, C, *shape_hw)
+    common = kernel_common(make_spec(kind, C, k=k), shape, schedule, [999, 40])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(C))
+    run_add_noise(emu, x0, common, 1)
+    expect_path(emu, path)
+    if path == "two_pass":
+        return
+    a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
+    b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
+    check_pair(a, b, torch.bfloat16)
+
+
 # -- the emulator itself ------------------------------------------------------------------------------
 def test_emulator_catches_missing_barrier(emu, monkeypatch):
     """Shared memory starts as NaN, threads run to the next barrier one after another: a read that is

@@ -200,6 +200,9 @@ def test_inline_chains_weight_a_shared_header_line_by_its_call_site():
            "csrc/include/anisodiff/philox.h:30": 5}
     assert pm.executed_instructions(instrs, line_of, ran, per=5)["total"] == 4  # innermost line alone
     assert pm.executed_instructions(instrs, line_of, ran, per=5, chain_of=chains)["total"] == 2
+    # a header line with no host code (GPU-only inline PTX: absent from the counts) defers to its call sites
+    gpu_only = {k: v for k, v in ran.items() if "philox" not in k}
+    assert pm.executed_instructions(instrs, line_of, gpu_only, per=5, chain_of=chains)["total"] == 2
     # a loop kept rolled around 0x10 that runs 3 times per iteration of the main loop
     assert pm.executed_instructions(instrs, line_of, ran, per=5, chain_of=chains,
                                     inner_loops=[(0x10, 0x10, 3.0)])["total"] == 4

@@ -205,6 +205,37 @@ struct Div64 {
 };
 __device__ __forceinline__ Div64 make_div64(int64_t d) { return Div64{d, __drcp_rn((double)d)}; }
 
+// A kernel slice (problem.h): sample b, frame f of a [B, C, F, H, W] tensor (f = 0 for 4-D ones).
+struct Slice {
+  int64_t b, f;
+};
+
+// The slice of flat slice index s (s = b * F + f); the division only when there are frames.
+__device__ __forceinline__ Slice slice_of(int64_t s, int64_t frames, const Div64& dF) {
+  Slice sl{s, 0};
+  if (frames > 1) {
+    sl.b = dF.div(s);
+    sl.f = s - sl.b * frames;
+  }
+  return sl;
+}
+
+// The same for a slice index below 2^31 (a block's: grids are 32-bit), without the 64-bit division.
+__device__ __forceinline__ Slice slice_of32(int64_t s, int64_t frames) {
+  const uint32_t b = (uint32_t)s / (uint32_t)frames;
+  return Slice{(int64_t)b, s - (int64_t)b * frames};
+}
+
+// Element (slice, c, h, w) of t.
+__device__ __forceinline__ int64_t elem_at(const TensorArg& t, const Slice& sl, int64_t c, int64_t h, int64_t w) {
+  return t.slice_offset(sl.b, sl.f) + c * t.stride[1] + h * t.stride[2] + w * t.stride[3];
+}
+
+// Stream index of element (slice, c, hw) of a [B, C, F, H, W] problem: ((b C + c) F + f) HW + hw.
+__device__ __forceinline__ int64_t stream_index(const NoiseProblem& p, const Slice& sl, int64_t c, int64_t hw) {
+  return ((sl.b * p.channels + c) * p.frames + sl.f) * (p.height * p.width) + hw;
+}
+
 // The (h, w) of 4 consecutive pixels hw0 .. hw0 + 3 of a plane (rows may wrap).
 struct QuadPos {
   int64_t h[4], w[4];
@@ -229,10 +260,10 @@ __device__ __forceinline__ QuadPos quad_pos(int64_t hw0, const Div64& W) {
 // strides and base address are multiples of 4 elements and H * W % 4 == 0 (checked by the
 // launcher), so the 4 pixels of a quad are one aligned 16-byte (fp32) or 8-byte (16-bit) access.
 template <bool kVec>
-__device__ __forceinline__ void load_quad(const TensorArg& t, int64_t b, int64_t c, int64_t hw0, int n,
+__device__ __forceinline__ void load_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                           const QuadPos& pos, float out[4]) {
   if (kVec) {
-    const int64_t base = b * t.stride[0] + c * t.stride[1] + hw0;
+    const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
     if (t.dtype == DType::kFloat32) {
       const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + base);
       out[0] = v.x;
@@ -248,27 +279,58 @@ __device__ __forceinline__ void load_quad(const TensorArg& t, int64_t b, int64_t
     }
   } else {
 #pragma unroll
-    for (int l = 0; l < 4; ++l) out[l] = l < n ? load_elem(t, t.index(b, c, pos.h[l], pos.w[l])) : 0.f;
+    for (int l = 0; l < 4; ++l) out[l] = l < n ? load_elem(t, elem_at(t, sl, c, pos.h[l], pos.w[l])) : 0.f;
   }
 }
 
 template <bool kVec>
-__device__ __forceinline__ void store_quad(const TensorArg& t, int64_t b, int64_t c, int64_t hw0, int n,
+__device__ __forceinline__ void store_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                            const QuadPos& pos, const float v[4]) {
   if (kVec) {
-    const int64_t base = b * t.stride[0] + c * t.stride[1] + hw0;
+    const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
     if (t.dtype == DType::kFloat32) {
-      *reinterpret_cast<float4*>(static_cast<float*>(t.data) + base) = make_float4(v[0], v[1], v[2], v[3]);
+      __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + base), make_float4(v[0], v[1], v[2], v[3]));
     } else {
       uint2 o;
       o.x = pack_16x2(v[0], v[1], t.dtype);
       o.y = pack_16x2(v[2], v[3], t.dtype);
-      *reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + base) = o;
+      __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + base), o);
     }
   } else {
 #pragma unroll
     for (int l = 0; l < 4; ++l)
-      if (l < n) store_elem(t, t.index(b, c, pos.h[l], pos.w[l]), v[l]);
+      if (l < n) store_elem(t, elem_at(t, sl, c, pos.h[l], pos.w[l]), v[l]);
+  }
+}
+
+// 4 consecutive elements at element offset `off` of t (16-byte fp32 / 8-byte 16-bit vectors; the
+// caller guarantees the vectorised-I/O conditions of load_quad).
+__device__ __forceinline__ void load4(const TensorArg& t, int64_t off, float out[4]) {
+  if (t.dtype == DType::kFloat32) {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + off);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(t.data) + off);
+    out[0] = to_float((uint16_t)(v.x & 0xFFFFu), t.dtype);
+    out[1] = to_float((uint16_t)(v.x >> 16), t.dtype);
+    out[2] = to_float((uint16_t)(v.y & 0xFFFFu), t.dtype);
+    out[3] = to_float((uint16_t)(v.y >> 16), t.dtype);
+  }
+}
+
+// (__stwb: one vector store with the default cache policy; a plain struct store was split into 4
+// scalar stores by the compiler in the unrolled kernels.)
+__device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const float v[4]) {
+  if (t.dtype == DType::kFloat32) {
+    __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + off), make_float4(v[0], v[1], v[2], v[3]));
+  } else {
+    uint2 o;
+    o.x = pack_16x2(v[0], v[1], t.dtype);
+    o.y = pack_16x2(v[2], v[3], t.dtype);
+    __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + off), o);
   }
 }
 
@@ -326,11 +388,11 @@ struct Quad {
 
 // KA (0, 2 or 8): the most axes handled (k <= KA; KA = 0 compiles the no-squeeze case only).
 template <int K, int KA, bool kVec, class Fetch>
-__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, int64_t b, int64_t hw0, int n,
+__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slice& b, int64_t hw0, int n,
                                                const QuadPos& pos, Fetch fetch) {
   const int C = (int)p.channels, k = p.k;
   bool valid;
-  const float* row = coef_row(p, b, valid);
+  const float* row = coef_row(p, b.b, valid);
   const float nan = __int_as_float(0x7fc00000);
   const float a = valid ? __ldg(row) : nan, bc = valid ? __ldg(row + 1) : nan;
   const SqueezeCoeffs sc = squeeze_coeffs(row + 2, k, C, p.variant);
@@ -414,14 +476,14 @@ __device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t
 }
 
 template <int KA, class Value>
-__device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const SampleCoef& sc, int64_t b, int64_t h,
+__device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const SampleCoef& sc, const Slice& b, int64_t h,
                                                 int64_t w, Value value) {
   const int C = (int)p.channels, k = KA == 0 ? 0 : p.k;
   const float nan = __int_as_float(0x7fc00000);
   const bool mixing = p.x0.data != nullptr;
   float x0v[4];
 #pragma unroll
-  for (int c = 0; c < 4; ++c) x0v[c] = (mixing && c < C) ? load_elem(p.x0, p.x0.index(b, c, h, w)) : 0.f;
+  for (int c = 0; c < 4; ++c) x0v[c] = (mixing && c < C) ? load_elem(p.x0, elem_at(p.x0, b, c, h, w)) : 0.f;
   constexpr int KU = KA > 0 ? KA : 1;
   float u[KU];
 #pragma unroll
@@ -435,16 +497,16 @@ __device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const Sam
     if (mixing) {
       float xt, tg;
       mix(sc.a, sc.bc, x0, nz, p.target, xt, tg);
-      store_elem(p.x_t, p.x_t.index(b, c, h, w), xt);
-      store_elem(p.out, p.out.index(b, c, h, w), tg);
+      store_elem(p.x_t, elem_at(p.x_t, b, c, h, w), xt);
+      store_elem(p.out, elem_at(p.out, b, c, h, w), tg);
     } else {
-      store_elem(p.out, p.out.index(b, c, h, w), nz);
+      store_elem(p.out, elem_at(p.out, b, c, h, w), nz);
     }
   };
 #pragma unroll
   for (int c = 0; c < 4; ++c)
     if (c < C) emit(c, x0v[c]);
-  for (int c = 4; c < C; ++c) emit(c, mixing ? load_elem(p.x0, p.x0.index(b, c, h, w)) : 0.f);
+  for (int c = 4; c < C; ++c) emit(c, mixing ? load_elem(p.x0, elem_at(p.x0, b, c, h, w)) : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,9 +521,9 @@ struct StepVals {
 __device__ __forceinline__ float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 template <int K, int KA, class Noise>
-__device__ __forceinline__ void step_pixel(const NoiseProblem& p, int64_t b, int64_t h, int64_t w, Noise noise) {
+__device__ __forceinline__ void step_pixel(const NoiseProblem& p, const Slice& b, int64_t h, int64_t w, Noise noise) {
   const int C = (int)p.channels, k = p.step_k;
-  const float* q = p.step_params + b * (2 + 4 * (1 + k));
+  const float* q = p.step_params + b.b * (2 + 4 * (1 + k));
   const float a = __ldg(q), bt = __ldg(q + 1);
   const float* S = q + 2;
   const float* C0 = S + (1 + k);
@@ -470,8 +532,8 @@ __device__ __forceinline__ void step_pixel(const NoiseProblem& p, int64_t b, int
   const float lo = -p.clip_range, hi = p.clip_range;
   const float* axes = p.axes;
   auto load = [&](int c) {
-    const float x = load_elem(p.step_x, p.step_x.index(b, c, h, w));
-    const float e = load_elem(p.step_eps, p.step_eps.index(b, c, h, w));
+    const float x = load_elem(p.step_x, elem_at(p.step_x, b, c, h, w));
+    const float e = load_elem(p.step_eps, elem_at(p.step_eps, b, c, h, w));
     return StepVals{x, (x - bt * e) / a, noise(c)};
   };
   float u0[KA], uy[KA], uc0[KA], uct[KA], usig[KA];
@@ -500,7 +562,7 @@ __device__ __forceinline__ void step_pixel(const NoiseProblem& p, int64_t b, int
   };
   channels_cached<K>(C, cache, load, [&](int c, const StepVals& s) {
     const float x0 = x0_hat(c, s);
-    store_elem(p.out_x0, p.out_x0.index(b, c, h, w), x0);
+    store_elem(p.out_x0, elem_at(p.out_x0, b, c, h, w), x0);
     project_add(uc0, axes, c, k, x0);
   });
   const SqueezeCoeffs m0 = step_matrix(C0, k, false), mt = step_matrix(Ct, k, false),
@@ -509,7 +571,7 @@ __device__ __forceinline__ void step_pixel(const NoiseProblem& p, int64_t b, int
     const float x0 = x0_hat(c, s);
     const float xt = apply_matrix(mt, s.x, axes, c, k, uct);
     const float out = xt + (apply_matrix(m0, x0, axes, c, k, uc0) + apply_matrix(ms, s.n, axes, c, k, usig));
-    store_elem(p.out, p.out.index(b, c, h, w), out);
+    store_elem(p.out, elem_at(p.out, b, c, h, w), out);
   });
 }
 
@@ -1032,30 +1094,51 @@ __host__ __device__ __forceinline__ TileLayout tile_layout(int H, int W, int til
 
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise launches (host): 256 threads per block, halved (down to 32) while the grid would leave
-// SMs idle, so a small batch still spreads over the GPU (B=16 at 3x32x32: 128 blocks of 32); grid-stride
-// beyond 32 blocks per SM.
+// Elementwise launches (host). Resident blocks of 256 threads per SM each kernel's register budget is
+// sized for (__launch_bounds__): add_noise_fast 3 (C <= 4: <= 85 registers) / 2 (C = 16); the general
+// kernel 3 for the common vectorised variants (C <= 4 cached, k <= 2), 2 for their strided I/O (79
+// registers spilled 16 B at 85), 1 for the 16-channel or 8-axis caches (144-220 registers); the step
+// 2 (k <= 2) / 1.
 // ---------------------------------------------------------------------------------------------
+__host__ __device__ constexpr int fast_min_blocks(int ck) { return ck > 4 ? 2 : 3; }
+__host__ __device__ constexpr int elementwise_min_blocks(int k_cache, int ka, bool vec) {
+  return k_cache > 4 || ka > 2 ? 1 : (vec ? 3 : 2);
+}
+
+// The channel count of the straight-line kernel add_noise_fast<CK, k> for this problem, or 0 for the
+// general one: generated noise of one draw (no caller noise, not the two-pass workspace), vectorised
+// I/O, k <= 2, C in {1, 2, 3, 4, 16}.
+inline int fast_channels(const NoiseProblem& p, bool two_pass_input, bool vec) {
+  if (two_pass_input || p.noise[0].data != nullptr || !vec || p.k > 2 || p.step_params != nullptr) return 0;
+  const int64_t C = p.channels;
+  return (C >= 1 && C <= 4) || C == 16 ? (int)C : 0;
+}
+
+// Resident 256-thread blocks per SM of the kernel launch_elementwise runs for p.
+inline int elementwise_residency(const NoiseProblem& p, bool two_pass_input, bool vec) {
+  if (p.step_params != nullptr) return p.step_k <= 2 ? 2 : 1;
+  const int ck = fast_channels(p, two_pass_input, vec);
+  if (ck > 0) return fast_min_blocks(ck);
+  const int K = (p.k == 0 || p.channels <= 4) ? 4 : 16, KA = p.k == 0 ? 0 : (p.k <= 2 ? 2 : kMaxAxes);
+  return elementwise_min_blocks(K, KA, vec);
+}
+
+// 256 threads per block, halved (down to 32) while the grid would leave SMs idle, so a small batch
+// still spreads over the GPU (B=16 at 3x32x32: 128 blocks of 32). At most the blocks that are
+// resident at once (residency blocks of 256 threads per SM): the rest grid-strides, so no block
+// waits for a second wave.
 struct ElementwiseLaunch {
   unsigned grid;
   int threads;
 };
 
-inline ElementwiseLaunch elementwise_launch(int64_t items, int sm_count) {
+inline ElementwiseLaunch elementwise_launch(int64_t items, int sm_count, int residency) {
   const int64_t sms = sm_count > 0 ? sm_count : 1;
   int threads = kElementwiseThreads;
   while (threads > 32 && (items + threads - 1) / threads < sms) threads /= 2;
   const int64_t blocks = (items + threads - 1) / threads;
-  return ElementwiseLaunch{(unsigned)(blocks < 1 ? 1 : (blocks < sms * 32 ? blocks : sms * 32)), threads};
-}
-
-// The channel count of the straight-line kernel add_noise_fast<CK, k> for this problem, or 0 for the
-// general one: generated noise of one draw (no caller noise, no workspace), vectorised I/O, k <= 2,
-// C in {1, 2, 3, 4, 16}.
-inline int fast_channels(const NoiseProblem& p, const float* ws, bool vec) {
-  if (ws != nullptr || p.noise[0].data != nullptr || !vec || p.k > 2 || p.step_params != nullptr) return 0;
-  const int64_t C = p.channels;
-  return (C >= 1 && C <= 4) || C == 16 ? (int)C : 0;
+  const int64_t cap = sms * residency * (kElementwiseThreads / threads);
+  return ElementwiseLaunch{(unsigned)(blocks < 1 ? 1 : (blocks < cap ? blocks : cap)), threads};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ bool quad_ok(const TensorArg& t, const NoiseProblem& p) {
   if ((H * W) % 4 != 0) return false;
   if (!(W == 1 || t.stride[3] == 1) || !(H == 1 || t.stride[2] == W)) return false;
   if (!(p.batch == 1 || t.stride[0] % 4 == 0) || !(p.channels == 1 || t.stride[1] % 4 == 0)) return false;
+  if (p.frames > 1 && t.frame_stride % 4 != 0) return false;
   const size_t bytes = t.dtype == DType::kFloat32 ? 16 : 8;
   return reinterpret_cast<uintptr_t>(t.data) % bytes == 0;
 }
@@ -73,7 +74,7 @@ bool force_two_pass() {
 }
 
 size_t two_pass_offset(const NoiseProblem& p) {
-  return align_up(4 * (size_t)p.batch * p.channels * p.height * p.width, 256);
+  return align_up(4 * (size_t)(p.batch * p.frames) * p.channels * p.height * p.width, 256);
 }
 
 SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
@@ -118,15 +119,17 @@ void describe_elementwise(const NoiseProblem& p, bool vec, bool two_pass_input, 
   const int64_t HW = p.height * p.width;
   if (p.step_params != nullptr) {
     kernel = p.step_k <= 2 ? "ddpm_step_elementwise<KA=2>" : "ddpm_step_elementwise<KA=8>";
-    const ElementwiseLaunch L = elementwise_launch(p.batch * HW, sms);
+    const ElementwiseLaunch L = elementwise_launch(p.batch * p.frames * HW, sms,
+                                                   elementwise_residency(p, two_pass_input, vec));
     grid = L.grid;
     block = L.threads;
     return;
   }
-  const ElementwiseLaunch L = elementwise_launch(p.batch * ((HW + 3) / 4), sms);
+  const ElementwiseLaunch L = elementwise_launch(p.batch * p.frames * ((HW + 3) / 4), sms,
+                                                 elementwise_residency(p, two_pass_input, vec));
   grid = L.grid;
   block = L.threads;
-  const int ck = two_pass_input ? 0 : fast_channels(p, nullptr, vec);
+  const int ck = fast_channels(p, two_pass_input, vec);
   if (ck > 0) {
     static const char* names[5][3] = {
         {"add_noise_fast<CK=1,KK=0>", "add_noise_fast<CK=1,KK=1>", "add_noise_fast<CK=1,KK=2>"},
@@ -184,7 +187,8 @@ const char* path_name(Path path) {
 
 LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   LaunchPlan plan;
-  if (p.batch == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return plan;
+  if (p.batch == 0 || p.frames == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return plan;
+  const int64_t S = p.batch * p.frames;  // slices (problem.h): B x F of a [B, C, F, H, W] video
   plan.smem_limit = device_smem_limit(device);
   const int sms = sm_count(device);
   if (p.weights == nullptr && !p.per_sample_norm) {
@@ -194,7 +198,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   }
   // Plane kernels index a plane (and the fused kernel a whole sample) with 32-bit ints.
   const int64_t H = p.height, W = p.width, HW = H * W, C = p.channels;
-  if (HW > INT_MAX / 2 || C > INT_MAX / 2 || p.batch * ((C + 1) / 2) > INT_MAX) {
+  if (HW > INT_MAX / 2 || C > INT_MAX / 2 || S * ((C + 1) / 2) > INT_MAX) {
     plan.error = "anisodiff CUDA kernel: a plane of more than 2^30 pixels (or a batch of more than 2^31 "
                  "channel pairs) is not supported with a spectral spec or per-sample normalisation";
     return plan;
@@ -217,20 +221,20 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     for (int R = 1; R <= kMaxCluster; R *= 2) {
       if (forced != 0 ? R != forced : (!cluster_ok(R, H, W) || (R > kMaxPortableCluster && !allow16))) continue;
       const size_t smem = geometry(p, 0, R).smem;
-      if (smem > plan.smem_limit || p.batch * R > (int64_t)INT_MAX) continue;
+      if (smem > plan.smem_limit || S * R > (int64_t)INT_MAX) continue;
       const int per_sm = (int)(kSmemPerSm / (smem + 1024));
       // A 16-block cluster must fit on half a GPC (2 blocks per SM): not every GPC of an H100 has 16
       // SMs free, and a cluster that cannot be co-scheduled fails to launch.
       if (R > kMaxPortableCluster && per_sm < 2) continue;
       best = R;
-      if (p.batch * R >= target && per_sm >= kFusedTargetBlocksPerSm) break;
+      if (S * R >= target && per_sm >= kFusedTargetBlocksPerSm) break;
     }
     if (best > 0) {
       const SpectralGeom g = geometry(p, 0, best);
       plan.path = Path::kFused;
       plan.smem_bytes = g.smem;
       plan.kernel = fused_kernel_name(p);
-      plan.grid = (unsigned)(p.batch * best);
+      plan.grid = (unsigned)(S * best);
       plan.block = kFusedThreads;
       plan.cluster = best;
       plan.rows_per_block = g.Hs;
@@ -251,9 +255,9 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   plan.path = Path::kTwoPass;
   plan.smem_bytes = smem;
   plan.tile = tile;
-  plan.workspace_bytes = two_pass_offset(p) + 8 * (size_t)p.batch * ((C + 1) / 2) * HW;
+  plan.workspace_bytes = two_pass_offset(p) + 8 * (size_t)S * ((C + 1) / 2) * HW;
   plan.kernel = "two_pass_filter";
-  plan.grid = (unsigned)(p.batch * ((C + 1) / 2));
+  plan.grid = (unsigned)(S * ((C + 1) / 2));
   plan.block = kSpectralThreads;
   describe_elementwise(p, vec_ok(p, false), true, sms, plan.kernel2, plan.grid2, plan.block2);
   return plan;

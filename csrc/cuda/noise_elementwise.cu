@@ -12,35 +12,28 @@ namespace {
 
 constexpr int kThreads = kElementwiseThreads;
 
-// Blocks of 256 threads per SM the register budget is sized for: 3 (<= 85 registers) for the common
-// vectorised variants (C <= 4 cached, k <= 2), 2 for their strided I/O (79 registers spilled 16 B at 85),
-// which then compile without spills (ptxas left alone stopped at 64 / 80 registers and spilled 8-20 B);
-// 1 for the 16-channel or 8-axis caches (176-220 registers).
-constexpr int elementwise_min_blocks(int k_cache, int ka, bool vec) {
-  return k_cache > 4 || ka > 2 ? 1 : (vec ? 3 : 2);
-}
-
 // K: channels kept in registers between the squeeze's two passes (more are fetched again);
 // KA: the most squeeze axes handled (0: no squeeze).
 template <int K, int KA, bool kVec>
 __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec)) add_noise_elementwise(const NoiseProblem p, const float* ws) {
-  const int64_t HW = p.height * p.width, C = p.channels, CHW = C * HW;
-  const int64_t quads = (HW + 3) / 4, total = p.batch * quads;
+  const int64_t HW = p.height * p.width, C = p.channels;
+  const int64_t quads = (HW + 3) / 4, total = p.batch * p.frames * quads;
   const Stream st = read_stream(p);
   const float gamma = p.gammas[0];
   const bool ws_vec = HW % 4 == 0;  // the workspace is contiguous and 256-byte aligned
-  // (b, quad) advanced by the grid stride without a 64-bit division per item (one per thread here)
+  // (slice, quad) advanced by the grid stride without a 64-bit division per item (one per thread here)
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
-  const Div64 dq = make_div64(quads), dw = make_div64(p.width);
+  const Div64 dq = make_div64(quads), dw = make_div64(p.width), dF = make_div64(p.frames);
   const int64_t stride_b = dq.div(stride), stride_j = stride - stride_b * quads;
-  int64_t b = dq.div(first), j = first - b * quads;
+  int64_t b = dq.div(first), j = first - b * quads;  // b: the flat slice index
   for (int64_t item = first; item < total; item += stride) {
+    const Slice sl = slice_of(b, p.frames, dF);
     const int64_t hw0 = 4 * j;
     const int n = (int)(HW - hw0 < 4 ? HW - hw0 : 4);
     const QuadPos pos = kVec ? QuadPos{} : quad_pos(hw0, dw);
     auto fetch = [&](int c, float e[4]) {
       if (ws != nullptr) {  // two-pass: filtered, normalised and scaled already
-        const float* src = ws + (b * C + c) * HW + hw0;
+        const float* src = ws + (b * C + c) * HW + hw0;  // [slices, C, H, W]
         if (ws_vec) {
           const float4 v = *reinterpret_cast<const float4*>(src);
           e[0] = v.x;
@@ -54,14 +47,14 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
         return;
       }
       if (p.noise[0].data != nullptr) {
-        load_quad<kVec>(p.noise[0], b, c, hw0, n, pos, e);
+        load_quad<kVec>(p.noise[0], sl, c, hw0, n, pos, e);
       } else {
-        stream_quad(st, 0, b * CHW + c * HW + hw0, n, e);
+        stream_quad(st, 0, stream_index(p, sl, c, hw0), n, e);
       }
 #pragma unroll
       for (int l = 0; l < 4; ++l) e[l] *= gamma;  // a scalar spatial gain (x 1 is exact)
     };
-    add_noise_quad<K, KA, kVec>(p, b, hw0, n, pos, fetch);
+    add_noise_quad<K, KA, kVec>(p, sl, hw0, n, pos, fetch);
     b += stride_b;
     j += stride_j;
     if (j >= quads) {
@@ -79,9 +72,9 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
 // add_noise_quad's (the CPU kernel's). A bad timestep makes the gain NaN, so every output but an x0
 // target is NaN (as in the general kernel).
 template <int CK, int KK>
-__global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const NoiseProblem p) {
+__global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(const NoiseProblem p) {
   constexpr int KU = KK > 0 ? KK : 1;
-  const int64_t HW = p.height * p.width, quads = HW / 4, total = p.batch * quads;
+  const int64_t HW = p.height * p.width, quads = HW / 4, F = p.frames, total = p.batch * F * quads;
   const Stream st = read_stream(p);
   const float gamma = p.gammas[0];
   const bool mixing = p.x0.data != nullptr, eps_target = p.target == Target::kEpsilon;
@@ -94,42 +87,56 @@ __global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const
     for (int i = 0; i < KU; ++i) ax_reg[c][i] = KK > 0 ? __ldg(p.axes + c * KK + i) : 0.f;
   auto axis = [&](int c, int i) { return kAxesInRegisters ? ax_reg[kAxesInRegisters ? c : 0][i] : __ldg(p.axes + c * KK + i); };
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
-  const Div64 dq = make_div64(quads);
+  const Div64 dq = make_div64(quads), dF = make_div64(F);
   const int64_t stride_b = dq.div(stride), stride_j = stride - stride_b * quads;
-  int64_t b = dq.div(first), j = first - b * quads;
+  int64_t b = dq.div(first), j = first - b * quads;  // b: the flat slice index
   for (int64_t item = first; item < total; item += stride) {
+    const Slice sl = slice_of(b, F, dF);
     const int64_t hw0 = 4 * j;
     bool valid;
-    const float* row = coef_row(p, b, valid);
+    const float* row = coef_row(p, sl.b, valid);
     const float a = __ldg(row), bc = __ldg(row + 1);
-    const SqueezeCoeffs sc = squeeze_coeffs(row + 2, KK, CK, p.variant);
+    // squeeze_coeffs' arithmetic, with HDM's scale of the complement computed for HDM only
+    float sc_g = 1.0f, fmg[KU];
+    if (KK > 0 && p.variant == SqueezeVariant::kHeisenberg) {
+      float sum_r = 0.f;
+#pragma unroll
+      for (int i = 0; i < KK; ++i) sum_r += __ldg(row + 2 + i);
+      sc_g = expf(sum_r / (float)(CK > KK ? CK - KK : 1));  // HDM has k < C (checked by the ops)
+    }
+#pragma unroll
+    for (int i = 0; i < KU; ++i) fmg[i] = KK > 0 ? expf(-__ldg(row + 2 + i)) - sc_g : 0.f;
     const float gain = valid ? gamma : __int_as_float(0x7fc00000);
-    const uint64_t ctr = st.offset + (uint64_t)((b * CK * HW + hw0) >> 2);  // channel c: + c * quads
+    // stream counter of channel c: ((b CK + c) F + f) HW / 4 + hw0 / 4 = ctr + c F quads
+    const uint64_t ctr = st.offset + (uint64_t)(((sl.b * CK * F + sl.f) * HW + hw0) >> 2), cstep = F * quads;
+    // the item's element in each tensor; channel c is c channel strides further (pointers advanced
+    // per channel: no 64-bit index product per access)
+    const int64_t o_x0 = p.x0.slice_offset(sl.b, sl.f) + hw0, o_xt = p.x_t.slice_offset(sl.b, sl.f) + hw0,
+                  o_out = p.out.slice_offset(sl.b, sl.f) + hw0;
     auto emit = [&](int c, const float (&nz)[4]) {
-      const QuadPos pos{};
       if (!mixing) {
-        store_quad<true>(p.out, b, c, hw0, 4, pos, nz);
+        store4(p.out, o_out + c * p.out.stride[1], nz);
         return;
       }
       float x0[4], xt[4], tg[4];
-      load_quad<true>(p.x0, b, c, hw0, 4, pos, x0);
+      load4(p.x0, o_x0 + c * p.x0.stride[1], x0);
       if (eps_target) {
 #pragma unroll
         for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * nz[l];
-        store_quad<true>(p.x_t, b, c, hw0, 4, pos, xt);
-        store_quad<true>(p.out, b, c, hw0, 4, pos, nz);
+        store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
+        store4(p.out, o_out + c * p.out.stride[1], nz);
       } else {
 #pragma unroll
         for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
-        store_quad<true>(p.x_t, b, c, hw0, 4, pos, xt);
-        store_quad<true>(p.out, b, c, hw0, 4, pos, tg);
+        store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
+        store4(p.out, o_out + c * p.out.stride[1], tg);
       }
     };
     if (KK == 0) {  // no squeeze: each channel is finished as soon as it is drawn
 #pragma unroll
       for (int c = 0; c < CK; ++c) {
         float e[4];
-        cuda_randn4(st.seed, ctr + (uint64_t)(c * quads), 0u, e);
+        cuda_randn4(st.seed, ctr + (uint64_t)c * cstep, 0u, e);
 #pragma unroll
         for (int l = 0; l < 4; ++l) e[l] *= gain;
         emit(c, e);
@@ -142,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const
         for (int l = 0; l < 4; ++l) u[i][l] = 0.f;
 #pragma unroll
       for (int c = 0; c < CK; ++c) {
-        cuda_randn4(st.seed, ctr + (uint64_t)(c * quads), 0u, e[c]);
+        cuda_randn4(st.seed, ctr + (uint64_t)c * cstep, 0u, e[c]);
 #pragma unroll
         for (int l = 0; l < 4; ++l) e[c][l] *= gain;
 #pragma unroll
@@ -154,10 +161,10 @@ __global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const
       for (int c = 0; c < CK; ++c) {
         float s[4];
 #pragma unroll
-        for (int l = 0; l < 4; ++l) s[l] = sc.g * e[c][l];
+        for (int l = 0; l < 4; ++l) s[l] = sc_g * e[c][l];
 #pragma unroll
         for (int i = 0; i < KU; ++i) {
-          const float coef = sc.f_minus_g[i] * axis(c, i);
+          const float coef = fmg[i] * axis(c, i);
 #pragma unroll
           for (int l = 0; l < 4; ++l) s[l] += coef * u[i][l];
         }
@@ -177,26 +184,27 @@ __global__ void __launch_bounds__(kThreads, CK > 4 ? 2 : 3) add_noise_fast(const
 // costs one Philox call per element here (4 lanes computed, one used).
 template <int KA>
 __global__ void __launch_bounds__(kThreads, KA > 2 ? 1 : 2) ddpm_step_elementwise(const NoiseProblem p, const float* ws) {
-  const int64_t H = p.height, W = p.width, HW = H * W, C = p.channels, CHW = C * HW;
-  const int64_t total = p.batch * HW;
+  const int64_t H = p.height, W = p.width, HW = H * W, C = p.channels;
+  const int64_t total = p.batch * p.frames * HW;
   const Stream st = read_stream(p);
   const float gamma = p.gammas[0];
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
-  const Div64 dhw = make_div64(HW), dw = make_div64(W);
+  const Div64 dhw = make_div64(HW), dw = make_div64(W), dF = make_div64(p.frames);
   const int64_t stride_b = dhw.div(stride), stride_j = stride - stride_b * HW;
-  int64_t b = dhw.div(first), hw = first - b * HW;
+  int64_t b = dhw.div(first), hw = first - b * HW;  // b: the flat slice index
   for (int64_t item = first; item < total; item += stride, b += stride_b, hw += stride_j) {
     if (hw >= HW) {
       hw -= HW;
       ++b;
     }
+    const Slice sl = slice_of(b, p.frames, dF);
     const int64_t h = dw.div(hw), w = hw - h * W;
     auto noise = [&](int c) -> float {
       if (ws != nullptr) return ws[(b * C + c) * HW + hw];
-      if (p.noise[0].data != nullptr) return load_elem(p.noise[0], p.noise[0].index(b, c, h, w)) * gamma;
-      return stream_normal(st, 0, b * CHW + c * HW + hw) * gamma;
+      if (p.noise[0].data != nullptr) return load_elem(p.noise[0], elem_at(p.noise[0], sl, c, h, w)) * gamma;
+      return stream_normal(st, 0, stream_index(p, sl, c, hw)) * gamma;
     };
-    step_pixel<4, KA>(p, b, h, w, noise);
+    step_pixel<4, KA>(p, sl, h, w, noise);
   }
 }
 
@@ -226,7 +234,8 @@ cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec,
                                cudaStream_t stream) {
   const int64_t HW = p.height * p.width;
   if (p.step_params != nullptr) {
-    const ElementwiseLaunch L = elementwise_launch(p.batch * HW, sm_count);
+    const ElementwiseLaunch L = elementwise_launch(p.batch * p.frames * HW, sm_count,
+                                                   elementwise_residency(p, ws != nullptr, vec));
     if (p.step_k <= 2) {
       ddpm_step_elementwise<2><<<L.grid, L.threads, 0, stream>>>(p, ws);
     } else {
@@ -234,8 +243,9 @@ cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec,
     }
     return cudaGetLastError();
   }
-  const ElementwiseLaunch grid = elementwise_launch(p.batch * ((HW + 3) / 4), sm_count);
-  switch (fast_channels(p, ws, vec)) {
+  const ElementwiseLaunch grid = elementwise_launch(p.batch * p.frames * ((HW + 3) / 4), sm_count,
+                                                    elementwise_residency(p, ws != nullptr, vec));
+  switch (fast_channels(p, ws != nullptr, vec)) {
     case 1: launch_fast<1>(p, grid, stream); return cudaGetLastError();
     case 2: launch_fast<2>(p, grid, stream); return cudaGetLastError();
     case 3: launch_fast<3>(p, grid, stream); return cudaGetLastError();

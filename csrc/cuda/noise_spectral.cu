@@ -74,8 +74,10 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   const int C = g.C, H = g.H, W = g.W, P = g.P, R = g.R, Hs = g.Hs, Ws = g.Ws, Wp = g.Wp, Hp = g.Hp, PS = g.PS;
   const int HW = H * W, SL = Hs * W, NPL = 2 * P;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t b = blockIdx.x / R;
-  const int r = (int)(blockIdx.x - b * R);
+  const int64_t slice = blockIdx.x / R;  // a cluster per slice (sample b, frame f)
+  const int r = (int)(blockIdx.x - slice * R);
+  const Slice sl = slice_of32(slice, p.frames);
+  const int64_t b = sl.b;
   const bool spectral = p.weights != nullptr;
   float2* tw_h = reinterpret_cast<float2*>(smem + g.off_tw_h);
   float2* tw_w = reinterpret_cast<float2*>(smem + g.off_tw_w);
@@ -90,7 +92,6 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   float* scale = reinterpret_cast<float*>(tot + C);
   float* dcadd = scale + C;
   const Stream st = read_stream(p);
-  const int64_t CHW = (int64_t)C * HW;
   if (spectral) {
     build_twiddles(tw_h, H);
     build_twiddles(tw_w, W);
@@ -111,11 +112,11 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       const TensorArg& nz = p.noise[d];
       for (int li = tid; li < C * SL; li += nt) {
         const int c = g.dSL.div(li), i = li - c * SL, hl = g.dW.div(i), w = i - hl * W;
-        X[c * PS + hl * Wp + w] = load_elem(nz, nz.index(b, c, r * Hs + hl, w));
+        X[c * PS + hl * Wp + w] = load_elem(nz, elem_at(nz, sl, c, r * Hs + hl, w));
       }
     } else {
       generate_segments(
-          st, (uint32_t)d, C, SL, [&](int c) { return b * CHW + (int64_t)c * HW + (int64_t)r * SL; },
+          st, (uint32_t)d, C, SL, [&](int c) { return stream_index(p, sl, c, (int64_t)r * SL); },
           [&](int c, int i, float v) { X[c * PS + at(i)] = v; }, [&](int it) { return g.dGen.div(it); });
     }
     __syncthreads();
@@ -207,9 +208,9 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     const int pos = hl * Wp + w;
     auto value = [&](int c) -> float { return two ? acc[c * SL + i] : (fin[c * PS + pos] * scale[c]) * gamma0; };
     if constexpr (kStep) {
-      step_pixel<4, KA>(p, b, h, w, value);
+      step_pixel<4, KA>(p, sl, h, w, value);
     } else {
-      add_noise_pixel<KA>(p, coef, b, h, w, value);
+      add_noise_pixel<KA>(p, coef, sl, h, w, value);
     }
   }
   if (R > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
@@ -220,8 +221,9 @@ __global__ void __launch_bounds__(kSpectralThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   const int C = g.C, H = g.H, W = g.W, P = g.P, HW = H * W;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t bp = blockIdx.x, b = bp / P;
-  const int c0 = 2 * (int)(bp - b * P);
+  const int64_t bp = blockIdx.x, slice = bp / P;  // a CTA per (slice, channel pair)
+  const int c0 = 2 * (int)(bp - slice * P);
+  const Slice sl = slice_of32(slice, p.frames);
   const int ncomp = c0 + 1 < C ? 2 : 1;
   const TileLayout L = tile_layout(H, W, g.tile);
   float2* tw_h = reinterpret_cast<float2*>(smem + L.tw_h);
@@ -238,6 +240,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
   }
   __syncthreads();
   const int R = g.rows_per_tile, KC = g.cols_per_tile;
+  const int64_t s0 = stream_index(p, sl, c0, 0), cstride = p.frames * (int64_t)HW;  // stream: c0, c0 + 1
   for (int d = 0; d < p.draws; ++d) {
     const float dc = spectral ? __ldg(p.weights + (int64_t)d * HW) : 0.f;
     double sum_re = 0.0, sum_im = 0.0;  // this thread's part of the planes' sums (the DC term)
@@ -251,14 +254,14 @@ __global__ void __launch_bounds__(kSpectralThreads)
         const TensorArg& nz = p.noise[d];
         for (int i = tid; i < ncomp * n; i += nt) {
           const int comp = i / n, rest = i - comp * n, r = rest / W, w = rest - r * W;
-          tf[2 * rest + comp] = load_elem(nz, nz.index(b, c0 + comp, h0 + r, w));
+          tf[2 * rest + comp] = load_elem(nz, elem_at(nz, sl, c0 + comp, h0 + r, w));
         }
       } else {
         generate_segments(
             st, (uint32_t)d, ncomp * rr, W,
             [&](int s) {
               const int comp = s / rr, r = s - comp * rr;
-              return ((b * C + c0 + comp) * H + h0 + r) * (int64_t)W;
+              return s0 + comp * cstride + (int64_t)(h0 + r) * W;
             },
             [&](int s, int w, float v) {
               const int comp = s / rr, r = s - comp * rr;
@@ -328,7 +331,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
           const float2 v = plane[i];
           return (comp ? v.y : v.x) + add;
         });
-      float* dst = ws + (b * C + c0 + comp) * (int64_t)HW;
+      float* dst = ws + (slice * C + c0 + comp) * (int64_t)HW;  // [slices, C, H, W]
       for (int i = tid; i < HW; i += nt) {
         const float2 v = plane[i];
         const float x = ((comp ? v.y : v.x) + add) * s;
@@ -360,7 +363,7 @@ cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, si
     if (err != cudaSuccess) return err;
   }
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)(p.batch * g.R), 1, 1);
+  cfg.gridDim = dim3((unsigned)(p.batch * p.frames * g.R), 1, 1);
   cfg.blockDim = dim3(kFusedThreads, 1, 1);
   cfg.dynamicSmemBytes = g.smem;
   cfg.stream = stream;
@@ -390,7 +393,7 @@ cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g,
                                    float2* cws, float* ws, cudaStream_t stream) {
   const cudaError_t err = allow_smem(two_pass_filter, smem, smem_cap);
   if (err != cudaSuccess) return err;
-  two_pass_filter<<<(unsigned)(p.batch * g.P), kSpectralThreads, smem, stream>>>(p, g, cws, ws);
+  two_pass_filter<<<(unsigned)(p.batch * p.frames * g.P), kSpectralThreads, smem, stream>>>(p, g, cws, ws);
   return cudaGetLastError();
 }
 

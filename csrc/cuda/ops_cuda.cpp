@@ -19,9 +19,8 @@ namespace {
 
 // What the CUDA kernels (csrc/cuda/*.cu) do not implement yet: refused here with a clear error (and
 // skipped by backend="auto", anisodiff/_autoselect.py BACKEND_FEATURES).
+// (Video tensors [B, C, F, H, W] are slices of the kernels' grids, problem.h.)
 void check_cuda_supports(const NoiseProblem& p) {
-  TORCH_CHECK(p.frames <= 1, "shape: the CUDA kernels do not take video tensors [B, C, F, H, W] with F > 1 yet "
-              "(got F = ", p.frames, "); use backend='triton' or 'reference', or move the data to the CPU");
   TORCH_CHECK(p.perturb == 0.f, "input_perturbation: the CUDA kernels do not implement it yet; use "
               "backend='reference' (or the CPU backend)");
 }

@@ -28,6 +28,7 @@ inline float4 make_float4(float a, float b, float c, float d) { return float4{a,
 struct EmuIdx { unsigned x = 0, y = 0, z = 0; };
 inline EmuIdx threadIdx, blockIdx, blockDim, gridDim;
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline void __stwb(T* p, T v) { *p = v; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
 inline double __drcp_rn(double x) { return 1.0 / x; }
 inline float __int_as_float(int i) { float f; __builtin_memcpy(&f, &i, 4); return f; }
