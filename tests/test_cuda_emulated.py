@@ -141,14 +141,14 @@ def test_elementwise_fast(emu, order, schedule, C, kind, k, dtype, target):
 
 def test_gpu_stream_stays_within_its_bound(emu, schedule):
     """The CUDA stream (SFU sqrt / sin / cos in Box-Muller, common.cuh) differs from the CPU's by at most
-    3.5e-6 per normal; the emulator adds the intrinsics' documented worst-case errors, so this is that
-    bound on any GPU within them. The differences must also be there (the error model is active)."""
+    6e-6 per normal (docs/cuda.md); the emulator adds the intrinsics' documented worst-case errors, so
+    this holds on any GPU within them. The differences must also be there (the error model is active)."""
     shape = (8, 3, 32, 32)
     common = kernel_common(ad.NoiseSpec(), shape, schedule, [5] * 8)
     a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
     b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
     diff = (a.double() - b.double()).abs().max().item()
-    assert 1e-7 < diff <= 3.5e-6, diff
+    assert 1e-7 < diff <= 6e-6, diff
 
 
 # -- spectral paths (fused, and the forced two-pass fallback) ---------------------------------------
