@@ -81,6 +81,20 @@ def test_caller_noise_and_sigma_layouts():
     assert all(torch.equal(a, b) for a, b in zip(scalar, full))
 
 
+@requires_compiled
+def test_composes_with_video_and_input_perturbation():
+    """The per-call rows are read per sample: video frames [B, C, F, H, W] and DDPM-IP's second
+    draw take them as they take the VP table."""
+    spec, x0 = SPECS["sdm_linear+pl"], _x0((2, 3, 3, 8, 8))
+    s = torch.tensor([0.3, 0.9])
+    kw = dict(seed=SEED, target="flow", input_perturbation=0.1)
+    for got, want in zip(ad.add_noise(x0, s, spec, FLOW, backend="cpu", **kw),
+                         ad.add_noise(x0, s, spec, FLOW, backend="reference", **kw)):
+        close(got, want)
+    n = R.shaped_noise(x0.shape, spec, s, FLOW, seed=SEED, dtype=torch.float64)
+    close(ad.add_noise(x0, s, spec, FLOW, **kw)[1], n - x0.double())  # the target ignores the perturbation
+
+
 @needs_triton
 @pytest.mark.parametrize("kind", ["sdm_beta", "sdm_linear+pl", "hdm_table+band", "const+two_indep"])
 def test_triton_matches_reference(kind):
