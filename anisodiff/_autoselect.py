@@ -29,7 +29,7 @@ Rationale of the current order (no GPU measurements yet; update the table from
 from __future__ import annotations
 
 __all__ = ["PREFERENCE", "FALLBACK", "FEATURES", "BACKEND_FEATURES", "missing_features", "spec_kind",
-           "choose", "triton_supports", "cuda_supports",
+           "choose", "triton_supports", "triton_channel_loop_supports", "cuda_supports",
            "CUDA_MAX_FFT_PRIME", "largest_prime_factor", "TRITON_MAX_SAMPLE_ELEMENTS",
            "TRITON_AUTO_MAX_SAMPLE_ELEMENTS", "TRITON_AUTO_MAX_PLANE_ELEMENTS", "TRITON_AUTO_MAX_CHANNELS"]
 
@@ -54,7 +54,7 @@ FEATURES = ("frames", "perturb")
 BACKEND_FEATURES: dict[str, frozenset] = {
     "reference": frozenset(FEATURES),
     "cpu": frozenset({"frames", "perturb"}),
-    "triton": frozenset({"frames"}),
+    "triton": frozenset({"frames", "perturb"}),
     "cuda": frozenset(),  # csrc/cuda: not yet (the glue refuses both, csrc/cuda/ops_cuda.cpp)
 }
 
@@ -114,6 +114,16 @@ def triton_supports(kind: str, channels: int, height: int, width: int, auto: boo
     return sample <= TRITON_MAX_SAMPLE_ELEMENTS
 
 
+def triton_channel_loop_supports(channels: int, height: int, width: int, k: int) -> bool:
+    """Whether the Triton channel-loop spectral kernel (anisodiff.triton.kernels.spectral_channels_kernel,
+    for samples too large for the on-chip kernel: many channels) takes the problem: it holds the k
+    squeeze projections of one padded plane, ``pow2(k) HP WP <= TRITON_MAX_SAMPLE_ELEMENTS``, at any
+    channel count. backend="triton" only: "auto" does not pick it until its registers are measured on
+    sm_90 (ptxas), as those of the on-chip kernel were."""
+    plane = _pow2(height, 16) * _pow2(width, 16)
+    return plane <= TRITON_AUTO_MAX_PLANE_ELEMENTS and _pow2(k) * plane <= TRITON_MAX_SAMPLE_ELEMENTS
+
+
 # csrc/include/anisodiff/spectral.h kMaxDirectPrime: larger prime factors need Bluestein's transform,
 # which the CPU kernel has and the CUDA kernels do not yet (their planner refuses such sides).
 CUDA_MAX_FFT_PRIME = 61
@@ -145,6 +155,10 @@ def choose(device_type: str, kind: str, available, plane=None, needs=()) -> str:
         if backend not in available or missing_features(backend, needs):
             continue
         if backend == "triton" and plane is not None and not triton_supports(kind, *plane, auto=True):
+            continue
+        # the perturbed on-chip spectral kernel holds a second [CP, HP, WP] accumulator: its registers
+        # are not measured on sm_90 yet, so "auto" leaves it to backend="triton"
+        if backend == "triton" and kind == "spectral" and "perturb" in needs:
             continue
         if backend == "cuda" and plane is not None and not cuda_supports(kind, *plane):
             continue

@@ -724,7 +724,9 @@ def stack_bytes(compiled):
     return int(re.search(r"STACK:(\d+)", out).group(1))
 
 compile_for_sm90(k.squeeze_mix_kernel, dict(C=3, K=1, HEISENBERG=True, HAS_X0=True, HAS_NOISE=False,
-                                            TARGET=1, ALIGNED=True, CP=4, BLOCK_PIX=256), 4)
+                                            TARGET=1, ALIGNED=True, CP=4, BLOCK_PIX=256, PERTURB=False), 4)
+compile_for_sm90(k.squeeze_mix_kernel, dict(C=3, K=1, HEISENBERG=True, HAS_X0=True, HAS_NOISE=True,
+                                            TARGET=1, ALIGNED=True, CP=4, BLOCK_PIX=256, PERTURB=True), 4)
 compile_for_sm90(k.step_elementwise_kernel, dict(C=3, K=1, CLIP=2, HAS_NOISE=False, ALIGNED=True, CP=4,
                                                  BLOCK_PIX=256), 4)
 # the spectral kernels at every padded plane shape backend="auto" picks, each at its largest CP, with
@@ -748,7 +750,7 @@ def check(shape):
     launch = ops._spectral_launch_options(HP, WP)
     noise = compile_for_sm90(k.spectral_kernel, dict(
         C=CP, K=K, HEISENBERG=K < CP, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_X0=True, HAS_NOISE=False,
-        TARGET=1, ALIGNED=False, CP=CP, HP=HP, WP=WP, DFT_BLOCK=1), **launch)
+        TARGET=1, ALIGNED=False, CP=CP, HP=HP, WP=WP, DFT_BLOCK=1, PERTURB=False), **launch)
     step = compile_for_sm90(k.step_spectral_kernel, dict(
         C=CP, K=K, CLIP=2, DRAWS=2, FILTER=True, NORMALIZE=True, HAS_NOISE=False, ALIGNED=False, CP=CP,
         HP=HP, WP=WP, DFT_BLOCK=1), **launch)

@@ -193,11 +193,12 @@ def _step_and_store(n, x_ptr, e_ptr, xprev_ptr, x0hat_ptr, x_offs, e_offs, xprev
 
 @triton.jit
 def _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b,
-                   HAS_X0: tl.constexpr, TARGET: tl.constexpr):
-    """add_noise: x_t = a x0 + b n and the target; shaped_noise (no x0): out = n."""
+                   HAS_X0: tl.constexpr, TARGET: tl.constexpr, n_in):
+    """add_noise: x_t = a x0 + b n_in and the target from n (n_in: n + gamma n' under input
+    perturbation, else n itself); shaped_noise (no x0): out = n."""
     if HAS_X0:
         x0 = tl.load(x0_ptr + x0_offs, mask=mask, other=0.0).to(tl.float32)
-        x_t = a * x0 + b * n
+        x_t = a * x0 + b * n_in
         if TARGET == TARGET_V:
             target = a * n - b * x0
         elif TARGET == TARGET_X0:
@@ -264,10 +265,10 @@ def squeeze_mix_kernel(
     n_sb, n_sc, n_sh, n_sw,
     xt_sb, xt_sc, xt_sh, xt_sw,
     out_sb, out_sc, out_sh, out_sw,
-    F, x0_sf, n_sf, xt_sf, out_sf,
+    F, x0_sf, n_sf, xt_sf, out_sf, perturb,
     C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, HAS_X0: tl.constexpr,
     HAS_NOISE: tl.constexpr, TARGET: tl.constexpr, ALIGNED: tl.constexpr, CP: tl.constexpr,
-    BLOCK_PIX: tl.constexpr,
+    BLOCK_PIX: tl.constexpr, PERTURB: tl.constexpr = False,
 ):
     sample, first_pix, pix, h, w, chan, mask = _block_coords(H, W, C, CP, BLOCK_PIX)  # sample: the slice b F + f
     HW = H * W
@@ -279,11 +280,16 @@ def squeeze_mix_kernel(
     b = tl.load(coef_ptr + row * (2 + K) + 1)
 
     n = tl.where(valid, _squeeze_tile(eps, coef_ptr, axes_ptr, row, chan, C, K, HEISENBERG), float("nan"))
+    n_in = n
+    if PERTURB:  # input perturbation: n' from draw 1 of the stream (always; one draw per elementwise spec)
+        eps2 = gamma * _white_tile(noise_ptr, n_sb, n_sc, n_sh, n_sw, n_sf, F, stream_ptr, sample, chan, first_pix,
+                                   pix, h, w, mask, HW, C, False, ALIGNED, BLOCK_PIX, 1)
+        n_in = n + perturb * _squeeze_tile(eps2, coef_ptr, axes_ptr, row, chan, C, K, HEISENBERG)
 
     x0_offs = _slice_offset(sample, F, x0_sb, x0_sf) + chan[:, None] * x0_sc + (h * x0_sh + w * x0_sw)[None, :]
     xt_offs = _slice_offset(sample, F, xt_sb, xt_sf) + chan[:, None] * xt_sc + (h * xt_sh + w * xt_sw)[None, :]
     out_offs = _slice_offset(sample, F, out_sb, out_sf) + chan[:, None] * out_sc + (h * out_sh + w * out_sw)[None, :]
-    _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
+    _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET, n_in)
 
 
 @triton.jit
@@ -532,17 +538,18 @@ def _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset
                   w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask, gamma0, gamma1,
                   DRAWS: tl.constexpr, HAS_NOISE: tl.constexpr, ALIGNED: tl.constexpr,
                   FILTER: tl.constexpr, NORMALIZE: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
-                  DFT_BLOCK: tl.constexpr):
-    """sum_d gamma_d N(T_{w_d} eps_d) for one plane (before any channel squeeze)."""
+                  DFT_BLOCK: tl.constexpr, FIRST_DRAW: tl.constexpr = 0):
+    """sum_d gamma_d N(T_{w_d} eps_d) for one plane (before any channel squeeze); draw d is counter
+    word 2 = FIRST_DRAW + d of the stream (FIRST_DRAW = DRAWS: the input perturbation's eps')."""
     plane = gamma0 * _spatial_plane(
         noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
         w_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
-        0, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
+        FIRST_DRAW, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     if DRAWS == 2:  # independent two-band mixture: the second white draw (counter word 2 = 1)
         plane += gamma1 * _spatial_plane(
             noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
             w_ptr + H * W, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr, plane_mask,
-            1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
+            FIRST_DRAW + 1, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
     return plane
 
 
@@ -567,10 +574,11 @@ def spectral_kernel(
     n_sd, n_sb, n_sc, n_sh, n_sw,
     xt_sb, xt_sc, xt_sh, xt_sw,
     out_sb, out_sc, out_sh, out_sw,
-    F, x0_sf, n_sf, xt_sf, out_sf,
+    F, x0_sf, n_sf, xt_sf, out_sf, perturb,
     C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_X0: tl.constexpr, HAS_NOISE: tl.constexpr, TARGET: tl.constexpr,
     ALIGNED: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
+    PERTURB: tl.constexpr = False,
 ):
     sample = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, HP)
@@ -587,6 +595,9 @@ def spectral_kernel(
         g = _complement_gain(coef_ptr, row, C, K, HEISENBERG)
 
     noise = tl.zeros([CP, HP, WP], dtype=tl.float32)
+    pert = tl.zeros([CP, HP, WP], dtype=tl.float32)  # the input perturbation n' (PERTURB only)
+    p_seed = tl.load(stream_ptr)  # eps' always comes from the stream, also when the caller gave eps
+    p_offset = tl.load(stream_ptr + 1)
     for c_in in range(0, C):  # C is a constexpr: a plain loop (the interpreter cannot range over a runtime int)
         plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C, H, W,
                               weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
@@ -598,6 +609,12 @@ def spectral_kernel(
             v_k = tl.load(axes_ptr + chan * K + k, mask=chan < C, other=0.0)
             column += (f_minus_g * tl.load(axes_ptr + c_in * K + k)) * v_k
         noise += column[:, None, None] * plane[None, :, :]
+        if PERTURB:  # the same operator on draws DRAWS + d of the stream
+            plane2 = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, p_seed, p_offset, sample, c_in,
+                                   C, H, W, weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch,
+                                   plane_mask, gamma0, gamma1, DRAWS, False, ALIGNED, FILTER, NORMALIZE, HP, WP,
+                                   DFT_BLOCK, DRAWS)
+            pert += column[:, None, None] * plane2[None, :, :]
 
     a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
     b = tl.load(coef_ptr + row * (2 + K) + 1)
@@ -609,7 +626,76 @@ def spectral_kernel(
     x0_offs = _slice_offset(sample, F, x0_sb, x0_sf) + c3 * x0_sc + h3 * x0_sh + w3 * x0_sw
     xt_offs = _slice_offset(sample, F, xt_sb, xt_sf) + c3 * xt_sc + h3 * xt_sh + w3 * xt_sw
     out_offs = _slice_offset(sample, F, out_sb, out_sf) + c3 * out_sc + h3 * out_sh + w3 * out_sw
-    _mix_and_store(noise, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET)
+    noise_in = noise
+    if PERTURB:
+        noise_in = noise + perturb * tl.where(valid, pert, float("nan"))
+    _mix_and_store(noise, x0_ptr, xt_ptr, out_ptr, x0_offs, xt_offs, out_offs, mask, a, b, HAS_X0, TARGET, noise_in)
+
+
+@triton.jit
+def spectral_channels_kernel(
+    x0_ptr, noise_ptr, xt_ptr, out_ptr,
+    timesteps_ptr, coef_ptr, axes_ptr, stream_ptr,
+    weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch_ptr,
+    H, W, num_rows, gamma0, gamma1,
+    x0_sb, x0_sc, x0_sh, x0_sw,
+    n_sd, n_sb, n_sc, n_sh, n_sw,
+    xt_sb, xt_sc, xt_sh, xt_sw,
+    out_sb, out_sc, out_sh, out_sw,
+    F, x0_sf, n_sf, xt_sf, out_sf,
+    C: tl.constexpr, K: tl.constexpr, HEISENBERG: tl.constexpr, DRAWS: tl.constexpr, FILTER: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_X0: tl.constexpr, HAS_NOISE: tl.constexpr, TARGET: tl.constexpr,
+    ALIGNED: tl.constexpr, KP: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, DFT_BLOCK: tl.constexpr,
+):
+    """:func:`spectral_kernel` for samples too large to keep on chip (many channels: SD3 / Flux 16,
+    representation-autoencoder 768): one program per slice holds only the k projections
+    ``u_k = v_k . n_sp`` (``[KP, HP, WP]``) and one plane. Pass 1 filters every plane and accumulates
+    u; pass 2 filters each plane again (the same stream, the same float32 ops: the same values) and
+    stores ``S n_sp = g n_sp + sum_k (f_k - g) v_k u_k`` channel by channel, mixed with x0. DRAM
+    traffic stays one pass; the spatial work doubles when there is a squeeze (K > 0), and without
+    one there is only pass 2."""
+    sample = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, HP)
+    cols = tl.arange(0, WP)
+    kk = tl.arange(0, KP)
+    plane_mask = (rows[:, None] < H) & (cols[None, :] < W)
+    seed, offset = _stream_words(stream_ptr, HAS_NOISE)
+    scratch = scratch_ptr + sample * (2 * HP * WP)
+
+    row, valid = _coef_row(timesteps_ptr, sample // F, num_rows)
+    g = 1.0
+    if K > 0:
+        g = _complement_gain(coef_ptr, row, C, K, HEISENBERG)
+    r = tl.load(coef_ptr + row * (2 + K) + 2 + kk, mask=kk < K, other=0.0)
+    f_minus_g = tl.where(kk < K, tl.exp(-r) - g, 0.0)  # [KP]
+    u = tl.zeros([KP, HP, WP], dtype=tl.float32)
+    if K > 0:
+        for c_in in range(0, C):
+            plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C,
+                                  H, W, weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
+                                  gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
+            v_c = tl.load(axes_ptr + c_in * K + kk, mask=kk < K, other=0.0)  # row c_in of the axes
+            u += v_c[:, None, None] * plane[None, :, :]
+
+    a = tl.where(valid, tl.load(coef_ptr + row * (2 + K)), float("nan"))
+    b = tl.load(coef_ptr + row * (2 + K) + 1)
+    h2 = rows.to(tl.int64)[:, None]
+    w2 = cols.to(tl.int64)[None, :]
+    x0_base = _slice_offset(sample, F, x0_sb, x0_sf) + h2 * x0_sh + w2 * x0_sw
+    xt_base = _slice_offset(sample, F, xt_sb, xt_sf) + h2 * xt_sh + w2 * xt_sw
+    out_base = _slice_offset(sample, F, out_sb, out_sf) + h2 * out_sh + w2 * out_sw
+    for c_in in range(0, C):
+        plane = _shaped_plane(noise_ptr, n_sd, n_sb, n_sc, n_sh, n_sw, n_sf, F, seed, offset, sample, c_in, C,
+                              H, W, weights_ptr, cos_h_ptr, sin_h_ptr, cos_w_ptr, sin_w_ptr, scratch, plane_mask,
+                              gamma0, gamma1, DRAWS, HAS_NOISE, ALIGNED, FILTER, NORMALIZE, HP, WP, DFT_BLOCK)
+        n = plane
+        if K > 0:
+            v_c = tl.load(axes_ptr + c_in * K + kk, mask=kk < K, other=0.0)
+            n = g * plane + tl.sum((f_minus_g * v_c)[:, None, None] * u, axis=0)
+        n = tl.where(valid, n, float("nan"))
+        c64 = tl.full([], c_in, tl.int64)
+        _mix_and_store(n, x0_ptr, xt_ptr, out_ptr, x0_base + c64 * x0_sc, xt_base + c64 * xt_sc,
+                       out_base + c64 * out_sc, plane_mask, a, b, HAS_X0, TARGET, n)
 
 
 @triton.jit

@@ -164,11 +164,13 @@ def _check_problem(B, C, H, W, device, timesteps, coef, axes, weights, gammas, v
         raise ValueError(f"timesteps: expected an int64 tensor of shape [{B}]")
     if variant not in (0, 1) or (variant == 1 and k >= C):
         raise ValueError("variant: expected 0 (sdm) or 1 (heisenberg, which needs k < C)")
-    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames)
+    _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames, k)
 
 
-def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames=None) -> None:
-    """frames: F of video data [B, C, F, H, W], None for [B, C, H, W]."""
+def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise, frames=None,
+                   axes_k=None) -> None:
+    """frames: F of video data [B, C, F, H, W], None for [B, C, H, W]. axes_k: the noise ops' k (they
+    can loop over the channels, spectral_channels_kernel); None for ddpm_step (sample on chip only)."""
     """The spatial part, the stream and the caller's noise (shared by every op)."""
     if normalize not in (0, 1):
         raise ValueError("normalize: expected 0 (folded) or 1 (per_sample)")
@@ -193,12 +195,15 @@ def _check_spatial(B, C, H, W, device, weights, gammas, normalize, stream, noise
         if list(noise.shape) != want:
             raise ValueError(f"noise: expected shape {want}, got {list(noise.shape)}")
     if weights is not None or normalize == 1:
-        if not _autoselect.triton_supports("spectral", C, H, W):
+        if not _autoselect.triton_supports("spectral", C, H, W) and not (
+                axes_k is not None and _autoselect.triton_channel_loop_supports(C, H, W, axes_k)):
             others = "'cuda' or 'reference'" if device.type == "cuda" else "'cpu' or 'reference'"
             raise ValueError(
                 f"shape: the Triton spectral kernel keeps one [C, H, W] sample on chip, padded to "
                 f"powers of two of at most {_autoselect.TRITON_MAX_SAMPLE_ELEMENTS} elements; "
-                f"[{C}, {H}, {W}] is too large (use backend={others})")
+                f"[{C}, {H}, {W}] is too large (use backend={others})"
+                + ("" if axes_k is None else f"; looping over the channels it holds k = {axes_k} projections "
+                   f"of the plane, padded to at most {_autoselect.TRITON_MAX_SAMPLE_ELEMENTS} elements"))
 
 
 def _strides(t: Optional[torch.Tensor], n: int = 4) -> Tuple[int, ...]:
@@ -251,7 +256,7 @@ def _spectral_tables(B, H, W, weights, device, placeholder):
 
 
 def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize, target,
-            stream, noise) -> None:
+            stream, noise, perturb: float = 0.0) -> None:
     """One launch over the slices (b, f) of [B, C, H, W] or [B, C, F, H, W] (kernels._slice_offset)."""
     B, C, F, H, W = _split(shape)
     device = out.device
@@ -277,20 +282,35 @@ def _launch(shape, x0, x_t, out, timesteps, coef, axes, weights, gammas, variant
         kernels.squeeze_mix_kernel[elementwise_grid(B * F, H * W, block)](
             x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
             H, W, coef.shape[0], float(gammas[0]),
-            *x0_s, *n_s, *xt_s, *out_s, *frame_s,
-            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, **common)
+            *x0_s, *n_s, *xt_s, *out_s, *frame_s, float(perturb),
+            ALIGNED=(H * W) % 4 == 0, BLOCK_PIX=block, num_warps=ELEMENTWISE_WARPS, PERTURB=perturb != 0,
+            **common)
         return
 
     HP, WP, cos_h, sin_h, cos_w, sin_w, scratch = _spectral_tables(B * F, H, W, weights, device, coef)
     gamma1 = float(gammas[1]) if len(gammas) == 2 else 0.0
     n_s = _strides(noise, 5)
+    if not _autoselect.triton_supports("spectral", C, H, W):  # too large to keep on chip: loop over C
+        if perturb != 0:
+            raise ValueError(f"input_perturbation: the Triton channel-loop kernel (samples too large to keep on "
+                             f"chip, here [{C}, {H}, {W}]) does not implement it; use backend='cpu' or 'reference'")
+        del common["CP"]
+        kernels.spectral_channels_kernel[spectral_grid(B * F)](
+            x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
+            weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w, scratch,
+            H, W, coef.shape[0], float(gammas[0]), gamma1,
+            *x0_s, *n_s, *xt_s, *out_s, *frame_s,
+            DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
+            ALIGNED=W % 4 == 0, KP=_pow2(k), HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
+            **_spectral_launch_options(HP, WP), **common)
+        return
     kernels.spectral_kernel[spectral_grid(B * F)](
         x0_arg, noise_arg, x_t_arg, out, timesteps, coef, axes, stream,
         weights if weights is not None else coef, cos_h, sin_h, cos_w, sin_w, scratch,
         H, W, coef.shape[0], float(gammas[0]), gamma1,
-        *x0_s, *n_s, *xt_s, *out_s, *frame_s,
+        *x0_s, *n_s, *xt_s, *out_s, *frame_s, float(perturb),
         DRAWS=len(gammas), FILTER=weights is not None, NORMALIZE=normalize == 1,
-        ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(),
+        ALIGNED=W % 4 == 0, HP=HP, WP=WP, DFT_BLOCK=_dft_block(), PERTURB=perturb != 0,
         **_spectral_launch_options(HP, WP), **common)
 
 
@@ -341,9 +361,8 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axe
         raise TypeError(f"x0: expected float32, float16 or bfloat16, got {x0.dtype}")
     if target not in (0, 1, 2, 3):
         raise ValueError("target: expected 0..3")
-    if perturb != 0.0:
-        raise ValueError("input_perturbation: the Triton kernels do not implement it yet; use backend='cpu' "
-                         "or 'reference' (backend='auto' skips Triton for it)")
+    if not (math.isfinite(perturb) and perturb >= 0):
+        raise ValueError(f"perturb: expected a finite value >= 0, got {perturb}")
     B, C, F, H, W = _split(x0.shape)
     _check_problem(B, C, H, W, x0.device, timesteps, coef, axes, weights, gammas, variant, normalize,
                    stream, noise, F if x0.dim() == 5 else None)
@@ -351,7 +370,7 @@ def add_noise(x0: torch.Tensor, timesteps: torch.Tensor, coef: torch.Tensor, axe
     if x0.numel() > 0:
         with _device_guard(x0.device):
             _launch(tuple(x0.shape), x0, x_t, out, timesteps, coef, axes, weights, gammas, variant, normalize,
-                    target, stream, noise)
+                    target, stream, noise, perturb)
     return x_t, out
 
 
