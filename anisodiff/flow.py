@@ -136,7 +136,9 @@ def check_sigmas(sigmas, batch: int, device: torch.device, required: bool) -> to
             raise ValueError("timesteps: required; on a flow-matching schedule this is sigma in [0, 1] per "
                              "sample")
         return None
-    s = torch.as_tensor(sigmas).detach()
+    s = sigmas.detach() if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas)
+    if not isinstance(sigmas, torch.Tensor) and s.is_floating_point():
+        s = torch.as_tensor(sigmas, dtype=torch.float64)  # Python floats keep their 53 bits
     if not s.is_floating_point():
         raise TypeError(
             f"timesteps: on a flow-matching schedule this is sigma in [0, 1] per sample (float), got {s.dtype}: "

@@ -186,6 +186,21 @@ def test_profile_derivative_is_the_slope(schedule):
     assert (d > 0).all()
 
 
+def test_covariance_at_a_sigma():
+    """covariance(..., timesteps=sigma, schedule=flow) is the squeeze frozen at s tau(sigma)."""
+    pl = ad.PowerLaw(-0.2)
+    spec = ad.NoiseSpec(ad.Squeeze(V3, 0.8, schedule="linear"), pl)
+    frozen = ad.NoiseSpec(ad.Squeeze(V3, 0.8 * 0.3, schedule="constant"), pl)
+    torch.testing.assert_close(ad.covariance(spec, (3, 4, 4), timesteps=0.3, schedule=FLOW),
+                               ad.covariance(frozen, (3, 4, 4)), rtol=1e-12, atol=1e-12)
+    both = ad.covariance(spec, (3, 4, 4), timesteps=torch.tensor([0.3, 1.0], dtype=torch.float64), schedule=FLOW)
+    torch.testing.assert_close(both[0], ad.covariance(frozen, (3, 4, 4)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="timesteps"):
+        ad.covariance(spec, (3, 4, 4), timesteps=torch.tensor([1]), schedule=FLOW)
+    with pytest.raises(ValueError, match="timesteps: required"):
+        ad.covariance(spec, (3, 4, 4), schedule=FLOW)
+
+
 @requires_compiled
 @pytest.mark.parametrize("schedule,sigma", [("beta", 0.5), ("beta", 0.95), ("linear", 0.6)])
 def test_kernel_noise_has_the_profiles_variance(schedule, sigma):
