@@ -580,6 +580,8 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
             emu.trace_enable(True)
             plan = run(case, 1)
             emu.trace_enable(False)
+            for old in lib.parent.glob("*.gcda"):  # gcov merges a dump into existing files: start empty,
+                old.unlink()                       # so the counts are this case's alone
             emu.coverage_dump()
             executed = _executed_lines(lib.parent, t0)
             ids, vals = emu.trace_report()
