@@ -17,8 +17,9 @@ from typing import Sequence
 import torch
 
 from . import reference
-from ._autoselect import spec_kind
+from ._autoselect import missing_features, spec_kind
 from ._ext import has_compiled_ops, require_backend
+from .flow import FlowSchedule, as_flow_schedule, check_flow_target, check_sigmas, flow_kernel_args, is_flow_schedule
 from .op_support import register_compiled_ops
 from .plan import TARGET_CODES, kernel_args
 from .rng import check_offset, check_seed, stream_tensor
@@ -51,11 +52,54 @@ def _check_sizes(shape, name: str = "shape") -> tuple[int, ...]:
     return dims
 
 
-def _check_shape(shape) -> tuple[int, int, int, int]:
+def _check_shape(shape) -> tuple[int, ...]:
     dims = _check_sizes(shape)
-    if len(dims) != 4:
-        raise ValueError(f"shape: expected [B, C, H, W] (4 sizes), got {list(dims)}")
+    if len(dims) not in (4, 5):
+        raise ValueError(f"shape: expected [B, C, H, W] or a video [B, C, F, H, W] (4 or 5 sizes), got "
+                         f"{list(dims)}")
     return dims
+
+
+def _check_data_dims(t: torch.Tensor, name: str) -> None:
+    if t.dim() not in (4, 5):
+        raise ValueError(f"{name}: expected a 4-D [B, C, H, W] or 5-D video [B, C, F, H, W] tensor, got "
+                         f"shape {list(t.shape)}")
+
+
+def _plane(dims) -> tuple[int, int, int]:
+    """(C, H, W) of [B, C, H, W] or [B, C, F, H, W]: what the backend limits are about."""
+    return dims[1], dims[-2], dims[-1]
+
+
+def _needs(dims, perturb: float = 0.0) -> tuple[str, ...]:
+    """The features (anisodiff._autoselect.FEATURES) of a call on data of shape ``dims``."""
+    needs = []
+    if len(dims) == 5 and dims[2] > 1:
+        needs.append("frames")
+    if perturb > 0:
+        needs.append("perturb")
+    return tuple(needs)
+
+
+def _backend_for(backend: str, device, spec: NoiseSpec, dims, perturb: float, name: str) -> str:
+    """require_backend, plus a clear error when the named backend lacks a feature of the call."""
+    needs = _needs(dims, perturb)
+    chosen = require_backend(backend, device, spec_kind(spec), _plane(dims), needs)
+    missing = missing_features(chosen, needs)
+    if missing:
+        arg = "input_perturbation" if "perturb" in missing else name
+        what = {"frames": f"video tensors with F > 1 (got shape {list(dims)})",
+                "perturb": "input perturbation"}
+        raise ValueError(f"{arg}: the {chosen} backend does not implement "
+                         f"{' or '.join(what[m] for m in missing)} yet; use backend='auto', 'cpu' or "
+                         "'reference'")
+    return chosen
+
+
+def _check_perturbation(gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"input_perturbation: expected a finite number >= 0, got {brief(gamma)}")
+    return float(gamma)
 
 
 def _check_dtype(dtype, backend: str) -> torch.dtype:
@@ -83,6 +127,8 @@ def _check_schedule(schedule, required: bool):
             raise ValueError("schedule: add_noise needs a schedule (anisodiff.VPSchedule or a "
                              "diffusers scheduler)")
         return None
+    if is_flow_schedule(schedule):  # flow matching: timesteps are float sigmas (anisodiff/flow.py)
+        return as_flow_schedule(schedule)
     if isinstance(schedule, VPSchedule) or (hasattr(schedule, "betas") and hasattr(schedule, "alphas_cumprod")):
         return schedule  # converted (and validated) once, in the cached lowering
     raise TypeError("schedule: expected anisodiff.VPSchedule or a diffusers scheduler with `betas` "
@@ -165,6 +211,24 @@ def _library(backend: str):
     return torch.ops.anisodiff
 
 
+def _rows(spec: NoiseSpec, schedule, timesteps, B: int, C: int, H: int, W: int, device, required: bool):
+    """(KernelArgs, each sample's row of its coefficient table): the cached per-timestep table, or
+    for a flow-matching schedule a per-call table of the float sigmas (anisodiff/flow.py)."""
+    if isinstance(schedule, FlowSchedule):
+        return flow_kernel_args(spec, schedule, timesteps, B, C, H, W, device, required)
+    args = _lowered(spec, schedule, int(C), int(H), int(W), device)
+    return args, _check_timesteps(timesteps, B, args.num_timesteps, device, required)
+
+
+def _reference_rows(spec: NoiseSpec, schedule, timesteps, B: int, device, required: bool):
+    """(schedule, timesteps on the CPU or None) for reference.py: int timesteps of a VP schedule, or
+    the float64 sigmas of a flow-matching schedule."""
+    if isinstance(schedule, FlowSchedule):
+        return schedule, check_sigmas(timesteps, B, torch.device("cpu"), required)
+    ts = _check_timesteps(timesteps, B, _num_rows(spec, schedule), device, required)
+    return as_schedule(schedule), (ts.cpu() if timesteps is not None else None)
+
+
 def _num_rows(spec: NoiseSpec, schedule) -> int:
     """Rows of the coefficient table, for the reference backend (which builds no table)."""
     if schedule is not None:
@@ -210,7 +274,8 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
     """``A(t) eps`` for caller-supplied white noise ``eps``.
 
     Args:
-        eps: white noise ``[B, C, H, W]`` (``[2, B, C, H, W]`` for an independent two-band spec).
+        eps: white noise ``[B, C, H, W]`` or a video ``[B, C, F, H, W]`` (with a leading draw dim of
+            2 for an independent two-band spec).
             Non-finite values spread to the whole plane (the spatial filter mixes every pixel of
             a plane) and, on the CPU kernel, to the plane filtered alongside it in the same sample.
         spec: the :class:`NoiseSpec`.
@@ -223,9 +288,9 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
     if not isinstance(eps, torch.Tensor):
         raise TypeError(f"eps: expected a torch.Tensor, got {type(eps).__name__}")
     shape = eps.shape if spec.draws == 1 else eps.shape[1:]
-    if len(shape) != 4:
+    if len(shape) not in (4, 5):
         lead = " with a leading draw dim of 2" if spec.draws > 1 else ""
-        raise ValueError(f"eps: expected [B, C, H, W]{lead}, got shape {list(eps.shape)}")
+        raise ValueError(f"eps: expected [B, C, H, W] or [B, C, F, H, W]{lead}, got shape {list(eps.shape)}")
     return _shaped(tuple(shape), spec, timesteps, schedule, None, None, 0, eps.device, eps.dtype,
                    backend, eps, "eps")
 
@@ -233,10 +298,11 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, *, timesteps=None, schedu
 def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, schedule=None, seed=None,
                  generator: torch.Generator | None = None, offset: int = 0, device=None, dtype=None,
                  backend: str = "auto") -> torch.Tensor:
-    """Draw shaped noise ``n = A(t) eps`` of ``shape = [B, C, H, W]``.
+    """Draw shaped noise ``n = A(t) eps`` of ``shape = [B, C, H, W]`` or ``[B, C, F, H, W]``.
 
     Args:
-        shape: ``[B, C, H, W]``.
+        shape: ``[B, C, H, W]``, or ``[B, C, F, H, W]`` for video: the squeeze acts on C, the spatial
+            filter and per-sample normalisation on each H x W frame (docs/design.md section 6).
         spec: the :class:`NoiseSpec`.
         timesteps: ``[B]`` integer timesteps (or a scalar); required when the squeeze varies with t,
             ignored when nothing depends on t.
@@ -258,42 +324,41 @@ def shaped_noise(shape: Sequence[int], spec: NoiseSpec, *, timesteps=None, sched
 
 def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset, device, dtype,
             backend: str, noise, noise_name: str) -> torch.Tensor:
-    B, C, H, W = dims
+    B, (C, H, W) = dims[0], _plane(dims)
     _check_channels(spec, C, "shape" if noise is None else noise_name)
-    backend = require_backend(backend, device, spec_kind(spec), (C, H, W))
+    backend = _backend_for(backend, device, spec, dims, 0.0, "shape" if noise is None else noise_name)
     schedule = _check_schedule(schedule, required=False)
     if noise is not None:
         noise = _check_noise(noise, spec, dims, device, backend, noise_name)
     dtype = _check_dtype(dtype, backend)
     stream = _stream(seed, generator, offset, noise, device)
-    if B * C * H * W == 0:
+    if math.prod(dims) == 0:
         return torch.empty(dims, device=device, dtype=dtype)
     if backend == "reference":
-        ts = _check_timesteps(timesteps, B, _num_rows(spec, schedule), device, spec.time_varying)
-        t_ref = ts.cpu() if timesteps is not None else None
-        sched = as_schedule(schedule)
+        sched, t_ref = _reference_rows(spec, schedule, timesteps, B, device, spec.time_varying)
         if noise is not None:
             return reference.apply_operator(noise, spec, t_ref, sched).to(device, dtype)
         seed_v, offset_v = (int(v) for v in stream)
         return reference.shaped_noise(dims, spec, t_ref, sched, seed=seed_v, offset=offset_v,
                                       device=device, dtype=dtype)
-    args = _lowered(spec, schedule, int(C), int(H), int(W), device)
-    ts = _check_timesteps(timesteps, B, args.num_timesteps, device, spec.time_varying)
+    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, device, spec.time_varying)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return _library(backend).shaped_noise(
-        [B, C, H, W], ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
+        list(dims), ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
         args.normalize, stream, packed, dtype)
 
 
 def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed=None,
               generator: torch.Generator | None = None, offset: int = 0, target: str = "epsilon",
+              input_perturbation: float = 0.0,
               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The fused forward process: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) A(t) eps``.
 
     Args:
-        x0: clean data ``[B, C, H, W]`` (float32/float16/bfloat16; math in float32). Any strides,
-            channels_last included; outputs keep x0's memory format. NaN/Inf in x0 stay in their
-            own elements.
+        x0: clean data ``[B, C, H, W]`` or a video ``[B, C, F, H, W]`` (float32/float16/bfloat16;
+            math in float32). Any strides, channels_last / channels_last_3d included; outputs keep
+            x0's memory format. NaN/Inf in x0 stay in their own elements. Video: the squeeze acts
+            on C, the spatial filter on each H x W frame (docs/design.md section 6).
         timesteps: ``[B]`` integer timesteps in ``[0, T)`` (or a scalar).
         spec: the :class:`NoiseSpec`.
         schedule: a :class:`VPSchedule` or a diffusers scheduler (``betas``/``alphas_cumprod``).
@@ -304,6 +369,9 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
         target: ``"epsilon"`` (the shaped noise, what both papers train on), ``"v"``
             (``a n - b x0``), ``"x0"`` or ``"flow"`` (``n - x0``; the flow-matching velocity when
             the schedule is a flow path).
+        input_perturbation: gamma >= 0 (DDPM-IP, diffusers' ``--input_perturbation``): x_t gets
+            ``n + gamma n'`` with ``n' = A(t) eps'`` a second draw of the same stream (also when
+            ``noise`` is given), the target is computed from n alone (docs/design.md section 7).
         backend: "auto" (the fastest available for x0's device and the spec, see
             :mod:`anisodiff._autoselect`), "cpu", "cuda", "triton" or "reference".
     Returns ``(x_t, target)`` in x0's dtype.
@@ -311,52 +379,63 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
     spec = _check_spec(spec)
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0: expected a torch.Tensor, got {type(x0).__name__}")
-    if x0.dim() != 4:
-        raise ValueError(f"x0: expected a 4-D [B, C, H, W] tensor, got shape {list(x0.shape)}")
-    B, C, H, W = x0.shape
-    backend = require_backend(backend, x0.device, spec_kind(spec), (C, H, W))
+    _check_data_dims(x0, "x0")
+    gamma = _check_perturbation(input_perturbation)
+    B, (C, H, W) = x0.shape[0], _plane(x0.shape)
+    backend = _backend_for(backend, x0.device, spec, tuple(x0.shape), gamma, "x0")
     _check_float_tensor(x0, "x0", backend)
     schedule = _check_schedule(schedule, required=True)
     _check_channels(spec, C, "x0")
     code = _check_target(target)
+    if isinstance(schedule, FlowSchedule):
+        check_flow_target(target)
     if noise is not None:
         noise = _check_noise(noise, spec, x0.shape, x0.device, backend)
-    stream = _stream(seed, generator, offset, noise, x0.device)
+    # the perturbation eps' always comes from the stream, also when the caller gives eps
+    stream = _stream(seed, generator, offset, noise if gamma == 0 else None, x0.device)
     if backend == "reference":
-        sched = as_schedule(schedule)
-        ts = _check_timesteps(timesteps, B, sched.num_train_timesteps, x0.device, True)
+        sched, ts = _reference_rows(spec, schedule, timesteps, B, x0.device, True)
         seed_v, offset_v = (int(v) for v in stream)
-        return reference.add_noise(x0, ts.cpu(), spec, sched, noise=noise, seed=seed_v,
-                                   offset=offset_v, target=target)
+        return reference.add_noise(x0, ts, spec, sched, noise=noise, seed=seed_v,
+                                   offset=offset_v, target=target, input_perturbation=gamma)
     if x0.numel() == 0:
         return torch.empty_like(x0), torch.empty_like(x0)
-    args = _lowered(spec, schedule, int(C), int(H), int(W), x0.device)
-    ts = _check_timesteps(timesteps, B, args.num_timesteps, x0.device, True)
+    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, x0.device, True)
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return _library(backend).add_noise(
         x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
-        args.normalize, code, stream, packed)
+        args.normalize, code, stream, packed, gamma)
 
 
 def covariance(spec: NoiseSpec, shape: Sequence[int], *, timesteps=None, schedule=None) -> torch.Tensor:
     """Dense analytic covariance ``Sigma = A(t) A(t)^T`` (float64) of one flattened noise sample of
-    shape ``[C, H, W]`` (a leading B in ``shape`` is ignored): ``[N, N]`` with ``N = C H W``, or
-    ``[B, N, N]`` for a 1-D tensor of timesteps. For small shapes (tests, teaching)."""
+    shape ``[C, H, W]`` (a leading B in ``shape`` is ignored), or of one ``[C, F, H, W]`` video
+    sample for ``shape = [B, C, F, H, W]`` (frames independent: ``S S^T (x) I_F (x) Sigma_w``):
+    ``[N, N]`` with ``N = C H W`` (``C F H W``), or ``[B, N, N]`` for a 1-D tensor of timesteps.
+    For small shapes (tests, teaching)."""
     spec = _check_spec(spec)
     dims = _check_sizes(shape)
-    if len(dims) not in (3, 4) or any(s <= 0 for s in dims):
-        raise ValueError(f"shape: expected positive [C, H, W] or [B, C, H, W], got {list(dims)}")
-    n = math.prod(dims[-3:])
+    if len(dims) not in (3, 4, 5) or any(s <= 0 for s in dims):
+        raise ValueError(f"shape: expected positive [C, H, W], [B, C, H, W] or [B, C, F, H, W], got "
+                         f"{list(dims)}")
+    n = math.prod(dims[-4:]) if len(dims) == 5 else math.prod(dims[-3:])
     if n > 4096:
-        raise ValueError(f"shape: C*H*W = {n} is too large for a dense covariance (max 4096)")
-    _check_channels(spec, dims[-3], "shape")
-    schedule = as_schedule(_check_schedule(schedule, required=False))
+        raise ValueError(f"shape: {'C*F*H*W' if len(dims) == 5 else 'C*H*W'} = {n} is too large for a "
+                         "dense covariance (max 4096)")
+    _check_channels(spec, dims[1] if len(dims) == 5 else dims[-3], "shape")
+    schedule = _check_schedule(schedule, required=False)
+    if not isinstance(schedule, FlowSchedule):
+        schedule = as_schedule(schedule)
     if timesteps is not None:
         t = torch.as_tensor(timesteps)
         if t.dim() > 1:
             raise ValueError(f"timesteps: expected a scalar or a 1-D tensor, got shape {tuple(t.shape)}")
-        # the same integer and range checks as the noise ops ([0, T) where the noise depends on t)
-        _check_timesteps(t, max(1, t.numel()), _num_rows(spec, schedule), torch.device("cpu"), False)
+        if isinstance(schedule, FlowSchedule):  # float sigmas in [0, 1] (anisodiff/flow.py)
+            check_sigmas(t.reshape(-1), t.numel(), torch.device("cpu"), False)
+            if not isinstance(timesteps, torch.Tensor):
+                timesteps = torch.as_tensor(timesteps, dtype=torch.float64)  # (not via float32)
+        else:  # the same integer and range checks as the noise ops ([0, T) where the noise depends on t)
+            _check_timesteps(t, max(1, t.numel()), _num_rows(spec, schedule), torch.device("cpu"), False)
     elif spec.time_varying:
         raise ValueError("timesteps: required, the squeeze strength varies with t")
     return reference.covariance(spec, dims, timesteps, schedule)

@@ -26,8 +26,9 @@ __all__ = [
     "philox4x32_10", "uint32_to_uniform", "box_muller", "randn4x", "white_noise",
     "radius", "spectral_weights", "calibration", "filter_planes", "spatial_noise",
     "squeeze_profile", "squeeze_strengths", "squeeze_matrices", "apply_operator",
-    "shaped_noise", "add_noise", "covariance", "TARGETS",
+    "shaped_noise", "add_noise", "perturbation_noise", "covariance", "TARGETS",
     "pyramid_noise_like",
+    "mixing_coefficients", "is_flow", "flow_squeeze_profile", "flow_velocity", "flow_euler_step",
 ]
 
 TARGETS = ("epsilon", "v", "x0", "flow")
@@ -299,6 +300,8 @@ def squeeze_strengths(squeeze: Squeeze, timesteps, schedule) -> torch.Tensor:
     if squeeze.is_identity:  # s = 0: r = 0 at every t, no profile (or schedule) needed, as in the kernels
         n = 1 if timesteps is None else torch.as_tensor(timesteps).reshape(-1).numel()
         return torch.zeros(n, squeeze.k, dtype=torch.float64)
+    if is_flow(schedule):  # flow matching: ``timesteps`` are the float sigmas (section 6 below)
+        return flow_squeeze_strengths(squeeze, timesteps, schedule)
     tau = squeeze_profile(squeeze, schedule)
     s = torch.tensor(squeeze.strength, dtype=torch.float64)
     if timesteps is None:
@@ -333,14 +336,21 @@ def squeeze_matrices(squeeze: Squeeze, r: torch.Tensor) -> torch.Tensor:
 # 4. The ops
 # ---------------------------------------------------------------------------------------------
 def _as_draws(eps: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
+    """``[D, B, C, H, W]`` or ``[D, B, C, F, H, W]`` (video: docs/design.md section 6)."""
     if spec.draws == 1:
-        if eps.dim() != 4:
-            raise ValueError(f"eps: expected [B, C, H, W], got shape {tuple(eps.shape)}")
+        if eps.dim() not in (4, 5):
+            raise ValueError(f"eps: expected [B, C, H, W] or [B, C, F, H, W], got shape {tuple(eps.shape)}")
         return eps[None]
-    if eps.dim() != 5 or eps.shape[0] != spec.draws:
+    if eps.dim() not in (5, 6) or eps.shape[0] != spec.draws:
         raise ValueError(f"eps: an independent two-band spec consumes two white draws, expected "
-                         f"[2, B, C, H, W], got shape {tuple(eps.shape)}")
+                         f"[2, B, C, H, W] or [2, B, C, F, H, W], got shape {tuple(eps.shape)}")
     return eps
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``[B]`` vector shaped to broadcast over ``like`` (``[B, C, H, W]`` or
+    ``[B, C, F, H, W]``)."""
+    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like.device)
 
 
 def _apply(eps: torch.Tensor, spec: NoiseSpec, timesteps, schedule) -> torch.Tensor:
@@ -355,7 +365,7 @@ def _apply(eps: torch.Tensor, spec: NoiseSpec, timesteps, schedule) -> torch.Ten
         S = squeeze_matrices(sq, r).to(n.device)
         if S.shape[0] == 1:
             S = S.expand(n.shape[0], -1, -1)
-        n = torch.einsum("bij,bjhw->bihw", S, n)
+        n = torch.einsum("bij,bj...->bi...", S, n)  # per pixel (and frame): the squeeze acts on C
     return n
 
 
@@ -365,9 +375,20 @@ def apply_operator(eps: torch.Tensor, spec: NoiseSpec, timesteps=None, schedule=
     return _apply(eps, spec, timesteps, schedule).to(eps.dtype)
 
 
-def _white_draws(shape, spec: NoiseSpec, seed: int, offset: int, device=None) -> torch.Tensor:
-    return torch.stack([white_noise(shape, seed, offset, draw=d, device=device)
+def _white_draws(shape, spec: NoiseSpec, seed: int, offset: int, device=None,
+                 first_draw: int = 0) -> torch.Tensor:
+    """The spec's white draws ``[D, *shape]``: draw d is counter word 2 = first_draw + d."""
+    return torch.stack([white_noise(shape, seed, offset, draw=first_draw + d, device=device)
                         for d in range(spec.draws)])
+
+
+def perturbation_noise(shape, spec: NoiseSpec, timesteps, schedule, *, seed: int, offset: int,
+                       device=None) -> torch.Tensor:
+    """The input perturbation ``n' = A(t) eps'`` (DDPM-IP, docs/design.md section 7), float64: the
+    same operator as the noise, on the white draws ``eps'_d`` of the same stream ``(seed, offset)``
+    and layout with counter word 2 = ``spec.draws + d``."""
+    draws = _white_draws(shape, spec, seed, offset, device, first_draw=spec.draws)
+    return _apply(draws if spec.draws > 1 else draws[0], spec, timesteps, schedule)
 
 
 def shaped_noise(shape, spec: NoiseSpec, timesteps=None, schedule=None, *, seed: int = 0,
@@ -378,31 +399,51 @@ def shaped_noise(shape, spec: NoiseSpec, timesteps=None, schedule=None, *, seed:
     return _apply(draws if spec.draws > 1 else draws[0], spec, timesteps, schedule).to(dtype)
 
 
+def mixing_coefficients(schedule, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a [B], b [B])`` of ``x_t = a x0 + b n`` (float64): ``sqrt(abar_t)``, ``sqrt(1 - abar_t)``
+    for integer timesteps of a VP schedule; ``1 - sigma``, ``sigma`` for the float sigmas of a flow
+    schedule (rectified flow, section 6 below)."""
+    if is_flow(schedule):
+        sigma = flow_sigmas(timesteps)
+        return 1.0 - sigma, sigma
+    t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+    ac = schedule.alphas_cumprod[t].double()
+    return ac.sqrt(), (1.0 - ac).sqrt()
+
+
 def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed: int = 0,
-              offset: int = 0, target: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) n`` and the training target:
-    ``"epsilon"``: n; ``"v"``: ``a n - b x0``; ``"x0"``: x0; ``"flow"``: ``n - x0``.
-    ``noise`` is WHITE noise (it is shaped here); by default it comes from the stream."""
+              offset: int = 0, target: str = "epsilon",
+              input_perturbation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_t = a x0 + b (n + gamma n')`` (:func:`mixing_coefficients`: ``sqrt(abar_t)``,
+    ``sqrt(1 - abar_t)``; on a flow schedule ``1 - sigma``, ``sigma``) and the training target, from n
+    alone: ``"epsilon"``: n; ``"v"``: ``a n - b x0``; ``"x0"``: x0; ``"flow"``: ``n - x0``.
+    ``noise`` is WHITE noise (it is shaped here); by default it comes from the stream.
+    ``input_perturbation`` gamma (DDPM-IP): ``n'`` is :func:`perturbation_noise` of the stream
+    ``(seed, offset)``, also when ``noise`` is given; gamma = 0 adds nothing."""
     if target not in TARGETS:
         raise ValueError(f"target: must be one of {list(TARGETS)}, got {target!r}")
     if noise is None:
         noise = _white_draws(x0.shape, spec, seed, offset, x0.device)
         noise = noise if spec.draws > 1 else noise[0]
     n = _apply(noise, spec, timesteps, schedule)
-    t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
-    ac = schedule.alphas_cumprod[t]
-    a = ac.double().sqrt().to(x0.device)[:, None, None, None]
-    b = (1.0 - ac).double().sqrt().to(x0.device)[:, None, None, None]
+    a, b = (_per_sample(c, x0) for c in mixing_coefficients(schedule, timesteps))
     x = x0.double()
-    x_t = a * x + b * n
+    n_in = n
+    if input_perturbation != 0:
+        n_in = n + input_perturbation * perturbation_noise(x0.shape, spec, timesteps, schedule, seed=seed,
+                                                           offset=offset, device=x0.device)
+    x_t = a * x + b * n_in
     tgt = {"epsilon": lambda: n, "v": lambda: a * n - b * x,
            "x0": lambda: x, "flow": lambda: n - x}[target]()
     return x_t.to(x0.dtype), tgt.to(x0.dtype)
 
 
 def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.Tensor:
-    """Dense ``Sigma = A A^T`` (float64) of one flattened ``[C, H, W]`` noise sample:
-    ``[N, N]`` for a scalar/None timestep, ``[B, N, N]`` for a 1-D tensor of timesteps.
+    """Dense ``Sigma = A A^T`` (float64) of one flattened ``[C, H, W]`` noise sample (``shape`` is
+    ``[C, H, W]`` or ``[B, C, H, W]``), or of one ``[C, F, H, W]`` video sample when ``shape`` is
+    ``[B, C, F, H, W]``: ``Sigma = S S^T (x) I_F (x) Sigma_w`` (frames are independent, each
+    filtered alone). ``[N, N]`` for a scalar/None timestep, ``[B, N, N]`` for a 1-D tensor of
+    timesteps.
 
     Defined for the linear normalisations ("calibrated", "none"); per-sample normalisation makes
     the noise non-Gaussian, so it has no covariance in closed form.
@@ -411,11 +452,16 @@ def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.T
         raise ValueError("spec.normalize: 'per_sample' normalisation is not linear; covariance() "
                          "is defined for 'calibrated' and 'none'")
     C, H, W = (tuple(shape)[-3:])
+    frames = 1
+    if len(tuple(shape)) == 5:
+        C, frames = tuple(shape)[1:3]
     HW = H * W
     basis = torch.eye(HW, dtype=torch.float64).reshape(HW, 1, H, W)
     spatial = []  # per draw: (gamma, T) with T the HW x HW filter, column j = response to pixel j
     for w, gamma in spatial_stages(spec, H, W) or [(None, 1.0)]:
         T = torch.eye(HW, dtype=torch.float64) if w is None else filter_planes(basis, w).reshape(HW, HW).T
+        if frames > 1:
+            T = torch.kron(torch.eye(frames, dtype=torch.float64), T.contiguous())
         spatial.append((gamma, T))
     batched = timesteps is not None and torch.as_tensor(timesteps).dim() == 1
     ts = torch.as_tensor(timesteps).reshape(-1) if timesteps is not None else None
@@ -471,7 +517,7 @@ def channel_matrix(spec: NoiseSpec, e_perp: torch.Tensor, e_axes: torch.Tensor, 
 
 
 def _channels(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bij,bjhw->bihw", M.to(x.device), x)
+    return torch.einsum("bij,bj...->bi...", M.to(x.device), x)
 
 
 def _spatial_spec(spec: NoiseSpec) -> NoiseSpec:
@@ -493,8 +539,7 @@ def _step_inputs(model_output, timestep, sample, schedule, prev_timestep):
     prev = t - 1 if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B)
     ab_t, ab_p = _alphas(schedule, t, B), _alphas(schedule, prev, B)
     x, eps_hat = sample.double(), model_output.double()
-    view = (-1, 1, 1, 1)
-    x0_hat = (x - (1 - ab_t).sqrt().view(view).to(x.device) * eps_hat) / ab_t.sqrt().view(view).to(x.device)
+    x0_hat = (x - _per_sample((1 - ab_t).sqrt(), x) * eps_hat) / _per_sample(ab_t.sqrt(), x)
     return t, prev, ab_t, ab_p, x, eps_hat, x0_hat
 
 
@@ -578,7 +623,6 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
     t, prev, ab_t, ab_p, x, eps_hat, x0_hat = _step_inputs(model_output, timestep, sample, schedule,
                                                            prev_timestep)
     alpha = ab_t / ab_p
-    view = (-1, 1, 1, 1)
     if clip_sample:
         x0_hat = x0_hat.clamp(-clip_range, clip_range)
     lt_perp, lt_axes = squeeze_eigenvalues(spec, t, schedule, B)
@@ -593,7 +637,7 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
 
     d_perp, sd_perp = per_direction(lt_perp, lp_perp)
     d_axes, sd_axes = per_direction(lt_axes, lp_axes)
-    x_prev = (ab_p.sqrt().view(view).to(x.device) * x0_hat
+    x_prev = (_per_sample(ab_p.sqrt(), x) * x0_hat
               + _channels(channel_matrix(spec, d_perp, d_axes, C), eps_hat))
     if eta > 0 and noise is not None:
         spatial = _apply(noise, _spatial_spec(spec), None, None)
@@ -616,7 +660,8 @@ def spatial_power(spec: NoiseSpec, H: int, W: int) -> torch.Tensor:
 def score(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: NoiseSpec, schedule) -> torch.Tensor:
     """``grad log q_t(x_t) = -Sigma_t^+ eps_hat / sqrt(1 - abar_t)``, ``Sigma_t = S(t)^2 (x) Sigma_w``,
     with the pseudo-inverse on zero bands (``1 / P(f)`` where ``P > 0``, else 0)."""
-    B, C, H, W = sample.shape
+    B, C = sample.shape[:2]
+    H, W = sample.shape[-2:]
     t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
     b_t = (1 - _alphas(schedule, t, B)).sqrt()
     l_perp, l_axes = squeeze_eigenvalues(spec, t, schedule, B)
@@ -624,4 +669,139 @@ def score(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: Nois
     P_inv = torch.where(P > 0, 1.0 / P.clamp_min(1e-300), torch.zeros_like(P)).to(sample.device)
     e = filter_planes(model_output.double(), P_inv)
     e = _channels(channel_matrix(spec, l_perp**-2, l_axes**-2, C), e)
-    return (-e / b_t.view(-1, 1, 1, 1).to(e.device)).to(sample.dtype)
+    return (-e / _per_sample(b_t, e)).to(sample.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Flow matching (rectified flow, SD3 / Flux; docs/design.md, "Flow matching")
+#
+# x_sigma = (1 - sigma) x0 + sigma n with n = A(sigma) eps and a float sigma in [0, 1] per sample.
+# A schedule object with ``path == "flow"`` (anisodiff.flow.FlowSchedule) marks the ``timesteps``
+# of the functions above as sigmas. A time-varying squeeze reads r_k = s_k tau(sigma), tau a
+# piecewise-linear function given by knots (u_i, tau_i) in a coordinate u(sigma):
+#   "constant": tau = 1;  "linear": tau = sigma;  a table of T values: tau_i at sigma = i / (T - 1);
+#   "beta": the SDM profile beta_t / beta_max of a reference VP schedule, at the VP timestep of the
+#   same signal-to-noise ratio: u = -log SNR, u(sigma) = log(sigma^2 / (1 - sigma)^2) and
+#   u_t = log((1 - abar_t) / abar_t); outside the knots tau is held at the end values.
+# ---------------------------------------------------------------------------------------------
+def is_flow(schedule) -> bool:
+    """True for a flow-matching schedule (``schedule.path == "flow"``)."""
+    return getattr(schedule, "path", None) == "flow"
+
+
+def flow_sigmas(sigmas) -> torch.Tensor:
+    """The per-sample sigmas as a float64 ``[B]`` tensor (a ``[B, 1, ..., 1]`` view is flattened)."""
+    if not isinstance(sigmas, torch.Tensor):  # Python floats: straight to float64
+        return torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+    return sigmas.detach().reshape(-1).double()
+
+
+def flow_profile_knots(squeeze: Squeeze, reference_vp) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(u_knots, tau_knots, snr_coordinate)``: tau(sigma) of ``squeeze`` on a flow path as knots
+    of a piecewise-linear function (float64, CPU), in u = sigma or, for the ``"beta"`` profile,
+    in u = -log SNR (``snr_coordinate`` True). ``reference_vp``: the VP schedule whose
+    ``beta_t / beta_max`` the "beta" profile carries over."""
+    prof = squeeze.schedule
+    if isinstance(prof, str) and prof == "constant":
+        return torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), False
+    if isinstance(prof, str) and prof == "linear":
+        return torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64), False
+    if isinstance(prof, str):  # "beta"
+        ac = reference_vp.alphas_cumprod.double()
+        betas = reference_vp.betas.double()
+        return torch.log1p(-ac) - torch.log(ac), betas / betas.max(), True
+    table = prof.double()
+    return torch.linspace(0.0, 1.0, table.numel(), dtype=torch.float64), table, False
+
+
+def interpolate_knots(u: torch.Tensor, u_knots: torch.Tensor, v_knots: torch.Tensor):
+    """``(v(u), dv/du)`` of the piecewise-linear function through the knots (increasing ``u_knots``),
+    held constant (slope 0) outside them; NaN stays NaN. Works on any device and dtype."""
+    if u_knots.numel() == 1:
+        return v_knots[:1] + 0.0 * u, torch.zeros_like(u)
+    lo, hi = u_knots[:1], u_knots[-1:]  # (slices, not items: torch.compile guards items of constants)
+    uc = torch.minimum(torch.maximum(u, lo), hi)
+    i = (torch.searchsorted(u_knots, uc.contiguous(), right=True) - 1).clamp(0, u_knots.numel() - 2)
+    u0, v0 = u_knots[i], v_knots[i]
+    slope = (v_knots[i + 1] - v0) / (u_knots[i + 1] - u0)
+    inside = (u > lo) & (u < hi)
+    return v0 + slope * (uc - u0), torch.where(inside, slope, torch.zeros_like(slope))
+
+
+def flow_squeeze_profile(squeeze: Squeeze, sigmas, reference_vp) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tau(sigma), dtau/dsigma)`` (float64, the sigmas' device) of ``squeeze`` on a flow path
+    (see the section comment)."""
+    s = torch.as_tensor(sigmas).double()
+    u_knots, tau_knots, snr = flow_profile_knots(squeeze, reference_vp)
+    u_knots, tau_knots = u_knots.to(s.device), tau_knots.to(s.device)
+    if snr:
+        u = 2.0 * (torch.log(s) - torch.log1p(-s))
+        tau, slope = interpolate_knots(u, u_knots, tau_knots)
+        du = 2.0 / (s * (1.0 - s))  # finite wherever the slope is not 0 (0 < sigma < 1)
+        return tau, torch.where(slope == 0, torch.zeros_like(slope), slope * du)
+    return interpolate_knots(s, u_knots, tau_knots)
+
+
+def flow_squeeze_strengths(squeeze: Squeeze, sigmas, schedule) -> torch.Tensor:
+    """``r[b, k] = s_k tau(sigma_b)`` (float64 ``[B, k]``, CPU) on a flow schedule."""
+    s = torch.tensor(squeeze.strength, dtype=torch.float64)
+    if sigmas is None:
+        if squeeze.time_varying:
+            raise ValueError("timesteps: required (the sigmas), the squeeze strength varies with sigma")
+        return s[None, :]
+    tau, _ = flow_squeeze_profile(squeeze, flow_sigmas(sigmas).cpu(), schedule.reference)
+    return tau[:, None] * s[None, :]
+
+
+def flow_log_derivatives(spec: NoiseSpec, sigmas, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d log lambda_perp / dsigma [B], d log lambda_axes / dsigma [B, k])``: how fast the
+    eigenvalues of S(sigma) change along the path (0 for a time-invariant spec). S' S^-1 has these
+    eigenvalues in the eigenbasis of S (the same for every sigma)."""
+    s = flow_sigmas(sigmas).cpu()
+    sq = spec.squeeze
+    if sq is None or not spec.time_varying:
+        k = 0 if sq is None else sq.k
+        return torch.zeros(s.numel(), dtype=torch.float64), torch.zeros(s.numel(), k, dtype=torch.float64)
+    _, dtau = flow_squeeze_profile(sq, s, schedule.reference)
+    dr = dtau[:, None] * torch.tensor(sq.strength, dtype=torch.float64)[None, :]  # d r_k / dsigma
+    C, k = sq.axes.shape
+    d_perp = dr.sum(dim=1) / (C - k) if sq.variant == "heisenberg" else torch.zeros_like(s)
+    return d_perp, -dr
+
+
+def flow_velocity(model_output: torch.Tensor, sigma, sample: torch.Tensor, spec: NoiseSpec,
+                  schedule) -> torch.Tensor:
+    """The velocity of the flow ODE, ``dx/dsigma = E[d x_sigma / dsigma | x]`` (float64), for a
+    network trained on the target ``"flow"`` (``v_hat = E[n - x0 | x]``).
+
+    With n = A(sigma) eps, ``d x_sigma / dsigma = n - x0 + sigma S' S^-1 n``. The last term is 0 for
+    a time-invariant spec (then the velocity is ``v_hat`` itself); for a time-varying squeeze it is
+    added from ``E[n | x] = x + (1 - sigma) v_hat`` (exact: n and x0 are linear in (x, n - x0))."""
+    v = model_output.double()
+    if not spec.time_varying:
+        return v
+    s = flow_sigmas(sigma).expand(sample.shape[0]) if flow_sigmas(sigma).numel() == 1 else flow_sigmas(sigma)
+    d_perp, d_axes = flow_log_derivatives(spec, s, schedule)
+    n_hat = sample.double() + _per_sample(1.0 - s, sample) * v
+    M = channel_matrix(spec, s * d_perp, s[:, None] * d_axes, sample.shape[1])
+    return v + _channels(M, n_hat)
+
+
+def flow_euler_step(model_output: torch.Tensor, sigma, sigma_next, sample: torch.Tensor, spec: NoiseSpec,
+                    schedule, *, noise=None) -> torch.Tensor:
+    """One Euler step of the flow ODE from ``sigma`` to ``sigma_next`` (float64 math, the sample's
+    dtype out): ``x + (sigma_next - sigma) flow_velocity(...)``. With WHITE ``noise`` (``[2, ...]``
+    for an independent two-band spec) the step is stochastic instead, as diffusers'
+    ``stochastic_sampling``: ``x0_hat = x - sigma v_hat``, then
+    ``(1 - sigma_next) x0_hat + sigma_next A(sigma_next) noise``."""
+    B = sample.shape[0]
+    s, s_next = (flow_sigmas(v).expand(B) if flow_sigmas(v).numel() == 1 else flow_sigmas(v)
+                 for v in (sigma, sigma_next))
+    x = sample.double()
+    if noise is not None:
+        x0_hat = x - _per_sample(s, x) * model_output.double()
+        n = _apply(noise, spec, s_next, schedule)
+        out = _per_sample(1.0 - s_next, x) * x0_hat + _per_sample(s_next, x) * n
+    else:
+        out = x + _per_sample(s_next - s, x) * flow_velocity(model_output, s, sample, spec, schedule)
+    return out.to(sample.dtype)
