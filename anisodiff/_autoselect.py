@@ -55,7 +55,7 @@ BACKEND_FEATURES: dict[str, frozenset] = {
     "reference": frozenset(FEATURES),
     "cpu": frozenset({"frames", "perturb"}),
     "triton": frozenset({"frames", "perturb"}),
-    "cuda": frozenset(),  # csrc/cuda: not yet (the glue refuses both, csrc/cuda/ops_cuda.cpp)
+    "cuda": frozenset({"frames"}),  # perturb: not yet (csrc/cuda/ops_cuda.cpp refuses it)
 }
 
 
