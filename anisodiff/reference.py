@@ -407,8 +407,8 @@ def mixing_coefficients(schedule, timesteps) -> tuple[torch.Tensor, torch.Tensor
         sigma = flow_sigmas(timesteps)
         return 1.0 - sigma, sigma
     t = torch.as_tensor(timesteps).reshape(-1).long().cpu()
-    ac = schedule.alphas_cumprod[t].double()
-    return ac.sqrt(), (1.0 - ac).sqrt()
+    ac = schedule.alphas_cumprod[t]  # 1 - abar in the schedule's float32, as diffusers computes it
+    return ac.double().sqrt(), (1.0 - ac).double().sqrt()
 
 
 def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=None, seed: int = 0,
