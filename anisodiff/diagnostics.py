@@ -36,9 +36,10 @@ Schedules: a :class:`~anisodiff.VPSchedule` or any diffusers scheduler with ``be
 ``rescale_betas_zero_snr=True``, has ``a_T = 0`` and SNR 0), or a flow-matching scheduler with
 ``sigmas`` and no ``alphas_cumprod`` (diffusers' ``FlowMatchEulerDiscreteScheduler``:
 ``x = (1 - sigma) x0 + sigma n``, ``t`` indexes its sigmas in ascending order; sigma = 1 at the end
-gives SNR 0; a squeeze that varies with sigma needs the scheduler's ``flow_schedule``), or an
-``anisodiff.FlowSchedule`` (evaluated at ``sigma = i / 1000``, i = 1..1000, with the squeeze
-profile ``tau(sigma)`` of :mod:`anisodiff.reference`).
+gives SNR 0), or an ``anisodiff.FlowSchedule`` (evaluated at ``sigma = i / 1000``, i = 1..1000). A
+squeeze that varies with sigma reads ``tau(sigma)`` (:mod:`anisodiff.reference`, section 6) of the
+FlowSchedule (of :func:`anisodiff.flow.as_flow_schedule` for a diffusers scheduler), as
+:func:`anisodiff.add_noise` does.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bands, reference
+from .flow import FlowSchedule, as_flow_schedule
 from .schedule import VPSchedule, as_schedule
 from .spec import NoiseSpec, PowerLaw, check_format_version
 
@@ -188,7 +190,7 @@ def _coefficients(schedule, spec: NoiseSpec):
     """``(a2 [T], b2 [T], times [T], profile_schedule, flow)``: the float64 coefficients along t,
     the squeeze's time argument at each t (VP timesteps, or flow sigmas) and the schedule its
     profile reads."""
-    if getattr(schedule, "path", None) == "flow":  # anisodiff.FlowSchedule: any sigma in [0, 1]
+    if isinstance(schedule, FlowSchedule):  # any sigma in [0, 1]
         sigmas = torch.arange(1, FLOW_GRID + 1, dtype=torch.float64) / FLOW_GRID
         return (1 - sigmas) ** 2, sigmas**2, sigmas, schedule, True
     if getattr(schedule, "alphas_cumprod", None) is None and getattr(schedule, "sigmas", None) is not None:
@@ -196,12 +198,9 @@ def _coefficients(schedule, spec: NoiseSpec):
         sigmas = torch.sort(sigmas[sigmas > 0]).values  # ascending: t = 0 least noise
         if sigmas.numel() == 0 or (sigmas > 1).any():
             raise ValueError("schedule: a flow-matching schedule needs sigmas in (0, 1]")
-        own = getattr(schedule, "flow_schedule", None)  # what anisodiff's flow schedulers carry
-        if spec.time_varying and getattr(own, "path", None) != "flow":
-            raise ValueError("schedule: a squeeze that varies with sigma needs its profile's "
-                             "reference schedule: pass anisodiff.FlowSchedule() (or an anisodiff "
-                             "flow scheduler), or use schedule='constant' for the squeeze")
-        return (1 - sigmas) ** 2, sigmas**2, sigmas, own, True
+        # the squeeze profile tau(sigma) of the scheduler's FlowSchedule (the default one for a
+        # stock diffusers scheduler), as add_noise reads it
+        return (1 - sigmas) ** 2, sigmas**2, sigmas, as_flow_schedule(schedule), True
     vp = as_schedule(schedule)
     if vp is None:
         raise ValueError("schedule: required (a VPSchedule, a diffusers scheduler, a FlowSchedule "

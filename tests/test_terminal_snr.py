@@ -183,8 +183,12 @@ def test_flow_matching_schedule_ends_at_zero_snr():
     sigma = sigmas[100]
     white = terminal_snr(ad.NoiseSpec(), flow, shape=(3, 4, 4), timesteps=[100])
     assert torch.allclose(white.band_snr, ((1 - sigma) ** 2 / sigma**2).expand(1, 4), rtol=1e-12)
-    with pytest.raises(ValueError, match="varies with sigma"):
-        terminal_snr(ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5)), flow, shape=(3, 4, 4))
+    # a squeeze that varies with sigma: the default FlowSchedule's profile, as add_noise reads it
+    varying = ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5))
+    plain = diffusers.FlowMatchEulerDiscreteScheduler()  # sigmas i / 1000
+    on_diffusers = terminal_snr(varying, plain, shape=(3, 4, 4))
+    on_flow = terminal_snr(varying, ad.FlowSchedule(), shape=(3, 4, 4))
+    assert torch.allclose(on_diffusers.direction_snr, on_flow.direction_snr, rtol=1e-5)
     constant = ad.NoiseSpec(ad.Squeeze(torch.eye(3)[:, :1], 0.5, schedule="constant"))
     assert terminal_snr(constant, flow, shape=(3, 4, 4)).warnings() == []
 
@@ -312,3 +316,31 @@ def test_a_squeezed_direction_in_one_band_is_found_where_both_marginals_miss_it(
     stats = DataStatistics.from_fit(pca, spectrum)
     blind = DataStatistics(stats.covariance, stats.band_power, stats.shape)
     assert terminal_snr(spec, SCHEDULE, blind).warnings() == []
+
+
+def test_flow_schedule_with_a_sigma_varying_squeeze_matches_the_dense_covariances():
+    """anisodiff.FlowSchedule: x = (1 - sigma) x0 + sigma n, the squeeze at tau(sigma); the SNR
+    at sigma = i / 1000 against reference.covariance on the flow path, and 0 at sigma = 1."""
+    x = planted_data(C=3, H=4, W=5)
+    stats = ad.fit_statistics(x, k=1, progress=False)
+    flow = ad.FlowSchedule()
+    spec = ad.NoiseSpec(ad.Squeeze(_orthonormal(3, 1, 3), 1.2, variant="heisenberg"),
+                        ad.PowerLaw(-0.5, eps=0.01))
+    snr = terminal_snr(spec, flow, stats, timesteps=[99, 499, 899])
+    assert snr.T == 1000 and (snr.terminal_band_snr == 0).all() and snr.warnings() == []
+    N = x.shape[0]
+    flat = (x - x.mean(dim=(0, 2, 3))[:, None, None]).reshape(N, -1)
+    data = flat.T @ flat / N
+    for row, i in enumerate((99, 499, 899)):
+        sigma = (i + 1) / 1000
+        noise = reference.covariance(spec, (3, 4, 5), timesteps=torch.tensor([sigma],
+                                     dtype=torch.float64), schedule=flow)[0]
+        for ring in range(snr.band_snr.shape[1]):
+            P = torch.kron(torch.eye(3, dtype=torch.float64), ring_projector(4, 5, ring))
+            expected = (1 - sigma) ** 2 * torch.trace(P @ data) / (sigma**2 * torch.trace(P @ noise))
+            assert float(snr.band_snr[row, ring]) == pytest.approx(float(expected), rel=1e-9)
+    # the squeeze varies with sigma: the along-axis noise differs between rows
+    constant = ad.NoiseSpec(ad.Squeeze(_orthonormal(3, 1, 3), 1.2, variant="heisenberg",
+                                       schedule="constant"), ad.PowerLaw(-0.5, eps=0.01))
+    assert not torch.allclose(snr.direction_snr,
+                              terminal_snr(constant, flow, stats, timesteps=[99, 499, 899]).direction_snr)
