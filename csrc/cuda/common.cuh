@@ -139,44 +139,68 @@ __device__ __forceinline__ void stream_quad(const Stream& st, uint32_t draw, int
 // ---------------------------------------------------------------------------------------------
 // On the GPU the conversions are the hardware's cvt (round to nearest even, like dtype.h's software
 // ones: the same bits for every non-NaN value; a NaN stays a NaN, its payload may differ) - one
-// instruction instead of 5-20. The host emulator runs dtype.h's.
+// instruction instead of 5-20. The host emulator runs dtype.h's. (The dtype dispatch is shared, the
+// leaves are per platform: the performance model weights the GPU's leaves by the host's dispatch.)
 #if defined(ANISO_CUDA_EMULATOR)
-__device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
-  return dt == DType::kFloat16 ? fp16_to_float(bits) : bf16_to_float(bits);
+__device__ __forceinline__ float f16_bits_to_float(uint16_t bits) { return fp16_to_float(bits); }
+__device__ __forceinline__ uint16_t float_to_f16_bits(float v) { return float_to_fp16(v); }
+__device__ __forceinline__ uint16_t float_to_bf16_bits(float v) { return float_to_bf16(v); }
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  return (uint32_t)float_to_fp16(lo) | ((uint32_t)float_to_fp16(hi) << 16);
 }
-__device__ __forceinline__ uint16_t from_float(float v, DType dt) {
-  return dt == DType::kFloat16 ? float_to_fp16(v) : float_to_bf16(v);
-}
-// (lo, hi) as two 16-bit values in one word, lo in bits 0-15
-__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi, DType dt) {
-  return (uint32_t)from_float(lo, dt) | ((uint32_t)from_float(hi, dt) << 16);
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  return (uint32_t)float_to_bf16(lo) | ((uint32_t)float_to_bf16(hi) << 16);
 }
 #else
-__device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
-  if (dt != DType::kFloat16) return __uint_as_float((uint32_t)bits << 16);
+__device__ __forceinline__ float f16_bits_to_float(uint16_t bits) {
   float f;
   asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(bits));
   return f;
 }
-__device__ __forceinline__ uint16_t from_float(float v, DType dt) {
+__device__ __forceinline__ uint16_t float_to_f16_bits(float v) {
   uint16_t h;
-  if (dt == DType::kFloat16) {
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  } else {
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  }
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
   return h;
 }
-__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi, DType dt) {
+__device__ __forceinline__ uint16_t float_to_bf16_bits(float v) {
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  return h;
+}
+// lo in bits 0-15
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   uint32_t w;
-  if (dt == DType::kFloat16) {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  } else {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
-  }
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  return w;
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  uint32_t w;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
   return w;
 }
 #endif
+
+__device__ __forceinline__ float to_float(uint16_t bits, DType dt) {
+  if (dt == DType::kFloat16) {
+    return f16_bits_to_float(bits);
+  }
+  return bf16_to_float(bits);
+}
+
+__device__ __forceinline__ uint16_t from_float(float v, DType dt) {
+  if (dt == DType::kFloat16) {
+    return float_to_f16_bits(v);
+  }
+  return float_to_bf16_bits(v);
+}
+
+// (lo, hi) as two 16-bit values in one word, lo in bits 0-15
+__device__ __forceinline__ uint32_t pack_16x2(float lo, float hi, DType dt) {
+  if (dt == DType::kFloat16) {
+    return pack_f16x2(lo, hi);
+  }
+  return pack_bf16x2(lo, hi);
+}
 
 __device__ __forceinline__ float load_elem(const TensorArg& t, int64_t idx) {
   if (t.dtype == DType::kFloat32) return static_cast<const float*>(t.data)[idx];

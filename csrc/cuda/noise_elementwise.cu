@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(
     const float gain = valid ? gamma : __int_as_float(0x7fc00000);
     // stream counter of channel c: ((b CK + c) F + f) HW / 4 + hw0 / 4 = ctr + c F quads
     const uint64_t ctr = st.offset + (uint64_t)(((sl.b * CK * F + sl.f) * HW + hw0) >> 2), cstep = F * quads;
-    // the item's element in each tensor; channel c is c channel strides further (pointers advanced
-    // per channel: no 64-bit index product per access)
+    // the item's element in each tensor, once per item; channel c is c (a compile-time constant)
+    // channel strides further
     const int64_t o_x0 = p.x0.slice_offset(sl.b, sl.f) + hw0, o_xt = p.x_t.slice_offset(sl.b, sl.f) + hw0,
                   o_out = p.out.slice_offset(sl.b, sl.f) + hw0;
     auto emit = [&](int c, const float (&nz)[4]) {
