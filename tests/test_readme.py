@@ -125,7 +125,8 @@ STAND_INS = {
     "loader": ("fit_statistics(loader", _loader),
     "clean_images": ("clean_images", lambda: torch.rand(4, 3, 8, 8) * 2 - 1),
     "timesteps": ("clean_images, timesteps", lambda: torch.randint(0, 1000, (4,))),
-    "sigmas": ("sigmas", lambda: torch.tensor([10.0, 2.0, 0.5, 0.0])),
+    # (k-diffusion's VE sigmas; the flow-matching blocks define their own)
+    "sigmas": ("sample_euler_ancestral(", lambda: torch.tensor([10.0, 2.0, 0.5, 0.0])),
     "net": ("edm_sampler(net", lambda: (lambda x, sigma: torch.zeros_like(x))),
     "rnd": ("rnd.", lambda: _StackedRandomGenerator(range(16))),
     "edm_sampler": ("edm_sampler(", lambda: _edm_sampler),
