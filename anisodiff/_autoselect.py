@@ -50,10 +50,11 @@ FALLBACK: tuple[str, ...] = ("reference",)  # any other device type (mps, xpu, .
 # skips a backend that lacks a feature of the call; naming one raises (anisodiff.ops).
 #   "frames":  a [B, C, F, H, W] video tensor with F > 1 (5-D with F = 1 is the 4-D problem)
 #   "perturb": add_noise(..., input_perturbation=gamma) with gamma > 0
-FEATURES = ("frames", "perturb")
+#   "temporal": a spatio-temporal spectrum, NoiseSpec(temporal=True) (a 3-D filter per (b, c) volume)
+FEATURES = ("frames", "perturb", "temporal")
 BACKEND_FEATURES: dict[str, frozenset] = {
     "reference": frozenset(FEATURES),
-    "cpu": frozenset({"frames", "perturb"}),
+    "cpu": frozenset({"frames", "perturb"}),  # temporal: not yet (the kernel filters H x W planes)
     "triton": frozenset({"frames", "perturb"}),
     "cuda": frozenset({"frames"}),  # perturb: not yet (csrc/cuda/ops_cuda.cpp refuses it)
 }

@@ -71,28 +71,36 @@ def _plane(dims) -> tuple[int, int, int]:
     return dims[1], dims[-2], dims[-1]
 
 
-def _needs(dims, perturb: float = 0.0) -> tuple[str, ...]:
+def _needs(dims, perturb: float = 0.0, spec: NoiseSpec | None = None) -> tuple[str, ...]:
     """The features (anisodiff._autoselect.FEATURES) of a call on data of shape ``dims``."""
     needs = []
     if len(dims) == 5 and dims[2] > 1:
         needs.append("frames")
     if perturb > 0:
         needs.append("perturb")
+    if spec is not None and spec.temporal and spec_kind(spec) == "spectral":  # (white noise is white)
+        needs.append("temporal")
     return tuple(needs)
 
 
 def _backend_for(backend: str, device, spec: NoiseSpec, dims, perturb: float, name: str) -> str:
     """require_backend, plus a clear error when the named backend lacks a feature of the call."""
-    needs = _needs(dims, perturb)
+    if spec.temporal and len(dims) != 5:
+        raise ValueError(f"{name}: the spatio-temporal spectrum (spec.temporal=True) filters video "
+                         f"volumes [B, C, F, H, W], got a {len(dims)}-D shape {list(dims)}; use a spec "
+                         "with temporal=False for images")
+    needs = _needs(dims, perturb, spec)
     chosen = require_backend(backend, device, spec_kind(spec), _plane(dims), needs)
     missing = missing_features(chosen, needs)
     if missing:
-        arg = "input_perturbation" if "perturb" in missing else name
+        arg = ("input_perturbation" if "perturb" in missing else
+               "spec" if "temporal" in missing else name)
         what = {"frames": f"video tensors with F > 1 (got shape {list(dims)})",
-                "perturb": "input perturbation"}
+                "perturb": "input perturbation",
+                "temporal": "the spatio-temporal spectrum (spec.temporal=True)"}
         raise ValueError(f"{arg}: the {chosen} backend does not implement "
-                         f"{' or '.join(what[m] for m in missing)} yet; use backend='auto', 'cpu' or "
-                         "'reference'")
+                         f"{' or '.join(what[m] for m in missing)} yet; use backend='auto' or "
+                         "'reference'" + ("" if "temporal" in missing else " or 'cpu'"))
     return chosen
 
 

@@ -116,7 +116,21 @@ def radius(H: int, W: int, convention: str = "cycles") -> torch.Tensor:
     ``"cycles"``: cycles/pixel (<= 0.7071); ``"nyquist1"``: 2r; ``"rmax1"``: r / r.max()."""
     fy = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
     fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, :]
-    r = torch.sqrt(fx**2 + fy**2)
+    return _in_convention(torch.sqrt(fx**2 + fy**2), convention)
+
+
+def spatiotemporal_radius(F: int, H: int, W: int, convention: str = "cycles") -> torch.Tensor:
+    """The radius ``[F, H, W]`` of the spatio-temporal spectrum (``NoiseSpec(temporal=True)``):
+    ``sqrt(f_t^2 + f_y^2 + f_x^2)`` with each axis on its own unshifted ``fftfreq`` grid (cycles per
+    frame, per pixel), in the same ``convention`` as :func:`radius` (``"rmax1"`` divides by the
+    largest 3-D radius). F = 1 has only ``f_t = 0``: exactly the 2-D radius of one frame."""
+    ft = torch.fft.fftfreq(F, dtype=torch.float64)[:, None, None]
+    fy = torch.fft.fftfreq(H, dtype=torch.float64)[None, :, None]
+    fx = torch.fft.fftfreq(W, dtype=torch.float64)[None, None, :]
+    return _in_convention(torch.sqrt(ft**2 + fy**2 + fx**2), convention)
+
+
+def _in_convention(r: torch.Tensor, convention: str) -> torch.Tensor:
     if convention == "cycles":
         return r
     if convention == "nyquist1":
@@ -132,13 +146,18 @@ def _mask(r: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
     return ((r >= a) & (r <= b)).to(torch.float64)
 
 
-def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, list[float]] | None:
+def spectral_weights(spec: NoiseSpec, H: int, W: int,
+                     frames: int | None = None) -> tuple[torch.Tensor, list[float]] | None:
     """The raw weights ``[D, H, W]`` (float64, before normalisation) and the per-draw mixing
-    gammas, or None when the spec has no spatial part."""
+    gammas, or None when the spec has no spatial part. A spatio-temporal spec
+    (``spec.temporal``) needs ``frames`` and gives ``[D, frames, H, W]`` weights over
+    (f_t, f_y, f_x)."""
     sp = spec.spectral
     if sp is None:
         return None
-    r = radius(H, W, spec.radius)
+    frames = _temporal_frames(spec, frames)
+    r = radius(H, W, spec.radius) if frames is None else spatiotemporal_radius(frames, H, W, spec.radius)
+    grid = f"{H}x{W}" if frames is None else f"{frames}x{H}x{W} (F x H x W)"
     if isinstance(sp, PowerLaw):
         planes, gammas = [(r + sp.eps) ** sp.alpha], [1.0]
     elif isinstance(sp, Band):
@@ -148,7 +167,7 @@ def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, lis
         for gamma, mask, name in ((sp.gamma_low, low, "low"), (sp.gamma_high, high, "high")):
             if gamma > 0 and not (mask > 0).any():  # in either mixture: almost surely a unit mistake
                 raise ValueError(f"spectral: the {name} band {getattr(sp, name)} of {sp!r} selects no "
-                                 f"frequency bin on a {H}x{W} grid with radius={spec.radius!r}")
+                                 f"frequency bin on a {grid} grid with radius={spec.radius!r}")
         if sp.mixture == "shared":
             planes, gammas = [sp.gamma_low * low + sp.gamma_high * high], [1.0]
         else:
@@ -164,24 +183,43 @@ def spectral_weights(spec: NoiseSpec, H: int, W: int) -> tuple[torch.Tensor, lis
         raise TypeError(f"spectral: unsupported {type(sp).__name__}")
     for plane, gamma in zip(planes, gammas):
         if gamma > 0 and not (plane > 0).any():
-            raise ValueError(f"spectral: {sp!r} selects no frequency bin on a {H}x{W} grid with "
+            raise ValueError(f"spectral: {sp!r} selects no frequency bin on a {grid} grid with "
                              f"radius={spec.radius!r}")
     return torch.stack(planes), gammas
 
 
-def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor | None, float]] | None:
+def _temporal_frames(spec: NoiseSpec, frames: int | None) -> int | None:
+    """The frame count of a spatio-temporal spec's weight grid (None for a per-frame spec)."""
+    if not spec.temporal:
+        return None
+    if frames is None:
+        raise ValueError("spec.temporal: the spatio-temporal spectrum filters F x H x W video volumes; "
+                         "this operation works on H x W planes only (the spatio-temporal spectrum is "
+                         "implemented by add_noise, shaped_noise, apply_operator and covariance on "
+                         "[B, C, F, H, W] tensors)")
+    return int(frames)
+
+
+def spatial_stages(spec: NoiseSpec, H: int, W: int,
+                   frames: int | None = None) -> list[tuple[torch.Tensor | None, float]] | None:
     """Per white draw d: ``(w_d, gamma_d)``, the weight actually applied (calibration folded in for
     ``normalize="calibrated"``) and the gain after normalisation; None without a spatial part.
 
     ``w_d`` is None when the weight is constant: a constant weight is a scalar gain, not a
     transform, so ``PowerLaw(0)`` is white noise exactly. Its gain is then folded into gamma_d
     (except under per-sample normalisation, which divides any gain out).
+
+    A spatio-temporal spec (``spec.temporal``) needs ``frames``; its ``w_d`` are ``[frames, H, W]``.
     """
-    sw = spectral_weights(spec, H, W)
+    if spec.spectral is None and spec.offset is None:
+        return None  # (no filter, per-frame or not)
+    frames = _temporal_frames(spec, frames)
+    grid = (H, W) if frames is None else (frames, H, W)
+    sw = spectral_weights(spec, H, W, frames)
     if sw is None:
         if spec.offset is None:
             return None
-        sw = torch.ones(1, H, W, dtype=torch.float64), [1.0]  # white, plus the offset below
+        sw = torch.ones(1, *grid, dtype=torch.float64), [1.0]  # white, plus the offset below
     weights, gammas = sw
     stages = []
     for w, gamma in zip(weights, gammas):
@@ -199,22 +237,24 @@ def spatial_stages(spec: NoiseSpec, H: int, W: int) -> list[tuple[torch.Tensor |
         if spec.offset.random_strength:
             raise ValueError("offset: random_strength=True draws a new strength every training step; "
                              "pass the step's spec, spec.draw_offset(generator), to the op")
-        stages = _with_offset(stages, spec.offset.strength, H, W)
+        stages = _with_offset(stages, spec.offset.strength, grid)
     return stages
 
 
-def _with_offset(stages, strength: float, H: int, W: int):
+def _with_offset(stages, strength: float, grid: tuple[int, ...]):
     """Offset noise as DC power: the first contributing stage's DC weight w0 becomes
-    ``sqrt(w0^2 + strength^2 H W / gamma^2)``, which adds variance ``strength^2`` per pixel, fully
-    correlated over the plane (the DC bin of ``T_w eps`` is ``w0 mean(eps)``, variance ``w0^2 / HW``)."""
+    ``sqrt(w0^2 + strength^2 N / gamma^2)`` (N = H W, or F H W for a spatio-temporal volume), which
+    adds variance ``strength^2`` per pixel, fully correlated over the plane (volume): the DC bin of
+    ``T_w eps`` is ``w0 mean(eps)``, variance ``w0^2 / N``."""
     out = list(stages)
+    dc = (0,) * len(grid)
     for d, (w, gamma) in enumerate(out):
         if gamma == 0:
             continue
         if w is None:  # a scalar gain: as a constant table (gamma keeps the gain)
-            w = torch.ones(H, W, dtype=torch.float64)
+            w = torch.ones(grid, dtype=torch.float64)
         w = w.clone()
-        w[0, 0] = math.sqrt(float(w[0, 0]) ** 2 + strength**2 * H * W / gamma**2)
+        w[dc] = math.sqrt(float(w[dc]) ** 2 + strength**2 * math.prod(grid) / gamma**2)
         out[d] = (w, gamma)
         return out
     raise ValueError("offset: the spectral part contributes no draw to add it to")  # pragma: no cover
@@ -225,48 +265,58 @@ def calibration(w: torch.Tensor) -> float:
     return float((w.double() ** 2).mean().rsqrt())
 
 
-def filter_parts(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64) as its two parts: every bin but
-    DC through the FFT, and the DC bin as ``w[0, 0] * mean(x)`` per plane (shape ``[..., 1, 1]``).
+def filter_parts(x: torch.Tensor, w: torch.Tensor, ndim: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Re(ifftn(w * fftn(x)))`` over the last ``ndim`` dims (float64; 2: H x W planes, 3: the
+    F x H x W volumes of the spatio-temporal spectrum) as its two parts: every bin but DC through the
+    FFT, and the DC bin as ``w[0, .., 0] * mean(x)`` per plane (shape ``[..., 1, 1]``).
 
     DC is its own bin: its weight is applied outside the FFT, so one huge DC weight (the papers'
     ``(1e-10)^alpha`` floor, offset noise) never costs the other bins any accuracy."""
     x = x.double()
     w = w.double()
-    dc = w[..., :1, :1] * x.mean(dim=(-2, -1), keepdim=True)
+    dims = tuple(range(-ndim, 0))
+    dc = w[(..., *([slice(0, 1)] * ndim))] * x.mean(dim=dims, keepdim=True)
     if x.numel() == 0:  # (MKL's FFT rejects empty batches)
         return x, dc
     w_ac = w.clone()
-    w_ac[..., 0, 0] = 0.0
-    return torch.fft.ifft2(torch.fft.fft2(x) * w_ac).real, dc
+    w_ac[(..., *([0] * ndim))] = 0.0
+    return torch.fft.ifftn(torch.fft.fftn(x, dim=dims) * w_ac, dim=dims).real, dc
 
 
-def filter_planes(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``Re(ifft2(w * fft2(x)))`` over the last two dims (float64)."""
-    ac, dc = filter_parts(x, w)
+def filter_planes(x: torch.Tensor, w: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """``Re(ifftn(w * fftn(x)))`` over the last ``ndim`` dims (float64)."""
+    ac, dc = filter_parts(x, w, ndim)
     return ac + dc
 
 
-def _normalize_per_sample(x: torch.Tensor, dc: torch.Tensor | float = 0.0) -> torch.Tensor:
+def _normalize_per_sample(x: torch.Tensor, dc: torch.Tensor | float = 0.0, ndim: int = 2) -> torch.Tensor:
     """The SAGD appendix code: divide each (b, c) plane ``x + dc`` by its spatial std (ddof = 0) +
-    1e-8. The std is taken from ``x`` alone (a constant ``dc`` does not change it), so a DC term far
-    larger than the rest costs it no accuracy."""
-    return (x + dc) / (x.std(dim=(-2, -1), keepdim=True, correction=0) + 1e-8)
+    1e-8 (each F x H x W volume for ``ndim = 3``). The std is taken from ``x`` alone (a constant
+    ``dc`` does not change it), so a DC term far larger than the rest costs it no accuracy."""
+    return (x + dc) / (x.std(dim=tuple(range(-ndim, 0)), keepdim=True, correction=0) + 1e-8)
 
 
 def spatial_noise(draws: torch.Tensor, spec: NoiseSpec) -> torch.Tensor:
-    """``sum_d gamma_d N(c_d T_{w_d} eps_d)`` for white draws ``[D, B, C, H, W]`` (float64 out)."""
+    """``sum_d gamma_d N(c_d T_{w_d} eps_d)`` for white draws ``[D, B, C, H, W]`` or
+    ``[D, B, C, F, H, W]`` (float64 out); a spatio-temporal spec filters each F x H x W volume."""
     H, W = draws.shape[-2:]
-    stages = spatial_stages(spec, H, W) or [(None, 1.0)]
+    frames, ndim = None, 2
+    if spec.temporal:
+        if draws.dim() != 6:
+            raise ValueError("spec.temporal: the spatio-temporal spectrum needs video tensors "
+                             f"[B, C, F, H, W], got {draws.dim() - 1}-D noise of shape "
+                             f"{list(draws.shape[1:])} (use temporal=False for images)")
+        frames, ndim = draws.shape[-3], 3
+    stages = spatial_stages(spec, H, W, frames) or [(None, 1.0)]
     if draws.shape[0] != len(stages):
         raise ValueError(f"noise: this spec consumes {len(stages)} white draw(s), got {draws.shape[0]}")
     out = torch.zeros(draws.shape[1:], dtype=torch.float64, device=draws.device)
     for d, (w, gamma) in enumerate(stages):
         x, dc = draws[d].double(), 0.0
         if w is not None:
-            x, dc = filter_parts(x, w.to(draws.device))
+            x, dc = filter_parts(x, w.to(draws.device), ndim)
         if spec.normalize == "per_sample":
-            x = _normalize_per_sample(x, dc)
+            x = _normalize_per_sample(x, dc, ndim)
         else:
             x = x + dc
         out += gamma * x
@@ -438,12 +488,29 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
     return x_t.to(x0.dtype), tgt.to(x0.dtype)
 
 
+def _filter_matrices(spec: NoiseSpec, frames: int, H: int, W: int) -> list[tuple[float, torch.Tensor]]:
+    """Per white draw ``(gamma, T)``: T the dense filter of one (b, c) channel's F H W values
+    (column j = response to element j). Per frame: ``I_F (x) T_hw``; spatio-temporal: the 3-D
+    filter of the whole F x H x W volume."""
+    ndim, grid = (3, (frames, H, W)) if spec.temporal else (2, (H, W))
+    N = math.prod(grid)
+    basis = torch.eye(N, dtype=torch.float64).reshape(N, 1, *grid)
+    out = []
+    for w, gamma in spatial_stages(spec, H, W, frames if spec.temporal else None) or [(None, 1.0)]:
+        T = torch.eye(N, dtype=torch.float64) if w is None else filter_planes(basis, w, ndim).reshape(N, N).T
+        if not spec.temporal and frames > 1:
+            T = torch.kron(torch.eye(frames, dtype=torch.float64), T.contiguous())
+        out.append((gamma, T))
+    return out
+
+
 def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.Tensor:
     """Dense ``Sigma = A A^T`` (float64) of one flattened ``[C, H, W]`` noise sample (``shape`` is
     ``[C, H, W]`` or ``[B, C, H, W]``), or of one ``[C, F, H, W]`` video sample when ``shape`` is
     ``[B, C, F, H, W]``: ``Sigma = S S^T (x) I_F (x) Sigma_w`` (frames are independent, each
-    filtered alone). ``[N, N]`` for a scalar/None timestep, ``[B, N, N]`` for a 1-D tensor of
-    timesteps.
+    filtered alone); for a spatio-temporal spec (``spec.temporal``) ``Sigma = S S^T (x) Sigma_w3``
+    with ``Sigma_w3`` the 3-D filter's covariance over each (b, c) F x H x W volume.
+    ``[N, N]`` for a scalar/None timestep, ``[B, N, N]`` for a 1-D tensor of timesteps.
 
     Defined for the linear normalisations ("calibrated", "none"); per-sample normalisation makes
     the noise non-Gaussian, so it has no covariance in closed form.
@@ -455,14 +522,10 @@ def covariance(spec: NoiseSpec, shape, timesteps=None, schedule=None) -> torch.T
     frames = 1
     if len(tuple(shape)) == 5:
         C, frames = tuple(shape)[1:3]
-    HW = H * W
-    basis = torch.eye(HW, dtype=torch.float64).reshape(HW, 1, H, W)
-    spatial = []  # per draw: (gamma, T) with T the HW x HW filter, column j = response to pixel j
-    for w, gamma in spatial_stages(spec, H, W) or [(None, 1.0)]:
-        T = torch.eye(HW, dtype=torch.float64) if w is None else filter_planes(basis, w).reshape(HW, HW).T
-        if frames > 1:
-            T = torch.kron(torch.eye(frames, dtype=torch.float64), T.contiguous())
-        spatial.append((gamma, T))
+    elif spec.temporal:
+        raise ValueError(f"shape: the spatio-temporal spectrum (spec.temporal) needs a video shape "
+                         f"[B, C, F, H, W], got {list(shape)}")
+    spatial = _filter_matrices(spec, frames, H, W)
     batched = timesteps is not None and torch.as_tensor(timesteps).dim() == 1
     ts = torch.as_tensor(timesteps).reshape(-1) if timesteps is not None else None
     if spec.squeeze is None:
@@ -648,6 +711,8 @@ def ddim_step(model_output: torch.Tensor, timestep, sample: torch.Tensor, spec: 
 def spatial_power(spec: NoiseSpec, H: int, W: int) -> torch.Tensor:
     """The eigenvalues of Sigma_w on the fftfreq grid, ``sum_d gamma_d^2 w_d^2`` ([H, W] float64).
     Per-sample normalisation is taken as its calibrated expectation."""
+    if spec.temporal:
+        _temporal_frames(spec, None)  # raises: the sampler's score works on H x W planes
     if spec.normalize == "per_sample" and spec.spectral is not None:
         spec = NoiseSpec(None, spec.spectral, normalize="calibrated", radius=spec.radius)  # (no offset)
     stages = spatial_stages(spec, H, W) or [(None, 1.0)]

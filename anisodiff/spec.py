@@ -512,13 +512,20 @@ class NoiseSpec(_Immutable):
             r <= 0.7071), ``"nyquist1"`` (2r, Nyquist = 1) or ``"rmax1"`` (r / r.max()).
         offset: an :class:`OffsetNoise` (a DC weight added to the spatial part) or None. Not with
             ``normalize="per_sample"`` (the plane std would divide it out again).
+        temporal: False (default): video tensors ``[B, C, F, H, W]`` are filtered frame by frame.
+            True: the spatio-temporal spectrum (docs/design.md section 6): the weights are over
+            ``(f_t, f_y, f_x)``, radius ``sqrt(f_t^2 + f_y^2 + f_x^2)`` on each axis' own
+            ``fftfreq`` grid in the ``radius`` convention, and each (b, c) ``F x H x W`` volume is
+            filtered by a 3-D FFT (per-sample normalisation per volume, the DC bin and the offset
+            are the volume's). Video tensors only; with a radial spectral part (PowerLaw, Band,
+            TwoBand) or none (an offset, per-sample normalisation).
 
     ``NoiseSpec()`` is isotropic white noise.
     """
 
     def __init__(self, squeeze: Squeeze | None = None, spectral=None, *,
                  normalize: str = "calibrated", radius: str = "cycles",
-                 offset: OffsetNoise | None = None):
+                 offset: OffsetNoise | None = None, temporal: bool = False):
         if squeeze is not None and not isinstance(squeeze, Squeeze):
             raise TypeError(f"squeeze: expected anisodiff.Squeeze or None, got {type(squeeze).__name__}")
         if spectral is not None and not isinstance(spectral, tuple(_SPECTRAL_TYPES.values())):
@@ -536,6 +543,13 @@ class NoiseSpec(_Immutable):
             raise ValueError("offset: not supported with normalize='per_sample' (the per-plane std "
                              "divides a constant plane out again)")
         self.offset = offset
+        if not isinstance(temporal, bool):
+            raise TypeError(f"temporal: expected a bool, got {type(temporal).__name__}")
+        if temporal and isinstance(spectral, (SpectralTable, PyramidNoise)):
+            raise ValueError(f"temporal: {type(spectral).__name__} is a 2-D (f_y, f_x) spectrum with no "
+                             "temporal axis; the spatio-temporal spectrum takes PowerLaw, Band, TwoBand "
+                             "(radial in (f_t, f_y, f_x)) or no spectral part")
+        self.temporal = temporal
         self._seal()
 
     def draw_offset(self, generator: torch.Generator | None = None) -> "NoiseSpec":
@@ -549,12 +563,12 @@ class NoiseSpec(_Immutable):
             return self
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         return NoiseSpec(self.squeeze, self.spectral, normalize=self.normalize, radius=self.radius,
-                         offset=OffsetNoise(u * self.offset.strength))
+                         offset=OffsetNoise(u * self.offset.strength), temporal=self.temporal)
 
     def spatial_part(self) -> "NoiseSpec":
         """This spec without its squeeze: the spatial filter (spectral part and offset)."""
         return NoiseSpec(None, self.spectral, normalize=self.normalize, radius=self.radius,
-                         offset=self.offset)
+                         offset=self.offset, temporal=self.temporal)
 
     # -- properties used by the ops -----------------------------------------------------------
     @property
@@ -577,6 +591,7 @@ class NoiseSpec(_Immutable):
             "radius": self.radius,
             # only when set, so specs without an offset read in every anisodiff version
             **({} if self.offset is None else {"offset": self.offset.to_dict()}),
+            **({"temporal": True} if self.temporal else {}),  # only when set: old JSON unchanged
         }
 
     @classmethod
@@ -585,12 +600,12 @@ class NoiseSpec(_Immutable):
             raise ValueError(f"spec: expected a JSON object, got {type(d).__name__}")
         check_format_version(d, "spec", SPEC_FORMAT, SPEC_VERSION)
         _check_keys(d, "spec", {"format", "version", "squeeze", "spectral", "normalize", "radius",
-                                "offset"})
+                                "offset", "temporal"})
         squeeze = None if d.get("squeeze") is None else Squeeze.from_dict(d["squeeze"])
         spectral = None if d.get("spectral") is None else _spectral_from_dict(d["spectral"])
         offset = None if d.get("offset") is None else OffsetNoise.from_dict(d["offset"])
         return cls(squeeze, spectral, normalize=d.get("normalize", "calibrated"),
-                   radius=d.get("radius", "cycles"), offset=offset)
+                   radius=d.get("radius", "cycles"), offset=offset, temporal=d.get("temporal", False))
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys); computed once, the spec being immutable."""
@@ -634,5 +649,6 @@ class NoiseSpec(_Immutable):
 
     def __repr__(self) -> str:
         tail = "" if self.offset is None else f", offset={self.offset!r}"
+        tail += ", temporal=True" if self.temporal else ""
         return (f"NoiseSpec(squeeze={self.squeeze!r}, spectral={self.spectral!r}, "
                 f"normalize={self.normalize!r}, radius={self.radius!r}{tail})")
