@@ -240,7 +240,7 @@ def _mean_offset(spec: NoiseSpec) -> NoiseSpec:
     if offset is None or not getattr(offset, "random_strength", False):
         return spec
     return NoiseSpec(spec.squeeze, spec.spectral, normalize=spec.normalize, radius=spec.radius,
-                     offset=type(offset)(offset.strength / math.sqrt(3)))
+                     offset=type(offset)(offset.strength / math.sqrt(3)), temporal=spec.temporal)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

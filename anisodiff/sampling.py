@@ -19,10 +19,11 @@ from collections import OrderedDict
 import torch
 
 from . import reference
-from ._autoselect import spec_kind
+from ._autoselect import missing_features, spec_kind
 from ._ext import require_backend
 from .flow import FlowSchedule, as_flow_schedule, check_sigmas, is_flow_schedule
-from .ops import _KERNEL_DTYPES, _check_noise, _library, add_noise, shaped_noise, white_noise
+from .ops import (_KERNEL_DTYPES, _check_noise, _library, _needs, _plane, add_noise, shaped_noise,
+                  white_noise)
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
@@ -71,11 +72,12 @@ class AnisotropicNoise:
 
     # -- training ---------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, timesteps, *, generator: torch.Generator | None = None,
-                  target: str = "epsilon", backend: str = "auto"):
+                  target: str = "epsilon", input_perturbation: float = 0.0, backend: str = "auto"):
         """``(x_t, target)``, see :func:`anisodiff.add_noise` (on a flow schedule ``timesteps`` are the
-        float sigmas and ``target="flow"`` gives the velocity ``n - x0``)."""
+        float sigmas and ``target="flow"`` gives the velocity ``n - x0``; ``input_perturbation``:
+        DDPM-IP's gamma, x_t gets ``n + gamma n'`` and the target keeps ``n``)."""
         return add_noise(x0, timesteps, self.spec, self.schedule, generator=generator, target=target,
-                         backend=backend)
+                         input_perturbation=input_perturbation, backend=backend)
 
     # -- sampling ---------------------------------------------------------------------------
     def sample_prior(self, shape, *, generator: torch.Generator | None = None, device=None,
@@ -91,10 +93,13 @@ class AnisotropicNoise:
                             device=device, dtype=dtype)
 
     def _white(self, like: torch.Tensor, generator) -> torch.Tensor:
-        """Fresh white noise for one step (two draws for an independent two-band spec)."""
-        shape = tuple(like.shape) if self.spec.draws == 1 else (self.spec.draws, *like.shape)
+        """Fresh white noise for one step (two draws for an independent two-band spec): the stream the
+        fused step reads for the same generator state (draw d in counter word 2, as every kernel)."""
         seed = int(stream_tensor(None, generator, 0)[0])
-        return white_noise(shape, seed=seed, device=like.device)
+        if self.spec.draws == 1:
+            return white_noise(tuple(like.shape), seed=seed, device=like.device)
+        return torch.stack([reference.white_noise(like.shape, seed, 0, draw=d, device=like.device)
+                            for d in range(self.spec.draws)])
 
     def ddpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *,
                   prev_timestep=None, generator: torch.Generator | None = None, mode: str = "official",
@@ -230,11 +235,13 @@ def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor, spec: NoiseS
     when auto would use the reference (a dtype the kernels do not take, no kernel for the device)."""
     if sample.dtype not in _KERNEL_DTYPES or model_output.dtype not in _KERNEL_DTYPES:
         return None
-    if model_output.device != sample.device or sample.dim() != 4:
+    if model_output.device != sample.device or sample.dim() not in (4, 5):
         return None
-    _, C, H, W = sample.shape
+    if spec is not None and spec.temporal and spec_kind(spec) == "spectral":
+        return None  # the step's lowering is per frame; the spatio-temporal step runs in the reference
     kind = spec_kind(spec) if spec is not None else "spectral"
-    chosen = require_backend("auto", sample.device, kind, (C, H, W))
+    dims = tuple(sample.shape)
+    chosen = require_backend("auto", sample.device, kind, _plane(dims), _needs(dims))
     return None if chosen == "reference" else chosen
 
 
@@ -242,8 +249,15 @@ def _required_step_backend(backend: str, model_output: torch.Tensor, sample: tor
     """``backend`` ("cpu", "cuda" or "triton") if it can run the fused step here, else a clear error."""
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
-    _, C, H, W = sample.shape
-    require_backend(backend, sample.device, spec_kind(spec), (C, H, W))  # raises, naming the reason
+    if spec.temporal and spec_kind(spec) == "spectral":
+        raise ValueError(f"backend: the fused ddpm_step filters per frame; a spatio-temporal spec "
+                         f"(spec.temporal=True) steps with backend='reference', got {backend!r}")
+    dims = tuple(sample.shape)
+    chosen = require_backend(backend, sample.device, spec_kind(spec), _plane(dims))  # raises, naming the reason
+    missing = missing_features(chosen, _needs(dims))
+    if missing:
+        raise ValueError(f"sample: the {backend} ddpm_step does not take video tensors with F > 1 "
+                         f"(shape {list(dims)}) yet; use backend='auto' or 'reference'")
     for name, t in (("sample", sample), ("model_output", model_output)):
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"{name}: the {backend} ddpm_step takes float32, float16 or bfloat16, got "
@@ -379,7 +393,7 @@ def step_op_args(spec: NoiseSpec, schedule, timestep, prev_timestep, mode: str, 
     weights, gammas, normalize, clip, clip_range)`` on ``device`` for samples of ``shape``. One
     timestep shared by the batch takes the cached per-step row (:func:`_step_tables`)."""
     schedule = as_schedule(schedule)
-    B, C, H, W = shape
+    B, C, H, W = shape[0], shape[1], shape[-2], shape[-1]  # [B, C, H, W] or video [B, C, F, H, W]
     device = torch.device(device)
     t_int = _scalar(timestep)
     prev_int = (t_int - 1 if t_int is not None else None) if prev_timestep is None else _scalar(prev_timestep)

@@ -344,3 +344,13 @@ def test_flow_schedule_with_a_sigma_varying_squeeze_matches_the_dense_covariance
                                        schedule="constant"), ad.PowerLaw(-0.5, eps=0.01))
     assert not torch.allclose(snr.direction_snr,
                               terminal_snr(constant, flow, stats, timesteps=[99, 499, 899]).direction_snr)
+
+
+@pytest.mark.parametrize("random_strength", [False, True])
+def test_spatiotemporal_specs_are_refused_not_computed_per_frame(random_strength):
+    """terminal_snr works on H x W planes: a spec with the spatio-temporal spectrum is refused (also
+    through the mean-strength rewrite of a random-strength offset, which must keep `temporal`)."""
+    offset = ad.OffsetNoise(0.1, random_strength=True) if random_strength else None
+    spec = ad.NoiseSpec(spectral=ad.PowerLaw(0.5), offset=offset, temporal=True)
+    with pytest.raises(ValueError, match="spec.temporal"):
+        ad.terminal_snr(spec, ad.VPSchedule.linear(), shape=(3, 8, 8))

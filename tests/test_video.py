@@ -12,6 +12,7 @@ import torch
 import anisodiff as ad
 from anisodiff import _autoselect
 from anisodiff import reference as R
+from anisodiff.ops import _library
 from anisodiff.sampling import step_op_args
 
 from conftest import random_axes, requires_compiled
@@ -105,8 +106,7 @@ def test_apply_operator_video_reads_the_callers_eps(backend, kind, schedule):
 def _video_step(backend, spec, schedule, sample, eps_hat, t, prev, mode, stream):
     B, C, F, H, W = sample.shape
     args = step_op_args(spec, schedule, t, prev, mode, True, 1.0, (B, C, H, W), sample.device)
-    lib = torch.ops.anisodiff if backend == "cpu" else torch.ops.anisodiff_triton
-    return lib.ddpm_step(sample, eps_hat, *args, stream, None)
+    return _library(backend).ddpm_step(sample, eps_hat, *args, stream, None)  # (registers triton's ops)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,9 +126,27 @@ def test_ddpm_step_video_matches_reference(backend, kind, mode, schedule):
     got = _video_step(backend, spec, schedule, x_t, eps_hat, 300, 280, mode, torch.tensor([77, 5]))
     close(got[0], want[0])
     close(got[1], want[1])
-    # and through AnisotropicNoise (the reference path for 5-D) with the same white noise
-    again = ad.AnisotropicNoise(spec, schedule)
-    assert again.ddpm_step(eps_hat, 300, x_t, prev_timestep=280, mode=mode)[0].shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sdm", "sdm+pl_pos", "two_indep"])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (2, 3, 4, 5)], ids=["video", "image"])
+def test_anisotropic_noise_steps_video_on_the_fused_kernel(backend, kind, shape, schedule):
+    """AnisotropicNoise.ddpm_step on [B, C, F, H, W] (and 4-D): auto picks the fused kernel, and the
+    kernel's step equals the reference's for the same generator state (the same seed, and draw d of a
+    two-draw spec in counter word 2 on both paths)."""
+    spec = make_spec(kind, 3)
+    g = torch.Generator().manual_seed(4)
+    x_t, eps_hat = 1.5 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    noise = ad.AnisotropicNoise(spec, schedule)
+    if backend == "cpu":
+        assert ad.sampling.can_fuse_step(eps_hat, x_t, spec) == "cpu"
+    got = noise.ddpm_step(eps_hat, 300, x_t, prev_timestep=280, backend=backend,
+                          generator=torch.Generator().manual_seed(9))
+    want = noise.ddpm_step(eps_hat, 300, x_t, prev_timestep=280, backend="reference",
+                           generator=torch.Generator().manual_seed(9))
+    close(got[0], want[0])
+    close(got[1], want[1])
 
 
 # ---------------------------------------------------------------------------------------------
