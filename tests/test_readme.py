@@ -260,3 +260,26 @@ def test_papers_band_table_is_the_bin_count():
         for convention, count in zip(("cycles", "nyquist1", "rmax1"), counts):
             r = radius(32, 32, convention)
             assert int(((r >= a - 1e-9) & (r <= b + 1e-9)).sum()) == int(count), (a, b, convention)
+
+
+def test_backends_feature_table_matches_autoselect():
+    """README "Backends": the feature table says what anisodiff._autoselect.BACKEND_FEATURES says."""
+    from anisodiff import _autoselect
+
+    rows = {"video tensors": "frames", "`input_perturbation=`": "perturb",
+            "spatio-temporal spectrum": "temporal"}
+    text = README.read_text()
+    header = re.search(r"^\| feature \| (.+) \|$", text, re.M)
+    assert header, "README: the backends' feature table is missing"
+    backends = [b.strip() for b in header.group(1).split("|")]
+    seen = set()
+    for line in text[header.end():].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        feature = next(f for key, f in rows.items() if cells[0].startswith(key))
+        seen.add(feature)
+        for backend, cell in zip(backends, cells[1:]):
+            has = feature in _autoselect.BACKEND_FEATURES[backend]
+            assert cell == ("yes" if has else "not yet"), f"README: {backend} / {feature} says {cell!r}"
+    assert seen == set(_autoselect.FEATURES)
