@@ -34,6 +34,9 @@ struct SpectralPlan {
   FftPlanView rows_inner, cols_inner;  // Bluestein's power-of-two FFTs, where used
   const float* weights_t = nullptr;  // [draws, W, H]: w transposed, scaled by 1 / (H W), DC bin 0
   float dc_weight[2] = {0.f, 0.f};   // w(0) per draw, applied to the plane mean
+  // >= 0 where every non-DC weight of the draw equals it (offset noise on white noise): the
+  // filter is then flat_gain * (x - mean(x)) plus the DC term, with no FFT.
+  float flat_gain[2] = {-1.f, -1.f};
 };
 
 // Per-thread scratch, sized by workspace_floats().

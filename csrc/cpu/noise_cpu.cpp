@@ -219,6 +219,11 @@ CpuLaunch::CpuLaunch(const NoiseProblem& problem) : problem_(problem), plan_(new
         tables_[w_off + d * HW + w * H + h] = problem_.weights[d * HW + h * W + w] * scale;
     plan_->dc_weight[d] = problem_.weights[d * HW];  // applied to the plane mean, outside the FFT
     tables_[w_off + d * HW] = 0.f;
+    const float* wd = problem_.weights + d * HW;
+    const float g = HW > 1 ? wd[1] : 0.f;
+    bool flat = g >= 0.f;
+    for (int64_t i = 2; flat && i < HW; ++i) flat = wd[i] == g;
+    if (flat) plan_->flat_gain[d] = g;
   }
   fix_pointers(plan_->rows, rows, tables_.data());
   fix_pointers(plan_->cols, cols, tables_.data());

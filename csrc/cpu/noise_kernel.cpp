@@ -367,8 +367,19 @@ void transpose_planes(Planes& cur, Planes& other, int64_t rows, int64_t cols) {
 // b <- T_w' b. The DC bin's contribution, dc * mean of each input plane, is returned in dc_a / dc_b
 // for the caller to add (see spectral.h): the per-sample normalisation must see the planes without it.
 void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t, float dc,
-                 const Workspace& ws, int64_t H, int64_t W, float& dc_a, float& dc_b) {
+                 float flat_gain, const Workspace& ws, int64_t H, int64_t W, float& dc_a, float& dc_b) {
   const int64_t HW = H * W;
+  if (flat_gain >= 0.f) {  // every non-DC bin has one weight: T_w' x = flat_gain * (x - mean x)
+    const double mean_a = plane_mean(a, HW), mean_b = plane_mean(b, HW);
+    dc_a = (float)(dc * mean_a);
+    dc_b = (float)(dc * mean_b);
+    const float ma = (float)mean_a, mb = (float)mean_b;
+    for (int64_t i = 0; i < HW; ++i) {
+      a[i] = flat_gain * (a[i] - ma);
+      b[i] = flat_gain * (b[i] - mb);
+    }
+    return;
+  }
   dc_a = dc != 0.f ? (float)(dc * plane_mean(a, HW)) : 0.f;
   dc_b = dc != 0.f ? (float)(dc * plane_mean(b, HW)) : 0.f;
   Planes cur{a, b}, other{ws.fft_re, ws.fft_im};
@@ -551,7 +562,8 @@ void spatial_slice(const NoiseProblem& p, const SpectralPlan& plan, const Worksp
         } else {
           for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
         }
-        filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], ws, H, W, dc_terms[q], dc_b);
+        filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], plan.flat_gain[d], ws, H, W,
+                    dc_terms[q], dc_b);
       }
     }
     for (int64_t q = 0; q < C; ++q) finish_plane(e + q * HW, HW, dc_terms[q], p.per_sample_norm);
