@@ -19,11 +19,11 @@ from collections import OrderedDict
 import torch
 
 from . import reference
-from ._autoselect import missing_features, spec_kind
+from ._autoselect import spec_kind
 from ._ext import require_backend
 from .flow import FlowSchedule, as_flow_schedule, check_sigmas, is_flow_schedule
-from .ops import (_KERNEL_DTYPES, _check_noise, _library, _needs, _plane, add_noise, shaped_noise,
-                  white_noise)
+from .ops import (_KERNEL_DTYPES, _backend_for, _check_noise, _library, _needs, _plane, add_noise,
+                  shaped_noise, white_noise)
 from .plan import _schedule_key, kernel_args
 from .rng import stream_tensor
 from .schedule import VPSchedule, as_schedule
@@ -237,11 +237,9 @@ def can_fuse_step(model_output: torch.Tensor, sample: torch.Tensor, spec: NoiseS
         return None
     if model_output.device != sample.device or sample.dim() not in (4, 5):
         return None
-    if spec is not None and spec.temporal and spec_kind(spec) == "spectral":
-        return None  # the step's lowering is per frame; the spatio-temporal step runs in the reference
     kind = spec_kind(spec) if spec is not None else "spectral"
     dims = tuple(sample.shape)
-    chosen = require_backend("auto", sample.device, kind, _plane(dims), _needs(dims))
+    chosen = require_backend("auto", sample.device, kind, _plane(dims), _needs(dims, 0.0, spec))
     return None if chosen == "reference" else chosen
 
 
@@ -249,15 +247,7 @@ def _required_step_backend(backend: str, model_output: torch.Tensor, sample: tor
     """``backend`` ("cpu", "cuda" or "triton") if it can run the fused step here, else a clear error."""
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"backend: must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
-    if spec.temporal and spec_kind(spec) == "spectral":
-        raise ValueError(f"backend: the fused ddpm_step filters per frame; a spatio-temporal spec "
-                         f"(spec.temporal=True) steps with backend='reference', got {backend!r}")
-    dims = tuple(sample.shape)
-    chosen = require_backend(backend, sample.device, spec_kind(spec), _plane(dims))  # raises, naming the reason
-    missing = missing_features(chosen, _needs(dims))
-    if missing:
-        raise ValueError(f"sample: the {backend} ddpm_step does not take video tensors with F > 1 "
-                         f"(shape {list(dims)}) yet; use backend='auto' or 'reference'")
+    _backend_for(backend, sample.device, spec, tuple(sample.shape), 0.0, "sample")  # raises, naming the reason
     for name, t in (("sample", sample), ("model_output", model_output)):
         if t.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"{name}: the {backend} ddpm_step takes float32, float16 or bfloat16, got "

@@ -15,7 +15,7 @@ import anisodiff as ad
 from anisodiff import _autoselect
 from anisodiff import reference as R
 
-from conftest import random_axes
+from conftest import random_axes, requires_compiled
 
 SEED, OFFSET = 99, 3
 
@@ -178,3 +178,18 @@ def test_auto_skips_every_kernel_for_the_temporal_mode():
     shape = (2, 3, 4, 5, 6)
     torch.testing.assert_close(ad.shaped_noise(shape, white, seed=SEED),
                                ad.shaped_noise(shape, ad.NoiseSpec(white.squeeze), seed=SEED), rtol=0, atol=0)
+
+
+@requires_compiled
+def test_ddpm_step_of_a_temporal_spec_runs_in_the_reference():
+    """The fused step filters per frame: auto steps a spatio-temporal spec in the reference (the same
+    result as naming it), and a named kernel backend refuses it, naming the spec."""
+    spec = ad.NoiseSpec(spectral=ad.PowerLaw(0.5), temporal=True)
+    noise = ad.AnisotropicNoise(spec, ad.VPSchedule.linear())
+    x = torch.randn(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert ad.sampling.can_fuse_step(x, x, spec) is None
+    got = noise.ddpm_step(x, 10, x, generator=torch.Generator().manual_seed(1))
+    want = noise.ddpm_step(x, 10, x, backend="reference", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^spec: the cpu backend does not implement the spatio-temporal"):
+        noise.ddpm_step(x, 10, x, backend="cpu")
