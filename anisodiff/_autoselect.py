@@ -54,8 +54,8 @@ FALLBACK: tuple[str, ...] = ("reference",)  # any other device type (mps, xpu, .
 FEATURES = ("frames", "perturb", "temporal")
 BACKEND_FEATURES: dict[str, frozenset] = {
     "reference": frozenset(FEATURES),
-    "cpu": frozenset({"frames", "perturb"}),  # temporal: not yet (the kernel filters H x W planes)
-    "triton": frozenset({"frames", "perturb"}),
+    "cpu": frozenset(FEATURES),  # temporal: whole samples as work items, the FFT along F (csrc/cpu)
+    "triton": frozenset({"frames", "perturb"}),  # temporal: not yet (its programs hold H x W planes)
     "cuda": frozenset({"frames"}),  # perturb: not yet (csrc/cuda/ops_cuda.cpp refuses it)
 }
 

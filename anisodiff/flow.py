@@ -169,7 +169,7 @@ def _constant_profile(spec: NoiseSpec) -> NoiseSpec:
     if sq is None or (isinstance(sq.schedule, str) and sq.schedule == "constant"):
         return spec
     return NoiseSpec(Squeeze(sq.axes, sq.strength, sq.variant, "constant"), spec.spectral,
-                     normalize=spec.normalize, radius=spec.radius, offset=spec.offset)
+                     normalize=spec.normalize, radius=spec.radius, offset=spec.offset, temporal=spec.temporal)
 
 
 @dataclass(frozen=True)
@@ -183,17 +183,20 @@ class _FlowStatic:
     snr: bool                       # knots in u = -log SNR (the "beta" profile) instead of sigma
 
 
-def _static(spec: NoiseSpec, schedule: FlowSchedule, C: int, H: int, W: int, device: str) -> _FlowStatic:
-    """The call-independent part (cached); a trace-time constant under torch.compile."""
-    return _static_cached(spec, schedule, C, H, W, device)
+def _static(spec: NoiseSpec, schedule: FlowSchedule, C: int, H: int, W: int, device: str,
+            frames: int | None = None) -> _FlowStatic:
+    """The call-independent part (cached); a trace-time constant under torch.compile. ``frames``: F
+    of a video call (only a spatio-temporal spec's tables depend on it)."""
+    return _static_cached(spec, schedule, C, H, W, device, frames if spec.temporal else None)
 
 
 _static._dynamo_marked_constant = True  # (see ops._lowered)
 
 
 @lru_cache(maxsize=64)
-def _static_cached(spec: NoiseSpec, schedule: FlowSchedule, C: int, H: int, W: int, device: str) -> _FlowStatic:
-    args = kernel_args(_constant_profile(spec), None, C, H, W, device)
+def _static_cached(spec: NoiseSpec, schedule: FlowSchedule, C: int, H: int, W: int, device: str,
+                   frames: int | None) -> _FlowStatic:
+    args = kernel_args(_constant_profile(spec), None, C, H, W, device, frames)
     if args.axes.shape[1] == 0:  # no squeeze (or s = 0): a and b only
         return _FlowStatic(args, None, None, None, False)
     dev = torch.device(device)
@@ -217,11 +220,11 @@ def flow_coefficients(sigmas: torch.Tensor, strengths, u_knots, tau_knots, snr: 
 
 
 def flow_kernel_args(spec: NoiseSpec, schedule: FlowSchedule, sigmas, batch: int, C: int, H: int, W: int,
-                     device: torch.device, required: bool) -> tuple[KernelArgs, torch.Tensor]:
+                     device: torch.device, required: bool, frames: int | None = None) -> tuple[KernelArgs, torch.Tensor]:
     """``(KernelArgs, timesteps)`` for a flow call: the per-call table of :func:`flow_coefficients`
     and ``timesteps = arange(B)`` (row b is sample b). Without sigmas (allowed where nothing depends
     on sigma) the static table is used with row 0."""
-    static = _static(spec, schedule, int(C), int(H), int(W), str(torch.device(device)))
+    static = _static(spec, schedule, int(C), int(H), int(W), str(torch.device(device)), frames)
     args = static.args
     s = check_sigmas(sigmas, batch, device, required)
     if s is None:

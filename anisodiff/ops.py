@@ -203,9 +203,10 @@ def _stream(seed, generator, offset, noise, device=None) -> torch.Tensor:
     return stream_tensor(seed, generator, offset, device)
 
 
-def _lowered(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device):
-    """The kernel arguments; a trace-time constant under torch.compile."""
-    return kernel_args(spec, schedule, C, H, W, device)
+def _lowered(spec: NoiseSpec, schedule, C: int, H: int, W: int, device: torch.device, frames=None):
+    """The kernel arguments; a trace-time constant under torch.compile. ``frames``: F of a video
+    call (the spatio-temporal spectrum's tables depend on it)."""
+    return kernel_args(spec, schedule, C, H, W, device, frames)
 
 
 _lowered._dynamo_marked_constant = True  # = torch._dynamo.assume_constant_result, without importing dynamo
@@ -219,12 +220,18 @@ def _library(backend: str):
     return torch.ops.anisodiff
 
 
-def _rows(spec: NoiseSpec, schedule, timesteps, B: int, C: int, H: int, W: int, device, required: bool):
+def _frames(dims) -> int | None:
+    """F of a [B, C, F, H, W] call, None for [B, C, H, W]."""
+    return int(dims[2]) if len(dims) == 5 else None
+
+
+def _rows(spec: NoiseSpec, schedule, timesteps, B: int, C: int, H: int, W: int, device, required: bool,
+          frames=None):
     """(KernelArgs, each sample's row of its coefficient table): the cached per-timestep table, or
     for a flow-matching schedule a per-call table of the float sigmas (anisodiff/flow.py)."""
     if isinstance(schedule, FlowSchedule):
-        return flow_kernel_args(spec, schedule, timesteps, B, C, H, W, device, required)
-    args = _lowered(spec, schedule, int(C), int(H), int(W), device)
+        return flow_kernel_args(spec, schedule, timesteps, B, C, H, W, device, required, frames)
+    args = _lowered(spec, schedule, int(C), int(H), int(W), device, frames)
     return args, _check_timesteps(timesteps, B, args.num_timesteps, device, required)
 
 
@@ -349,7 +356,7 @@ def _shaped(dims, spec: NoiseSpec, timesteps, schedule, seed, generator, offset,
         seed_v, offset_v = (int(v) for v in stream)
         return reference.shaped_noise(dims, spec, t_ref, sched, seed=seed_v, offset=offset_v,
                                       device=device, dtype=dtype)
-    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, device, spec.time_varying)
+    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, device, spec.time_varying, _frames(dims))
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return _library(backend).shaped_noise(
         list(dims), ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,
@@ -408,7 +415,7 @@ def add_noise(x0: torch.Tensor, timesteps, spec: NoiseSpec, schedule, *, noise=N
                                    offset=offset_v, target=target, input_perturbation=gamma)
     if x0.numel() == 0:
         return torch.empty_like(x0), torch.empty_like(x0)
-    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, x0.device, True)
+    args, ts = _rows(spec, schedule, timesteps, B, C, H, W, x0.device, True, _frames(x0.shape))
     packed = None if noise is None else (noise[None] if spec.draws == 1 else noise)
     return _library(backend).add_noise(
         x0, ts, args.coef, args.axes, args.weights, list(args.gammas), args.variant,

@@ -30,10 +30,12 @@ MAX_DYNAMIC_RANGE = 1e4
 class KernelArgs:
     coef: torch.Tensor            # float32 [T, 2 + k]: a_t, b_t, r_1(t) .. r_k(t)
     axes: torch.Tensor            # float32 [C, k]
-    weights: torch.Tensor | None  # float32 [D, H, W], calibration folded in; None = identity
+    weights: torch.Tensor | None  # float32 [D, H, W] (spatio-temporal: [D, F, H, W]), calibration
+                                  # folded in; None = identity
     gammas: tuple[float, ...]     # per-draw gain after normalisation
     variant: int                  # 0 sdm, 1 heisenberg
-    normalize: int                # 0 folded into weights / none, 1 per-sample std
+    normalize: int                # 0 folded into weights / none, 1 per-sample std per plane,
+                                  # 2 per (b, c) F x H x W volume (spatio-temporal)
     num_timesteps: int            # rows of coef (a plain int: traceable under torch.compile)
 
 
@@ -62,7 +64,8 @@ def _check_float32_range(w: torch.Tensor, spec: NoiseSpec) -> None:
 
 
 @lru_cache(maxsize=64)
-def _cached(spec_json: str, sched_key, channels: int, H: int, W: int, device: str) -> KernelArgs:
+def _cached(spec_json: str, sched_key, channels: int, H: int, W: int, device: str,
+            frames: int | None) -> KernelArgs:
     spec = NoiseSpec.from_json(spec_json)
     schedule = None
     if sched_key is not None:
@@ -78,25 +81,43 @@ def _cached(spec_json: str, sched_key, channels: int, H: int, W: int, device: st
     coef = coefficient_table(spec if use_squeeze else NoiseSpec(), schedule)
     axes = sq.axes.to(torch.float32) if use_squeeze else torch.zeros(channels, 0)
 
+    # frames: set for a spatio-temporal spec only (kernel_args), whose tables are [D, F, H, W] and
+    # whose per-sample std is per volume (normalize 2; csrc/ops_common.cpp fill_spatial). F = 1 is
+    # the per-frame lowering exactly (the 3-D radius, calibration, DC and offset are the frame's),
+    # so it takes the per-frame kernel path.
+    volume = frames is not None and frames > 1
+    grid = (frames, H, W) if volume else (H, W)
     weights, gammas = None, (1.0,)
-    stages = reference.spatial_stages(spec, H, W)
+    stages = reference.spatial_stages(spec, H, W, frames)
     if stages is not None:
         gammas = tuple(gamma for _, gamma in stages)
         if len(stages) == 1 and stages[0][0] is None:
             pass  # a scalar gain, no transform
         else:
-            planes = [torch.ones(H, W, dtype=torch.float64) if w is None else w for w, _ in stages]
+            planes = [torch.ones(grid, dtype=torch.float64) if w is None else w.reshape(grid)
+                      for w, _ in stages]
             for w in planes:
                 _check_float32_range(w, spec)
             weights = torch.stack(planes).to(torch.float32).to(dev)
     variant = 1 if (use_squeeze and sq.variant == "heisenberg") else 0
-    return KernelArgs(coef.to(dev), axes.contiguous().to(dev), weights, gammas, variant,
-                      1 if spec.normalize == "per_sample" else 0, coef.shape[0])
+    normalize = (2 if volume else 1) if spec.normalize == "per_sample" else 0
+    return KernelArgs(coef.to(dev), axes.contiguous().to(dev), weights, gammas, variant, normalize,
+                      coef.shape[0])
 
 
-def kernel_args(spec: NoiseSpec, schedule, channels: int, H: int, W: int, device) -> KernelArgs:
-    """Kernel arguments for ``spec`` on ``[*, channels, H, W]`` planes. ``schedule``: a
-    :class:`VPSchedule`, a diffusers scheduler or None. Cached."""
+def kernel_args(spec: NoiseSpec, schedule, channels: int, H: int, W: int, device,
+                frames: int | None = None) -> KernelArgs:
+    """Kernel arguments for ``spec`` on ``[*, channels, H, W]`` planes (``[*, channels, frames, H, W]``
+    video). ``schedule``: a :class:`VPSchedule`, a diffusers scheduler or None. ``frames``: F of a
+    video tensor; only a spatio-temporal spec (``spec.temporal``) needs it (its weight tables are
+    over (f_t, f_y, f_x)) and only its cache entries are keyed on it. Cached."""
     schedule = as_schedule(schedule)
+    if spec.temporal:
+        if frames is None:
+            raise ValueError("spec.temporal: the spatio-temporal spectrum's kernel arguments depend on "
+                             "the frame count; pass frames=F of the [B, C, F, H, W] tensor")
+        frames = int(frames)
+    else:
+        frames = None  # per-frame weights: one cache entry for every F
     return _cached(spec.to_json(), _schedule_key(schedule), int(channels), int(H), int(W),
-                   str(torch.device(device)))
+                   str(torch.device(device)), frames)

@@ -324,15 +324,17 @@ def _scalar(value) -> int | None:
     return None
 
 
-def _step_tables(spec, schedule, t: int, prev: int, mode: str, device: torch.device, C: int, H: int, W: int):
-    key = (spec.to_json(), _schedule_key(schedule), t, prev, mode, str(device), C, H, W)
+def _step_tables(spec, schedule, t: int, prev: int, mode: str, device: torch.device, C: int, H: int, W: int,
+                 frames: int | None = None):
+    frames = frames if spec.temporal else None  # only spatio-temporal tables depend on F
+    key = (spec.to_json(), _schedule_key(schedule), t, prev, mode, str(device), C, H, W, frames)
     hit = _STEP_CACHE.get(key)
     if hit is not None:
         _STEP_CACHE.move_to_end(key)
         return hit
     row = _step_params(spec, schedule, torch.tensor([t]), torch.tensor([prev]), mode)
     entry = (_to_device(row, device), _step_axes(spec, C, device),
-             kernel_args(reference._spatial_spec(spec), None, C, H, W, device))
+             kernel_args(reference._spatial_spec(spec), None, C, H, W, device, frames))
     _STEP_CACHE[key] = entry
     if len(_STEP_CACHE) > _STEP_CACHE_SIZE:
         _STEP_CACHE.popitem(last=False)
@@ -384,19 +386,21 @@ def step_op_args(spec: NoiseSpec, schedule, timestep, prev_timestep, mode: str, 
     timestep shared by the batch takes the cached per-step row (:func:`_step_tables`)."""
     schedule = as_schedule(schedule)
     B, C, H, W = shape[0], shape[1], shape[-2], shape[-1]  # [B, C, H, W] or video [B, C, F, H, W]
+    frames = int(shape[2]) if len(shape) == 5 else None
     device = torch.device(device)
     t_int = _scalar(timestep)
     prev_int = (t_int - 1 if t_int is not None else None) if prev_timestep is None else _scalar(prev_timestep)
     prev_int = None if prev_int is None else max(prev_int, -1)  # every prev < 0 is the last step
     if t_int is not None and prev_int is not None:
-        row, axes, spatial = _step_tables(spec, schedule, t_int, prev_int, mode, device, C, H, W)
+        row, axes, spatial = _step_tables(spec, schedule, t_int, prev_int, mode, device, C, H, W, frames)
         params = row.expand(B, row.shape[1]).contiguous()
     else:
         t = torch.as_tensor(timestep).reshape(-1).long().cpu().expand(B)
         prev = (t - 1 if prev_timestep is None
                 else torch.as_tensor(prev_timestep).reshape(-1).long().cpu().expand(B))
         params = _to_device(_step_params(spec, schedule, t, prev, mode), device)
-        axes, spatial = _step_axes(spec, C, device), kernel_args(reference._spatial_spec(spec), None, C, H, W, device)
+        axes, spatial = (_step_axes(spec, C, device),
+                         kernel_args(reference._spatial_spec(spec), None, C, H, W, device, frames))
     k = spec.squeeze.k if spec.squeeze is not None else 0
     clip = 0 if not clip_sample else (2 if mode == "official" and k else 1)
     return (params, axes, spatial.weights, list(spatial.gammas), spatial.normalize, clip, float(clip_range))

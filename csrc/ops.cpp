@@ -55,6 +55,10 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(
 
 }  // namespace
 
+// normalize: 0 (calibration folded into the weights, or none), 1 (per-sample std of each plane),
+// 2 (per-sample std of each (b, c) F x H x W volume). weights: [D, H, W], or [D, F, H, W] for the
+// spatio-temporal spectrum (a 3-D filter per volume); either spatio-temporal form makes the CPU
+// kernel work on whole samples (csrc/ops_common.cpp fill_spatial, problem.h NoiseProblem::temporal).
 TORCH_LIBRARY(anisodiff, m) {
   m.def(
       "add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "

@@ -65,9 +65,20 @@ at::Tensor checked_stream(const KernelDevice& dev, const at::Tensor& stream) {
 }
 
 // The spatial part and the stream, shared by every op.
+// The spatio-temporal spectrum (NoiseProblem::temporal) travels through the existing op arguments,
+// so the schemas (and the CUDA and Triton libraries that share them) stay as they are: weights of
+// shape [D, F, H, W] are a 3-D filter per (b, c) volume, and normalize = 2 is the per-sample std of
+// each volume. Either makes the problem temporal; a temporal spec with a scalar gain and no
+// per-sample std needs neither (it is the per-frame problem). Only the CPU kernel implements it.
 void fill_spatial(const KernelDevice& dev, NoiseProblem& p, const std::optional<at::Tensor>& weights,
                   at::ArrayRef<double> gammas, int64_t normalize, const at::Tensor& st) {
-  TORCH_CHECK(normalize == 0 || normalize == 1, "normalize: expected 0 (folded) or 1 (per_sample)");
+  TORCH_CHECK(normalize >= 0 && normalize <= 2,
+              "normalize: expected 0 (folded), 1 (per_sample, per plane) or 2 (per_sample, per F x H x W "
+              "volume: the spatio-temporal spectrum)");
+  const bool temporal = normalize == 2 || (weights.has_value() && weights->dim() == 4);
+  TORCH_CHECK(!temporal || !dev.is_cuda(), "weights / normalize: the ", dev.kernel,
+              " kernels do not implement the spatio-temporal spectrum ([D, F, H, W] weights, "
+              "normalize=2); use the CPU kernel or backend='reference'");
   TORCH_CHECK(gammas.size() == 1 || gammas.size() == 2, "gammas: expected 1 or 2 values");
   if (weights.has_value()) check_on_device(dev, *weights);
   if (st.device().is_cpu()) {
@@ -82,14 +93,25 @@ void fill_spatial(const KernelDevice& dev, NoiseProblem& p, const std::optional<
   for (int d = 0; d < p.draws; ++d) p.gammas[d] = (float)gammas[d];
   if (weights.has_value()) {
     const at::Tensor& w = *weights;
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
-                    w.size(0) == p.draws && w.size(1) == p.height && w.size(2) == p.width,
-                "weights: expected a contiguous float32 [", p.draws, ", ", p.height, ", ", p.width,
-                "] tensor");
+    if (temporal) {
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 4 &&
+                      w.size(0) == p.draws && w.size(1) == p.frames && w.size(2) == p.height &&
+                      w.size(3) == p.width,
+                  "weights: expected a contiguous float32 [", p.draws, ", ", p.frames, ", ", p.height, ", ",
+                  p.width, "] tensor (spatio-temporal: [D, F, H, W])");
+      TORCH_CHECK(normalize != 1, "normalize: 1 (per plane) does not apply to spatio-temporal [D, F, H, W] "
+                  "weights; 2 normalises each F x H x W volume");
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
+                      w.size(0) == p.draws && w.size(1) == p.height && w.size(2) == p.width,
+                  "weights: expected a contiguous float32 [", p.draws, ", ", p.height, ", ", p.width,
+                  "] tensor");
+    }
     p.weights = w.data_ptr<float>();
   }
   TORCH_CHECK(weights.has_value() || p.draws == 1, "gammas: two draws need two weight tables");
-  p.per_sample_norm = normalize == 1;
+  p.per_sample_norm = normalize != 0;
+  p.temporal = temporal;
 }
 
 // Fills the parts of the problem shared by add_noise and shaped_noise and checks them.

@@ -18,13 +18,17 @@ namespace {
 // Lays out the scratch regions in use (a second draw and FFT buffers only when needed) and returns
 // the total size; with base == nullptr it only measures.
 int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
-  const int64_t HW = p.height * p.width;
-  const int64_t sample = p.channels * HW;
-  const int64_t fft = p.weights != nullptr ? HW : 0;
-  int64_t blue = 0;  // Bluestein buffers for the longer of the two transforms that need them
+  const int64_t HW = p.height * p.width, item = item_frames(p) * HW;  // one work item's plane(s)
+  const int64_t sample = p.channels * item;
+  const int64_t fft = p.weights != nullptr ? item : 0;
+  int64_t blue = 0;  // Bluestein buffers for the longest of the transforms that need them
   if (p.weights != nullptr) {
     const int64_t mh = bluestein_length((int)p.height), mw = bluestein_length((int)p.width);
     blue = mh * p.width > mw * p.height ? mh * p.width : mw * p.height;
+    if (p.temporal) {
+      const int64_t mf = bluestein_length((int)p.frames) * HW;
+      blue = mf > blue ? mf : blue;
+    }
   }
   int64_t used = 0;
   auto take = [&](int64_t n) {
@@ -40,8 +44,8 @@ int64_t layout_workspace(const NoiseProblem& p, float* base, Workspace* ws) {
   w.zero_plane = take(fft);
   w.dc_terms = take(p.channels);
   for (float*& buf : w.blue) buf = take(blue);
-  const int64_t step_planes = p.step_params != nullptr ? p.channels * HW : 0;
-  w.proj = take((int64_t)(p.k > p.step_k ? p.k : p.step_k) * HW);
+  const int64_t step_planes = p.step_params != nullptr ? sample : 0;
+  w.proj = take((int64_t)(p.k > p.step_k ? p.k : p.step_k) * item);
   w.row = take(3 * p.width);
   w.step_x = take(step_planes);
   w.step_e = take(step_planes);
@@ -207,28 +211,37 @@ CpuLaunch::CpuLaunch(const NoiseProblem& problem) : problem_(problem), plan_(new
   capability_name_ = cap.name;
   if (problem_.weights == nullptr) return;
   const int64_t H = problem_.height, W = problem_.width, HW = H * W;
-  PlanOffsets rows_inner{}, cols_inner{};
+  // A temporal problem's table is [draws, F, H, W]; each frame's block is transposed like a plane's.
+  const int64_t F = item_frames(problem_), N = F * HW;
+  PlanOffsets rows_inner{}, cols_inner{}, frames_inner{}, frames{};
   const PlanOffsets rows = append_fft_tables(plan_->rows, plan_->rows_inner, rows_inner, (int)H, tables_);
   const PlanOffsets cols = append_fft_tables(plan_->cols, plan_->cols_inner, cols_inner, (int)W, tables_);
+  if (problem_.temporal)
+    frames = append_fft_tables(plan_->frames, plan_->frames_inner, frames_inner, (int)F, tables_);
   const int64_t w_off = (int64_t)tables_.size();
-  const float scale = 1.0f / (float)HW;  // the inverse FFT is unnormalised
-  tables_.resize(tables_.size() + problem_.draws * HW);
+  const float scale = 1.0f / (float)N;  // the inverse FFT is unnormalised
+  tables_.resize(tables_.size() + problem_.draws * N);
   for (int d = 0; d < problem_.draws; ++d) {
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w)
-        tables_[w_off + d * HW + w * H + h] = problem_.weights[d * HW + h * W + w] * scale;
-    plan_->dc_weight[d] = problem_.weights[d * HW];  // applied to the plane mean, outside the FFT
-    tables_[w_off + d * HW] = 0.f;
-    const float* wd = problem_.weights + d * HW;
-    const float g = HW > 1 ? wd[1] : 0.f;
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          tables_[w_off + d * N + f * HW + w * H + h] = problem_.weights[d * N + f * HW + h * W + w] * scale;
+    plan_->dc_weight[d] = problem_.weights[d * N];  // applied to the plane (volume) mean, outside the FFT
+    tables_[w_off + d * N] = 0.f;
+    const float* wd = problem_.weights + d * N;
+    const float g = N > 1 ? wd[1] : 0.f;
     bool flat = g >= 0.f;
-    for (int64_t i = 2; flat && i < HW; ++i) flat = wd[i] == g;
+    for (int64_t i = 2; flat && i < N; ++i) flat = wd[i] == g;
     if (flat) plan_->flat_gain[d] = g;
   }
   fix_pointers(plan_->rows, rows, tables_.data());
   fix_pointers(plan_->cols, cols, tables_.data());
   fix_pointers(plan_->rows_inner, rows_inner, tables_.data());
   fix_pointers(plan_->cols_inner, cols_inner, tables_.data());
+  if (problem_.temporal) {
+    fix_pointers(plan_->frames, frames, tables_.data());
+    fix_pointers(plan_->frames_inner, frames_inner, tables_.data());
+  }
   plan_->weights_t = tables_.data() + w_off;
 }
 

@@ -21,8 +21,9 @@ class CpuLaunch {
  public:
   explicit CpuLaunch(const NoiseProblem& problem);
   ~CpuLaunch();
-  // Work items: the slices (b, f) of [0, batch * frames), each independent (problem.h).
-  int64_t num_samples() const { return problem_.batch * problem_.frames; }
+  // Work items, each independent (problem.h): the slices (b, f) of [0, batch * frames), or the
+  // whole samples of [0, batch) for a temporal problem (the transform along F couples the frames).
+  int64_t num_samples() const { return problem_.temporal ? problem_.batch : problem_.batch * problem_.frames; }
   void run(int64_t sample_begin, int64_t sample_end) const;
   const char* capability_name() const { return capability_name_; }
 

@@ -363,40 +363,107 @@ void transpose_planes(Planes& cur, Planes& other, int64_t rows, int64_t cols) {
   other = t;
 }
 
+// The forward 2-D FFT of one pair of planes (cur), leaving the spectrum transposed ([W, H]) in cur;
+// other is the ping-pong partner of the same size.
+void fft2_forward(const SpectralPlan& plan, Planes& cur, Planes& other, const Workspace& ws, int64_t H,
+                  int64_t W) {
+  run_fft(plan.rows, cur, other, W, 1.f, ws);  // along H, rows of W
+  transpose_planes(cur, other, H, W);          // now [W, H]
+  run_fft(plan.cols, cur, other, H, 1.f, ws);  // along W, rows of H
+}
+
+// The inverse of fft2_forward (unnormalised): a transposed spectrum back to an [H, W] plane pair.
+void fft2_inverse(const SpectralPlan& plan, Planes& cur, Planes& other, const Workspace& ws, int64_t H,
+                  int64_t W) {
+  run_fft(plan.cols, cur, other, H, -1.f, ws);
+  transpose_planes(cur, other, W, H);
+  run_fft(plan.rows, cur, other, W, -1.f, ws);
+}
+
+// A table whose non-DC bins all equal flat_gain: T_w' x = flat_gain * (x - mean x) on the n values
+// of each input, with no FFT; the DC terms dc * mean go to dc_a / dc_b.
+void filter_flat(float* a, float* b, int64_t n, float dc, float flat_gain, float& dc_a, float& dc_b) {
+  const double mean_a = plane_mean(a, n), mean_b = plane_mean(b, n);
+  dc_a = (float)(dc * mean_a);
+  dc_b = (float)(dc * mean_b);
+  const float ma = (float)mean_a, mb = (float)mean_b;
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = flat_gain * (a[i] - ma);
+    b[i] = flat_gain * (b[i] - mb);
+  }
+}
+
 // Filters planes a and b in place without their DC bin (w_t has it zeroed): a <- T_w' a,
 // b <- T_w' b. The DC bin's contribution, dc * mean of each input plane, is returned in dc_a / dc_b
 // for the caller to add (see spectral.h): the per-sample normalisation must see the planes without it.
 void filter_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t, float dc,
                  float flat_gain, const Workspace& ws, int64_t H, int64_t W, float& dc_a, float& dc_b) {
   const int64_t HW = H * W;
-  if (flat_gain >= 0.f) {  // every non-DC bin has one weight: T_w' x = flat_gain * (x - mean x)
-    const double mean_a = plane_mean(a, HW), mean_b = plane_mean(b, HW);
-    dc_a = (float)(dc * mean_a);
-    dc_b = (float)(dc * mean_b);
-    const float ma = (float)mean_a, mb = (float)mean_b;
-    for (int64_t i = 0; i < HW; ++i) {
-      a[i] = flat_gain * (a[i] - ma);
-      b[i] = flat_gain * (b[i] - mb);
-    }
+  if (flat_gain >= 0.f) {  // every non-DC bin has one weight
+    filter_flat(a, b, HW, dc, flat_gain, dc_a, dc_b);
     return;
   }
   dc_a = dc != 0.f ? (float)(dc * plane_mean(a, HW)) : 0.f;
   dc_b = dc != 0.f ? (float)(dc * plane_mean(b, HW)) : 0.f;
   Planes cur{a, b}, other{ws.fft_re, ws.fft_im};
-  run_fft(plan.rows, cur, other, W, 1.f, ws);  // along H, rows of W
-  transpose_planes(cur, other, H, W);          // now [W, H]
-  run_fft(plan.cols, cur, other, H, 1.f, ws);  // along W, rows of H
+  fft2_forward(plan, cur, other, ws, H, W);
   for (int64_t i = 0; i < HW; ++i) {
     cur.re[i] *= w_t[i];
     cur.im[i] *= w_t[i];
   }
-  run_fft(plan.cols, cur, other, H, -1.f, ws);
-  transpose_planes(cur, other, W, H);
-  run_fft(plan.rows, cur, other, W, -1.f, ws);
+  fft2_inverse(plan, cur, other, ws, H, W);
   if (cur.re != a) {
     for (int64_t i = 0; i < HW; ++i) {
       a[i] = cur.re[i];
       b[i] = cur.im[i];
+    }
+  }
+}
+
+// The spatio-temporal filter of two F x H x W volumes a, b ([F][H][W] each), in place and without the
+// DC bin, as filter_pair does for planes: the 3-D FFT is the per-frame 2-D FFT followed by a
+// length-F FFT across the frames, whose "rows" are the frames' H W bins (contiguous, so the same
+// vectorised Stockham / Bluestein stages run with L = H W). Each frame uses the slots of its own
+// frame in ws.fft_re / fft_im as its ping-pong partner; every frame takes the same number of
+// swaps, so after the frame loop all spectra sit in the same one of the two buffers.
+void filter_volume_pair(float* a, float* b, const SpectralPlan& plan, const float* __restrict w_t,
+                        float dc, float flat_gain, const Workspace& ws, int64_t F, int64_t H,
+                        int64_t W, float& dc_a, float& dc_b) {
+  const int64_t HW = H * W, N = F * HW;
+  if (flat_gain >= 0.f) {
+    filter_flat(a, b, N, dc, flat_gain, dc_a, dc_b);
+    return;
+  }
+  dc_a = dc != 0.f ? (float)(dc * plane_mean(a, N)) : 0.f;
+  dc_b = dc != 0.f ? (float)(dc * plane_mean(b, N)) : 0.f;
+  Planes vol{a, b}, spare{ws.fft_re, ws.fft_im};
+  bool in_spare = false;
+  for (int64_t f = 0; f < F; ++f) {
+    Planes cur{a + f * HW, b + f * HW}, other{spare.re + f * HW, spare.im + f * HW};
+    fft2_forward(plan, cur, other, ws, H, W);
+    in_spare = cur.re != a + f * HW;
+  }
+  if (in_spare) {
+    const Planes t = vol;
+    vol = spare;
+    spare = t;
+  }
+  run_fft(plan.frames, vol, spare, HW, 1.f, ws);  // along F, rows of H W
+  for (int64_t i = 0; i < N; ++i) {
+    vol.re[i] *= w_t[i];
+    vol.im[i] *= w_t[i];
+  }
+  run_fft(plan.frames, vol, spare, HW, -1.f, ws);
+  for (int64_t f = 0; f < F; ++f) {
+    Planes cur{vol.re + f * HW, vol.im + f * HW}, other{spare.re + f * HW, spare.im + f * HW};
+    fft2_inverse(plan, cur, other, ws, H, W);
+    in_spare = cur.re != vol.re + f * HW;
+  }
+  if (in_spare) vol = spare;
+  if (vol.re != a) {
+    for (int64_t i = 0; i < N; ++i) {
+      a[i] = vol.re[i];
+      b[i] = vol.im[i];
     }
   }
 }
@@ -452,22 +519,26 @@ void squeeze_sample(float* __restrict e, const NoiseProblem& p, const float* r, 
   apply_channels(e, p.axes, p.k, (int)p.channels, squeeze_coeffs(r, p.k, (int)p.channels, p.variant), proj, HW);
 }
 
-// One DDPM step for slice (b, f); n: its generated (spatially shaped) noise planes.
-void step_sample(const NoiseProblem& p, int64_t b, int64_t f, float* __restrict n, const Workspace& ws) {
-  const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W;
+// One DDPM step for the work item of frames [f0, f0 + nf) of sample b; n: its generated (spatially
+// shaped) noise, [C][nf][H][W]. The step's channel matrices act per pixel, so nf frames are one
+// plane of nf H W pixels to them.
+void step_sample(const NoiseProblem& p, int64_t b, int64_t f0, int64_t nf, float* __restrict n,
+                 const Workspace& ws) {
+  const int64_t C = p.channels, H = p.height, W = p.width, HW = nf * H * W;
   const int k = p.step_k;
   const float* q = p.step_params + b * (2 + 4 * (1 + k));
   const float a = q[0], bt = q[1];
   const float *S = q + 2, *C0 = S + (1 + k), *Ct = C0 + (1 + k), *Sig = Ct + (1 + k);
   float* x = ws.step_x;
   float* x0 = ws.step_e;
-  const int64_t sx = p.step_x.slice_offset(b, f), se = p.step_eps.slice_offset(b, f);
-  const int64_t sp = p.out.slice_offset(b, f), s0 = p.out_x0.slice_offset(b, f);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) {
-      load_row(p.step_x, sx, c, h, W, x + (c * H + h) * W);
-      load_row(p.step_eps, se, c, h, W, x0 + (c * H + h) * W);
-    }
+  for (int64_t g = 0; g < nf; ++g) {
+    const int64_t sx = p.step_x.slice_offset(b, f0 + g), se = p.step_eps.slice_offset(b, f0 + g);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) {
+        load_row(p.step_x, sx, c, h, W, x + ((c * nf + g) * H + h) * W);
+        load_row(p.step_eps, se, c, h, W, x0 + ((c * nf + g) * H + h) * W);
+      }
+  }
   const int64_t total = C * HW;
   for (int64_t i = 0; i < total; ++i) x0[i] = (x[i] - bt * x0[i]) / a;
   if (p.step_clip != 0) {
@@ -476,137 +547,156 @@ void step_sample(const NoiseProblem& p, int64_t b, int64_t f, float* __restrict 
     for (int64_t i = 0; i < total; ++i) x0[i] = x0[i] < lo ? lo : (x0[i] > hi ? hi : x0[i]);
     if (p.step_clip == 2) apply_channels(x0, p.axes, k, (int)C, step_matrix(S, k, false), ws.proj, HW);
   }
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) store_row(p.out_x0, s0, c, h, W, x0 + (c * H + h) * W);
+  for (int64_t g = 0; g < nf; ++g) {
+    const int64_t s0 = p.out_x0.slice_offset(b, f0 + g);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) store_row(p.out_x0, s0, c, h, W, x0 + ((c * nf + g) * H + h) * W);
+  }
   apply_channels(x0, p.axes, k, (int)C, step_matrix(C0, k, false), ws.proj, HW);
   apply_channels(x, p.axes, k, (int)C, step_matrix(Ct, k, false), ws.proj, HW);
   apply_channels(n, p.axes, k, (int)C, step_matrix(Sig, k, false), ws.proj, HW);
   for (int64_t i = 0; i < total; ++i) x[i] += x0[i] + n[i];
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) store_row(p.out, sp, c, h, W, x + (c * H + h) * W);
+  for (int64_t g = 0; g < nf; ++g) {
+    const int64_t sp = p.out.slice_offset(b, f0 + g);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) store_row(p.out, sp, c, h, W, x + ((c * nf + g) * H + h) * W);
+  }
 }
 
-// Mix one slice's shaped noise n[C][H][W] with x0 and store (or store the noise alone). n_in: the
-// noise that goes into x_t (n + perturb n' under input perturbation, else n itself).
-void store_sample(const NoiseProblem& p, int64_t b, int64_t f, const float* __restrict n,
+// Mix the shaped noise n[C][nf][H][W] of frames [f0, f0 + nf) of sample b with x0 and store (or
+// store the noise alone). n_in: the noise that goes into x_t (n + perturb n' under input
+// perturbation, else n itself).
+void store_sample(const NoiseProblem& p, int64_t b, int64_t f0, int64_t nf, const float* __restrict n,
                   const float* __restrict n_in, float a, float bcoef, float* __restrict row) {
   const int64_t C = p.channels, H = p.height, W = p.width;
-  const int64_t s_out = p.out.slice_offset(b, f);
   float* x0 = row;
   float* xt = row + W;
   float* tg = row + 2 * W;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h) {
-      const float* nr = n + (c * H + h) * W;
-      if (p.x0.data == nullptr) {
-        store_row(p.out, s_out, c, h, W, nr);
-        continue;
+  for (int64_t g = 0; g < nf; ++g) {
+    const int64_t f = f0 + g, s_out = p.out.slice_offset(b, f);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* nr = n + ((c * nf + g) * H + h) * W;
+        if (p.x0.data == nullptr) {
+          store_row(p.out, s_out, c, h, W, nr);
+          continue;
+        }
+        load_row(p.x0, p.x0.slice_offset(b, f), c, h, W, x0);
+        switch (p.target) {
+          case Target::kEpsilon:
+            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kEpsilon, xt[x], tg[x]);
+            break;
+          case Target::kV:
+            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kV, xt[x], tg[x]);
+            break;
+          case Target::kX0:
+            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kX0, xt[x], tg[x]);
+            break;
+          case Target::kFlow:
+            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kFlow, xt[x], tg[x]);
+            break;
+        }
+        if (n_in != n) {  // x_t from the perturbed noise; the target stays that of n
+          const float* pr = n_in + ((c * nf + g) * H + h) * W;
+          for (int64_t x = 0; x < W; ++x) xt[x] = a * x0[x] + bcoef * pr[x];
+        }
+        store_row(p.x_t, p.x_t.slice_offset(b, f), c, h, W, xt);
+        store_row(p.out, s_out, c, h, W, tg);
       }
-      load_row(p.x0, p.x0.slice_offset(b, f), c, h, W, x0);
-      switch (p.target) {
-        case Target::kEpsilon:
-          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kEpsilon, xt[x], tg[x]);
-          break;
-        case Target::kV:
-          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kV, xt[x], tg[x]);
-          break;
-        case Target::kX0:
-          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kX0, xt[x], tg[x]);
-          break;
-        case Target::kFlow:
-          for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kFlow, xt[x], tg[x]);
-          break;
-      }
-      if (n_in != n) {  // x_t from the perturbed noise; the target stays that of n
-        const float* pr = n_in + (c * H + h) * W;
-        for (int64_t x = 0; x < W; ++x) xt[x] = a * x0[x] + bcoef * pr[x];
-      }
-      store_row(p.x_t, p.x_t.slice_offset(b, f), c, h, W, xt);
-      store_row(p.out, s_out, c, h, W, tg);
-    }
+  }
 }
 
-// sum_d gamma_d N(T_{w_d} eps_d) for slice (b, f) into ws.eps[0] (ws.eps[1] holds a second draw).
-// Draw d is the caller's eps when given and use_caller, else the stream with counter word 2 =
-// first_draw + d. The white value of (b, c, f, h, w) is stream index ((b C + c) F + f) H W + h W + w.
+// sum_d gamma_d N(T_{w_d} eps_d) for the work item of frames [f0, f0 + nf) of sample b (nf = 1: the
+// slice (b, f0); nf = F: the whole sample, temporal) into ws.eps[0], [C][nf][H][W] (ws.eps[1] holds
+// a second draw). Draw d is the caller's eps when given and use_caller, else the stream with
+// counter word 2 = first_draw + d. The white value of (b, c, f, h, w) is stream index
+// ((b C + c) F + f) H W + h W + w.
 void spatial_slice(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws, int64_t b,
-                   int64_t f, int first_draw, bool use_caller) {
-  const int64_t C = p.channels, F = p.frames, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
+                   int64_t f0, int64_t nf, int first_draw, bool use_caller) {
+  const int64_t C = p.channels, F = p.frames, H = p.height, W = p.width, HW = H * W;
+  const int64_t N = nf * HW, CN = C * N;  // values per plane (volume), per work item
   for (int d = 0; d < p.draws; ++d) {
     float* e = ws.eps[d];
     const uint32_t draw = (uint32_t)(first_draw + d);
     if (use_caller && p.noise[d].data != nullptr) {
-      const int64_t slice = p.noise[d].slice_offset(b, f);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], slice, c, h, W, e + (c * H + h) * W);
-    } else if (F == 1) {  // the sample's planes are one contiguous range of the stream
-      generate_normals(e, b * CHW, (b + 1) * CHW, p.seed, p.offset, draw);
+      for (int64_t g = 0; g < nf; ++g) {
+        const int64_t slice = p.noise[d].slice_offset(b, f0 + g);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t h = 0; h < H; ++h) load_row(p.noise[d], slice, c, h, W, e + ((c * nf + g) * H + h) * W);
+      }
+    } else if (nf == F) {  // the whole sample (F = 1, or temporal): one contiguous range of the stream
+      generate_normals(e, b * CN, (b + 1) * CN, p.seed, p.offset, draw);
     } else {
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t start = ((b * C + c) * F + f) * HW;
+        const int64_t start = ((b * C + c) * F + f0) * HW;
         generate_normals(e + c * HW, start, start + HW, p.seed, p.offset, draw);
       }
     }
-    float* dc_terms = ws.dc_terms;  // per plane: the DC bin's contribution, added last
+    float* dc_terms = ws.dc_terms;  // per plane (volume): the DC bin's contribution, added last
     for (int64_t q = 0; q < C; ++q) dc_terms[q] = 0.f;
     if (p.weights != nullptr) {
-      // Planes are paired within the slice only (a lone last plane gets a zero partner), so a
-      // slice's noise is bit for bit the same whatever the batch around it.
-      const float* w_t = plan.weights_t + d * HW;
+      // Planes (volumes) are paired within the work item only (a lone last one gets a zero
+      // partner), so a sample's noise is bit for bit the same whatever the batch around it.
+      const float* w_t = plan.weights_t + d * N;
       for (int64_t q = 0; q < C; q += 2) {
         float* partner = ws.zero_plane;
         float unused = 0.f;
         float& dc_b = q + 1 < C ? dc_terms[q + 1] : unused;
         if (q + 1 < C) {
-          partner = e + (q + 1) * HW;
+          partner = e + (q + 1) * N;
         } else {
-          for (int64_t i = 0; i < HW; ++i) partner[i] = 0.f;
+          for (int64_t i = 0; i < N; ++i) partner[i] = 0.f;
         }
-        filter_pair(e + q * HW, partner, plan, w_t, plan.dc_weight[d], plan.flat_gain[d], ws, H, W,
-                    dc_terms[q], dc_b);
+        if (p.temporal)
+          filter_volume_pair(e + q * N, partner, plan, w_t, plan.dc_weight[d], plan.flat_gain[d], ws, nf,
+                             H, W, dc_terms[q], dc_b);
+        else
+          filter_pair(e + q * N, partner, plan, w_t, plan.dc_weight[d], plan.flat_gain[d], ws, H, W,
+                      dc_terms[q], dc_b);
       }
     }
-    for (int64_t q = 0; q < C; ++q) finish_plane(e + q * HW, HW, dc_terms[q], p.per_sample_norm);
+    for (int64_t q = 0; q < C; ++q) finish_plane(e + q * N, N, dc_terms[q], p.per_sample_norm);
     const float gamma = p.gammas[d];
     float* acc = ws.eps[0];
     if (d == 0) {
       if (gamma != 1.f)
-        for (int64_t i = 0; i < CHW; ++i) acc[i] *= gamma;
+        for (int64_t i = 0; i < CN; ++i) acc[i] *= gamma;
     } else {
-      for (int64_t i = 0; i < CHW; ++i) acc[i] += gamma * e[i];
+      for (int64_t i = 0; i < CN; ++i) acc[i] += gamma * e[i];
     }
   }
 }
 
 }  // namespace
 
-// Slices s in [slice_begin, slice_end) of [0, batch * frames): b = s / frames, f = s % frames.
+// Work items s in [item_begin, item_end): the slices of [0, batch * frames) (b = s / frames,
+// f = s % frames), or for a temporal problem the samples b = s of [0, batch), all F frames at once.
 void process_samples(const NoiseProblem& p, const SpectralPlan& plan, const Workspace& ws,
-                     int64_t slice_begin, int64_t slice_end) {
-  const int64_t C = p.channels, H = p.height, W = p.width, HW = H * W, CHW = C * HW;
+                     int64_t item_begin, int64_t item_end) {
+  const int64_t nf = item_frames(p), N = nf * p.height * p.width, CN = p.channels * N;
   const int64_t ncoef = 2 + p.k;
   const bool perturbed = p.perturb != 0.f && p.x0.data != nullptr;
-  for (int64_t s = slice_begin; s < slice_end; ++s) {
-    const int64_t b = s / p.frames, f = s % p.frames;
+  for (int64_t s = item_begin; s < item_end; ++s) {
+    const int64_t b = p.temporal ? s : s / p.frames, f0 = p.temporal ? 0 : s % p.frames;
     float* pert = ws.pert;
     if (perturbed) {  // n'_sp first (it needs the eps buffers too), kept in ws.pert
-      spatial_slice(p, plan, ws, b, f, p.draws, false);
-      for (int64_t i = 0; i < CHW; ++i) pert[i] = ws.eps[0][i];
+      spatial_slice(p, plan, ws, b, f0, nf, p.draws, false);
+      for (int64_t i = 0; i < CN; ++i) pert[i] = ws.eps[0][i];
     }
-    spatial_slice(p, plan, ws, b, f, 0, true);
+    spatial_slice(p, plan, ws, b, f0, nf, 0, true);
     float* e = ws.eps[0];
     if (p.step_params != nullptr) {
-      step_sample(p, b, f, e, ws);
+      step_sample(p, b, f0, nf, e, ws);
       continue;
     }
     const float* row = p.coef + p.timesteps[b] * ncoef;
-    if (p.k > 0) {
-      squeeze_sample(e, p, row + 2, ws.proj, HW);
-      if (perturbed) squeeze_sample(pert, p, row + 2, ws.proj, HW);
+    if (p.k > 0) {  // per pixel: the item's nf frames are one plane of N pixels to the squeeze
+      squeeze_sample(e, p, row + 2, ws.proj, N);
+      if (perturbed) squeeze_sample(pert, p, row + 2, ws.proj, N);
     }
     if (perturbed)  // n + gamma n', both through the same operator A(t)
-      for (int64_t i = 0; i < CHW; ++i) pert[i] = e[i] + p.perturb * pert[i];
-    store_sample(p, b, f, e, perturbed ? pert : e, row[0], row[1], ws.row);
+      for (int64_t i = 0; i < CN; ++i) pert[i] = e[i] + p.perturb * pert[i];
+    store_sample(p, b, f0, nf, e, perturbed ? pert : e, row[0], row[1], ws.row);
   }
 }
 

@@ -50,6 +50,13 @@ struct NoiseProblem {
   const float* weights = nullptr;
   float gammas[2] = {1.f, 1.f};
   bool per_sample_norm = false;
+  // The spatio-temporal spectrum (NoiseSpec(temporal=True), docs/design.md section 6): T_w is a 3-D
+  // filter of each (b, c) F x H x W volume, weights are [draws, F, H, W] (DC = bin (0, 0, 0), the
+  // volume's mean) and N divides each volume by its std. The work items are then whole samples
+  // b in [0, batch) instead of (b, f) slices, since the transform along F couples the frames.
+  // Only the CPU kernel implements it; false (the default) is the per-frame problem above, and the
+  // shared glue (csrc/ops_common.cpp) refuses a temporal problem for the CUDA kernels.
+  bool temporal = false;
 
   // White noise: the canonical stream (seed, offset), or the caller's draws when noise[d].data is set.
   uint64_t seed = 0, offset = 0;
