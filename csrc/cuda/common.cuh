@@ -45,6 +45,14 @@ __device__ __forceinline__ const float* coef_row(const NoiseProblem& p, int64_t 
   return p.coef + t * (2 + p.k);
 }
 
+// Input perturbation (DDPM-IP, problem.h): add_noise with perturb != 0 puts n + perturb n' into x_t,
+// n' = A(t) eps' with eps' draw d of the stream in counter word 2 = draws + d (never the caller's
+// noise); shaped_noise and the step have none. The kernels that take it have a kPert template flag,
+// so their perturb == 0 instantiations are the code without it.
+__host__ __device__ __forceinline__ bool perturbed(const NoiseProblem& p) {
+  return p.perturb != 0.f && p.x0.data != nullptr && p.step_params == nullptr;
+}
+
 // Element `lane` (0..3, known only at run time) of a 4-vector without dynamic register indexing.
 __device__ __forceinline__ float pick4(const float v[4], int lane) {
   return lane == 0 ? v[0] : (lane == 1 ? v[1] : (lane == 2 ? v[2] : v[3]));
@@ -412,9 +420,12 @@ struct Quad {
 };
 
 // KA (0, 2 or 8): the most axes handled (k <= KA; KA = 0 compiles the no-squeeze case only).
-template <int K, int KA, bool kVec, class Fetch>
+// kPert: fetch_p(c, e) gives the perturbation's channel c (not squeezed, like fetch's); x_t gets
+// S (n + perturb n'), the target n alone. n' is fetched again in the squeeze's second pass instead of
+// kept in registers (the cache of n is what the register budget is sized for).
+template <int K, int KA, bool kVec, bool kPert, class Fetch, class FetchP>
 __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slice& b, int64_t hw0, int n,
-                                               const QuadPos& pos, Fetch fetch) {
+                                               const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
   const int C = (int)p.channels, k = p.k;
   bool valid;
   const float* row = coef_row(p, b.b, valid);
@@ -426,7 +437,8 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
     fetch(c, q.v);
     return q;
   };
-  auto emit = [&](int c, const float nz_in[4]) {
+  // pz: the squeezed perturbation of channel c (kPert only)
+  auto emit = [&](int c, const float nz_in[4], const float pz[4]) {
     float nz[4];
 #pragma unroll
     for (int l = 0; l < 4; ++l) nz[l] = valid ? nz_in[l] : nan;
@@ -435,6 +447,9 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
       load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
 #pragma unroll
       for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
+      if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);
       store_quad<kVec>(p.x_t, b, c, hw0, n, pos, xt);
       store_quad<kVec>(p.out, b, c, hw0, n, pos, tg);
     } else {
@@ -442,12 +457,17 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
     }
   };
   if (KA == 0 || k == 0) {  // no squeeze (the CPU kernel skips it too, so s = 0 stays bit-exact)
-    for (int c = 0; c < C; ++c) emit(c, load(c).v);
+    for (int c = 0; c < C; ++c) {
+      Quad e = load(c), e_p;
+      if (kPert) fetch_p(c, e_p.v);
+      emit(c, e.v, e_p.v);
+    }
     return;
   }
   // Two passes over the channels: the projections u_i = v_i . e, then S e per channel.
   constexpr int KU = KA > 0 ? KA : 1;
-  float u[KU][4];
+  constexpr int KP = kPert ? KU : 1;
+  float u[KU][4], u_p[KP][4];
 #pragma unroll
   for (int i = 0; i < KU; ++i)
 #pragma unroll
@@ -462,18 +482,43 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
         for (int l = 0; l < 4; ++l) u[i][l] += v * e.v[l];
       }
   });
+  if (kPert) {  // the perturbation's projections (same order as the CPU's apply_channels)
+#pragma unroll
+    for (int i = 0; i < KP; ++i)
+#pragma unroll
+      for (int l = 0; l < 4; ++l) u_p[i][l] = 0.f;
+    for (int c = 0; c < C; ++c) {
+      float e[4];
+      fetch_p(c, e);
+#pragma unroll
+      for (int i = 0; i < KP; ++i)
+        if (i < k) {
+          const float v = __ldg(p.axes + c * k + i);
+#pragma unroll
+          for (int l = 0; l < 4; ++l) u_p[i][l] += v * e[l];
+        }
+    }
+  }
   channels_cached<K>(C, cache, load, [&](int c, const Quad& e) {
-    float s[4];
+    float s[4], s_p[4];
 #pragma unroll
     for (int l = 0; l < 4; ++l) s[l] = sc.g * e.v[l];
+    if (kPert) {
+      fetch_p(c, s_p);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) s_p[l] *= sc.g;
+    }
 #pragma unroll
     for (int i = 0; i < KU; ++i)
       if (i < k) {
         const float coef = sc.f_minus_g[i] * __ldg(p.axes + c * k + i);
 #pragma unroll
         for (int l = 0; l < 4; ++l) s[l] += coef * u[i][l];
+        if (kPert)
+#pragma unroll
+          for (int l = 0; l < 4; ++l) s_p[l] += coef * u_p[kPert ? i : 0][l];
       }
-    emit(c, s);
+    emit(c, s, s_p);
   });
 }
 
@@ -500,9 +545,10 @@ __device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t
   return s;
 }
 
-template <int KA, class Value>
+// kPert: value_p(c) gives the perturbation's channel c (not squeezed); x_t gets S (n + perturb n').
+template <int KA, bool kPert, class Value, class ValueP>
 __device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const SampleCoef& sc, const Slice& b, int64_t h,
-                                                int64_t w, Value value) {
+                                                int64_t w, Value value, ValueP value_p) {
   const int C = (int)p.channels, k = KA == 0 ? 0 : p.k;
   const float nan = __int_as_float(0x7fc00000);
   const bool mixing = p.x0.data != nullptr;
@@ -510,11 +556,17 @@ __device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const Sam
 #pragma unroll
   for (int c = 0; c < 4; ++c) x0v[c] = (mixing && c < C) ? load_elem(p.x0, elem_at(p.x0, b, c, h, w)) : 0.f;
   constexpr int KU = KA > 0 ? KA : 1;
-  float u[KU];
+  constexpr int KP = kPert ? KU : 1;
+  float u[KU], u_p[KP];
 #pragma unroll
   for (int i = 0; i < KU; ++i) u[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < KP; ++i) u_p[i] = 0.f;
   if (k > 0)
-    for (int c = 0; c < C; ++c) project_add(u, p.axes, c, k, value(c));
+    for (int c = 0; c < C; ++c) {
+      project_add(u, p.axes, c, k, value(c));
+      if (kPert) project_add(u_p, p.axes, c, k, value_p(c));
+    }
   auto emit = [&](int c, float x0) {
     float nz = value(c);
     if (k > 0) nz = apply_matrix(sc.sc, nz, p.axes, c, k, u);
@@ -522,6 +574,11 @@ __device__ __forceinline__ void add_noise_pixel(const NoiseProblem& p, const Sam
     if (mixing) {
       float xt, tg;
       mix(sc.a, sc.bc, x0, nz, p.target, xt, tg);
+      if (kPert) {  // x_t from n + perturb n' (the CPU kernel's store_sample)
+        float pz = value_p(c);
+        if (k > 0) pz = apply_matrix(sc.sc, pz, p.axes, c, k, u_p);
+        xt = sc.a * x0 + sc.bc * (nz + p.perturb * pz);
+      }
       store_elem(p.x_t, elem_at(p.x_t, b, c, h, w), xt);
       store_elem(p.out, elem_at(p.out, b, c, h, w), tg);
     } else {
@@ -1055,7 +1112,8 @@ struct SpectralGeom {
   FastDiv dGen;                         // Hs * W / 4 + 2: Philox counters per slab plane (generate_segments)
   FftStages sw, sh;                     // the row (length W) and column (length H) FFT stages
   int nbuf;           // plane buffers: 3 with spectral weights (row, row / column ping-pong, column), else 1
-  uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_red, off_part, off_stat, smem;
+  // off_pert: the input perturbation's finished slab [C][Hs * W] (perturbed problems only)
+  uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_pert, off_red, off_part, off_stat, smem;
 };
 
 // Padded pitch of lines of n floats: n rounded up to 5 (mod 32). Consecutive lines then start 5 banks
@@ -1064,8 +1122,11 @@ struct SpectralGeom {
 // weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages' index maps).
 __host__ __device__ __forceinline__ int line_pitch(int n) { return n + ((5 - n % 32) + 32) % 32; }
 
-inline void fused_layout(SpectralGeom& g, bool spectral, int draws) {
+// perturb: the kernel also filters the input perturbation's draws (first, into off_pert), so the
+// sums' per-draw row partials are kept for twice the draws.
+inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb = false) {
   const int R = g.R;
+  const int passes = perturb ? 2 * draws : draws;  // filtered draws (each with its own sums)
   g.Hs = g.H / R;
   g.Ws = g.W / R;
   g.Wp = line_pitch(g.W);
@@ -1092,14 +1153,20 @@ inline void fused_layout(SpectralGeom& g, bool spectral, int draws) {
   o = align_up(o + 4 * (size_t)g.nbuf * planes * g.PS, 16);
   g.off_acc = (uint32_t)o;
   o = align_up(o + (draws > 1 ? 4 * (size_t)g.C * g.Hs * g.W : 0), 16);
+  g.off_pert = (uint32_t)o;
+  o = align_up(o + (perturb ? 4 * (size_t)g.C * g.Hs * g.W : 0), 16);
   g.off_red = (uint32_t)o;                     // the sums' row totals of the whole sample [C][H]
   o = align_up(o + 8 * (size_t)g.C * g.H, 16);
-  g.off_part = (uint32_t)o;                    // the slab's row sums per draw and statistic [3 draws][C][Hs]
-  o = align_up(o + 8 * 3 * (size_t)draws * g.C * g.Hs, 16);
+  g.off_part = (uint32_t)o;                    // the slab's row sums per draw and statistic [3 passes][C][Hs]
+  o = align_up(o + 8 * 3 * (size_t)passes * g.C * g.Hs, 16);
   g.off_stat = (uint32_t)o;                    // mean, total (double), scale, dc term (float) per channel
   o = align_up(o + 24 * (size_t)g.C, 16);
   g.smem = (uint32_t)o;
 }
+
+// Two-pass path: the filter's sets of CTAs and the workspace's [slices, C, H, W] sets (the noise, and
+// the input perturbation's second set for perturbed problems).
+inline int two_pass_sets(const NoiseProblem& p) { return perturbed(p) ? 2 : 1; }
 
 // Two-pass filter kernel: twiddles, two tiles of `tile` complex elements, the reduction scratch.
 struct TileLayout {
@@ -1126,16 +1193,23 @@ __host__ __device__ __forceinline__ TileLayout tile_layout(int H, int W, int til
 // 2 (k <= 2) / 1.
 // ---------------------------------------------------------------------------------------------
 __host__ __device__ constexpr int fast_min_blocks(int ck) { return ck > 4 ? 2 : 3; }
+
+// Whether add_noise_fast<CK, k> also takes the input perturbation: it keeps the perturbation's CK x 4
+// values and k projections in registers too, which fits its budget without spilling for CK k <= 6
+// (ptxas sm_90: <4, 2> spilled 32 B at 80 registers, <16, 1> and <16, 2> 0.6-1.5 KB at 128, also when
+// drawing the perturbation again instead of keeping it); the others run the general kernel.
+__host__ __device__ constexpr bool fast_perturb_ok(int ck, int k) { return ck * k <= 6; }
 __host__ __device__ constexpr int elementwise_min_blocks(int k_cache, int ka, bool vec) {
   return k_cache > 4 || ka > 2 ? 1 : (vec ? 3 : 2);
 }
 
 // The channel count of the straight-line kernel add_noise_fast<CK, k> for this problem, or 0 for the
 // general one: generated noise of one draw (no caller noise, not the two-pass workspace), vectorised
-// I/O, k <= 2, C in {1, 2, 3, 4, 16}.
+// I/O, k <= 2, C in {1, 2, 3, 4, 16}; with the input perturbation only where fast_perturb_ok.
 inline int fast_channels(const NoiseProblem& p, bool two_pass_input, bool vec) {
   if (two_pass_input || p.noise[0].data != nullptr || !vec || p.k > 2 || p.step_params != nullptr) return 0;
   const int64_t C = p.channels;
+  if (perturbed(p) && !fast_perturb_ok((int)C, p.k)) return 0;
   return (C >= 1 && C <= 4) || C == 16 ? (int)C : 0;
 }
 

@@ -13,8 +13,9 @@ namespace {
 constexpr int kThreads = kElementwiseThreads;
 
 // K: channels kept in registers between the squeeze's two passes (more are fetched again);
-// KA: the most squeeze axes handled (0: no squeeze).
-template <int K, int KA, bool kVec>
+// KA: the most squeeze axes handled (0: no squeeze); kPert: input perturbation (common.cuh,
+// perturbed): n' from draw D of the stream, or the two-pass workspace's second set.
+template <int K, int KA, bool kVec, bool kPert>
 __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec)) add_noise_elementwise(const NoiseProblem p, const float* ws) {
   const int64_t HW = p.height * p.width, C = p.channels;
   const int64_t quads = (HW + 3) / 4, total = p.batch * p.frames * quads;
@@ -31,19 +32,21 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
     const int64_t hw0 = 4 * j;
     const int n = (int)(HW - hw0 < 4 ? HW - hw0 : 4);
     const QuadPos pos = kVec ? QuadPos{} : quad_pos(hw0, dw);
+    auto read_ws = [&](const float* src, float e[4]) {
+      if (ws_vec) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        e[0] = v.x;
+        e[1] = v.y;
+        e[2] = v.z;
+        e[3] = v.w;
+      } else {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) e[l] = l < n ? src[l] : 0.f;
+      }
+    };
     auto fetch = [&](int c, float e[4]) {
       if (ws != nullptr) {  // two-pass: filtered, normalised and scaled already
-        const float* src = ws + (b * C + c) * HW + hw0;  // [slices, C, H, W]
-        if (ws_vec) {
-          const float4 v = *reinterpret_cast<const float4*>(src);
-          e[0] = v.x;
-          e[1] = v.y;
-          e[2] = v.z;
-          e[3] = v.w;
-        } else {
-#pragma unroll
-          for (int l = 0; l < 4; ++l) e[l] = l < n ? src[l] : 0.f;
-        }
+        read_ws(ws + (b * C + c) * HW + hw0, e);  // [slices, C, H, W]
         return;
       }
       if (p.noise[0].data != nullptr) {
@@ -54,7 +57,16 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
 #pragma unroll
       for (int l = 0; l < 4; ++l) e[l] *= gamma;  // a scalar spatial gain (x 1 is exact)
     };
-    add_noise_quad<K, KA, kVec>(p, sl, hw0, n, pos, fetch);
+    auto fetch_p = [&](int c, float e[4]) {  // the perturbation: never the caller's noise
+      if (ws != nullptr) {  // the workspace's second set [slices, C, H, W]
+        read_ws(ws + ((p.batch * p.frames + b) * C + c) * HW + hw0, e);
+        return;
+      }
+      stream_quad(st, (uint32_t)p.draws, stream_index(p, sl, c, hw0), n, e);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) e[l] *= gamma;
+    };
+    add_noise_quad<K, KA, kVec, kPert>(p, sl, hw0, n, pos, fetch, fetch_p);
     b += stride_b;
     j += stride_j;
     if (j >= quads) {
@@ -71,7 +83,10 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
 // and one 16-byte (fp32) / 8-byte (16-bit) load and two stores per channel. The operation order is
 // add_noise_quad's (the CPU kernel's). A bad timestep makes the gain NaN, so every output but an x0
 // target is NaN (as in the general kernel).
-template <int CK, int KK>
+// kPert: input perturbation (add_noise only): per channel a second Philox call gives n' (draw word
+// D = 1), squeezed like n (its channels in registers between the squeeze's passes too); x_t =
+// a x0 + b (n + perturb n'), the target from n. Only where that fits the budget (fast_perturb_ok).
+template <int CK, int KK, bool kPert>
 __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(const NoiseProblem p) {
   constexpr int KU = KK > 0 ? KK : 1;
   const int64_t HW = p.height * p.width, quads = HW / 4, F = p.frames, total = p.batch * F * quads;
@@ -113,7 +128,8 @@ __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(
     // channel strides further
     const int64_t o_x0 = p.x0.slice_offset(sl.b, sl.f) + hw0, o_xt = p.x_t.slice_offset(sl.b, sl.f) + hw0,
                   o_out = p.out.slice_offset(sl.b, sl.f) + hw0;
-    auto emit = [&](int c, const float (&nz)[4]) {
+    // nz: the noise of channel c; pz: its squeezed perturbation (kPert only)
+    auto emit = [&](int c, const float (&nz)[4], const float (&pz)[4]) {
       if (!mixing) {
         store4(p.out, o_out + c * p.out.stride[1], nz);
         return;
@@ -122,31 +138,47 @@ __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(
       load4(p.x0, o_x0 + c * p.x0.stride[1], x0);
       if (eps_target) {
 #pragma unroll
-        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * nz[l];
+        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (kPert ? nz[l] + p.perturb * pz[l] : nz[l]);
         store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
         store4(p.out, o_out + c * p.out.stride[1], nz);
       } else {
 #pragma unroll
         for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
+        if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
+#pragma unroll
+          for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);
         store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
         store4(p.out, o_out + c * p.out.stride[1], tg);
       }
     };
+    // the perturbation's white noise of channel c: draw word D (= 1: one draw on this path)
+    auto draw_p = [&](int c, float (&e)[4]) {
+      cuda_randn4(st.seed, ctr + (uint64_t)c * cstep, (uint32_t)p.draws, e);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) e[l] *= gain;
+    };
     if (KK == 0) {  // no squeeze: each channel is finished as soon as it is drawn
 #pragma unroll
       for (int c = 0; c < CK; ++c) {
-        float e[4];
+        float e[4], e_p[4];
         cuda_randn4(st.seed, ctr + (uint64_t)c * cstep, 0u, e);
 #pragma unroll
         for (int l = 0; l < 4; ++l) e[l] *= gain;
-        emit(c, e);
+        if (kPert) draw_p(c, e_p);
+        emit(c, e, e_p);
       }
     } else {  // S(t) e: the projections u_i = v_i . e, then g e_c + sum_i (f_i - g) v_ci u_i
-      float e[CK][4], u[KU][4];
+      static_assert(!kPert || fast_perturb_ok(CK, KK), "a perturbed variant that spills");
+      constexpr int KP = kPert ? KU : 1, CP = kPert ? CK : 1;
+      float e[CK][4], u[KU][4], e_p[CP][4], u_p[KP][4];
 #pragma unroll
       for (int i = 0; i < KU; ++i)
 #pragma unroll
         for (int l = 0; l < 4; ++l) u[i][l] = 0.f;
+#pragma unroll
+      for (int i = 0; i < KP; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) u_p[i][l] = 0.f;
 #pragma unroll
       for (int c = 0; c < CK; ++c) {
         cuda_randn4(st.seed, ctr + (uint64_t)c * cstep, 0u, e[c]);
@@ -156,19 +188,35 @@ __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(
         for (int i = 0; i < KU; ++i)
 #pragma unroll
           for (int l = 0; l < 4; ++l) u[i][l] += axis(c, i) * e[c][l];
+        if (kPert) {
+          float t[4];
+          draw_p(c, t);
+#pragma unroll
+          for (int i = 0; i < KP; ++i)
+#pragma unroll
+            for (int l = 0; l < 4; ++l) u_p[i][l] += axis(c, i) * t[l];
+#pragma unroll
+          for (int l = 0; l < 4; ++l) e_p[kPert ? c : 0][l] = t[l];
+        }
       }
 #pragma unroll
       for (int c = 0; c < CK; ++c) {
-        float s[4];
+        float s[4], s_p[4];
 #pragma unroll
         for (int l = 0; l < 4; ++l) s[l] = sc_g * e[c][l];
+        if (kPert)
+#pragma unroll
+          for (int l = 0; l < 4; ++l) s_p[l] = sc_g * e_p[kPert ? c : 0][l];
 #pragma unroll
         for (int i = 0; i < KU; ++i) {
           const float coef = fmg[i] * axis(c, i);
 #pragma unroll
           for (int l = 0; l < 4; ++l) s[l] += coef * u[i][l];
+          if (kPert)
+#pragma unroll
+            for (int l = 0; l < 4; ++l) s_p[l] += coef * u_p[kPert ? i : 0][l];
         }
-        emit(c, s);
+        emit(c, s, s_p);
       }
     }
     b += stride_b;
@@ -208,23 +256,44 @@ __global__ void __launch_bounds__(kThreads, KA > 2 ? 1 : 2) ddpm_step_elementwis
   }
 }
 
+template <int K, int KA, bool kPert>
+void launch_add_variant(const NoiseProblem& p, const float* ws, bool vec, const ElementwiseLaunch& L,
+                        cudaStream_t stream) {
+  if (vec) {
+    add_noise_elementwise<K, KA, true, kPert><<<L.grid, L.threads, 0, stream>>>(p, ws);
+  } else {
+    add_noise_elementwise<K, KA, false, kPert><<<L.grid, L.threads, 0, stream>>>(p, ws);
+  }
+}
+
 template <int K, int KA>
 void launch_add(const NoiseProblem& p, const float* ws, bool vec, const ElementwiseLaunch& L, cudaStream_t stream) {
-  if (vec) {
-    add_noise_elementwise<K, KA, true><<<L.grid, L.threads, 0, stream>>>(p, ws);
+  if (perturbed(p)) {
+    launch_add_variant<K, KA, true>(p, ws, vec, L, stream);
   } else {
-    add_noise_elementwise<K, KA, false><<<L.grid, L.threads, 0, stream>>>(p, ws);
+    launch_add_variant<K, KA, false>(p, ws, vec, L, stream);
+  }
+}
+
+// (fast_channels sends the perturbed problems that fast_perturb_ok excludes to the general kernel, so
+// those variants are not instantiated.)
+template <int CK, bool kPert>
+void launch_fast_variant(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
+  if (p.k == 0) {
+    add_noise_fast<CK, 0, kPert><<<L.grid, L.threads, 0, stream>>>(p);
+  } else if (p.k == 1) {
+    if constexpr (!kPert || fast_perturb_ok(CK, 1)) add_noise_fast<CK, 1, kPert><<<L.grid, L.threads, 0, stream>>>(p);
+  } else {
+    if constexpr (!kPert || fast_perturb_ok(CK, 2)) add_noise_fast<CK, 2, kPert><<<L.grid, L.threads, 0, stream>>>(p);
   }
 }
 
 template <int CK>
 void launch_fast(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
-  if (p.k == 0) {
-    add_noise_fast<CK, 0><<<L.grid, L.threads, 0, stream>>>(p);
-  } else if (p.k == 1) {
-    add_noise_fast<CK, 1><<<L.grid, L.threads, 0, stream>>>(p);
+  if (perturbed(p)) {
+    launch_fast_variant<CK, true>(p, L, stream);
   } else {
-    add_noise_fast<CK, 2><<<L.grid, L.threads, 0, stream>>>(p);
+    launch_fast_variant<CK, false>(p, L, stream);
   }
 }
 

@@ -11,6 +11,8 @@
 // two-pass:  one CTA per (sample, channel pair) filters its complex plane through a global workspace
 //            in tiles of rows / columns that fit in shared memory, and writes the finished noise
 //            planes into the fp32 workspace [B, C, H, W]; the elementwise kernels do the rest.
+// Input perturbation: both filter the perturbation's draws too (the fused kernel in the same
+// cluster before the noise's, the two-pass filter in a second set of CTAs into a second workspace).
 #include "common.cuh"
 
 namespace anisodiff {
@@ -66,8 +68,10 @@ __device__ __forceinline__ void sample_sums(const SpectralGeom& g, double* scrat
 //      cluster barrier; gather the block's rows back; inverse row FFTs; + w(0) * mean(e) per plane
 //   3. per-plane std normalisation (statistics summed over the cluster), gains, second draw
 // then the per-pixel epilogue of the block's slab (every channel of a pixel is in this block).
-// KA: the most axes the epilogue handles (squeeze k or step_k <= KA); kStep: the ddpm_step epilogue.
-template <int KA, bool kStep>
+// KA: the most axes the epilogue handles (squeeze k or step_k <= KA); kStep: the ddpm_step epilogue;
+// kPert: input perturbation (add_noise only): the perturbation's draws D + d of the stream go through
+// the same phases first, their finished slab is kept in shared memory (pert), then the noise's draws.
+template <int KA, bool kStep, bool kPert>
 __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     fused_spectral(const NoiseProblem p, const SpectralGeom g) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -85,8 +89,9 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   float* const buf1 = buf0 + (size_t)NPL * PS;
   float* const buf2 = buf1 + (size_t)NPL * PS;
   float* acc = reinterpret_cast<float*>(smem + g.off_acc);
+  float* pert = reinterpret_cast<float*>(smem + g.off_pert);  // [C][SL], kPert only
   double* all = reinterpret_cast<double*>(smem + g.off_red);    // [C][H]
-  double* part = reinterpret_cast<double*>(smem + g.off_part);  // [3 draws][C][Hs], read by peers
+  double* part = reinterpret_cast<double*>(smem + g.off_part);  // [3 passes][C][Hs], read by peers
   double* mean = reinterpret_cast<double*>(smem + g.off_stat);
   double* tot = mean + C;
   float* scale = reinterpret_cast<float*>(tot + C);
@@ -101,14 +106,18 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   const PlanarLines rows{P * Hs, g.dHs, Wp, 2 * PS};
   const PlanarLines cols{P * Ws, g.dWs, Hp, 2 * PS};
   float* X = buf0;
-  for (int d = 0; d < p.draws; ++d) {
-    if (d > 0 && R > 1) cluster_barrier();  // peers may still read this block's buffers of draw d - 1
+  // pass it: draw d of the perturbation (counter word D + d) for it < D when kPert, else draw d of the noise
+  const int D = p.draws, passes = kPert ? 2 * D : D;
+  for (int it = 0; it < passes; ++it) {
+    const bool pert_pass = kPert && it < D;
+    const int d = it >= D ? it - D : it;
+    if (it > 0 && R > 1) cluster_barrier();  // peers may still read this block's buffers of the last pass
     X = buf0;
     float* scratch = buf1;  // a plane buffer no peer reads, for the sums (spectral: set below)
-    // 1. white noise of draw d
+    // 1. white noise of draw d (the perturbation's always from the stream)
     if (C & 1)
       for (int i = tid; i < SL; i += nt) X[C * PS + at(i)] = 0.f;
-    if (p.noise[d].data != nullptr) {
+    if (!pert_pass && p.noise[d].data != nullptr) {
       const TensorArg& nz = p.noise[d];
       for (int li = tid; li < C * SL; li += nt) {
         const int c = g.dSL.div(li), i = li - c * SL, hl = g.dW.div(i), w = i - hl * W;
@@ -116,14 +125,14 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       }
     } else {
       generate_segments(
-          st, (uint32_t)d, C, SL, [&](int c) { return stream_index(p, sl, c, (int64_t)r * SL); },
+          st, (uint32_t)(pert_pass ? D + d : d), C, SL, [&](int c) { return stream_index(p, sl, c, (int64_t)r * SL); },
           [&](int c, int i, float v) { X[c * PS + at(i)] = v; }, [&](int it) { return g.dGen.div(it); });
     }
     __syncthreads();
     if (spectral) {
       const float dc = __ldg(p.weights + (size_t)d * HW);
       if (dc != 0.f) {  // the planes' means (buf2 is free until the column gather)
-        sample_sums(g, reinterpret_cast<double*>(buf2), part + (size_t)(3 * d) * C * Hs, all, tot,
+        sample_sums(g, reinterpret_cast<double*>(buf2), part + (size_t)(3 * it) * C * Hs, all, tot,
                     [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
         for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (tot[c] / (double)HW));
       }
@@ -175,11 +184,11 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     // 3. per-plane normalisation (mean, then centred sum of squares, over the cluster), gains
     if (p.per_sample_norm) {
       double* sc = reinterpret_cast<double*>(scratch);
-      sample_sums(g, sc, part + (size_t)(3 * d + 1) * C * Hs, all, tot,
+      sample_sums(g, sc, part + (size_t)(3 * it + 1) * C * Hs, all, tot,
                   [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
       for (int c = tid; c < C; c += nt) mean[c] = tot[c] / (double)HW;
       __syncthreads();
-      sample_sums(g, sc, part + (size_t)(3 * d + 2) * C * Hs, all, tot, [&](int c, int hl, int w) {
+      sample_sums(g, sc, part + (size_t)(3 * it + 2) * C * Hs, all, tot, [&](int c, int hl, int w) {
         const double v = (double)X[c * PS + hl * Wp + w] - mean[c];
         return v * v;
       });
@@ -188,7 +197,15 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       for (int c = tid; c < C; c += nt) scale[c] = 1.f;
     }
     __syncthreads();
-    if (p.draws > 1) {
+    if (pert_pass) {  // the perturbation's sum_d gamma_d N(T_w eps'_d), finished
+      const float gamma = p.gammas[d];
+      for (int li = tid; li < C * SL; li += nt) {
+        const int c = g.dSL.div(li);
+        const float v = X[c * PS + at(li - c * SL)] * scale[c];
+        pert[li] = d == 0 ? v * gamma : pert[li] + gamma * v;
+      }
+      __syncthreads();
+    } else if (p.draws > 1) {
       const float gamma = p.gammas[d];
       for (int li = tid; li < C * SL; li += nt) {
         const int c = g.dSL.div(li);
@@ -210,18 +227,23 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
     if constexpr (kStep) {
       step_pixel<4, KA>(p, sl, h, w, value);
     } else {
-      add_noise_pixel<KA>(p, coef, sl, h, w, value);
+      add_noise_pixel<KA, kPert>(p, coef, sl, h, w, value, [&](int c) -> float { return pert[c * SL + i]; });
     }
   }
   if (R > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
+// A CTA per (set, slice, channel pair): set 1 (perturbed problems only, the grid's second half)
+// filters the input perturbation's draws D + d of the stream into the workspace's second half
+// [slices, C, H, W] (two_pass_sets).
 __global__ void __launch_bounds__(kSpectralThreads)
     two_pass_filter(const NoiseProblem p, const SpectralGeom g, float2* cws, float* ws) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int C = g.C, H = g.H, W = g.W, P = g.P, HW = H * W;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const int64_t bp = blockIdx.x, slice = bp / P;  // a CTA per (slice, channel pair)
+  const int64_t pairs = p.batch * p.frames * P;  // CTAs per set
+  const int set = (int64_t)blockIdx.x >= pairs ? 1 : 0;
+  const int64_t bp = (int64_t)blockIdx.x - set * pairs, slice = bp / P;
   const int c0 = 2 * (int)(bp - slice * P);
   const Slice sl = slice_of32(slice, p.frames);
   const int ncomp = c0 + 1 < C ? 2 : 1;
@@ -231,7 +253,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
   float2* ta = reinterpret_cast<float2*>(smem + L.tile_a);
   float2* tb = reinterpret_cast<float2*>(smem + L.tile_b);
   double* red = reinterpret_cast<double*>(smem + L.red);
-  float2* plane = cws + bp * (int64_t)HW;  // written and read back by this CTA only
+  float2* plane = cws + (int64_t)blockIdx.x * HW;  // written and read back by this CTA only
   const bool spectral = p.weights != nullptr;
   const Stream st = read_stream(p);
   if (spectral) {
@@ -250,7 +272,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
       float* tf = reinterpret_cast<float*>(ta);
       if (ncomp == 1)
         for (int i = tid; i < n; i += nt) tf[2 * i + 1] = 0.f;
-      if (p.noise[d].data != nullptr) {
+      if (set == 0 && p.noise[d].data != nullptr) {  // the perturbation's draws come from the stream
         const TensorArg& nz = p.noise[d];
         for (int i = tid; i < ncomp * n; i += nt) {
           const int comp = i / n, rest = i - comp * n, r = rest / W, w = rest - r * W;
@@ -258,7 +280,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
         }
       } else {
         generate_segments(
-            st, (uint32_t)d, ncomp * rr, W,
+            st, (uint32_t)(set * p.draws + d), ncomp * rr, W,
             [&](int s) {
               const int comp = s / rr, r = s - comp * rr;
               return s0 + comp * cstride + (int64_t)(h0 + r) * W;
@@ -331,7 +353,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
           const float2 v = plane[i];
           return (comp ? v.y : v.x) + add;
         });
-      float* dst = ws + (slice * C + c0 + comp) * (int64_t)HW;  // [slices, C, H, W]
+      float* dst = ws + ((set * p.batch * p.frames + slice) * C + c0 + comp) * (int64_t)HW;  // [sets, slices, C, H, W]
       for (int i = tid; i < HW; i += nt) {
         const float2 v = plane[i];
         const float x = ((comp ? v.y : v.x) + add) * s;
@@ -354,12 +376,12 @@ cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
 }
 
 // A cluster launch (cudaLaunchKernelEx with a cluster dimension) when R > 1.
-template <int KA, bool kStep>
+template <int KA, bool kStep, bool kPert>
 cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
-  cudaError_t err = allow_smem(fused_spectral<KA, kStep>, g.smem, smem_cap);
+  cudaError_t err = allow_smem(fused_spectral<KA, kStep, kPert>, g.smem, smem_cap);
   if (err != cudaSuccess) return err;
   if (g.R > kMaxPortableCluster) {
-    err = cudaFuncSetAttribute(fused_spectral<KA, kStep>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    err = cudaFuncSetAttribute(fused_spectral<KA, kStep, kPert>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
   }
   cudaLaunchConfig_t cfg = {};
@@ -374,7 +396,7 @@ cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, si
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = g.R > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, fused_spectral<KA, kStep>, p, g);
+  return cudaLaunchKernelEx(&cfg, fused_spectral<KA, kStep, kPert>, p, g);
 }
 
 }  // namespace
@@ -382,18 +404,23 @@ cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, si
 cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
   const bool step = p.step_params != nullptr;
   const int k = step ? p.step_k : p.k;
-  if (step) return k <= 2 ? launch_fused_kernel<2, true>(p, g, smem_cap, stream)
-                          : launch_fused_kernel<kMaxAxes, true>(p, g, smem_cap, stream);
-  if (k == 0) return launch_fused_kernel<0, false>(p, g, smem_cap, stream);
-  return k <= 2 ? launch_fused_kernel<2, false>(p, g, smem_cap, stream)
-                : launch_fused_kernel<kMaxAxes, false>(p, g, smem_cap, stream);
+  if (step) return k <= 2 ? launch_fused_kernel<2, true, false>(p, g, smem_cap, stream)
+                          : launch_fused_kernel<kMaxAxes, true, false>(p, g, smem_cap, stream);
+  if (perturbed(p)) {
+    if (k == 0) return launch_fused_kernel<0, false, true>(p, g, smem_cap, stream);
+    return k <= 2 ? launch_fused_kernel<2, false, true>(p, g, smem_cap, stream)
+                  : launch_fused_kernel<kMaxAxes, false, true>(p, g, smem_cap, stream);
+  }
+  if (k == 0) return launch_fused_kernel<0, false, false>(p, g, smem_cap, stream);
+  return k <= 2 ? launch_fused_kernel<2, false, false>(p, g, smem_cap, stream)
+                : launch_fused_kernel<kMaxAxes, false, false>(p, g, smem_cap, stream);
 }
 
 cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
                                    float2* cws, float* ws, cudaStream_t stream) {
   const cudaError_t err = allow_smem(two_pass_filter, smem, smem_cap);
   if (err != cudaSuccess) return err;
-  two_pass_filter<<<(unsigned)(p.batch * p.frames * g.P), kSpectralThreads, smem, stream>>>(p, g, cws, ws);
+  two_pass_filter<<<(unsigned)(two_pass_sets(p) * p.batch * p.frames * g.P), kSpectralThreads, smem, stream>>>(p, g, cws, ws);
   return cudaGetLastError();
 }
 
