@@ -431,3 +431,34 @@ def test_compiled_op_checks_the_temporal_arguments(schedule):
         torch.ops.anisodiff.add_noise(torch.randn(2, 3, 3, 4, 6), *common, args.weights, *tail, 2, 0, stream, None)
     with pytest.raises(RuntimeError, match="normalize: expected 0"):
         torch.ops.anisodiff.add_noise(x0, *common, args.weights, *tail, 3, 0, stream, None)
+
+
+@requires_compiled
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_kernel_every_instruction_set(capability, monkeypatch, schedule):
+    if capability not in ad.build_info()["cpu_capabilities_compiled"]:
+        pytest.skip(f"{capability} not compiled on this platform")
+    spec = _kernel_spec("two_indep+offset", 3)
+    x0 = torch.randn(2, 3, 5, 9, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([999, 300])
+    ref = ad.add_noise(x0, t, spec, schedule, seed=SEED, input_perturbation=0.1, backend="reference")
+    monkeypatch.setenv("ANISODIFF_CPU_CAPABILITY", capability)
+    out = ad.add_noise(x0, t, spec, schedule, seed=SEED, input_perturbation=0.1, backend="cpu")
+    close(out[0], ref[0])
+    close(out[1], ref[1])
+
+
+@requires_compiled
+def test_cpu_kernel_thread_count_does_not_change_the_noise(schedule):
+    spec = _kernel_spec("hdm+pl_per_sample", 3)
+    x0 = torch.randn(6, 3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ad.add_noise(x0, t, spec, schedule, seed=SEED, backend="cpu")
+        torch.set_num_threads(2)
+        two = ad.add_noise(x0, t, spec, schedule, seed=SEED, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
