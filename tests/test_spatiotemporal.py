@@ -462,3 +462,13 @@ def test_cpu_kernel_thread_count_does_not_change_the_noise(schedule):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@requires_compiled
+def test_cpu_kernel_under_torch_compile(schedule):
+    """fullgraph: the temporal lowering (keyed on F) is a trace-time constant like the per-frame one."""
+    spec = _kernel_spec("hdm+pl_per_sample", 3)
+    x0, t = torch.randn(2, 3, 4, 8, 8), torch.tensor([3, 700])
+    compiled = torch.compile(lambda x, ts: ad.add_noise(x, ts, spec, schedule, seed=SEED), fullgraph=True)
+    got, eager = compiled(x0, t), ad.add_noise(x0, t, spec, schedule, seed=SEED, backend="cpu")
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
