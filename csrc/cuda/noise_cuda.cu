@@ -9,6 +9,7 @@
 #include <climits>
 
 #include "common.cuh"
+#include "spectral_pow2.cuh"
 
 namespace anisodiff {
 namespace cuda {
@@ -66,6 +67,19 @@ bool vec_ok(const NoiseProblem& p, bool reads_noise) {
   bool ok = quad_ok(p.x0, p) && quad_ok(p.x_t, p) && quad_ok(p.out, p);
   if (reads_noise) ok = ok && quad_ok(p.noise[0], p);
   return ok;
+}
+
+bool force_general_fused() {
+  const char* env = getenv("ANISODIFF_CUDA_PATH");
+  return env != nullptr && strcmp(env, "fused_general") == 0;
+}
+
+// The power-of-two fused kernel's name (template arguments as in the sources).
+const char* pow2_kernel_name(const NoiseProblem& p, bool vec) {
+  if (p.step_params != nullptr) return "fused_spectral_pow2<KA=2,step=1,vec=0>";
+  static const char* names[2][2] = {{"fused_spectral_pow2<KA=0,step=0,vec=0>", "fused_spectral_pow2<KA=0,step=0,vec=1>"},
+                                    {"fused_spectral_pow2<KA=2,step=0,vec=0>", "fused_spectral_pow2<KA=2,step=0,vec=1>"}};
+  return names[p.k == 0 ? 0 : 1][vec ? 1 : 0];
 }
 
 bool force_two_pass() {
@@ -210,6 +224,19 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
                  "backends take any size)";
     return plan;
   }
+  Pow2Geom pg;
+  if (!force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 && pow2_geometry(p, pg) &&
+      pg.smem <= plan.smem_limit) {
+    plan.path = Path::kFused;
+    plan.pow2 = true;
+    plan.smem_bytes = pg.smem;
+    plan.kernel = pow2_kernel_name(p, vec_ok(p, false));
+    plan.grid = (unsigned)(S * pg.P);
+    plan.block = pg.threads;
+    plan.cluster = pg.P;
+    plan.rows_per_block = (int)H;
+    return plan;
+  }
   if (C * HW <= INT_MAX / 2 && !force_two_pass()) {
     const int forced = fused_cluster_forced(H, W);
     const int64_t target = (int64_t)kFusedTargetBlocksPerSm * (sms > 0 ? sms : 1);
@@ -273,6 +300,11 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kElementwise:
       return launch_elementwise(p, nullptr, vec_ok(p, true), sm_count(device), stream);
     case Path::kFused:
+      if (plan.pow2) {
+        Pow2Geom pg;
+        if (!pow2_geometry(p, pg)) return cudaErrorInvalidValue;
+        return launch_fused_pow2(p, pg, vec_ok(p, false), plan.smem_limit, stream);
+      }
       return launch_fused(p, geometry(p, 0, plan.cluster), plan.smem_limit, stream);
     case Path::kTwoPass: {
       if (workspace == nullptr) return cudaErrorInvalidValue;

@@ -6,6 +6,10 @@
 //   elementwise  no spectral weights and no per-sample normalisation: one thread per 4 pixels of a
 //                sample (one Philox call serves 4 lanes), every channel, squeeze + mix in registers.
 //   fused        spectral weights or per-sample normalisation, and a slab of the sample fits in shared
+//                memory. Power-of-two planes of 256 - 8192 pixels (C <= 16, k <= 2) take
+//                fused_spectral_pow2 (noise_spectral_pow2.cu: a block per complex plane, FFT passes in
+//                registers); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
+//                ANISODIFF_CUDA_CLUSTER forces it):
 //                memory: one cluster of R <= 8 blocks per sample (a slab of H / R rows each), 2-D FFTs
 //                with transposes through distributed shared memory, then the per-pixel epilogue.
 //   two_pass     the planes do not fit: one CTA per (sample, channel pair) filters through a global
@@ -42,6 +46,8 @@ struct LaunchPlan {
   const char* kernel2 = nullptr;
   unsigned grid2 = 0;
   int block2 = 0;
+  // Fused path: the power-of-two kernel (cluster = complex planes, block = H W / 8 threads).
+  bool pow2 = false;
 };
 
 // Chooses the path for `p` on `device` (the current device). The environment variable

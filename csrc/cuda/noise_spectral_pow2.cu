@@ -1,0 +1,425 @@
+// The fused spectral kernel for power-of-two planes (H, W powers of two, 256 <= H W <= 8192: SD / SDXL
+// latents at 32 - 64 pixels, CIFAR / ImageNet-32 / 64 pixel images): one CLUSTER per slice (sample,
+// frame) with one block per complex plane (channels 2q, 2q + 1 as real and imaginary parts: T_w is a
+// real operator, so they separate exactly) and HW / 8 threads per block. Every thread holds 8 complex
+// values per FFT pass in registers: it reads them, the block synchronises, it writes the radix-8 / 4 / 2
+// results (in place: every read of a pass is done before any write), so a plane needs one buffer and
+// the passes cost one shared-memory read and write per element each. Sizes are powers of two, so every
+// index is a shift or a mask. Layout: a plane is float2 [H][W + 1]; consecutive threads take
+// neighbouring lines (rows: consecutive h; columns: consecutive w), which the odd pitch makes
+// conflict-free for 8-byte accesses. The weights multiply the last forward column pass's outputs in
+// registers; the DC bin is applied outside the FFT (w(0) * mean(e), the mean from the forward DFT's bin
+// 0, as every backend); the per-plane statistics come from the last inverse pass's registers. Then the
+// cluster synchronises and block q runs the epilogue of its share of the slice's pixel quads, reading
+// every channel through distributed shared memory (the squeeze mixes channels).
+// The general kernel (noise_spectral.cu: any size, row slabs per block) serves the other problems.
+#include "spectral_pow2.cuh"
+
+namespace anisodiff {
+namespace cuda {
+namespace {
+
+// exp(-2 pi i e / 128), e < 128, rounded from double (as the CPU plan's tables); tw_pow2 reads the
+// table of any n = 2^ln <= 128 as every (128 / n)-th entry. Global (read through L1): the threads of a
+// warp read different entries, which the constant cache would serialise.
+__device__ const float2 kTwiddle128[128] = {
+    {1.f, 0.f}, {0.99879545f, -0.0490676761f}, {0.99518472f, -0.0980171412f}, {0.989176512f, -0.146730468f},
+    {0.980785251f, -0.195090324f}, {0.970031261f, -0.242980182f}, {0.956940353f, -0.290284663f}, {0.941544056f, -0.336889863f},
+    {0.923879504f, -0.382683426f}, {0.903989315f, -0.427555084f}, {0.881921291f, -0.471396744f}, {0.857728601f, -0.514102757f},
+    {0.831469595f, -0.555570245f}, {0.803207517f, -0.59569931f}, {0.773010433f, -0.634393275f}, {0.740951121f, -0.671558976f},
+    {0.707106769f, -0.707106769f}, {0.671558976f, -0.740951121f}, {0.634393275f, -0.773010433f}, {0.59569931f, -0.803207517f},
+    {0.555570245f, -0.831469595f}, {0.514102757f, -0.857728601f}, {0.471396744f, -0.881921291f}, {0.427555084f, -0.903989315f},
+    {0.382683426f, -0.923879504f}, {0.336889863f, -0.941544056f}, {0.290284663f, -0.956940353f}, {0.242980182f, -0.970031261f},
+    {0.195090324f, -0.980785251f}, {0.146730468f, -0.989176512f}, {0.0980171412f, -0.99518472f}, {0.0490676761f, -0.99879545f},
+    {0.f, -1.f}, {-0.0490676761f, -0.99879545f}, {-0.0980171412f, -0.99518472f}, {-0.146730468f, -0.989176512f},
+    {-0.195090324f, -0.980785251f}, {-0.242980182f, -0.970031261f}, {-0.290284663f, -0.956940353f}, {-0.336889863f, -0.941544056f},
+    {-0.382683426f, -0.923879504f}, {-0.427555084f, -0.903989315f}, {-0.471396744f, -0.881921291f}, {-0.514102757f, -0.857728601f},
+    {-0.555570245f, -0.831469595f}, {-0.59569931f, -0.803207517f}, {-0.634393275f, -0.773010433f}, {-0.671558976f, -0.740951121f},
+    {-0.707106769f, -0.707106769f}, {-0.740951121f, -0.671558976f}, {-0.773010433f, -0.634393275f}, {-0.803207517f, -0.59569931f},
+    {-0.831469595f, -0.555570245f}, {-0.857728601f, -0.514102757f}, {-0.881921291f, -0.471396744f}, {-0.903989315f, -0.427555084f},
+    {-0.923879504f, -0.382683426f}, {-0.941544056f, -0.336889863f}, {-0.956940353f, -0.290284663f}, {-0.970031261f, -0.242980182f},
+    {-0.980785251f, -0.195090324f}, {-0.989176512f, -0.146730468f}, {-0.99518472f, -0.0980171412f}, {-0.99879545f, -0.0490676761f},
+    {-1.f, 0.f}, {-0.99879545f, 0.0490676761f}, {-0.99518472f, 0.0980171412f}, {-0.989176512f, 0.146730468f},
+    {-0.980785251f, 0.195090324f}, {-0.970031261f, 0.242980182f}, {-0.956940353f, 0.290284663f}, {-0.941544056f, 0.336889863f},
+    {-0.923879504f, 0.382683426f}, {-0.903989315f, 0.427555084f}, {-0.881921291f, 0.471396744f}, {-0.857728601f, 0.514102757f},
+    {-0.831469595f, 0.555570245f}, {-0.803207517f, 0.59569931f}, {-0.773010433f, 0.634393275f}, {-0.740951121f, 0.671558976f},
+    {-0.707106769f, 0.707106769f}, {-0.671558976f, 0.740951121f}, {-0.634393275f, 0.773010433f}, {-0.59569931f, 0.803207517f},
+    {-0.555570245f, 0.831469595f}, {-0.514102757f, 0.857728601f}, {-0.471396744f, 0.881921291f}, {-0.427555084f, 0.903989315f},
+    {-0.382683426f, 0.923879504f}, {-0.336889863f, 0.941544056f}, {-0.290284663f, 0.956940353f}, {-0.242980182f, 0.970031261f},
+    {-0.195090324f, 0.980785251f}, {-0.146730468f, 0.989176512f}, {-0.0980171412f, 0.99518472f}, {-0.0490676761f, 0.99879545f},
+    {0.f, 1.f}, {0.0490676761f, 0.99879545f}, {0.0980171412f, 0.99518472f}, {0.146730468f, 0.989176512f},
+    {0.195090324f, 0.980785251f}, {0.242980182f, 0.970031261f}, {0.290284663f, 0.956940353f}, {0.336889863f, 0.941544056f},
+    {0.382683426f, 0.923879504f}, {0.427555084f, 0.903989315f}, {0.471396744f, 0.881921291f}, {0.514102757f, 0.857728601f},
+    {0.555570245f, 0.831469595f}, {0.59569931f, 0.803207517f}, {0.634393275f, 0.773010433f}, {0.671558976f, 0.740951121f},
+    {0.707106769f, 0.707106769f}, {0.740951121f, 0.671558976f}, {0.773010433f, 0.634393275f}, {0.803207517f, 0.59569931f},
+    {0.831469595f, 0.555570245f}, {0.857728601f, 0.514102757f}, {0.881921291f, 0.471396744f}, {0.903989315f, 0.427555084f},
+    {0.923879504f, 0.382683426f}, {0.941544056f, 0.336889863f}, {0.956940353f, 0.290284663f}, {0.970031261f, 0.242980182f},
+    {0.980785251f, 0.195090324f}, {0.989176512f, 0.146730468f}, {0.99518472f, 0.0980171412f}, {0.99879545f, 0.0490676761f},
+};
+
+__device__ __forceinline__ float2 tw_pow2(int e, int ln, float sg) {
+  const float2 t = __ldg(&kTwiddle128[e << (7 - ln)]);
+  return make_float2(t.x, sg * t.y);
+}
+
+// t, hidden from the optimiser: a stage's addresses are recomputed per stage (a few integer
+// instructions) instead of hoisted out of the draw loop for every inlined stage at once, which spilled.
+__device__ __forceinline__ int opaque(int t) {
+#if defined(ANISO_CUDA_EMULATOR)
+  return t;
+#else
+  int r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(t));
+  return r;
+#endif
+}
+
+// In-register DFTs of a[o .. o + R) in natural output order (forward: sg = 1, exp(-2 pi i / R)).
+__device__ __forceinline__ void dft2(float2& a0, float2& a1) {
+  const float2 s = cadd(a0, a1);
+  a1 = csub(a0, a1);
+  a0 = s;
+}
+
+__device__ __forceinline__ void dft8(float2 (&a)[8], int o, float sg) {
+  float2 e0 = a[o], e1 = a[o + 2], e2 = a[o + 4], e3 = a[o + 6];
+  float2 o0 = a[o + 1], o1 = a[o + 3], o2 = a[o + 5], o3 = a[o + 7];
+  dft4(e0, e1, e2, e3, sg);
+  dft4(o0, o1, o2, o3, sg);
+  const float h = 0.707106781186547524f;  // forward w8 = (1 - i) / sqrt 2; the inverse conjugates
+  const float2 w1 = make_float2(h * (o1.x + sg * o1.y), h * (o1.y - sg * o1.x));
+  const float2 w2 = make_float2(sg * o2.y, -sg * o2.x);
+  const float2 w3 = make_float2(h * (sg * o3.y - o3.x), -h * (o3.y + sg * o3.x));
+  a[o] = cadd(e0, o0);
+  a[o + 4] = csub(e0, o0);
+  a[o + 1] = cadd(e1, w1);
+  a[o + 5] = csub(e1, w1);
+  a[o + 2] = cadd(e2, w2);
+  a[o + 6] = csub(e2, w2);
+  a[o + 3] = cadd(e3, w3);
+  a[o + 7] = csub(e3, w3);
+}
+
+// The plane's lines for one FFT direction: rows (n = W, lines along w) or columns (n = H).
+struct Pow2Lines {
+  int ln;        // log2 of the line length
+  int lcount;    // log2 of the number of lines
+  int lstride;   // buffer offset between neighbouring lines
+  int estride;   // buffer offset between neighbouring elements of a line
+};
+
+// Radix of each stage of a line of 2^ln: 8s first, then one 4 or 2 (as fft_factorize).
+__device__ __forceinline__ int stage_radix(int lleft) { return lleft >= 3 ? 8 : (lleft == 2 ? 4 : 2); }
+__device__ __forceinline__ int radix_log2(int R) { return R == 8 ? 3 : (R == 4 ? 2 : 1); }
+
+// Output i (< 8) of thread t in a radix-R stage of span ns: its line and element. Butterfly u = i / R of
+// thread t is idx = t + u T (consecutive threads take neighbouring lines), output r = i % R.
+template <int R>
+__device__ __forceinline__ void stage_output(const Pow2Lines& L, int ns, int t, int T, int i, int& line, int& elem) {
+  const int idx = t + (i / R) * T, j = idx >> L.lcount, k = j & (ns - 1);
+  line = idx & ((1 << L.lcount) - 1);
+  elem = (j - k) * R + k + (i % R) * ns;
+}
+
+// One radix-R Stockham stage (span ns) over every line of the plane in buf, in place: each thread reads
+// the inputs of its 8 / R butterflies into a, applies the twiddles and the DFTs, last(a) sees the
+// outputs (weights, DC bin), the block synchronises (every read done), and unless keep the outputs go
+// back to buf (then the block synchronises again).
+template <int R, class Last>
+__device__ __forceinline__ void fft_stage(float2* buf, const Pow2Lines& L, int ns, float sg, int t, int T,
+                                          float2 (&a)[8], bool keep, Last last) {
+  t = opaque(t);
+  const int m = (1 << L.ln) / R, tstep = (1 << L.ln) / (ns * R);
+#pragma unroll
+  for (int u = 0; u < 8 / R; ++u) {
+    const int idx = t + u * T, l = idx & ((1 << L.lcount) - 1), j = idx >> L.lcount, k = j & (ns - 1);
+    const float2* in = buf + l * L.lstride + j * L.estride;
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[u * R + r] = in[r * m * L.estride];
+    if (ns > 1)
+#pragma unroll
+      for (int r = 1; r < R; ++r) a[u * R + r] = cmul(a[u * R + r], tw_pow2(r * k * tstep, L.ln, sg));
+    if (R == 8) {
+      dft8(a, 0, sg);
+    } else if (R == 4) {
+      dft4(a[u * 4], a[u * 4 + 1], a[u * 4 + 2], a[u * 4 + 3], sg);
+    } else {
+      dft2(a[u * 2], a[u * 2 + 1]);
+    }
+  }
+  last(a);
+  __syncthreads();
+  if (keep) return;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    int line, elem;
+    stage_output<R>(L, ns, t, T, i, line, elem);
+    buf[line * L.lstride + elem * L.estride] = a[i];
+  }
+  __syncthreads();
+}
+
+// The last stage of a line of 2^ln: its radix and span.
+__device__ __forceinline__ void last_stage(int ln, int& R, int& ns) {
+  int left = ln;
+  ns = 1;
+  R = stage_radix(left);
+  while (left > radix_log2(R)) {
+    left -= radix_log2(R);
+    ns *= R;
+    R = stage_radix(left);
+  }
+}
+
+// Every stage of one direction over the plane. The last stage's outputs stay in a (not written) when
+// keep_last; last(a, R, ns) runs on them first (weights, DC bin: stage_output<R> gives their place).
+template <class Last>
+__device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, float sg, int t, int T, bool keep_last,
+                                               float2 (&a)[8], Last last) {
+  int ns = 1;
+  for (int left = L.ln; left > 0;) {
+    const int R = stage_radix(left);
+    left -= radix_log2(R);
+    const bool fin = left == 0, keep = fin && keep_last;
+    auto post = [&](float2 (&x)[8]) {
+      if (fin) last(x, R, ns);
+    };
+    if (R == 8) fft_stage<8>(buf, L, ns, sg, t, T, a, keep, post);
+    else if (R == 4) fft_stage<4>(buf, L, ns, sg, t, T, a, keep, post);
+    else fft_stage<2>(buf, L, ns, sg, t, T, a, keep, post);
+    ns *= R;
+  }
+}
+
+// Buffer position of output i of thread t in the last row stage (radix R, span ns).
+__device__ __forceinline__ int row_output_pos(const Pow2Lines& rows, int R, int ns, int t, int T, int i) {
+  int line, elem;
+  if (R == 8) stage_output<8>(rows, ns, t, T, i, line, elem);
+  else if (R == 4) stage_output<4>(rows, ns, t, T, i, line, elem);
+  else stage_output<2>(rows, ns, t, T, i, line, elem);
+  return line * rows.lstride + elem;
+}
+
+// The slice's launch: block q of the cluster of slice s = blockIdx.x / P owns complex plane q
+// (channels 2q, 2q + 1). Per set (n; n' of the input perturbation) and draw d:
+//   1. white noise of the plane into buf (caller's noise for set 0 when given)
+//   2. T_w: row FFTs, column FFTs with the weights (DC bin zeroed, its value kept for w(0) mean(e)),
+//      inverse columns, inverse rows kept in registers; + w(0) mean(e)
+//   3. per-plane normalisation from the registers (statistics in double), gain; into buf (one draw,
+//      one set) or summed into acc[set]
+// then the cluster synchronises and each block runs the epilogue of its share of the quads (pixels for
+// the step), reading every plane through DSMEM.
+template <int KA, bool kStep, bool kVec, bool kPert>
+__global__ void __launch_bounds__(kStep ? kPow2MaxStepThreads : kPow2MaxThreads, 1)
+    fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int lh = g.lh, lw = g.lw, H = 1 << lh, W = 1 << lw, HW = H * W, Wp = g.pitch, P = g.P;
+  const int t = threadIdx.x, T = g.threads;
+  const int64_t slice = blockIdx.x / P;
+  const int q = (int)(blockIdx.x - slice * P);
+  const Slice sl = slice_of32(slice, p.frames);
+  const int C = (int)p.channels, c0 = 2 * q;
+  const bool has_im = c0 + 1 < C;
+  float2* const buf = reinterpret_cast<float2*>(smem);
+  float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
+  double* const red = reinterpret_cast<double*>(smem + g.off_red);
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // bin 0 of the forward DFT (re, im)
+  const size_t plane = (size_t)H * Wp;
+  const Stream st = read_stream(p);
+  const bool spectral = p.weights != nullptr;
+  const Pow2Lines rows{lw, lh, Wp, 1};
+  const Pow2Lines cols{lh, lw, 1, Wp};
+  const float inv = 1.0f / (float)HW;
+  float2 v[8];
+  int last_r, last_ns;  // the last row stage: where the thread's values of v sit in the plane
+  last_stage(lw, last_r, last_ns);
+  auto pos = [&](int i) {  // (recomputed where used: hoisted, the 8 positions spilled)
+    const int tt = opaque(t);
+    if (spectral) return row_output_pos(rows, last_r, last_ns, tt, T, i);
+    const int px = tt + i * T;
+    return (px >> lw) * Wp + (px & (W - 1));
+  };
+  for (int s = 0; s < g.sets; ++s) {
+    for (int d = 0; d < p.draws; ++d) {
+      if (s > 0 || d > 0) __syncthreads();  // the previous draw's reads of buf are done
+      // 1. white noise: quad u of thread t is row (t + u T) % H, columns 4 ((t + u T) / H) + 0..3
+      const TensorArg& nz = p.noise[d];
+      const bool given = s == 0 && nz.data != nullptr;
+      const uint32_t word = (uint32_t)(s * p.draws + d);
+#pragma unroll 1  // unrolled, the four Philox calls' live ranges overlap and spill at 64 registers
+      for (int u = 0; u < 2; ++u) {
+        const int qi = t + u * T, h = qi & (H - 1), w0 = (qi >> lh) << 2;
+        float re[4], im[4] = {0.f, 0.f, 0.f, 0.f};
+        if (given) {
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            re[l] = load_elem(nz, elem_at(nz, sl, c0, h, w0 + l));
+            if (has_im) im[l] = load_elem(nz, elem_at(nz, sl, c0 + 1, h, w0 + l));
+          }
+        } else {
+          const int64_t i0 = stream_index(p, sl, c0, (int64_t)h * W + w0);  // a multiple of 4
+          cuda_randn4(st.seed, st.offset + (uint64_t)(i0 >> 2), word, re);
+          if (has_im) cuda_randn4(st.seed, st.offset + (uint64_t)((i0 + (int64_t)p.frames * HW) >> 2), word, im);
+        }
+#pragma unroll
+        for (int l = 0; l < 4; ++l) buf[h * Wp + w0 + l] = make_float2(re[l], im[l]);
+      }
+      __syncthreads();
+      // 2. the spatial filter
+      float dc_re = 0.f, dc_im = 0.f;
+      if (spectral) {
+        const float* wd = p.weights + (size_t)d * HW;
+        const float dc = __ldg(wd);
+        auto none = [](float2(&)[8], int, int) {};
+        fft_lines_pow2(buf, rows, 1.f, t, T, false, v, none);
+        fft_lines_pow2(buf, cols, 1.f, t, T, false, v, [&](float2 (&a)[8], int R, int ns) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {  // column line = w, element el = h
+            int w, h;
+            if (R == 8) stage_output<8>(cols, ns, t, T, i, w, h);
+            else if (R == 4) stage_output<4>(cols, ns, t, T, i, w, h);
+            else stage_output<2>(cols, ns, t, T, i, w, h);
+            if ((w | h) == 0) {
+              misc[0] = a[i].x;  // sum(e) of both channels: w(0) mean(e) is added after the inverse
+              misc[1] = a[i].y;
+              a[i] = make_float2(0.f, 0.f);
+            } else {
+              const float wv = __ldg(wd + (h << lw) + w) * inv;
+              a[i] = make_float2(a[i].x * wv, a[i].y * wv);
+            }
+          }
+        });
+        fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none);
+        fft_lines_pow2(buf, rows, -1.f, t, T, true, v, none);
+        if (dc != 0.f) {  // misc was written before the column passes' barriers
+          dc_re = dc * (misc[0] * inv);
+          dc_im = dc * (misc[1] * inv);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = buf[pos(i)];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = make_float2(v[i].x + dc_re, v[i].y + dc_im);
+      // 3. per-plane normalisation: 1 / (std + 1e-8), statistics in double (the CPU's normalize_plane)
+      float sc_re = 1.f, sc_im = 1.f;
+      if (p.per_sample_norm) {
+        double s_re = 0.0, s_im = 0.0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          s_re += (double)v[i].x;
+          s_im += (double)v[i].y;
+        }
+        const double m_re = block_sum(s_re, red) / (double)HW;
+        const double m_im = block_sum(s_im, red) / (double)HW;
+        double q_re = 0.0, q_im = 0.0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const double a = (double)v[i].x - m_re, b = (double)v[i].y - m_im;
+          q_re += a * a;
+          q_im += b * b;
+        }
+        sc_re = (float)(1.0 / (sqrt(block_sum(q_re, red) / (double)HW) + 1e-8));
+        sc_im = (float)(1.0 / (sqrt(block_sum(q_im, red) / (double)HW) + 1e-8));
+      }
+      const float gamma = p.gammas[d];
+      if (!g.acc) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) buf[pos(i)] = make_float2((v[i].x * sc_re) * gamma, (v[i].y * sc_im) * gamma);
+      } else {
+        float2* as = acc + s * plane;  // only this thread's positions: no barrier between draws
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float2 x = make_float2(v[i].x * sc_re, v[i].y * sc_im);
+          float2& y = as[pos(i)];
+          y = d == 0 ? make_float2(x.x * gamma, x.y * gamma) : make_float2(y.x + gamma * x.x, y.y + gamma * x.y);
+        }
+      }
+    }
+  }
+  if (P > 1) cluster_barrier(); else __syncthreads();  // every plane of the slice is finished
+  // 4. epilogue: block q's share of the slice's quads (pixels for the step), every channel
+  float2* const fin = g.acc ? acc : buf;
+  auto plane_of = [&](int c) -> const float2* {
+    float2* base = fin;
+    return P > 1 ? cluster_peer(base, (unsigned)(c >> 1)) : base;
+  };
+  if constexpr (kStep) {
+    const int per = (HW + P - 1) / P, end = (q + 1) * per < HW ? (q + 1) * per : HW;
+    for (int px = q * per + t; px < end; px += T) {
+      const int h = px >> lw, w = px & (W - 1), at = h * Wp + w;
+      step_pixel<4, KA>(p, sl, h, w, [&](int c) {
+        const float2 z = plane_of(c)[at];
+        return (c & 1) ? z.y : z.x;
+      });
+    }
+  } else {
+    const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
+    for (int qi = q * per + t; qi < end; qi += T) {
+      const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;
+      QuadPos qp;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        qp.h[l] = h;
+        qp.w[l] = w + l;
+      }
+      add_noise_quad<4, KA, kVec, kPert>(
+          p, sl, hw0, 4, qp,
+          [&](int c, float out[4]) {
+            const float2* z = plane_of(c) + at;
+#pragma unroll
+            for (int l = 0; l < 4; ++l) out[l] = (c & 1) ? z[l].y : z[l].x;
+          },
+          [&](int c, float out[4]) {
+            const float2* z = plane_of(c) + plane + at;  // acc[1]: the perturbation's set
+#pragma unroll
+            for (int l = 0; l < 4; ++l) out[l] = (c & 1) ? z[l].y : z[l].x;
+          });
+    }
+  }
+  if (P > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
+}
+
+template <int KA, bool kStep, bool kVec, bool kPert>
+cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
+  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert>;
+  if (g.smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 (int)(smem_cap > g.smem ? smem_cap : g.smem));
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)(p.batch * p.frames * g.P), 1, 1);
+  cfg.blockDim = dim3((unsigned)g.threads, 1, 1);
+  cfg.dynamicSmemBytes = g.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)g.P;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = g.P > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, p, g);
+}
+
+}  // namespace
+
+cudaError_t launch_fused_pow2(const NoiseProblem& p, const Pow2Geom& g, bool vec, size_t smem_cap,
+                              cudaStream_t stream) {
+  if (p.step_params != nullptr) return launch_pow2_kernel<2, true, false, false>(p, g, smem_cap, stream);
+  const bool pert = g.sets > 1;
+  if (p.k == 0) {
+    if (pert) return vec ? launch_pow2_kernel<0, false, true, true>(p, g, smem_cap, stream)
+                         : launch_pow2_kernel<0, false, false, true>(p, g, smem_cap, stream);
+    return vec ? launch_pow2_kernel<0, false, true, false>(p, g, smem_cap, stream)
+               : launch_pow2_kernel<0, false, false, false>(p, g, smem_cap, stream);
+  }
+  if (pert) return vec ? launch_pow2_kernel<2, false, true, true>(p, g, smem_cap, stream)
+                       : launch_pow2_kernel<2, false, false, true>(p, g, smem_cap, stream);
+  return vec ? launch_pow2_kernel<2, false, true, false>(p, g, smem_cap, stream)
+             : launch_pow2_kernel<2, false, false, false>(p, g, smem_cap, stream);
+}
+
+}  // namespace cuda
+}  // namespace anisodiff
