@@ -218,6 +218,10 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1>"
     assert (plan["grid"], plan["block"], plan["cluster"]) == (128, 512, 2)
     assert json.loads(emu.plan(64, 4, 64, 64, False, 1, True, 0))["kernel"].startswith(POW2)  # norm only
+    # the perturbed epilogue is compiled for 512 threads (128 registers): planes up to 4096 pixels
+    assert json.loads(emu.plan(2, 4, 64, 64, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)
+    assert not json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)
+    assert json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1))["kernel"].startswith(POW2)
     monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", "2")
     assert json.loads(emu.plan(64, 4, 64, 64, True, 1, False, 1))["kernel"].startswith("fused_spectral<")
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER")

@@ -225,7 +225,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     return plan;
   }
   Pow2Geom pg;
-  if (!force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 && pow2_geometry(p, pg) &&
+  if (!force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 && pow2_geometry(p, vec_ok(p, false), pg) &&
       pg.smem <= plan.smem_limit) {
     plan.path = Path::kFused;
     plan.pow2 = true;
@@ -302,7 +302,7 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kFused:
       if (plan.pow2) {
         Pow2Geom pg;
-        if (!pow2_geometry(p, pg)) return cudaErrorInvalidValue;
+        if (!pow2_geometry(p, vec_ok(p, false), pg)) return cudaErrorInvalidValue;
         return launch_fused_pow2(p, pg, vec_ok(p, false), plan.smem_limit, stream);
       }
       return launch_fused(p, geometry(p, 0, plan.cluster), plan.smem_limit, stream);

@@ -14,8 +14,12 @@ constexpr int kPow2MinPixels = 256;
 constexpr int kPow2MaxPixels = 8192;
 constexpr int kPow2MaxSide = 128;  // the twiddle table's length (kTwiddle128)
 constexpr int kPow2MaxThreads = kPow2MaxPixels / 8;
-// The ddpm_step epilogue needs more registers: at most 512 threads (128 registers each), H W <= 4096.
-constexpr int kPow2MaxStepThreads = 512;
+// Threads per block the variant is compiled for (__launch_bounds__): 1024 leaves 64 registers, which
+// the vectorised add_noise / shaped_noise epilogue fits; the step, the perturbed and the scalar-I/O
+// epilogues need more (they spilled 8 - 140 B at 64) and get 128 registers at 512 threads (H W <= 4096).
+__host__ __device__ constexpr int pow2_max_threads(bool step, bool pert, bool vec) {
+  return step || pert || !vec ? kPow2MaxThreads / 2 : kPow2MaxThreads;
+}
 
 struct Pow2Geom {
   int lh = 0, lw = 0;  // log2 H, log2 W
@@ -33,17 +37,17 @@ inline int log2_exact(int64_t n) {
   return n > 0 && ((int64_t)1 << l) == n ? l : -1;
 }
 
-// Whether the power-of-two kernel runs p (spectral weights or per-sample normalisation are the
+// Whether the power-of-two kernel runs p (vec: its tensors take vectorised I/O, vec_ok; spectral weights or per-sample normalisation are the
 // caller's condition), and its geometry in g.
-inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
+inline bool pow2_geometry(const NoiseProblem& p, bool vec, Pow2Geom& g) {
   const int64_t H = p.height, W = p.width, HW = H * W;
   const int lh = log2_exact(H), lw = log2_exact(W);
   if (lh < 1 || lw < 2 || H > kPow2MaxSide || W > kPow2MaxSide || HW < kPow2MinPixels || HW > kPow2MaxPixels)
     return false;
   const int64_t P = (p.channels + 1) / 2;
   if (P < 1 || P > kMaxPortableCluster) return false;
+  if (HW / 8 > pow2_max_threads(p.step_params != nullptr, perturbed(p), vec)) return false;
   if ((p.step_params != nullptr ? p.step_k : p.k) > 2) return false;
-  if (p.step_params != nullptr && HW / 8 > kPow2MaxStepThreads) return false;
   if (p.batch * p.frames * P > (int64_t)INT_MAX) return false;
   g.lh = lh;
   g.lw = lw;
@@ -57,7 +61,7 @@ inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
   g.off_acc = o;
   o = align_up(o + (g.acc ? g.sets * plane : 0), 16);
   g.off_red = o;
-  o = align_up(o + 8 * 32, 16);
+  o = align_up(o + 16 * 32, 16);  // block_sum2: 2 doubles per warp
   g.off_misc = o;
   o = align_up(o + 4 * 4, 16);
   g.smem = o;
