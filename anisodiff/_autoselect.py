@@ -56,7 +56,7 @@ BACKEND_FEATURES: dict[str, frozenset] = {
     "reference": frozenset(FEATURES),
     "cpu": frozenset(FEATURES),  # temporal: whole samples as work items, the FFT along F (csrc/cpu)
     "triton": frozenset({"frames", "perturb"}),  # temporal: not yet (its programs hold H x W planes)
-    "cuda": frozenset({"frames"}),  # perturb: not yet (csrc/cuda/ops_cuda.cpp refuses it)
+    "cuda": frozenset({"frames", "perturb"}),  # temporal: not yet (the kernels filter H x W planes)
 }
 
 

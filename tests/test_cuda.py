@@ -362,6 +362,81 @@ def test_video_tensors(kind, layout, schedule, path):
     cuda_close(got[1], want[1])
 
 
+# input perturbation (DDPM-IP): x_t = a x0 + b (n + g n'), n' from the stream's draws D + d
+PERTURB_SHAPES = [(3, 1, 8, 8), (3, 3, 8, 8), (2, 4, 12, 10), (2, 3, 7, 9), (2, 16, 8, 8), (2, 5, 8, 8),
+                  (2, 3, 32, 32), (2, 4, 64, 64), (1, 3, 59, 61), (2, 3, 2, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", PERTURB_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["iso", "sdm", "hdm", "sdm_pos", "pl_neg", "two_indep", "sdm+pl_pos",
+                                  "hdm+band"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_perturbation_matches_cpu_and_reference(shape, kind, dtype, schedule, path):
+    """Every CUDA path (add_noise_fast, the general elementwise kernel, fused, two-pass) with the
+    perturbation against the CPU kernel and the reference; the target does not depend on it."""
+    C = shape[1]
+    k = 2 if kind in ("hdm", "sdm_pos") and C > 2 else 1
+    spec = make_spec(kind, C, k=k, normalize="per_sample" if "two" in kind else "calibrated")
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    t = torch.tensor([999, 40, 500][:shape[0]])
+    for target in ("epsilon", "v"):
+        kw = dict(seed=SEED, offset=OFFSET, target=target, input_perturbation=0.3)
+        try:
+            ref = ad.add_noise(x0, t, spec, schedule, backend="reference", **kw)
+        except ValueError:  # a band with no bin on a tiny grid
+            return
+        cpu = ad.add_noise(x0, t, spec, schedule, backend="cpu", **kw)
+        out = api(ad.add_noise, x0.to(DEV), t.to(DEV), spec, schedule, backend="cuda", **kw)
+        for got, want, r in zip(out, cpu, ref):
+            cuda_close(got, want, dtype)
+            cuda_close(got, r, dtype)
+        plain = ad.add_noise(x0.to(DEV), t.to(DEV), spec, schedule, backend="cuda", seed=SEED, offset=OFFSET,
+                             target=target)
+        cuda_close(out[1], plain[1], dtype)  # the target from n alone
+        assert (out[0].float() - plain[0].float()).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("kind", ["sdm", "hdm", "sdm+pl_neg", "sdm+two_indep"])
+def test_input_perturbation_uses_draws_D_plus_d(kind, schedule, path):
+    """(x_t / b - target) / g with x0 = 0 is n' alone: A(t) of the stream's draws D + d (shaped by the
+    CUDA kernel from those white draws), far from A(t) of the draws d of n or of D + d + 1."""
+    shape = (2, 4, 16, 16)
+    spec = make_spec(kind, 4, k=2 if kind == "hdm" else 1,
+                     normalize="per_sample" if "two" in kind else "calibrated")
+    t = torch.tensor([500, 200])
+    gamma = 0.5
+    x_t, tgt = api(ad.add_noise, torch.zeros(shape, device=DEV), t.to(DEV), spec, schedule, seed=SEED,
+                   offset=OFFSET, input_perturbation=gamma, backend="cuda")
+    b = (1 - schedule.alphas_cumprod[t]).double().sqrt().view(-1, 1, 1, 1)
+    measured = (x_t.cpu().double() / b - tgt.cpu().double()) / gamma
+    D = spec.draws
+
+    def shaped(first):
+        white = torch.stack([R.white_noise(shape, SEED, OFFSET, draw=first + d) for d in range(D)])
+        white = white if D > 1 else white[0]
+        return ad.apply_operator(white.to(DEV), spec, timesteps=t.to(DEV), schedule=schedule,
+                                 backend="cuda").cpu().double()
+
+    right = shaped(D)
+    assert (measured - right).abs().max().item() < 2e-4 * right.abs().max().item()
+    for wrong in (0, D + 1):
+        assert (measured - shaped(wrong)).abs().max().item() > 0.5
+
+
+def test_input_perturbation_with_caller_noise(schedule, path):
+    """Caller eps makes n; n' still comes from the stream (as on the CPU)."""
+    spec = make_spec("sdm+two_indep", 3, normalize="per_sample")
+    x0 = torch.randn(2, 3, 16, 16)
+    eps = torch.randn(2, 2, 3, 16, 16)
+    t = torch.tensor([999, 10])
+    kw = dict(noise=eps, seed=SEED, offset=OFFSET, input_perturbation=0.4)
+    cpu = ad.add_noise(x0, t, spec, schedule, backend="cpu", **kw)
+    kw["noise"] = eps.to(DEV)
+    out = api(ad.add_noise, x0.to(DEV), t.to(DEV), spec, schedule, backend="cuda", **kw)
+    cuda_close(out[0], cpu[0])
+    cuda_close(out[1], cpu[1])
+
+
 def test_nan_in_x0_stays_local(schedule, path):
     spec = make_spec("sdm+pl_neg", 3)
     x0 = torch.randn(2, 3, 8, 8)

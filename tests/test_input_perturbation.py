@@ -165,12 +165,14 @@ def test_gradient_to_x0_is_unchanged(backend, schedule):
 # backend choice and errors
 # ---------------------------------------------------------------------------------------------
 def test_auto_and_named_backends():
-    """CUDA lacks it; Triton has it, and "auto" takes Triton for elementwise specs only (the perturbed
-    spectral kernel's registers are not measured yet)."""
+    """Every kernel backend has it; on a GPU "auto" takes the CUDA kernels, and without them Triton
+    for elementwise specs only (its perturbed spectral kernel's registers are not measured yet)."""
     avail = ["cuda", "triton", "reference"]
-    assert "perturb" not in _autoselect.BACKEND_FEATURES["cuda"]
-    assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8), ("perturb",)) == "triton"
-    assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8), ("perturb",)) == "reference"
+    assert all("perturb" in _autoselect.BACKEND_FEATURES[b] for b in ("cpu", "triton", "cuda"))
+    assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8), ("perturb",)) == "cuda"
+    assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8), ("perturb",)) == "cuda"
+    assert _autoselect.choose("cuda", "elementwise", avail[1:], (3, 8, 8), ("perturb",)) == "triton"
+    assert _autoselect.choose("cuda", "spectral", avail[1:], (3, 8, 8), ("perturb",)) == "reference"
     assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8)) == "cuda"
 
 

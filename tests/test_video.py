@@ -341,10 +341,12 @@ def test_auto_skips_backends_without_video_or_perturbation():
     assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8)) == "cuda"
     assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8), ("frames",)) == "cuda"
     assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8), ("frames",)) == "cuda"
-    assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8), ("perturb",)) == "reference"
-    assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8), ("frames", "perturb")) == "triton"
+    assert _autoselect.choose("cuda", "spectral", avail, (3, 8, 8), ("perturb",)) == "cuda"
+    assert _autoselect.choose("cuda", "elementwise", avail, (3, 8, 8), ("frames", "perturb")) == "cuda"
+    assert _autoselect.choose("cuda", "spectral", avail[1:], (3, 8, 8), ("perturb",)) == "reference"
+    assert _autoselect.choose("cuda", "elementwise", avail[1:], (3, 8, 8), ("frames", "perturb")) == "triton"
     assert _autoselect.choose("cpu", "spectral", ["cpu", "reference"], (3, 8, 8), ("frames", "perturb")) == "cpu"
-    assert _autoselect.missing_features("cuda", ("frames", "perturb")) == ["perturb"]
+    assert _autoselect.missing_features("cuda", ("frames", "perturb", "temporal")) == ["temporal"]
     assert _autoselect.missing_features("reference", _autoselect.FEATURES) == []
 
 

@@ -87,8 +87,8 @@ bool force_two_pass() {
   return env != nullptr && strcmp(env, "two_pass") == 0;
 }
 
-size_t two_pass_offset(const NoiseProblem& p) {
-  return align_up(4 * (size_t)(p.batch * p.frames) * p.channels * p.height * p.width, 256);
+size_t two_pass_offset(const NoiseProblem& p) {  // the fp32 sets [sets, slices, C, H, W] (two_pass_sets)
+  return align_up(4 * (size_t)two_pass_sets(p) * (p.batch * p.frames) * p.channels * p.height * p.width, 256);
 }
 
 SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
@@ -103,7 +103,7 @@ SpectralGeom geometry(const NoiseProblem& p, int tile, int cluster) {
   g.rows_per_tile = tile > 0 ? std::max(1, std::min(g.H, tile / g.W)) : 0;
   g.cols_per_tile = tile > 0 ? std::max(1, std::min(g.W, tile / g.H)) : 0;
   g.R = cluster > 0 ? cluster : 1;
-  if (cluster > 0) fused_layout(g, p.weights != nullptr, p.draws);
+  if (cluster > 0) fused_layout(g, p.weights != nullptr, p.draws, perturbed(p));
   return g;
 }
 
@@ -203,6 +203,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   LaunchPlan plan;
   if (p.batch == 0 || p.frames == 0 || p.channels == 0 || p.height == 0 || p.width == 0) return plan;
   const int64_t S = p.batch * p.frames;  // slices (problem.h): B x F of a [B, C, F, H, W] video
+  plan.perturbed = perturbed(p);
   plan.smem_limit = device_smem_limit(device);
   const int sms = sm_count(device);
   if (p.weights == nullptr && !p.per_sample_norm) {
@@ -212,7 +213,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   }
   // Plane kernels index a plane (and the fused kernel a whole sample) with 32-bit ints.
   const int64_t H = p.height, W = p.width, HW = H * W, C = p.channels;
-  if (HW > INT_MAX / 2 || C > INT_MAX / 2 || S * ((C + 1) / 2) > INT_MAX) {
+  if (HW > INT_MAX / 2 || C > INT_MAX / 2 || two_pass_sets(p) * S * ((C + 1) / 2) > INT_MAX) {
     plan.error = "anisodiff CUDA kernel: a plane of more than 2^30 pixels (or a batch of more than 2^31 "
                  "channel pairs) is not supported with a spectral spec or per-sample normalisation";
     return plan;
@@ -282,9 +283,9 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   plan.path = Path::kTwoPass;
   plan.smem_bytes = smem;
   plan.tile = tile;
-  plan.workspace_bytes = two_pass_offset(p) + 8 * (size_t)S * ((C + 1) / 2) * HW;
+  plan.workspace_bytes = two_pass_offset(p) + 8 * (size_t)two_pass_sets(p) * S * ((C + 1) / 2) * HW;
   plan.kernel = "two_pass_filter";
-  plan.grid = (unsigned)(S * ((C + 1) / 2));
+  plan.grid = (unsigned)(two_pass_sets(p) * S * ((C + 1) / 2));
   plan.block = kSpectralThreads;
   describe_elementwise(p, vec_ok(p, false), true, sms, plan.kernel2, plan.grid2, plan.block2);
   return plan;

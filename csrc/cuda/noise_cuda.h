@@ -14,6 +14,8 @@
 //                with transposes through distributed shared memory, then the per-pixel epilogue.
 //   two_pass     the planes do not fit: one CTA per (sample, channel pair) filters through a global
 //                fp32 workspace, then the elementwise epilogue reads it.
+// Input perturbation (NoiseProblem::perturb) runs on every path: n' = A(t) eps' is generated (and on the
+// spectral paths filtered and normalised) like n, from the stream's draws D + d.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -46,6 +48,9 @@ struct LaunchPlan {
   const char* kernel2 = nullptr;
   unsigned grid2 = 0;
   int block2 = 0;
+  // Input perturbation (add_noise with perturb != 0): the kernels' kPert instantiations run (the names
+  // above leave that template flag out), filtering the perturbation's draws too on the spectral paths.
+  bool perturbed = false;
   // Fused path: the power-of-two kernel (cluster = complex planes, block = H W / 8 threads).
   bool pow2 = false;
 };

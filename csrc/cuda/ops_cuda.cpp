@@ -17,17 +17,10 @@
 namespace anisodiff {
 namespace {
 
-// What the CUDA kernels (csrc/cuda/*.cu) do not implement yet: refused here with a clear error (and
-// skipped by backend="auto", anisodiff/_autoselect.py BACKEND_FEATURES).
-// (Video tensors [B, C, F, H, W] are slices of the kernels' grids, problem.h.)
-void check_cuda_supports(const NoiseProblem& p) {
-  TORCH_CHECK(p.perturb == 0.f, "input_perturbation: the CUDA kernels do not implement it yet; use "
-              "backend='reference' (or the CPU backend)");
-}
-
+// Video tensors [B, C, F, H, W] are slices of the kernels' grids and the input perturbation runs on
+// every path (problem.h, noise_cuda.h); what the kernels lack is refused by the shared checks.
 void launch_cuda(const PreparedOp& op, const at::Device& device) {
   const NoiseProblem& p = op.problem;
-  check_cuda_supports(p);
   if (is_empty(p)) return;
   const cuda::LaunchPlan plan = cuda::plan_launch(p, device.index());
   TORCH_CHECK(plan.error == nullptr, plan.error ? plan.error : "");

@@ -33,9 +33,10 @@ void launch_emu(const PreparedOp& op) {
 std::tuple<at::Tensor, at::Tensor> add_noise_emu(
     const at::Tensor& x0, const at::Tensor& timesteps, const at::Tensor& coef, const at::Tensor& axes,
     const std::optional<at::Tensor>& weights, at::ArrayRef<double> gammas, int64_t variant,
-    int64_t normalize, int64_t target, const at::Tensor& stream, const std::optional<at::Tensor>& noise) {
+    int64_t normalize, int64_t target, const at::Tensor& stream, const std::optional<at::Tensor>& noise,
+    double perturb) {
   PreparedOp op = prepare_add_noise(KernelDevice::cpu(), x0, timesteps, coef, axes, weights, gammas, variant,
-                                    normalize, target, stream, noise);
+                                    normalize, target, stream, noise, perturb);
   launch_emu(op);
   return {op.out0, op.out1};
 }
@@ -85,11 +86,14 @@ at::Tensor launch_log() {
 // The planner's answer for a [B, C, H, W] problem without running anything, as a JSON object:
 // path, kernel (name with template arguments as in the sources), grid, block, cluster, smem_bytes,
 // rows_per_block, tile, workspace_bytes, kernel2 / grid2 / block2 (the two-pass path's elementwise
-// second pass), error. Tensors are assumed contiguous and aligned (vectorised I/O where H*W % 4 == 0).
+// second pass), perturbed (add_noise with input perturbation `perturb`), error. Tensors are assumed
+// contiguous and aligned (vectorised I/O where H*W % 4 == 0).
 // The SM count is the emulator's (EMU_SM_COUNT); the shared-memory limit is sm_90's 227 KiB.
 std::string plan_query(int64_t B, int64_t C, int64_t H, int64_t W, bool spectral, int64_t draws,
-                       bool per_sample_norm, int64_t k, bool step, int64_t step_k, at::ScalarType dtype) {
+                       bool per_sample_norm, int64_t k, bool step, int64_t step_k, at::ScalarType dtype,
+                       double perturb) {
   NoiseProblem p;
+  p.perturb = (float)perturb;
   p.batch = B;
   p.channels = C;
   p.height = H;
@@ -131,6 +135,7 @@ std::string plan_query(int64_t B, int64_t C, int64_t H, int64_t W, bool spectral
   out += ", \"kernel2\": " + str(plan.kernel2);
   out += ", \"grid2\": " + std::to_string(plan.grid2);
   out += ", \"block2\": " + std::to_string(plan.block2);
+  out += ", \"perturbed\": " + std::string(plan.perturbed ? "true" : "false");
   out += ", \"error\": " + str(plan.error);
   return out + "}";
 }
@@ -158,9 +163,10 @@ TORCH_LIBRARY(anisodiff_emu, m) {
   m.def("launch_log() -> Tensor", &launch_log);
   m.def("last_workspace_bytes() -> int", &last_workspace_bytes);
   m.def("plan(int B, int C, int H, int W, bool spectral=True, int draws=1, bool per_sample_norm=False, int k=1, "
-        "bool step=False, int step_k=0, ScalarType dtype=float32) -> str", &plan_query);
+        "bool step=False, int step_k=0, ScalarType dtype=float32, float perturb=0.0) -> str", &plan_query);
   m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
-        "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise) -> (Tensor, Tensor)");
+        "float[] gammas, int variant, int normalize, int target, Tensor stream, Tensor? noise, "
+        "float perturb=0.0) -> (Tensor, Tensor)");
   m.def("shaped_noise(SymInt[] shape, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
         "float[] gammas, int variant, int normalize, Tensor stream, Tensor? noise, ScalarType dtype) -> Tensor");
   m.def("ddpm_step(Tensor sample, Tensor model_output, Tensor params, Tensor axes, Tensor? weights, "
