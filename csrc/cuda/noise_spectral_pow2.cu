@@ -177,6 +177,7 @@ template <class Last>
 __device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, float sg, int t, int T, bool keep_last,
                                                float2 (&a)[8], Last last) {
   int ns = 1;
+#pragma unroll  // at most 3 stages; with a compile-time size (LH, LW) every radix and span is a constant
   for (int left = L.ln; left > 0;) {
     const int R = stage_radix(left);
     left -= radix_log2(R);
@@ -231,12 +232,15 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* red) {
 //      one set) or summed into acc[set]
 // then the cluster synchronises and each block runs the epilogue of its share of the quads (pixels for
 // the step), reading every plane through DSMEM.
-template <int KA, bool kStep, bool kVec, bool kPert>
+// LH, LW: log2 of H and W fixed at compile time (the hot sizes: every index, radix and stride of the
+// passes a constant, the loads and stores immediate offsets from one base), or 0: taken from g.
+template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW>
 __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
     fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int lh = g.lh, lw = g.lw, H = 1 << lh, W = 1 << lw, HW = H * W, Wp = g.pitch, P = g.P;
-  const int t = threadIdx.x, T = g.threads;
+  const int lh = LH > 0 ? LH : g.lh, lw = LW > 0 ? LW : g.lw, H = 1 << lh, W = 1 << lw, HW = H * W;
+  const int Wp = LW > 0 ? W + 1 : g.pitch;
+  const int P = g.P, t = threadIdx.x, T = LH > 0 ? HW / 8 : g.threads;
   const int64_t slice = blockIdx.x / P;
   const int q = (int)(blockIdx.x - slice * P);
   const Slice sl = slice_of32(slice, p.frames);
@@ -406,9 +410,9 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
   if (P > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
-template <int KA, bool kStep, bool kVec, bool kPert>
+template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0>
 cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
-  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert>;
+  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW>;
   if (g.smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  (int)(smem_cap > g.smem ? smem_cap : g.smem));
@@ -429,6 +433,16 @@ cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t 
   return cudaLaunchKernelEx(&cfg, kernel, p, g);
 }
 
+// The training hot path (add_noise / shaped_noise with vectorised I/O, no perturbation) with the
+// square sizes 16, 32, 64 compiled in (pow2_fixed_size); everything else with run-time sizes.
+template <int KA>
+cudaError_t launch_pow2_hot(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
+  if (g.lh == 4 && g.lw == 4) return launch_pow2_kernel<KA, false, true, false, 4, 4>(p, g, smem_cap, stream);
+  if (g.lh == 5 && g.lw == 5) return launch_pow2_kernel<KA, false, true, false, 5, 5>(p, g, smem_cap, stream);
+  if (g.lh == 6 && g.lw == 6) return launch_pow2_kernel<KA, false, true, false, 6, 6>(p, g, smem_cap, stream);
+  return launch_pow2_kernel<KA, false, true, false>(p, g, smem_cap, stream);
+}
+
 }  // namespace
 
 cudaError_t launch_fused_pow2(const NoiseProblem& p, const Pow2Geom& g, bool vec, size_t smem_cap,
@@ -438,13 +452,11 @@ cudaError_t launch_fused_pow2(const NoiseProblem& p, const Pow2Geom& g, bool vec
   if (p.k == 0) {
     if (pert) return vec ? launch_pow2_kernel<0, false, true, true>(p, g, smem_cap, stream)
                          : launch_pow2_kernel<0, false, false, true>(p, g, smem_cap, stream);
-    return vec ? launch_pow2_kernel<0, false, true, false>(p, g, smem_cap, stream)
-               : launch_pow2_kernel<0, false, false, false>(p, g, smem_cap, stream);
+    return vec ? launch_pow2_hot<0>(p, g, smem_cap, stream) : launch_pow2_kernel<0, false, false, false>(p, g, smem_cap, stream);
   }
   if (pert) return vec ? launch_pow2_kernel<2, false, true, true>(p, g, smem_cap, stream)
                        : launch_pow2_kernel<2, false, false, true>(p, g, smem_cap, stream);
-  return vec ? launch_pow2_kernel<2, false, true, false>(p, g, smem_cap, stream)
-             : launch_pow2_kernel<2, false, false, false>(p, g, smem_cap, stream);
+  return vec ? launch_pow2_hot<2>(p, g, smem_cap, stream) : launch_pow2_kernel<2, false, false, false>(p, g, smem_cap, stream);
 }
 
 }  // namespace cuda
