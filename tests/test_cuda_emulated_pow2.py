@@ -26,7 +26,7 @@ POW2 = "fused_spectral_pow2"
 @pytest.fixture(params=ORDERS)
 def order(request, monkeypatch, emu):  # noqa: F811
     monkeypatch.setenv("EMU_ORDER", request.param)
-    monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_pow2")  # small test grids: the planner would not
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
     return request.param
 
@@ -49,10 +49,10 @@ CASES = [  # (shape, kind, k, normalize): every line length and radix sequence o
     ((2, 3, 16, 16), "pl_neg", 1, "calibrated"),       # 8 x 2 per side
     ((1, 4, 32, 32), "hdm+band", 2, "calibrated"),     # 8 x 4
     ((2, 5, 16, 32), "two_indep", 1, "per_sample"),    # odd C: a half-empty plane, two draws
-    ((1, 2, 8, 32), "sdm+pl_pos", 1, "per_sample"),    # 8 rows: lines of one radix-8 stage
+    ((2, 2, 8, 32), "sdm+pl_pos", 1, "per_sample"),    # 8 rows: lines of one radix-8 stage
     ((1, 3, 64, 64), "sdm+two_indep", 1, "calibrated"),  # 8 x 8, the goal shape's planes
     ((2, 1, 2, 128), "band", 1, "calibrated"),         # 128 = 8 x 8 x 2, columns of length 2
-    ((1, 2, 128, 4), "pl_neg", 1, "per_sample"),       # lines of 4 (one radix-4 stage), C = 2
+    ((2, 2, 128, 4), "pl_neg", 1, "per_sample"),       # lines of 4 (one radix-4 stage), C = 2
     ((1, 6, 64, 128), "sdm+pl_pos", 1, "calibrated"),  # 8192 pixels: 1024 threads per block
 ]
 
@@ -124,6 +124,7 @@ def test_pow2_dc_bin(emu, order, schedule, dc):
 
 def test_pow2_equals_general_kernel(emu, schedule, monkeypatch):
     """The power-of-two kernel and the general cluster kernel filter the same noise (float rounding)."""
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_pow2")
     shape = (2, 4, 32, 32)
     spec = make_spec("two_indep", 4, k=1, normalize="per_sample")
     common = kernel_common(spec, shape, schedule, [999, 3])
@@ -140,6 +141,7 @@ def test_pow2_equals_general_kernel(emu, schedule, monkeypatch):
 
 def test_pow2_sample_does_not_depend_on_the_batch(emu, schedule, monkeypatch):
     monkeypatch.setenv("EMU_ORDER", "rev")
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_pow2")
     shape = (3, 3, 16, 32)
     spec = make_spec("sdm+two_indep", 3, k=1)
     common = kernel_common(spec, shape, schedule, [999, 3, 500])
@@ -218,6 +220,14 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1>"
     assert (plan["grid"], plan["block"], plan["cluster"]) == (128, 512, 2)
     assert json.loads(emu.plan(64, 4, 64, 64, False, 1, True, 0))["kernel"].startswith(POW2)  # norm only
+    # fewer than 8 warps per SM (the emulator has 4 SMs) take the cluster kernel: its slabs fill more
+    small = json.loads(emu.plan(4, 3, 32, 32, True, 1, False, 1))  # 8 blocks of 4 warps: 8 per SM
+    assert small["kernel"].startswith(POW2), small
+    small = json.loads(emu.plan(2, 3, 32, 32, True, 1, False, 1))  # 4 blocks of 4 warps: 4 per SM
+    assert small["kernel"].startswith("fused_spectral<") and small["grid"] > 4, small
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_pow2")
+    assert json.loads(emu.plan(2, 3, 32, 32, True, 1, False, 1))["kernel"].startswith(POW2)
+    monkeypatch.delenv("ANISODIFF_CUDA_PATH")
     # the perturbed epilogue is compiled for 512 threads (128 registers): planes up to 4096 pixels
     assert json.loads(emu.plan(2, 4, 64, 64, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)
     assert not json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)

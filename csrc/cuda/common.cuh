@@ -419,19 +419,36 @@ struct Quad {
   float v[4];
 };
 
+// The coefficients of sample b: a_t, b_t (NaN for a bad timestep, valid = false) and S(t)'s gains.
+struct SampleCoef {
+  float a, bc;
+  bool valid;
+  SqueezeCoeffs sc;
+};
+
+__device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t b) {
+  SampleCoef s;
+  const float* row = coef_row(p, b, s.valid);
+  const float nan = __int_as_float(0x7fc00000);
+  s.a = s.valid ? __ldg(row) : nan;
+  s.bc = s.valid ? __ldg(row + 1) : nan;
+  s.sc = squeeze_coeffs(row + 2, p.k, (int)p.channels, p.variant);
+  return s;
+}
+
 // KA (0, 2 or 8): the most axes handled (k <= KA; KA = 0 compiles the no-squeeze case only).
 // kPert: fetch_p(c, e) gives the perturbation's channel c (not squeezed, like fetch's); x_t gets
 // S (n + perturb n'), the target n alone. n' is fetched again in the squeeze's second pass instead of
 // kept in registers (the cache of n is what the register budget is sized for).
+// coef: sample_coef(p, b.b), which a kernel with one sample per block computes once.
 template <int K, int KA, bool kVec, bool kPert, class Fetch, class FetchP>
-__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slice& b, int64_t hw0, int n,
-                                               const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
+__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const SampleCoef& coef, const Slice& b,
+                                               int64_t hw0, int n, const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
   const int C = (int)p.channels, k = p.k;
-  bool valid;
-  const float* row = coef_row(p, b.b, valid);
+  const bool valid = coef.valid;
   const float nan = __int_as_float(0x7fc00000);
-  const float a = valid ? __ldg(row) : nan, bc = valid ? __ldg(row + 1) : nan;
-  const SqueezeCoeffs sc = squeeze_coeffs(row + 2, k, C, p.variant);
+  const float a = coef.a, bc = coef.bc;
+  const SqueezeCoeffs& sc = coef.sc;
   auto load = [&](int c) {
     Quad q;
     fetch(c, q.v);
@@ -522,6 +539,12 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
   });
 }
 
+template <int K, int KA, bool kVec, bool kPert, class Fetch, class FetchP>
+__device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slice& b, int64_t hw0, int n,
+                                               const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
+  add_noise_quad<K, KA, kVec, kPert>(p, sample_coef(p, b.b), b, hw0, n, pos, fetch, fetch_p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Epilogue of add_noise / shaped_noise for one pixel (b, h, w) of the fused kernel: value(c) gives
 // the shaped, not yet squeezed noise of channel c (from shared memory, so it is read again instead of
@@ -529,21 +552,6 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slic
 // x0 of the first 4 channels is loaded before any store (the tensors may alias as far as the compiler
 // knows, so it could not hoist those loads itself).
 // ---------------------------------------------------------------------------------------------
-struct SampleCoef {
-  float a, bc;
-  bool valid;
-  SqueezeCoeffs sc;
-};
-
-__device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t b) {
-  SampleCoef s;
-  const float* row = coef_row(p, b, s.valid);
-  const float nan = __int_as_float(0x7fc00000);
-  s.a = s.valid ? __ldg(row) : nan;
-  s.bc = s.valid ? __ldg(row + 1) : nan;
-  s.sc = squeeze_coeffs(row + 2, p.k, (int)p.channels, p.variant);
-  return s;
-}
 
 // kPert: value_p(c) gives the perturbation's channel c (not squeezed); x_t gets S (n + perturb n').
 template <int KA, bool kPert, class Value, class ValueP>

@@ -74,6 +74,16 @@ bool force_general_fused() {
   return env != nullptr && strcmp(env, "fused_general") == 0;
 }
 
+bool force_pow2() {
+  const char* env = getenv("ANISODIFF_CUDA_PATH");
+  return env != nullptr && strcmp(env, "fused_pow2") == 0;
+}
+
+// The power-of-two kernel when its grid leaves at least this many warps resident per busy SM (issue
+// needs warps; fewer, and the cluster kernel's row slabs, 4 warps per block on up to 8 SMs per
+// sample, keep the SMs busier: B = 16 or 64 at 3 x 32 x 32, whose 4-warp blocks number 32 / 128).
+constexpr int kPow2MinWarpsPerSm = 8;
+
 // The power-of-two fused kernel's name (template arguments as in the sources).
 const char* pow2_kernel_name(const NoiseProblem& p, bool vec) {
   if (p.step_params != nullptr) return "fused_spectral_pow2<KA=2,step=1,vec=0>";
@@ -226,8 +236,9 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     return plan;
   }
   Pow2Geom pg;
-  if (!force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 && pow2_geometry(p, vec_ok(p, false), pg) &&
-      pg.smem <= plan.smem_limit) {
+  const bool pow2 = !force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 &&
+                    pow2_geometry(p, vec_ok(p, false), pg) && pg.smem <= plan.smem_limit;
+  auto take_pow2 = [&]() {
     plan.path = Path::kFused;
     plan.pow2 = true;
     plan.smem_bytes = pg.smem;
@@ -237,6 +248,10 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     plan.cluster = pg.P;
     plan.rows_per_block = (int)H;
     return plan;
+  };
+  if (pow2) {
+    const int64_t sm = sms > 0 ? sms : 1, blocks_per_sm = (S * pg.P + sm - 1) / sm;
+    if (force_pow2() || blocks_per_sm * (pg.threads / 32) >= kPow2MinWarpsPerSm) return take_pow2();
   }
   if (C * HW <= INT_MAX / 2 && !force_two_pass()) {
     const int forced = fused_cluster_forced(H, W);
@@ -269,6 +284,7 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
       return plan;
     }
   }
+  if (pow2) return take_pow2();
   // Two-pass: tiles of whole rows / columns must fit in shared memory.
   const int longest = (int)std::max(H, W);
   int tile = std::max(kMinTile, longest);

@@ -8,7 +8,8 @@
 //   fused        spectral weights or per-sample normalisation, and a slab of the sample fits in shared
 //                memory. Power-of-two planes of 256 - 8192 pixels (C <= 16, k <= 2) take
 //                fused_spectral_pow2 (noise_spectral_pow2.cu: a block per complex plane, FFT passes in
-//                registers); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
+//                registers) when its grid leaves >= 8 warps per SM (ANISODIFF_CUDA_PATH=fused_pow2 forces
+//                it); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
 //                ANISODIFF_CUDA_CLUSTER forces it):
 //                memory: one cluster of R <= 8 blocks per sample (a slab of H / R rows each), 2-D FFTs
 //                with transposes through distributed shared memory, then the per-pixel epilogue.

@@ -384,6 +384,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
       });
     }
   } else {
+    const SampleCoef coef = sample_coef(p, sl.b);  // once per block (not per quad: S(t) has k exps)
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;
@@ -394,7 +395,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
         qp.w[l] = w + l;
       }
       add_noise_quad<1, KA, kVec, kPert>(
-          p, sl, hw0, 4, qp,
+          p, coef, sl, hw0, 4, qp,
           [&](int c, float out[4]) {
             const float2* z = plane_of(c) + at;
 #pragma unroll
