@@ -426,13 +426,15 @@ struct SampleCoef {
   SqueezeCoeffs sc;
 };
 
+// KA: the most axes the caller's epilogue reads (k <= KA).
+template <int KA = kMaxAxes>
 __device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t b) {
   SampleCoef s;
   const float* row = coef_row(p, b, s.valid);
   const float nan = __int_as_float(0x7fc00000);
   s.a = s.valid ? __ldg(row) : nan;
   s.bc = s.valid ? __ldg(row + 1) : nan;
-  s.sc = squeeze_coeffs(row + 2, p.k, (int)p.channels, p.variant);
+  s.sc = squeeze_coeffs<KA>(row + 2, p.k, (int)p.channels, p.variant);
   return s;
 }
 

@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
       });
     }
   } else {
-    const SampleCoef coef = sample_coef(p, sl.b);  // once per block (not per quad: S(t) has k exps)
+    const SampleCoef coef = sample_coef<KA>(p, sl.b);  // once per block (not per quad: S(t) has k exps)
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;

@@ -18,13 +18,15 @@ struct SqueezeCoeffs {
   float f_minus_g[kMaxAxes];  // per-axis extra scale
 };
 
-// r: the k strengths r_k(t) of one sample.
+// r: the k strengths r_k(t) of one sample. KA (<= kMaxAxes): the most axes the caller reads (a GPU
+// kernel compiled for k <= 2 then has 2 exponentials in its code, not 8); entries past KA stay unset.
+template <int KA = kMaxAxes>
 ANISO_HD SqueezeCoeffs squeeze_coeffs(const float* r, int k, int channels, SqueezeVariant variant) {
   SqueezeCoeffs out;
   float sum_r = 0.f;
   for (int i = 0; i < k; ++i) sum_r += r[i];
   out.g = variant == SqueezeVariant::kHeisenberg ? expf(sum_r / (float)(channels - k)) : 1.0f;
-  for (int i = 0; i < kMaxAxes; ++i) out.f_minus_g[i] = i < k ? expf(-r[i]) - out.g : 0.f;
+  for (int i = 0; i < KA; ++i) out.f_minus_g[i] = i < k ? expf(-r[i]) - out.g : 0.f;
   return out;
 }
 
