@@ -877,10 +877,16 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         launches.append(info)
     copy_t = ideal / (MACHINE["dram_peak_Bps"] * MACHINE["copy_efficiency"])
     call_t = max(total, MACHINE["host_call_us"] * 1e-6)
+    # The launch gap every launch pays: no kernel (a copy neither) gets above copy_t / (copy_t + gaps),
+    # and the kernels' own throughput is the time without it (back-to-back launches in a CUDA graph).
+    gaps = len(launches) * MACHINE["launch_gap_us"] * 1e-6
+    work = total - gaps
     return {"path": plan["path"], "launches": launches, "ideal_bytes": ideal,
             "predicted_gpu_us": round(total * 1e6, 3), "predicted_call_us": round(call_t * 1e6, 3),
             "predicted_pct_copy_gpu": round(100 * copy_t / total, 1) if total else None,
-            "predicted_pct_copy_call": round(100 * copy_t / call_t, 1) if call_t else None}
+            "predicted_pct_copy_call": round(100 * copy_t / call_t, 1) if call_t else None,
+            "predicted_pct_copy_cap": round(100 * copy_t / (copy_t + gaps), 1),
+            "predicted_pct_copy_kernel": round(100 * copy_t / work, 1) if work > 0 else None}
 
 
 def model_triton_case(case: dict, comp: dict | None) -> dict | None:
@@ -929,11 +935,11 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
 def goal_verdicts(cases: list[dict]) -> list[dict]:
     out = []
 
-    def add(goal, case_list, ok, worst):
+    def add(goal, case_list, ok, worst, note=None):
         out.append({"goal": goal, "cases": len(case_list), "met": sum(ok(c) for c in case_list),
                     "verdict": ("PREDICTED n/a (no case in the grid)" if not case_list else
                                 "PREDICTED MET" if all(ok(c) for c in case_list) else "PREDICTED NOT MET"),
-                    "worst": worst(case_list) if case_list else None})
+                    "worst": worst(case_list) if case_list else None, **({"note": note} if note else {})})
 
     def cid(c):
         return f"{c['kind']} B={c['B']} {c['C']}x{c['H']}x{c['W']} {c['dtype']}"
@@ -946,10 +952,17 @@ def goal_verdicts(cases: list[dict]) -> list[dict]:
             min(cs, key=lambda c: c["cuda"]["predicted_pct_copy_gpu"] or 0)))
     sp = [c for c in cu if c["kind"] == "squeeze+spectral" and (c["C"], c["H"], c["W"]) in GOALS["spectral_shapes"]
           and c["B"] >= GOALS["spectral_min_batch"]]
-    for key, what in (("predicted_pct_copy_gpu", "GPU time"), ("predicted_pct_copy_call", "per eager call")):
+    capped = [c for c in sp if c["cuda"].get("predicted_pct_copy_cap", 100) < GOALS["spectral_pct_copy"]]
+    cap_note = (f"{len(capped)} of {len(sp)} cases cannot reach it at any kernel speed: the launch gap "
+                f"({MACHINE['launch_gap_us']:g} us) alone caps them below {GOALS['spectral_pct_copy']:g}% ("
+                + ", ".join(f"{cid(c)}: {c['cuda']['predicted_pct_copy_cap']}%" for c in capped) + ")") if capped else None
+    for key, what in (("predicted_pct_copy_gpu", "GPU time"), ("predicted_pct_copy_call", "per eager call"),
+                      ("predicted_pct_copy_kernel", "kernel time, the launch gap excluded")):
         add(f"squeeze + spectral >= {GOALS['spectral_pct_copy']:g}% of copy bandwidth (3x32x32, 4x64x64, B >= 64, "
-            f"{what})", sp, lambda c, key=key: (c["cuda"][key] or 0) >= GOALS["spectral_pct_copy"],
-            lambda cs, key=key: (lambda w: f"{w['cuda'][key]}% at {cid(w)}")(min(cs, key=lambda c: c["cuda"][key] or 0)))
+            f"{what})", sp, lambda c, key=key: (c["cuda"].get(key) or 0) >= GOALS["spectral_pct_copy"],
+            lambda cs, key=key: (lambda w: f"{w['cuda'].get(key)}% at {cid(w)}")(
+                min(cs, key=lambda c: c["cuda"].get(key) or 0)),
+            cap_note if key == "predicted_pct_copy_gpu" else None)
     ls = [(c, L) for c in cu for L in c["cuda"]["launches"] if "registers" in L]
     add("no spills (every launched kernel)", ls, lambda cl: cl[1]["spill_stores"] == 0 and cl[1]["spill_loads"] == 0,
         lambda cls: max((f"{L['kernel']}: {L['spill_stores']} B spill stores" for _, L in cls), key=len))
@@ -1067,8 +1080,8 @@ def markdown(report: dict) -> str:
              "",
              "| kind | B | C x H x W | dtype | path | kernel (grid x block) | regs | spill | smem KiB | blocks/SM (limit) | "
              "SMs busy | banks avg / max way | SASS / elem | bound | PREDICTED % copy (GPU) | PREDICTED % copy (call) | "
-             "Triton PREDICTED % copy (GPU) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PREDICTED % copy (kernel) | cap (launch gap) | Triton PREDICTED % copy (GPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in report["cases"]:
         cu = c["cuda"]
         L = cu["launches"][0] if cu.get("launches") else {}
@@ -1087,10 +1100,12 @@ def markdown(report: dict) -> str:
             f"{spill} | {smem} | {occ.get('blocks_per_sm', '?')} ({occ.get('limiter', '?')}) | {busy} | "
             f"{'%.2f / %d' % (bc['avg_way'], bc['max_way']) if bc else '-'} | {spe} | {bound} | "
             f"{cu.get('predicted_pct_copy_gpu')} | {cu.get('predicted_pct_copy_call')} | "
+            f"{cu.get('predicted_pct_copy_kernel', '-')} | {cu.get('predicted_pct_copy_cap', '-')} | "
             f"{tr.get('predicted_pct_copy_gpu', '-') if 'predicted_pct_copy_gpu' in tr else '-'} |")
     lines += ["", "PREDICTED goal verdicts:", ""]
     for g in report["goals"]:
-        lines.append(f"* {g['goal']}: {g['verdict']} ({g['met']} of {g['cases']}; worst: {g['worst']})")
+        lines.append(f"* {g['goal']}: {g['verdict']} ({g['met']} of {g['cases']}; worst: {g['worst']})"
+                     + (f". {g['note']}" if g.get("note") else ""))
     return "\n".join(lines)
 
 

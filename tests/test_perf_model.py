@@ -307,3 +307,24 @@ def test_real_ptxas_and_sass_of_a_tiny_kernel(tmp_path):
     sass = pm.parse_sass(subprocess.run([cuobjdump, "-sass", str(tmp_path / "tiny.cubin")], capture_output=True,
                                         text=True, check=True).stdout)[name]
     assert sass["loops"] == 1 and sass["classes"]["smem"] == 2 and sass["main_loop"]["classes"]["sync"] == 3
+
+
+def test_spectral_goal_names_the_cases_the_launch_gap_caps():
+    """A case whose ideal traffic takes less time than the launch gap can reach the goal at no kernel
+    speed (a copy of the same bytes neither): the verdict says which; the kernel-time goal excludes it."""
+    def case(B, C, H, W, pct, cap, kernel):
+        return {"kind": "squeeze+spectral", "B": B, "C": C, "H": H, "W": W, "dtype": "fp32",
+                "cuda": {"launches": [{"kernel": "k", "grid": 264, "block": 128}], "path": "fused",
+                         "predicted_pct_copy_gpu": pct, "predicted_pct_copy_call": pct,
+                         "predicted_pct_copy_kernel": kernel, "predicted_pct_copy_cap": cap}}
+    cases = [case(64, 3, 32, 32, 20.0, 26.7, 70.0), case(1024, 4, 64, 64, 65.0, 97.0, 67.0)]
+    goals = {g["goal"]: g for g in pm.goal_verdicts(cases)}
+    gpu = next(g for k, g in goals.items() if "spectral" in k and "GPU time" in k)
+    assert gpu["verdict"] == "PREDICTED NOT MET" and gpu["met"] == 1
+    assert "1 of 2 cases" in gpu["note"] and "B=64 3x32x32" in gpu["note"] and "B=1024" not in gpu["note"]
+    kern = next(g for k, g in goals.items() if "spectral" in k and "kernel time" in k)
+    assert kern["verdict"] == "PREDICTED MET" and "note" not in kern
+    # the cap itself: copy time over copy time plus one gap per launch
+    gap = pm.MACHINE["launch_gap_us"] * 1e-6
+    copy_t = 3 * 64 * 3 * 32 * 32 * 4 / (pm.MACHINE["dram_peak_Bps"] * pm.MACHINE["copy_efficiency"])
+    assert 100 * copy_t / (copy_t + gap) < 30  # B=64 3x32x32 fp32: ~27%, whatever the kernel does
