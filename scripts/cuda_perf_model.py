@@ -570,15 +570,18 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
     os.environ.pop("EMU_PLAN_ONLY")
     if trace:
         seen = set()
-        for case in cases:
-            key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
+        for case, case_plan in zip(cases, result["plans"]):
+            key, force = trace_key(case, case_plan)
             if key in seen:
                 continue
             seen.add(key)
             t0 = time.time()
             emu.coverage_reset()
             emu.trace_enable(True)
+            if force:  # the kernel the case's batch gets (at B = 1 the planner may pick another)
+                os.environ["ANISODIFF_CUDA_PATH"] = force
             plan = run(case, 1)
+            os.environ.pop("ANISODIFF_CUDA_PATH", None)
             emu.trace_enable(False)
             for old in lib.parent.glob("*.gcda"):  # gcov merges a dump into existing files: start empty,
                 old.unlink()                       # so the counts are this case's alone
@@ -614,6 +617,17 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
             result["traces"][key] = {"plan_B1": plan, "kernels": per_kernel, "seconds": round(time.time() - t0, 2),
                                      "executed_lines": executed}
     Path(out_path).write_text(json.dumps(result))
+
+
+def trace_key(case: dict, plan: dict) -> tuple[str, str | None]:
+    """The bank trace a case uses: one per (kind, shape, dtype) and fused kernel, with the
+    ANISODIFF_CUDA_PATH value that makes the B = 1 trace run the kernel the case's batch is planned on
+    (the planner picks the fused kernel from the batch)."""
+    first = (plan.get("launches") or [{}])[0].get("kernel", "")
+    force = ("fused_pow2" if first.startswith("fused_spectral_pow2") else
+             "fused_general" if first.startswith("fused_spectral<") else None)
+    key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
+    return (f"{key}|{force}" if force else key), force
 
 
 def run_emulator(cases, trace: bool, log=print) -> dict:
@@ -831,6 +845,13 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         instrs = sass.get("instructions", [])
         cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of)
         smem_static_ops = cls.get("smem", 0)
+        if smem_static_ops > 0 and L["smem"] > 0 and not (tr and tr["warp_accesses"] > 0):
+            # a shared-memory kernel is counted through its trace; the elementwise estimate would be
+            # meaningless (the case's B = 1 trace ran another kernel: trace_key forces the same one)
+            info["error"] = "no emulator trace of this kernel for the case's shape"
+            launches.append(info)
+            total = math.inf
+            continue
         if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
             # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
             ratio = cls["total"] / smem_static_ops
@@ -1012,8 +1033,7 @@ def run_model(args, log=print) -> dict:
     log("planner launches (emulator, EMU_PLAN_ONLY) and bank trace (B=1) ...")
     emu = run_emulator(cases, trace=not args.no_trace, log=log)
     for case, plan in zip(cases, emu["plans"]):
-        key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
-        case["cuda"] = model_cuda_case(case, plan, kernels, emu["traces"].get(key))
+        case["cuda"] = model_cuda_case(case, plan, kernels, emu["traces"].get(trace_key(case, plan)[0]))
     triton_info = None
     if not args.no_triton:
         log("compiling the Triton kernels for sm_90 ...")
