@@ -394,12 +394,27 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
         qp.h[l] = h;
         qp.w[l] = w + l;
       }
+      // The epilogue asks for the channels in order: an even channel's read keeps its odd partner
+      // (the same float2), so a plane is read once per pass over the channels, not twice.
+      float odd[4];
+      int odd_c = -1;
       add_noise_quad<1, KA, kVec, kPert>(
           p, coef, sl, hw0, 4, qp,
           [&](int c, float out[4]) {
+            if (c == odd_c) {
+#pragma unroll
+              for (int l = 0; l < 4; ++l) out[l] = odd[l];
+              odd_c = -1;
+              return;
+            }
             const float2* z = plane_of(c) + at;
 #pragma unroll
-            for (int l = 0; l < 4; ++l) out[l] = (c & 1) ? z[l].y : z[l].x;
+            for (int l = 0; l < 4; ++l) {
+              const float2 v = z[l];
+              out[l] = (c & 1) ? v.y : v.x;
+              odd[l] = v.y;
+            }
+            odd_c = (c & 1) ? -1 : c + 1;
           },
           [&](int c, float out[4]) {
             const float2* z = plane_of(c) + plane + at;  // acc[1]: the perturbation's set
