@@ -187,6 +187,36 @@ def test_per_sample_normalisation_without_a_filter(shape, schedule, path):
     cuda_close(out, cpu)
 
 
+SPECTRAL_KERNELS = ["fused_pow2", "fused_general", "two_pass"]  # ANISODIFF_CUDA_PATH values
+
+
+@pytest.mark.parametrize("kernel", SPECTRAL_KERNELS)
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (4, 4, 32, 32), (2, 4, 64, 64), (2, 3, 32, 64), (2, 1, 32, 32)])
+def test_every_spectral_kernel_on_power_of_two_planes(shape, kernel, schedule, monkeypatch):
+    """fused_spectral_pow2 (compiled sizes 16 / 32 / 64 squared, run-time sizes, C = 1), the cluster
+    kernel and the two-pass path, forced, against the CPU kernel (add_noise, a two-draw spec)."""
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", kernel)
+    spec = make_spec("sdm+two_indep", shape[1], k=1)
+    t = torch.tensor([999, 3, 500, 10, 700, 1, 250, 42][:shape[0]])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    cpu = ad.add_noise(x0, t, spec, schedule, seed=SEED, backend="cpu")
+    out = api(ad.add_noise, x0.to(DEV), t.to(DEV), spec, schedule, seed=SEED, backend="cuda")
+    cuda_close(out[0], cpu[0])
+    cuda_close(out[1], cpu[1])
+
+
+@pytest.mark.parametrize("kernel", SPECTRAL_KERNELS)
+def test_huge_dc_weight_with_per_sample_normalisation(kernel, schedule, monkeypatch):
+    """PowerLaw(-1): a 1e10 DC weight; the per-plane std must be taken without the DC term."""
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", kernel)
+    spec = ad.NoiseSpec(None, ad.PowerLaw(-1.0), normalize="per_sample")
+    t = torch.tensor([999, 3])
+    cpu = ad.shaped_noise((2, 2, 32, 32), spec, timesteps=t, schedule=schedule, seed=SEED, backend="cpu")
+    out = api(ad.shaped_noise, (2, 2, 32, 32), spec, timesteps=t.to(DEV), schedule=schedule, seed=SEED,
+              device=DEV, backend="cuda")
+    cuda_close(out, cpu)
+
+
 def test_spectral_table(schedule, path):
     H, W = 10, 7
     r = R.radius(H, W)

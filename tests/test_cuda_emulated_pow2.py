@@ -1,5 +1,5 @@
 """fused_spectral_pow2 (csrc/cuda/noise_spectral_pow2.cu), the fused spectral kernel for power-of-two
-planes of 256 - 8192 pixels, run by the host emulator (tests/cuda_emulation) against the CPU kernel.
+planes of 256 - 4096 pixels, run by the host emulator (tests/cuda_emulation) against the CPU kernel.
 
 One cluster per slice, one block per complex plane (channels 2q, 2q + 1), H W / 8 threads holding 8
 values per in-place radix-8 / 4 / 2 pass, the epilogue through distributed shared memory. Covered: every
@@ -37,12 +37,17 @@ def plan_of(emu, shape, spec, k=None, **kw):  # noqa: F811
                                (spec.squeeze.k if spec.squeeze is not None else 0) if k is None else k, **kw))
 
 
+def ran_pow2(emu):  # noqa: F811
+    """The last launch ran fused_spectral_pow2."""
+    assert emu.last_plan()[0] == "fused" and emu.last_kernel().startswith(POW2), emu.last_kernel()
+
+
 def expect_pow2(emu, shape, spec):  # noqa: F811
     plan = plan_of(emu, shape, spec)
     assert plan["path"] == "fused" and plan["kernel"].startswith(POW2), plan
     P = (shape[1] + 1) // 2
     assert plan["cluster"] == P and plan["block"] == shape[2] * shape[3] // 8 and plan["grid"] == shape[0] * P
-    assert emu.last_plan()[0] == "fused"
+    ran_pow2(emu)
 
 
 CASES = [  # (shape, kind, k, normalize): every line length and radix sequence of the pass loop
@@ -53,7 +58,7 @@ CASES = [  # (shape, kind, k, normalize): every line length and radix sequence o
     ((1, 3, 64, 64), "sdm+two_indep", 1, "calibrated"),  # 8 x 8, the goal shape's planes
     ((2, 1, 2, 128), "band", 1, "calibrated"),         # 128 = 8 x 8 x 2, columns of length 2
     ((2, 2, 128, 4), "pl_neg", 1, "per_sample"),       # lines of 4 (one radix-4 stage), C = 2
-    ((1, 6, 64, 128), "sdm+pl_pos", 1, "calibrated"),  # 8192 pixels: 1024 threads per block
+    ((1, 6, 32, 128), "sdm+pl_pos", 1, "calibrated"),  # 4096 pixels, run-time sizes: 512 threads
 ]
 
 
@@ -81,20 +86,28 @@ def test_pow2_layouts_and_dtypes(emu, order, schedule, how, dtype):
     shape = (2, 3, 32, 16)
     spec = make_spec("hdm+band", 3, k=2)
     common = kernel_common(spec, shape, schedule, [999, 3])
-    x0 = layout(torch.randn(shape, generator=torch.Generator().manual_seed(4)), how).to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if how == "strided":  # a slice of a wider tensor: no vectorised I/O
+        x0 = torch.zeros(*shape[:3], 2 * shape[3], dtype=dtype)[..., ::2]
+        x0.copy_(x)
+    else:
+        x0 = layout(x, how)
+    assert not x0.is_contiguous() and x0.dtype == dtype
     a = emu.add_noise(x0, *common, 1, STREAM, None)
     b = torch.ops.anisodiff.add_noise(x0, *common, 1, STREAM, None)
     check_pair(a[0], b[0], dtype)
     check_pair(a[1], b[1], dtype)
-    plan = plan_of(emu, shape, spec)
-    assert plan["kernel"].startswith(POW2)
+    ran_pow2(emu)
+    assert ",vec=0," in emu.last_kernel()  # the scalar-I/O variant
 
 
-def test_pow2_caller_noise_and_sixteen_channels(emu, order, schedule):
-    """eps given by the caller (read per element instead of the stream), and C = 16 (SD3 / Flux latents:
-    a cluster of 8 blocks)."""
-    shape = (1, 16, 16, 16)
-    spec = make_spec("sdm+pl_pos", 16, k=1)
+@pytest.mark.parametrize("C", [3, 16])
+def test_pow2_caller_noise(emu, order, schedule, C):
+    """eps given by the caller (read per element instead of the stream; odd C: the last plane's
+    imaginary part is zero, never a channel past the end), and C = 16 (SD3 / Flux latents: a cluster
+    of 8 blocks)."""
+    shape = (1, C, 16, 16)
+    spec = make_spec("sdm+pl_pos", C, k=1)
     common = kernel_common(spec, shape, schedule, [500])
     eps = torch.randn((spec.draws, *shape), generator=torch.Generator().manual_seed(5))
     a = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
@@ -106,20 +119,45 @@ def test_pow2_caller_noise_and_sixteen_channels(emu, order, schedule):
     check_pair(a, b)
 
 
-@pytest.mark.parametrize("dc", [1.0, 50.0])
+@pytest.mark.parametrize("dc", [0.0, 50.0, 1.0e6])
 def test_pow2_dc_bin(emu, order, schedule, dc):
-    """The DC bin outside the FFT: w(0) mean(e) from the forward DFT's bin 0 (offset noise's large DC
-    weight costs the other bins no accuracy)."""
+    """T_w e = IFFT(w' FFT(e)) + w(0) mean(e) (w' without its DC bin, the mean of the white plane in
+    double): against a float64 FFT of the same noise, for a zero, a moderate and a huge DC weight (a
+    mean taken from the float FFT's bin 0 fails the huge one)."""
     shape = (2, 3, 16, 16)
-    spec = ad.NoiseSpec(ad.Squeeze(random_axes(3, 1, 2), -0.4), ad.PowerLaw(0.5))
-    common = list(kernel_common(spec, shape, schedule, [999, 3]))
-    w = common[3].clone()
-    w[..., 0, 0] = dc
-    common[3] = w
+    common = list(kernel_common(make_spec("pl_neg", 3), shape, schedule, [999, 3]))
+    weights = common[3].clone()
+    weights[:, 0, 0] = dc
+    common[3] = weights
+    gamma = common[4][0]
+    eps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(9))
+    out = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
+    ran_pow2(emu)
+    e, w = eps[0].double(), weights[0].double()
+    w0 = w.clone()
+    w0[0, 0] = 0.0
+    mean = e.mean(dim=(-2, -1), keepdim=True)
+    want = (torch.fft.ifft2(w0 * torch.fft.fft2(e)).real + dc * mean) * gamma
+    spread = (want - dc * gamma * mean).abs().max()
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=2e-6 * float(spread))
+
+
+@pytest.mark.parametrize("path", ["fused_pow2", "fused_general", "two_pass"])
+def test_huge_dc_weight_with_per_sample_normalisation(emu, schedule, monkeypatch, path):
+    """PowerLaw(-1) puts 1e10 on the DC bin; with normalize="per_sample" the plane's std must be taken
+    without the DC term (a constant: the CPU's finish_plane), or float32 loses the rest of the plane.
+    Every spectral CUDA kernel against the CPU kernel."""
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", path)
+    shape = (1, 2, 32, 32)
+    spec = ad.NoiseSpec(None, ad.PowerLaw(-1.0), normalize="per_sample")
+    common = kernel_common(spec, shape, schedule, [999])
+    assert float(common[3][0, 0, 0]) > 1e9
     a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
     b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.float32)
     check_pair(a, b)
-    assert emu.last_plan()[0] == "fused"
+    assert emu.last_plan()[0] == ("two_pass" if path == "two_pass" else "fused")
+    if path == "fused_pow2":
+        ran_pow2(emu)
 
 
 def test_pow2_equals_general_kernel(emu, schedule, monkeypatch):
@@ -130,11 +168,10 @@ def test_pow2_equals_general_kernel(emu, schedule, monkeypatch):
     common = kernel_common(spec, shape, schedule, [999, 3])
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(6))
     a = emu.add_noise(x0, *common, 1, STREAM, None)
-    assert plan_of(emu, shape, spec)["kernel"].startswith(POW2)
+    ran_pow2(emu)
     monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_general")
-    assert plan_of(emu, shape, spec)["kernel"].startswith("fused_spectral<")
     b = emu.add_noise(x0, *common, 1, STREAM, None)
-    assert not torch.equal(a[0], b[0])  # two kernels really ran
+    assert emu.last_kernel().startswith("fused_spectral<")
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
 
@@ -163,7 +200,7 @@ def test_pow2_video(emu, order, schedule):
     b = torch.ops.anisodiff.add_noise(x0, *common, 1, STREAM, None)
     check_pair(a[0], b[0])
     check_pair(a[1], b[1])
-    assert emu.last_plan()[0] == "fused"
+    ran_pow2(emu)
 
 
 def test_pow2_ddpm_step(emu, order, schedule):
@@ -176,11 +213,12 @@ def test_pow2_ddpm_step(emu, order, schedule):
     g = torch.Generator().manual_seed(11)
     x, e = 1.5 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     a = emu.ddpm_step(x, e, *args, STREAM, None)
+    ran_pow2(emu)
     b = torch.ops.anisodiff.ddpm_step(x, e, *args, STREAM, None)
     check_pair(a[0], b[0])
     torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
     plan = plan_of(emu, shape, spec, k=0, step=True, step_k=1)
-    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=1,vec=0>"
+    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=1,vec=0,pert=0,LH=0,LW=0>"
 
 
 @pytest.mark.parametrize("kind,normalize", [("sdm+pl_pos", "calibrated"), ("two_indep", "per_sample")])
@@ -191,6 +229,8 @@ def test_pow2_input_perturbation(emu, order, schedule, kind, normalize):
     common = kernel_common(spec, shape, schedule, [999, 3])
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(9))
     a = emu.add_noise(x0, *common, 0, STREAM, None, 0.3)
+    ran_pow2(emu)
+    assert ",pert=1," in emu.last_kernel()
     b = torch.ops.anisodiff.add_noise(x0, *common, 0, STREAM, None, 0.3)
     check_pair(a[0], b[0])
     check_pair(a[1], b[1])
@@ -200,7 +240,8 @@ def test_pow2_input_perturbation(emu, order, schedule, kind, normalize):
 
 
 @pytest.mark.parametrize("shape,k,why", [
-    ((2, 4, 128, 128), 1, "16384 pixels: more than 1024 threads"),
+    ((2, 4, 128, 128), 1, "16384 pixels: more than 512 threads"),
+    ((2, 4, 64, 128), 1, "8192 pixels: more than 512 threads"),
     ((2, 3, 24, 32), 1, "24 rows: not a power of two"),
     ((2, 3, 8, 16), 1, "128 pixels: fewer than a warp of threads"),
     ((1, 18, 16, 16), 1, "9 complex planes: more than a portable cluster"),
@@ -217,7 +258,7 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
     plan = json.loads(emu.plan(64, 4, 64, 64, True, 1, False, 1))
-    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1>"
+    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=6,LW=6>"
     assert (plan["grid"], plan["block"], plan["cluster"]) == (128, 512, 2)
     assert json.loads(emu.plan(64, 4, 64, 64, False, 1, True, 0))["kernel"].startswith(POW2)  # norm only
     # fewer than 8 warps per SM (the emulator has 4 SMs) take the cluster kernel: its slabs fill more
@@ -231,7 +272,9 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     # the perturbed epilogue is compiled for 512 threads (128 registers): planes up to 4096 pixels
     assert json.loads(emu.plan(2, 4, 64, 64, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)
     assert not json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1, perturb=0.3))["kernel"].startswith(POW2)
-    assert json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1))["kernel"].startswith(POW2)
+    # so are the run-time-size variants (sizes other than 16, 32, 64 squared)
+    assert not json.loads(emu.plan(2, 4, 64, 128, True, 1, False, 1))["kernel"].startswith(POW2)
+    assert json.loads(emu.plan(2, 4, 32, 128, True, 1, False, 1))["kernel"].startswith(POW2)
     monkeypatch.setenv("ANISODIFF_CUDA_CLUSTER", "2")
     assert json.loads(emu.plan(64, 4, 64, 64, True, 1, False, 1))["kernel"].startswith("fused_spectral<")
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER")

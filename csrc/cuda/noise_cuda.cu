@@ -1,6 +1,7 @@
 // Host side of the CUDA ops: choosing the path, sizing shared memory and the workspace, launching.
 #include "noise_cuda.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -84,12 +85,28 @@ bool force_pow2() {
 // sample, keep the SMs busier: B = 16 or 64 at 3 x 32 x 32, whose 4-warp blocks number 32 / 128).
 constexpr int kPow2MinWarpsPerSm = 8;
 
-// The power-of-two fused kernel's name (template arguments as in the sources).
-const char* pow2_kernel_name(const NoiseProblem& p, bool vec) {
-  if (p.step_params != nullptr) return "fused_spectral_pow2<KA=2,step=1,vec=0>";
-  static const char* names[2][2] = {{"fused_spectral_pow2<KA=0,step=0,vec=0>", "fused_spectral_pow2<KA=0,step=0,vec=1>"},
-                                    {"fused_spectral_pow2<KA=2,step=0,vec=0>", "fused_spectral_pow2<KA=2,step=0,vec=1>"}};
-  return names[p.k == 0 ? 0 : 1][vec ? 1 : 0];
+// The power-of-two fused kernel's name: its template arguments as in the sources (LH = LW = 0: the
+// run-time-size variant), from a table built once (thread-safe static initialisation).
+const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g) {
+  struct Names {
+    char text[2][2][2][2][4][64];  // [KA 0/2][step][vec][pert][fixed size: none, 16, 32, 64]
+    Names() {
+      for (int a = 0; a < 2; ++a)
+        for (int st = 0; st < 2; ++st)
+          for (int v = 0; v < 2; ++v)
+            for (int pe = 0; pe < 2; ++pe)
+              for (int f = 0; f < 4; ++f)
+                snprintf(text[a][st][v][pe][f], sizeof text[a][st][v][pe][f],
+                         "fused_spectral_pow2<KA=%d,step=%d,vec=%d,pert=%d,LH=%d,LW=%d>", 2 * a, st, v, pe,
+                         f ? f + 3 : 0, f ? f + 3 : 0);
+    }
+  };
+  static const Names names;
+  const bool step = p.step_params != nullptr, pert = g.sets > 1;
+  const bool v = !step && vec;  // the launcher's choice (launch_fused_pow2)
+  const int fixed = v && !pert && pow2_fixed_size(g.lh, g.lw) ? g.lh - 3 : 0;
+  const int a = step ? 1 : (p.k == 0 ? 0 : 1);
+  return names.text[a][step ? 1 : 0][v ? 1 : 0][pert ? 1 : 0][fixed];
 }
 
 bool force_two_pass() {
@@ -237,12 +254,12 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
   }
   Pow2Geom pg;
   const bool pow2 = !force_two_pass() && !force_general_fused() && fused_cluster_forced(H, W) == 0 &&
-                    pow2_geometry(p, vec_ok(p, false), pg) && pg.smem <= plan.smem_limit;
+                    pow2_geometry(p, pg) && pg.smem <= plan.smem_limit;
   auto take_pow2 = [&]() {
     plan.path = Path::kFused;
     plan.pow2 = true;
     plan.smem_bytes = pg.smem;
-    plan.kernel = pow2_kernel_name(p, vec_ok(p, false));
+    plan.kernel = pow2_kernel_name(p, vec_ok(p, false), pg);
     plan.grid = (unsigned)(S * pg.P);
     plan.block = pg.threads;
     plan.cluster = pg.P;
@@ -319,7 +336,7 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kFused:
       if (plan.pow2) {
         Pow2Geom pg;
-        if (!pow2_geometry(p, vec_ok(p, false), pg)) return cudaErrorInvalidValue;
+        if (!pow2_geometry(p, pg)) return cudaErrorInvalidValue;
         return launch_fused_pow2(p, pg, vec_ok(p, false), plan.smem_limit, stream);
       }
       return launch_fused(p, geometry(p, 0, plan.cluster), plan.smem_limit, stream);

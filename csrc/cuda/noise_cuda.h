@@ -6,7 +6,7 @@
 //   elementwise  no spectral weights and no per-sample normalisation: one thread per 4 pixels of a
 //                sample (one Philox call serves 4 lanes), every channel, squeeze + mix in registers.
 //   fused        spectral weights or per-sample normalisation, and a slab of the sample fits in shared
-//                memory. Power-of-two planes of 256 - 8192 pixels (C <= 16, k <= 2) take
+//                memory. Power-of-two planes of 256 - 4096 pixels (C <= 16, k <= 2) take
 //                fused_spectral_pow2 (noise_spectral_pow2.cu: a block per complex plane, FFT passes in
 //                registers) when its grid leaves >= 8 warps per SM (ANISODIFF_CUDA_PATH=fused_pow2 forces
 //                it); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or

@@ -135,6 +135,8 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
         sample_sums(g, reinterpret_cast<double*>(buf2), part + (size_t)(3 * it) * C * Hs, all, tot,
                     [&](int c, int hl, int w) { return X[c * PS + hl * Wp + w]; });
         for (int c = tid; c < C; c += nt) dcadd[c] = (float)(dc * (tot[c] / (double)HW));
+      } else {
+        for (int c = tid; c < C; c += nt) dcadd[c] = 0.f;
       }
       float* Xr = fft_planar(buf0, buf1, PS, W, g.sw, tw_w, 1.f, rows);
       float* Yr = Xr == buf0 ? buf1 : buf0;
@@ -173,13 +175,10 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       float* F = Z == buf2 ? Yr : buf2;
       X = fft_planar(Xr, F, PS, W, g.sw, tw_w, -1.f, rows);
       scratch = X == Xr ? F : Xr;
-      if (dc != 0.f) {  // + w(0) mean(e): the DC bin outside the FFT (as the CPU kernel)
-        for (int li = tid; li < C * SL; li += nt) {
-          const int c = g.dSL.div(li);
-          X[c * PS + at(li - c * SL)] += dcadd[c];
-        }
-        __syncthreads();
-      }
+      // + w(0) mean(e), the DC bin outside the FFT, is added where the values are read (after the
+      // statistics, as the CPU kernel's finish_plane: a huge DC term would cost the std its accuracy)
+    } else {
+      for (int c = tid; c < C; c += nt) dcadd[c] = 0.f;
     }
     // 3. per-plane normalisation (mean, then centred sum of squares, over the cluster), gains
     if (p.per_sample_norm) {
@@ -201,7 +200,7 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       const float gamma = p.gammas[d];
       for (int li = tid; li < C * SL; li += nt) {
         const int c = g.dSL.div(li);
-        const float v = X[c * PS + at(li - c * SL)] * scale[c];
+        const float v = (X[c * PS + at(li - c * SL)] + dcadd[c]) * scale[c];
         pert[li] = d == 0 ? v * gamma : pert[li] + gamma * v;
       }
       __syncthreads();
@@ -209,7 +208,7 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
       const float gamma = p.gammas[d];
       for (int li = tid; li < C * SL; li += nt) {
         const int c = g.dSL.div(li);
-        const float v = X[c * PS + at(li - c * SL)] * scale[c];
+        const float v = (X[c * PS + at(li - c * SL)] + dcadd[c]) * scale[c];
         acc[li] = d == 0 ? v * gamma : acc[li] + gamma * v;
       }
       __syncthreads();
@@ -223,7 +222,9 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   for (int i = tid; i < SL; i += nt) {
     const int hl = g.dW.div(i), w = i - hl * W, h = r * Hs + hl;
     const int pos = hl * Wp + w;
-    auto value = [&](int c) -> float { return two ? acc[c * SL + i] : (fin[c * PS + pos] * scale[c]) * gamma0; };
+    auto value = [&](int c) -> float {
+      return two ? acc[c * SL + i] : ((fin[c * PS + pos] + dcadd[c]) * scale[c]) * gamma0;
+    };
     if constexpr (kStep) {
       step_pixel<4, KA>(p, sl, h, w, value);
     } else {
@@ -349,9 +350,9 @@ __global__ void __launch_bounds__(kSpectralThreads)
       const float add = comp ? dcadd[1] : dcadd[0];
       float s = 1.f;
       if (p.per_sample_norm)
-        s = plane_inv_std(HW, red, [&](int i) {
+        s = plane_inv_std(HW, red, [&](int i) {  // without the DC term (the CPU's finish_plane)
           const float2 v = plane[i];
-          return (comp ? v.y : v.x) + add;
+          return comp ? v.y : v.x;
         });
       float* dst = ws + ((set * p.batch * p.frames + slice) * C + c0 + comp) * (int64_t)HW;  // [sets, slices, C, H, W]
       for (int i = tid; i < HW; i += nt) {

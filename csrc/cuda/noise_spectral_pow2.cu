@@ -1,4 +1,4 @@
-// The fused spectral kernel for power-of-two planes (H, W powers of two, 256 <= H W <= 8192: SD / SDXL
+// The fused spectral kernel for power-of-two planes (H, W powers of two, 256 <= H W <= 4096: SD / SDXL
 // latents at 32 - 64 pixels, CIFAR / ImageNet-32 / 64 pixel images): one CLUSTER per slice (sample,
 // frame) with one block per complex plane (channels 2q, 2q + 1 as real and imaginary parts: T_w is a
 // real operator, so they separate exactly) and HW / 8 threads per block. Every thread holds 8 complex
@@ -8,8 +8,8 @@
 // index is a shift or a mask. Layout: a plane is float2 [H][W + 1]; consecutive threads take
 // neighbouring lines (rows: consecutive h; columns: consecutive w), which the odd pitch makes
 // conflict-free for 8-byte accesses. The weights multiply the last forward column pass's outputs in
-// registers; the DC bin is applied outside the FFT (w(0) * mean(e), the mean from the forward DFT's bin
-// 0, as every backend); the per-plane statistics come from the last inverse pass's registers. Then the
+// registers; the DC bin is applied outside the FFT (w(0) * mean(e), the white planes' means in double,
+// added after the statistics, as every backend); the per-plane statistics come from the last inverse pass's registers. Then the
 // cluster synchronises and block q runs the epilogue of its share of the slice's pixel quads, reading
 // every channel through distributed shared memory (the squeeze mixes channels).
 // The general kernel (noise_spectral.cu: any size, row slabs per block) serves the other problems.
@@ -235,7 +235,7 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* red) {
 // LH, LW: log2 of H and W fixed at compile time (the hot sizes: every index, radix and stride of the
 // passes a constant, the loads and stores immediate offsets from one base), or 0: taken from g.
 template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW>
-__global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
+__global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert, kVec, LH > 0))
     fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int lh = LH > 0 ? LH : g.lh, lw = LW > 0 ? LW : g.lw, H = 1 << lh, W = 1 << lw, HW = H * W;
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // bin 0 of the forward DFT (re, im)
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // the draw's DC terms (re, im)
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
   const bool spectral = p.weights != nullptr;
@@ -272,6 +272,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
       const TensorArg& nz = p.noise[d];
       const bool given = s == 0 && nz.data != nullptr;
       const uint32_t word = (uint32_t)(s * p.draws + d);
+      float e_re = 0.f, e_im = 0.f;  // this thread's part of the white planes' sums (the DC term)
 #pragma unroll 1  // unrolled, the four Philox calls' live ranges overlap and spill at 64 registers
       for (int u = 0; u < 2; ++u) {
         const int qi = t + u * T, h = qi & (H - 1), w0 = (qi >> lh) << 2;
@@ -288,7 +289,11 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
           if (has_im) cuda_randn4(st.seed, st.offset + (uint64_t)((i0 + (int64_t)p.frames * HW) >> 2), word, im);
         }
 #pragma unroll
-        for (int l = 0; l < 4; ++l) buf[h * Wp + w0 + l] = make_float2(re[l], im[l]);
+        for (int l = 0; l < 4; ++l) {
+          buf[h * Wp + w0 + l] = make_float2(re[l], im[l]);
+          e_re += re[l];
+          e_im += im[l];
+        }
       }
       __syncthreads();
       // 2. the spatial filter
@@ -296,6 +301,14 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
       if (spectral) {
         const float* wd = p.weights + (size_t)d * HW;
         const float dc = __ldg(wd);
+        if (dc != 0.f) {  // w(0) mean(e), the white planes' means in double (the CPU's plane_mean)
+          double a = e_re, b = e_im;
+          block_sum2(a, b, red);
+          if (t == 0) {  // read after the passes' barriers
+            misc[0] = (float)(dc * (a / (double)HW));
+            misc[1] = (float)(dc * (b / (double)HW));
+          }
+        }
         auto none = [](float2(&)[8], int, int) {};
         fft_lines_pow2(buf, rows, 1.f, t, T, false, v, none);
         fft_lines_pow2(buf, cols, 1.f, t, T, false, v, [&](float2 (&a)[8], int R, int ns) {
@@ -306,9 +319,7 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
             else if (R == 4) stage_output<4>(cols, ns, t, T, i, w, h);
             else stage_output<2>(cols, ns, t, T, i, w, h);
             if ((w | h) == 0) {
-              misc[0] = a[i].x;  // sum(e) of both channels: w(0) mean(e) is added after the inverse
-              misc[1] = a[i].y;
-              a[i] = make_float2(0.f, 0.f);
+              a[i] = make_float2(0.f, 0.f);  // the DC bin: w(0) mean(e) is added after the inverse
             } else {
               const float wv = __ldg(wd + (h << lw) + w) * inv;
               a[i] = make_float2(a[i].x * wv, a[i].y * wv);
@@ -317,17 +328,17 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
         });
         fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none);
         fft_lines_pow2(buf, rows, -1.f, t, T, true, v, none);
-        if (dc != 0.f) {  // misc was written before the column passes' barriers
-          dc_re = dc * (misc[0] * inv);
-          dc_im = dc * (misc[1] * inv);
+        if (dc != 0.f) {
+          dc_re = misc[0];
+          dc_im = misc[1];
         }
       } else {
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = buf[pos(i)];
       }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = make_float2(v[i].x + dc_re, v[i].y + dc_im);
-      // 3. per-plane normalisation: 1 / (std + 1e-8), statistics in double (the CPU's normalize_plane)
+      // 3. per-plane normalisation: 1 / (std + 1e-8) of the plane without its DC term (a constant; a
+      // huge one would cost the statistics their float32 accuracy), then (v + DC) * gain, as the CPU's
+      // finish_plane
       float sc_re = 1.f, sc_im = 1.f;
       if (p.per_sample_norm) {  // (per-thread partials of 8 values in float, the block's sum in double)
         float s_re = 0.f, s_im = 0.f;
@@ -354,12 +365,13 @@ __global__ void __launch_bounds__(pow2_max_threads(kStep, kPert, kVec), 1)
       const float gamma = p.gammas[d];
       if (!g.acc) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) buf[pos(i)] = make_float2((v[i].x * sc_re) * gamma, (v[i].y * sc_im) * gamma);
+        for (int i = 0; i < 8; ++i)
+          buf[pos(i)] = make_float2(((v[i].x + dc_re) * sc_re) * gamma, ((v[i].y + dc_im) * sc_im) * gamma);
       } else {
         float2* as = acc + s * plane;  // only this thread's positions: no barrier between draws
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const float2 x = make_float2(v[i].x * sc_re, v[i].y * sc_im);
+          const float2 x = make_float2((v[i].x + dc_re) * sc_re, (v[i].y + dc_im) * sc_im);
           float2& y = as[pos(i)];
           y = d == 0 ? make_float2(x.x * gamma, x.y * gamma) : make_float2(y.x + gamma * x.x, y.y + gamma * x.y);
         }

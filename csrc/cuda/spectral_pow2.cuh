@@ -9,16 +9,22 @@
 namespace anisodiff {
 namespace cuda {
 
-// H W / 8 threads per block (8 complex values each): one warp .. 1024 threads.
+// H W / 8 threads per block (8 complex values each): one warp .. 512 threads.
 constexpr int kPow2MinPixels = 256;
-constexpr int kPow2MaxPixels = 8192;
+constexpr int kPow2MaxPixels = 4096;
 constexpr int kPow2MaxSide = 128;  // the twiddle table's length (kTwiddle128)
 constexpr int kPow2MaxThreads = kPow2MaxPixels / 8;
-// Threads per block the variant is compiled for (__launch_bounds__): 1024 leaves 64 registers, which
-// the vectorised add_noise / shaped_noise epilogue fits; the step, the perturbed and the scalar-I/O
-// epilogues need more (they spilled 8 - 140 B at 64) and get 128 registers at 512 threads (H W <= 4096).
-__host__ __device__ constexpr int pow2_max_threads(bool step, bool pert, bool vec) {
-  return step || pert || !vec ? kPow2MaxThreads / 2 : kPow2MaxThreads;
+
+// The sizes the hot variant (vectorised add_noise / shaped_noise, no perturbation) is compiled for:
+// square planes of 16, 32 and 64 (log2 sides 4 - 6).
+__host__ __device__ constexpr bool pow2_fixed_size(int lh, int lw) { return lh == lw && lh >= 4 && lh <= 6; }
+
+// Resident blocks of kPow2MaxThreads the variant is compiled for (__launch_bounds__): 2 leaves 64
+// registers, which the hot variant with compile-time sizes fits (2 blocks per SM at 64 x 64); the step,
+// the perturbed, the scalar-I/O and the run-time-size epilogues need more (they spilled 8 - 140 B at 64)
+// and get 128 registers.
+__host__ __device__ constexpr int pow2_min_blocks(bool step, bool pert, bool vec, bool fixed) {
+  return step || pert || !vec || !fixed ? 1 : 2;
 }
 
 struct Pow2Geom {
@@ -37,16 +43,15 @@ inline int log2_exact(int64_t n) {
   return n > 0 && ((int64_t)1 << l) == n ? l : -1;
 }
 
-// Whether the power-of-two kernel runs p (vec: its tensors take vectorised I/O, vec_ok; spectral weights or per-sample normalisation are the
+// Whether the power-of-two kernel runs p (spectral weights or per-sample normalisation are the
 // caller's condition), and its geometry in g.
-inline bool pow2_geometry(const NoiseProblem& p, bool vec, Pow2Geom& g) {
+inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
   const int64_t H = p.height, W = p.width, HW = H * W;
   const int lh = log2_exact(H), lw = log2_exact(W);
   if (lh < 1 || lw < 2 || H > kPow2MaxSide || W > kPow2MaxSide || HW < kPow2MinPixels || HW > kPow2MaxPixels)
     return false;
   const int64_t P = (p.channels + 1) / 2;
   if (P < 1 || P > kMaxPortableCluster) return false;
-  if (HW / 8 > pow2_max_threads(p.step_params != nullptr, perturbed(p), vec)) return false;
   if ((p.step_params != nullptr ? p.step_k : p.k) > 2) return false;
   if (p.batch * p.frames * P > (int64_t)INT_MAX) return false;
   g.lh = lh;

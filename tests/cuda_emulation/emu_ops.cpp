@@ -67,6 +67,9 @@ std::tuple<std::string, int64_t, int64_t, int64_t> last_plan() {
 // Workspace bytes of the last launch's plan (the performance model's DRAM traffic of the two-pass path).
 int64_t last_workspace_bytes() { return (int64_t)g_last_plan.workspace_bytes; }
 
+// The kernel the last launch ran (its name as the planner gives it, e.g. fused_spectral_pow2<...>).
+std::string last_kernel() { return g_last_plan.kernel != nullptr ? g_last_plan.kernel : ""; }
+
 // The launches since the last call, as int64 [n, 5] rows (kernel address, grid, block, cluster, smem
 // bytes); clears the log. scripts/cuda_perf_model.py maps the addresses to kernel names.
 at::Tensor launch_log() {
@@ -162,6 +165,7 @@ TORCH_LIBRARY(anisodiff_emu, m) {
   m.def("race_selftest(int threads, bool barrier) -> Tensor", &race_selftest);
   m.def("launch_log() -> Tensor", &launch_log);
   m.def("last_workspace_bytes() -> int", &last_workspace_bytes);
+  m.def("last_kernel() -> str", &last_kernel);
   m.def("plan(int B, int C, int H, int W, bool spectral=True, int draws=1, bool per_sample_norm=False, int k=1, "
         "bool step=False, int step_k=0, ScalarType dtype=float32, float perturb=0.0) -> str", &plan_query);
   m.def("add_noise(Tensor x0, Tensor timesteps, Tensor coef, Tensor axes, Tensor? weights, "
