@@ -191,7 +191,8 @@ SPECTRAL_KERNELS = ["fused_pow2", "fused_general", "two_pass"]  # ANISODIFF_CUDA
 
 
 @pytest.mark.parametrize("kernel", SPECTRAL_KERNELS)
-@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (4, 4, 32, 32), (2, 4, 64, 64), (2, 3, 32, 64), (2, 1, 32, 32)])
+@pytest.mark.parametrize("shape", [(8, 3, 16, 16), (4, 4, 32, 32), (2, 4, 64, 64), (2, 3, 32, 64), (2, 1, 32, 32),
+                                   (2, 16, 32, 32)])  # C = 16: a cluster of 8 blocks
 def test_every_spectral_kernel_on_power_of_two_planes(shape, kernel, schedule, monkeypatch):
     """fused_spectral_pow2 (compiled sizes 16 / 32 / 64 squared, run-time sizes, C = 1), the cluster
     kernel and the two-pass path, forced, against the CPU kernel (add_noise, a two-draw spec)."""
