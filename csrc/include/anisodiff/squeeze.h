@@ -24,7 +24,7 @@ template <int KA = kMaxAxes>
 ANISO_HD SqueezeCoeffs squeeze_coeffs(const float* r, int k, int channels, SqueezeVariant variant) {
   SqueezeCoeffs out;
   float sum_r = 0.f;
-  for (int i = 0; i < k; ++i) sum_r += r[i];
+  for (int i = 0; i < KA && i < k; ++i) sum_r += r[i];  // (k <= KA: a bound the compiler can unroll by)
   out.g = variant == SqueezeVariant::kHeisenberg ? expf(sum_r / (float)(channels - k)) : 1.0f;
   for (int i = 0; i < KA; ++i) out.f_minus_g[i] = i < k ? expf(-r[i]) - out.g : 0.f;
   return out;
