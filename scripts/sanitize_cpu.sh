@@ -10,6 +10,8 @@
 #   3. runs the kernel test suite
 #        python3 -m pytest tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py \
 #          tests/test_sampling.py (the fused ddpm_step) tests/test_plane_lengths.py (Bluestein)
+#          tests/test_video.py tests/test_input_perturbation.py tests/test_spatiotemporal.py (5-D slices,
+#          the perturbation's second set, whole-sample temporal work items)
 #      from that dir with libasan (+ libubsan) preloaded, then a small edge-case sweep (odd / prime /
 #      degenerate sizes, C = 1..5, caller noise with odd strides, channels_last, fp16/bf16 in and
 #      out, independent two-band with per_sample normalisation, every compiled instruction set,
@@ -46,7 +48,7 @@
 #   SANITIZE_KEEP=1      keep the staging dir (and the sanitizer logs) after the run
 #   SANITIZE_JOBS        build parallelism (default: nproc)
 #   SANITIZE_EDGE=0      skip the edge-case sweep (default: 1, run it)
-#   SANITIZE_TESTS       test files (default: the three kernel test files above)
+#   SANITIZE_TESTS       test files (default: the kernel test files above)
 #   ASAN_OPTIONS / UBSAN_OPTIONS are appended to the script's own, so yours override them.
 set -euo pipefail
 
@@ -242,7 +244,7 @@ echo "   LD_PRELOAD: $LD_PRELOAD"
 (cd "$stage" && logged guard "$PY" -c "import _sanitize_guard, anisodiff; print('   build_info:', anisodiff.build_info())")
 
 status=0
-read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py tests/test_sampling.py tests/test_plane_lengths.py}"
+read -r -a tests <<<"${SANITIZE_TESTS:-tests/test_cpu_kernel.py tests/test_validation.py tests/test_stream.py tests/test_sampling.py tests/test_plane_lengths.py tests/test_video.py tests/test_input_perturbation.py tests/test_spatiotemporal.py}"
 echo "== sanitize_cpu: pytest ${tests[*]} $*"
 t0=$(date +%s)
 (cd "$stage" && logged pytest "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider --capture=sys \
