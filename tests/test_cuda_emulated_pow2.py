@@ -56,6 +56,8 @@ CASES = [  # (shape, kind, k, normalize): every line length and radix sequence o
     ((2, 5, 16, 32), "two_indep", 1, "per_sample"),    # odd C: a half-empty plane, two draws
     ((2, 2, 8, 32), "sdm+pl_pos", 1, "per_sample"),    # 8 rows: lines of one radix-8 stage
     ((1, 3, 64, 64), "sdm+two_indep", 1, "calibrated"),  # 8 x 8, the goal shape's planes
+    ((2, 3, 32, 32), "sdm+pl_pos", 1, "calibrated"),   # the compiled-in C = 3 at 32 x 32 (images)
+    ((1, 4, 64, 64), "hdm+band", 2, "per_sample"),     # the compiled-in C = 4 at 64 x 64 (SD latents)
     ((2, 1, 2, 128), "band", 1, "calibrated"),         # 128 = 8 x 8 x 2, columns of length 2
     ((2, 2, 128, 4), "pl_neg", 1, "per_sample"),       # lines of 4 (one radix-4 stage), C = 2
     ((1, 6, 32, 128), "sdm+pl_pos", 1, "calibrated"),  # 4096 pixels, run-time sizes: 512 threads
@@ -74,6 +76,9 @@ def test_pow2_against_cpu(emu, order, schedule, shape, kind, k, normalize):
         check_pair(a[0], b[0])
         check_pair(a[1], b[1])
     expect_pow2(emu, shape, spec)
+    fixed = {(3, 32): "LH=5,LW=5,CK=3", (4, 64): "LH=6,LW=6,CK=4"}.get((shape[1], shape[2]))
+    if fixed and shape[2] == shape[3]:
+        assert emu.last_kernel().endswith(fixed + ">"), emu.last_kernel()
     a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
     b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
     check_pair(a, b, torch.bfloat16)
@@ -218,7 +223,7 @@ def test_pow2_ddpm_step(emu, order, schedule):
     check_pair(a[0], b[0])
     torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
     plan = plan_of(emu, shape, spec, k=0, step=True, step_k=1)
-    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=1,vec=0,pert=0,LH=0,LW=0>"
+    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=1,vec=0,pert=0,LH=0,LW=0,CK=0>"
 
 
 @pytest.mark.parametrize("kind,normalize", [("sdm+pl_pos", "calibrated"), ("two_indep", "per_sample")])
@@ -258,7 +263,7 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
     plan = json.loads(emu.plan(64, 4, 64, 64, True, 1, False, 1))
-    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=6,LW=6>"
+    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=6,LW=6,CK=4>"
     assert (plan["grid"], plan["block"], plan["cluster"]) == (128, 512, 2)
     assert json.loads(emu.plan(64, 4, 64, 64, False, 1, True, 0))["kernel"].startswith(POW2)  # norm only
     # fewer than 8 warps per SM (the emulator has 4 SMs) take the cluster kernel: its slabs fill more

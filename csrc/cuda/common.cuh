@@ -442,11 +442,12 @@ __device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t
 // kPert: fetch_p(c, e) gives the perturbation's channel c (not squeezed, like fetch's); x_t gets
 // S (n + perturb n'), the target n alone. n' is fetched again in the squeeze's second pass instead of
 // kept in registers (the cache of n is what the register budget is sized for).
-// coef: sample_coef(p, b.b), which a kernel with one sample per block computes once.
-template <int K, int KA, bool kVec, bool kPert, class Fetch, class FetchP>
+// coef: sample_coef(p, b.b), which a kernel with one sample per block computes once. CK > 0: the
+// channel count fixed at compile time (p.channels == CK; the channel loops unroll).
+template <int K, int KA, bool kVec, bool kPert, int CK = 0, class Fetch, class FetchP>
 __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const SampleCoef& coef, const Slice& b,
                                                int64_t hw0, int n, const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
-  const int C = (int)p.channels, k = p.k;
+  const int C = CK > 0 ? CK : (int)p.channels, k = p.k;
   const bool valid = coef.valid;
   const float nan = __int_as_float(0x7fc00000);
   const float a = coef.a, bc = coef.bc;
@@ -464,8 +465,7 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
     if (p.x0.data != nullptr) {
       float x0[4], xt[4], tg[4];
       load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
+      mix4(a, bc, x0, nz, p.target, xt, tg);
       if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
 #pragma unroll
         for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);

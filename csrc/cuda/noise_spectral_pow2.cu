@@ -234,13 +234,14 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double* red) {
 // the step), reading every plane through DSMEM.
 // LH, LW: log2 of H and W fixed at compile time (the hot sizes: every index, radix and stride of the
 // passes a constant, the loads and stores immediate offsets from one base), or 0: taken from g.
-template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW>
+template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW, int CK = 0>
 __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert, kVec, LH > 0))
     fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int lh = LH > 0 ? LH : g.lh, lw = LW > 0 ? LW : g.lw, H = 1 << lh, W = 1 << lw, HW = H * W;
   const int Wp = LW > 0 ? W + 1 : g.pitch;
-  const int P = g.P, t = threadIdx.x, T = LH > 0 ? HW / 8 : g.threads;
+  const int P = CK > 0 ? (CK + 1) / 2 : g.P;  // (a constant divisor where C is compiled in)
+  const int t = threadIdx.x, T = LH > 0 ? HW / 8 : g.threads;
   const int64_t slice = blockIdx.x / P;
   const int q = (int)(blockIdx.x - slice * P);
   const Slice sl = slice_of32(slice, p.frames);
@@ -410,7 +411,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
       // (the same float2), so a plane is read once per pass over the channels, not twice.
       float odd[4];
       int odd_c = -1;
-      add_noise_quad<1, KA, kVec, kPert>(
+      add_noise_quad<(CK > 0 ? CK : 1), KA, kVec, kPert, CK>(
           p, coef, sl, hw0, 4, qp,
           [&](int c, float out[4]) {
             if (c == odd_c) {
@@ -438,9 +439,9 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   if (P > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
-template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0>
+template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0, int CK = 0>
 cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
-  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW>;
+  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW, CK>;
   if (g.smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  (int)(smem_cap > g.smem ? smem_cap : g.smem));
@@ -466,8 +467,14 @@ cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t 
 template <int KA>
 cudaError_t launch_pow2_hot(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
   if (g.lh == 4 && g.lw == 4) return launch_pow2_kernel<KA, false, true, false, 4, 4>(p, g, smem_cap, stream);
-  if (g.lh == 5 && g.lw == 5) return launch_pow2_kernel<KA, false, true, false, 5, 5>(p, g, smem_cap, stream);
-  if (g.lh == 6 && g.lw == 6) return launch_pow2_kernel<KA, false, true, false, 6, 6>(p, g, smem_cap, stream);
+  if (g.lh == 5 && g.lw == 5) {  // 3 x 32 x 32 images: the channel count compiled in too
+    if (p.channels == 3) return launch_pow2_kernel<KA, false, true, false, 5, 5, 3>(p, g, smem_cap, stream);
+    return launch_pow2_kernel<KA, false, true, false, 5, 5>(p, g, smem_cap, stream);
+  }
+  if (g.lh == 6 && g.lw == 6) {  // 4 x 64 x 64 latents
+    if (p.channels == 4) return launch_pow2_kernel<KA, false, true, false, 6, 6, 4>(p, g, smem_cap, stream);
+    return launch_pow2_kernel<KA, false, true, false, 6, 6>(p, g, smem_cap, stream);
+  }
   return launch_pow2_kernel<KA, false, true, false>(p, g, smem_cap, stream);
 }
 
