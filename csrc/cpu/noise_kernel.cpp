@@ -582,20 +582,7 @@ void store_sample(const NoiseProblem& p, int64_t b, int64_t f0, int64_t nf, cons
           continue;
         }
         load_row(p.x0, p.x0.slice_offset(b, f), c, h, W, x0);
-        switch (p.target) {
-          case Target::kEpsilon:
-            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kEpsilon, xt[x], tg[x]);
-            break;
-          case Target::kV:
-            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kV, xt[x], tg[x]);
-            break;
-          case Target::kX0:
-            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kX0, xt[x], tg[x]);
-            break;
-          case Target::kFlow:
-            for (int64_t x = 0; x < W; ++x) mix(a, bcoef, x0[x], nr[x], Target::kFlow, xt[x], tg[x]);
-            break;
-        }
+        mix_n(a, bcoef, x0, nr, p.target, xt, tg, W);
         if (n_in != n) {  // x_t from the perturbed noise; the target stays that of n
           const float* pr = n_in + ((c * nf + g) * H + h) * W;
           for (int64_t x = 0; x < W; ++x) xt[x] = a * x0[x] + bcoef * pr[x];

@@ -465,7 +465,7 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
     if (p.x0.data != nullptr) {
       float x0[4], xt[4], tg[4];
       load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
-      mix4(a, bc, x0, nz, p.target, xt, tg);
+      mix_n(a, bc, x0, nz, p.target, xt, tg, 4);
       if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
 #pragma unroll
         for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);
@@ -1250,6 +1250,37 @@ inline ElementwiseLaunch elementwise_launch(int64_t items, int sm_count, int res
   return ElementwiseLaunch{(unsigned)(blocks < 1 ? 1 : (blocks < cap ? blocks : cap)), threads};
 }
 
+// The opt-in attribute is set to the device's limit (smem_cap), not to this launch's size: the attribute
+// is per function, so two host threads launching the same kernel with different sizes would otherwise
+// race (one lowering it between the other's set and launch). It is only a cap; the launch still
+// reserves just `smem`.
+template <class Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)(smem_cap > smem ? smem_cap : smem));
+}
+
+// `grid` blocks of `block` threads in clusters of `cluster` blocks (cudaLaunchKernelEx with a cluster
+// dimension; a plain launch for 1), `smem` bytes of dynamic shared memory each.
+template <class... P, class... A>
+cudaError_t launch_clusters(void (*kernel)(P...), unsigned grid, unsigned block, size_t smem, unsigned cluster,
+                            cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid, 1, 1);
+  cfg.blockDim = dim3(block, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<A&&>(args)...);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launchers (defined in noise_elementwise.cu / noise_spectral.cu, used by noise_cuda.cu)
 // ---------------------------------------------------------------------------------------------
@@ -1258,7 +1289,7 @@ inline ElementwiseLaunch elementwise_launch(int64_t items, int sm_count, int res
 cudaError_t launch_elementwise(const NoiseProblem& p, const float* ws, bool vec, int sm_count,
                                cudaStream_t stream);
 // smem: the launch's dynamic shared memory; smem_cap: the device's opt-in limit (the kernels' opt-in
-// attribute is set to it, see allow_smem in noise_spectral.cu).
+// attribute is set to it, see allow_smem above).
 cudaError_t launch_fused(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream);
 cudaError_t launch_two_pass_filter(const NoiseProblem& p, const SpectralGeom& g, size_t smem, size_t smem_cap,
                                    float2* cws, float* ws, cudaStream_t stream);

@@ -365,18 +365,7 @@ __global__ void __launch_bounds__(kSpectralThreads)
   }
 }
 
-// The opt-in attribute is set to the device's limit (smem_cap), not to this launch's size: the attribute
-// is per function, so two host threads launching the same kernel with different sizes would otherwise
-// race (one lowering it between the other's set and launch). It is only a cap; the launch still
-// reserves just `smem`.
-template <class Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t smem, size_t smem_cap) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)(smem_cap > smem ? smem_cap : smem));
-}
 
-// A cluster launch (cudaLaunchKernelEx with a cluster dimension) when R > 1.
 template <int KA, bool kStep, bool kPert>
 cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, size_t smem_cap, cudaStream_t stream) {
   cudaError_t err = allow_smem(fused_spectral<KA, kStep, kPert>, g.smem, smem_cap);
@@ -385,19 +374,8 @@ cudaError_t launch_fused_kernel(const NoiseProblem& p, const SpectralGeom& g, si
     err = cudaFuncSetAttribute(fused_spectral<KA, kStep, kPert>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)(p.batch * p.frames * g.R), 1, 1);
-  cfg.blockDim = dim3(kFusedThreads, 1, 1);
-  cfg.dynamicSmemBytes = g.smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)g.R;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = g.R > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, fused_spectral<KA, kStep, kPert>, p, g);
+  return launch_clusters(fused_spectral<KA, kStep, kPert>, (unsigned)(p.batch * p.frames * g.R), kFusedThreads, g.smem,
+                         (unsigned)g.R, stream, p, g);
 }
 
 }  // namespace

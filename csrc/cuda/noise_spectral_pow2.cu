@@ -442,24 +442,10 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
 template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0, int CK = 0>
 cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
   auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW, CK>;
-  if (g.smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 (int)(smem_cap > g.smem ? smem_cap : g.smem));
-    if (err != cudaSuccess) return err;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)(p.batch * p.frames * g.P), 1, 1);
-  cfg.blockDim = dim3((unsigned)g.threads, 1, 1);
-  cfg.dynamicSmemBytes = g.smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)g.P;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = g.P > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, p, g);
+  const cudaError_t err = allow_smem(kernel, g.smem, smem_cap);
+  if (err != cudaSuccess) return err;
+  return launch_clusters(kernel, (unsigned)(p.batch * p.frames * g.P), (unsigned)g.threads, g.smem, (unsigned)g.P,
+                         stream, p, g);
 }
 
 // The training hot path (add_noise / shaped_noise with vectorised I/O, no perturbation) with the

@@ -17,23 +17,22 @@ ANISO_HD void mix(float a, float b, float x0, float n, Target target, float& x_t
   }
 }
 
-// mix for 4 lanes with the target chosen once (a GPU epilogue otherwise branches per lane); the same
-// arithmetic per lane as mix, so the results are bit for bit the same.
-ANISO_HD void mix4(float a, float b, const float x0[4], const float n[4], Target target, float x_t[4],
-                   float tgt[4]) {
-  for (int l = 0; l < 4; ++l) x_t[l] = a * x0[l] + b * n[l];
+// mix for n lanes with the target chosen once (an epilogue otherwise branches per lane): each case
+// calls mix with a constant target, so the arithmetic is mix's and the results are bit for bit the same.
+ANISO_HD void mix_n(float a, float b, const float* x0, const float* n, Target target, float* x_t, float* tgt,
+                    int64_t count) {
   switch (target) {
     case Target::kV:
-      for (int l = 0; l < 4; ++l) tgt[l] = a * n[l] - b * x0[l];
+      for (int64_t i = 0; i < count; ++i) mix(a, b, x0[i], n[i], Target::kV, x_t[i], tgt[i]);
       break;
     case Target::kX0:
-      for (int l = 0; l < 4; ++l) tgt[l] = x0[l];
+      for (int64_t i = 0; i < count; ++i) mix(a, b, x0[i], n[i], Target::kX0, x_t[i], tgt[i]);
       break;
     case Target::kFlow:
-      for (int l = 0; l < 4; ++l) tgt[l] = n[l] - x0[l];
+      for (int64_t i = 0; i < count; ++i) mix(a, b, x0[i], n[i], Target::kFlow, x_t[i], tgt[i]);
       break;
     default:
-      for (int l = 0; l < 4; ++l) tgt[l] = n[l];
+      for (int64_t i = 0; i < count; ++i) mix(a, b, x0[i], n[i], Target::kEpsilon, x_t[i], tgt[i]);
   }
 }
 
