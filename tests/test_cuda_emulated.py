@@ -265,14 +265,18 @@ def test_dc_bin_outside_the_fft(emu, order, schedule, monkeypatch, path, dc):
     eps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(9))
     out = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
     expect_path(emu, path)
-    e = eps[0].double()
-    w = weights[0].double()
-    w0 = w.clone()
+    check_dc_bin(out, eps[0], weights[0], gamma, dc)
+
+
+def check_dc_bin(out, e, w, gamma, dc):
+    """out = gamma (IFFT(w' FFT(e)) + w(0) mean(e)), w' = w without its DC bin, against float64, to 2e-6
+    of the spread around the DC term."""
+    e, w0 = e.double(), w.double().clone()
     w0[0, 0] = 0.0
-    want = torch.fft.ifft2(w0 * torch.fft.fft2(e)).real + dc * e.mean(dim=(-2, -1), keepdim=True)
-    want = want * gamma
+    mean = e.mean(dim=(-2, -1), keepdim=True)
+    want = (torch.fft.ifft2(w0 * torch.fft.fft2(e)).real + dc * mean) * gamma
     assert torch.isfinite(out).all()
-    spread = (want - dc * gamma * e.mean(dim=(-2, -1), keepdim=True)).abs().max()
+    spread = (want - dc * gamma * mean).abs().max()
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=2e-6 * float(spread))
 
 

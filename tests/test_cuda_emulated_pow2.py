@@ -17,7 +17,7 @@ import torch
 import anisodiff as ad
 from conftest import random_axes, requires_compiled
 from test_cpu_kernel import make_spec
-from test_cuda_emulated import ORDERS, STREAM, check_pair, emu, kernel_common, layout  # noqa: F401
+from test_cuda_emulated import ORDERS, STREAM, check_dc_bin, check_pair, emu, kernel_common, layout  # noqa: F401
 
 pytestmark = requires_compiled
 POW2 = "fused_spectral_pow2"
@@ -138,13 +138,7 @@ def test_pow2_dc_bin(emu, order, schedule, dc):
     eps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(9))
     out = emu.shaped_noise(list(shape), *common, STREAM, eps, torch.float32)
     ran_pow2(emu)
-    e, w = eps[0].double(), weights[0].double()
-    w0 = w.clone()
-    w0[0, 0] = 0.0
-    mean = e.mean(dim=(-2, -1), keepdim=True)
-    want = (torch.fft.ifft2(w0 * torch.fft.fft2(e)).real + dc * mean) * gamma
-    spread = (want - dc * gamma * mean).abs().max()
-    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=2e-6 * float(spread))
+    check_dc_bin(out, eps[0], weights[0], gamma, dc)
 
 
 @pytest.mark.parametrize("path", ["fused_pow2", "fused_general", "two_pass"])
