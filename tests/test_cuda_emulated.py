@@ -106,6 +106,7 @@ def test_elementwise(emu, order, schedule, shape, kind, k, how, dtype, target):
     expect_path(emu, "elementwise")
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # the plans' spelling
 FAST = [  # (C, kind, k, dtype, target): the straight-line kernel add_noise_fast<CK = C, KK = k>
     (1, "iso", 0, torch.float32, 0),
     (2, "sdm", 1, torch.bfloat16, 1),
@@ -130,7 +131,7 @@ def test_elementwise_fast(emu, order, schedule, C, kind, k, dtype, target):
     common = kernel_common(make_spec(kind, C, k=max(k, 1)), shape, schedule, [999, 0, 500])
     assert (common[2].shape[-1] if common[2].numel() else 0) == k
     plan = json.loads(emu.plan(*shape, False, 1, False, k, dtype=dtype))
-    assert plan["kernel"] == f"add_noise_fast<CK={C},KK={k}>", plan
+    assert plan["kernel"] == f"add_noise_fast<CK={C},KK={k},pert=0,dtype={DTYPE_NAMES[dtype]}>", plan
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(C)).to(dtype)
     run_add_noise(emu, x0, common, target)
     expect_path(emu, "elementwise")

@@ -20,7 +20,7 @@ from anisodiff import reference as R
 from conftest import random_axes, requires_compiled
 from test_cpu_kernel import close
 from test_cpu_kernel import make_spec as cpu_make_spec
-from test_cuda_emulated import ORDERS, STREAM, check_pair, emu, kernel_common, layout  # noqa: F401
+from test_cuda_emulated import DTYPE_NAMES, ORDERS, STREAM, check_pair, emu, kernel_common, layout  # noqa: F401
 
 pytestmark = requires_compiled
 
@@ -111,11 +111,12 @@ def test_fast_kernel(emu, order, schedule, monkeypatch, C, kind, k, dtype, targe
     shape = (3, C, 4, 12)
     plan = json.loads(emu.plan(*shape, False, 1, False, k, dtype=dtype, perturb=GAMMA))
     # the perturbed fast kernel only where its registers suffice (C k <= 6), else the general one
-    want = (f"add_noise_fast<CK={C},KK={k}>" if C * k <= 6 else
+    dt = DTYPE_NAMES[dtype]
+    want = (f"add_noise_fast<CK={C},KK={k},pert=1,dtype={dt}>" if C * k <= 6 else
             f"add_noise_elementwise<K={4 if C <= 4 else 16},KA=2,vec=1>")
     assert plan["kernel"] == want and plan["perturbed"], plan
     plain = json.loads(emu.plan(*shape, False, 1, False, k, dtype=dtype))
-    assert plain["kernel"] == f"add_noise_fast<CK={C},KK={k}>" and not plain["perturbed"], plain
+    assert plain["kernel"] == f"add_noise_fast<CK={C},KK={k},pert=0,dtype={dt}>" and not plain["perturbed"], plain
     spec = make_spec(kind, C, k=max(k, 1))
     x0 = torch.randn(shape, generator=torch.Generator().manual_seed(C)).to(dtype)
     check_case(emu, spec, schedule, x0, target, "elementwise")

@@ -367,6 +367,62 @@ __device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const fl
   }
 }
 
+// load4 / store4 for tensors whose dtype DT is a template argument (the hot-path kernels are
+// instantiated per dtype, io_dtype picks one): no dtype switch per element, and bfloat16 -> float32
+// is a shift or a mask of the loaded word. Same values as load4 / store4.
+template <DType DT>
+__device__ __forceinline__ void load4_as(const TensorArg& t, int64_t off, float out[4]) {
+  if constexpr (DT == DType::kFloat32) {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + off);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(t.data) + off);
+    if constexpr (DT == DType::kBFloat16) {
+      out[0] = __int_as_float((int)(v.x << 16));
+      out[1] = __int_as_float((int)(v.x & 0xFFFF0000u));
+      out[2] = __int_as_float((int)(v.y << 16));
+      out[3] = __int_as_float((int)(v.y & 0xFFFF0000u));
+    } else {
+      out[0] = f16_bits_to_float((uint16_t)(v.x & 0xFFFFu));
+      out[1] = f16_bits_to_float((uint16_t)(v.x >> 16));
+      out[2] = f16_bits_to_float((uint16_t)(v.y & 0xFFFFu));
+      out[3] = f16_bits_to_float((uint16_t)(v.y >> 16));
+    }
+  }
+}
+
+template <DType DT>
+__device__ __forceinline__ void store4_as(const TensorArg& t, int64_t off, const float v[4]) {
+  if constexpr (DT == DType::kFloat32) {
+    __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + off), make_float4(v[0], v[1], v[2], v[3]));
+  } else {
+    uint2 o;
+    if constexpr (DT == DType::kBFloat16) {
+      o.x = pack_bf16x2(v[0], v[1]);
+      o.y = pack_bf16x2(v[2], v[3]);
+    } else {
+      o.x = pack_f16x2(v[0], v[1]);
+      o.y = pack_f16x2(v[2], v[3]);
+    }
+    __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + off), o);
+  }
+}
+
+// The one dtype of the tensors a kernel reads and writes (x0, x_t, out; the absent ones do not count),
+// or -1 when they differ (the kernels with the run-time switch take those problems).
+inline int io_dtype(const NoiseProblem& p) {
+  int dt = -1;
+  for (const TensorArg* t : {&p.x0, &p.x_t, &p.out}) {
+    if (t->data == nullptr) continue;
+    if (dt >= 0 && dt != (int)t->dtype) return -1;
+    dt = (int)t->dtype;
+  }
+  return dt < 0 ? (int)DType::kFloat32 : dt;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Channel loops with a register cache: channels c < K keep the values `load` produced in `cache`
 // (compile-time indices, so the cache stays in registers); channels c >= K are loaded again.
@@ -1220,6 +1276,7 @@ inline int fast_channels(const NoiseProblem& p, bool two_pass_input, bool vec) {
   if (two_pass_input || p.noise[0].data != nullptr || !vec || p.k > 2 || p.step_params != nullptr) return 0;
   const int64_t C = p.channels;
   if (perturbed(p) && !fast_perturb_ok((int)C, p.k)) return 0;
+  if (io_dtype(p) < 0) return 0;  // mixed dtypes: the kernels with the run-time dtype switch
   return (C >= 1 && C <= 4) || C == 16 ? (int)C : 0;
 }
 

@@ -174,14 +174,22 @@ void describe_elementwise(const NoiseProblem& p, bool vec, bool two_pass_input, 
   grid = L.grid;
   block = L.threads;
   const int ck = fast_channels(p, two_pass_input, vec);
-  if (ck > 0) {
-    static const char* names[5][3] = {
-        {"add_noise_fast<CK=1,KK=0>", "add_noise_fast<CK=1,KK=1>", "add_noise_fast<CK=1,KK=2>"},
-        {"add_noise_fast<CK=2,KK=0>", "add_noise_fast<CK=2,KK=1>", "add_noise_fast<CK=2,KK=2>"},
-        {"add_noise_fast<CK=3,KK=0>", "add_noise_fast<CK=3,KK=1>", "add_noise_fast<CK=3,KK=2>"},
-        {"add_noise_fast<CK=4,KK=0>", "add_noise_fast<CK=4,KK=1>", "add_noise_fast<CK=4,KK=2>"},
-        {"add_noise_fast<CK=16,KK=0>", "add_noise_fast<CK=16,KK=1>", "add_noise_fast<CK=16,KK=2>"}};
-    kernel = names[ck == 16 ? 4 : ck - 1][p.k];
+  if (ck > 0) {  // add_noise_fast<CK, KK, kPert, DT>, from a table built once (thread-safe static init)
+    struct Names {
+      char text[5][3][2][3][64];  // [CK 1, 2, 3, 4, 16][KK][pert][dtype]
+      Names() {
+        static const int cks[5] = {1, 2, 3, 4, 16};
+        static const char* dts[3] = {"fp32", "fp16", "bf16"};  // DType's order
+        for (int c = 0; c < 5; ++c)
+          for (int k = 0; k < 3; ++k)
+            for (int pe = 0; pe < 2; ++pe)
+              for (int d = 0; d < 3; ++d)
+                snprintf(text[c][k][pe][d], sizeof text[c][k][pe][d], "add_noise_fast<CK=%d,KK=%d,pert=%d,dtype=%s>",
+                         cks[c], k, pe, dts[d]);
+      }
+    };
+    static const Names names;
+    kernel = names.text[ck == 16 ? 4 : ck - 1][p.k][perturbed(p) ? 1 : 0][io_dtype(p)];
     return;
   }
   static const char* names[2][5] = {

@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(kThreads, elementwise_min_blocks(K, KA, kVec))
 // kPert: input perturbation (add_noise only): per channel a second Philox call gives n' (draw word
 // D = 1), squeezed like n (its channels in registers between the squeeze's passes too); x_t =
 // a x0 + b (n + perturb n'), the target from n. Only where that fits the budget (fast_perturb_ok).
-template <int CK, int KK, bool kPert>
+// DT: the dtype of x0, x_t and out (io_dtype), so their I/O has no dtype switch.
+template <int CK, int KK, bool kPert, DType DT>
 __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(const NoiseProblem p) {
   constexpr int KU = KK > 0 ? KK : 1;
   const int64_t HW = p.height * p.width, quads = HW / 4, F = p.frames, total = p.batch * F * quads;
@@ -131,24 +132,24 @@ __global__ void __launch_bounds__(kThreads, fast_min_blocks(CK)) add_noise_fast(
     // nz: the noise of channel c; pz: its squeezed perturbation (kPert only)
     auto emit = [&](int c, const float (&nz)[4], const float (&pz)[4]) {
       if (!mixing) {
-        store4(p.out, o_out + c * p.out.stride[1], nz);
+        store4_as<DT>(p.out, o_out + c * p.out.stride[1], nz);
         return;
       }
       float x0[4], xt[4], tg[4];
-      load4(p.x0, o_x0 + c * p.x0.stride[1], x0);
+      load4_as<DT>(p.x0, o_x0 + c * p.x0.stride[1], x0);
       if (eps_target) {
 #pragma unroll
         for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (kPert ? nz[l] + p.perturb * pz[l] : nz[l]);
-        store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
-        store4(p.out, o_out + c * p.out.stride[1], nz);
+        store4_as<DT>(p.x_t, o_xt + c * p.x_t.stride[1], xt);
+        store4_as<DT>(p.out, o_out + c * p.out.stride[1], nz);
       } else {
 #pragma unroll
         for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], nz[l], p.target, xt[l], tg[l]);
         if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
 #pragma unroll
           for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);
-        store4(p.x_t, o_xt + c * p.x_t.stride[1], xt);
-        store4(p.out, o_out + c * p.out.stride[1], tg);
+        store4_as<DT>(p.x_t, o_xt + c * p.x_t.stride[1], xt);
+        store4_as<DT>(p.out, o_out + c * p.out.stride[1], tg);
       }
     };
     // the perturbation's white noise of channel c: draw word D (= 1: one draw on this path)
@@ -277,23 +278,35 @@ void launch_add(const NoiseProblem& p, const float* ws, bool vec, const Elementw
 
 // (fast_channels sends the perturbed problems that fast_perturb_ok excludes to the general kernel, so
 // those variants are not instantiated.)
-template <int CK, bool kPert>
+template <int CK, bool kPert, DType DT>
 void launch_fast_variant(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
   if (p.k == 0) {
-    add_noise_fast<CK, 0, kPert><<<L.grid, L.threads, 0, stream>>>(p);
+    add_noise_fast<CK, 0, kPert, DT><<<L.grid, L.threads, 0, stream>>>(p);
   } else if (p.k == 1) {
-    if constexpr (!kPert || fast_perturb_ok(CK, 1)) add_noise_fast<CK, 1, kPert><<<L.grid, L.threads, 0, stream>>>(p);
+    if constexpr (!kPert || fast_perturb_ok(CK, 1))
+      add_noise_fast<CK, 1, kPert, DT><<<L.grid, L.threads, 0, stream>>>(p);
   } else {
-    if constexpr (!kPert || fast_perturb_ok(CK, 2)) add_noise_fast<CK, 2, kPert><<<L.grid, L.threads, 0, stream>>>(p);
+    if constexpr (!kPert || fast_perturb_ok(CK, 2))
+      add_noise_fast<CK, 2, kPert, DT><<<L.grid, L.threads, 0, stream>>>(p);
   }
 }
 
+template <int CK, DType DT>
+void launch_fast_dtype(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
+  if (perturbed(p)) {
+    launch_fast_variant<CK, true, DT>(p, L, stream);
+  } else {
+    launch_fast_variant<CK, false, DT>(p, L, stream);
+  }
+}
+
+// (fast_channels sends problems with mixed dtypes to the general kernel: io_dtype is one of the three.)
 template <int CK>
 void launch_fast(const NoiseProblem& p, const ElementwiseLaunch& L, cudaStream_t stream) {
-  if (perturbed(p)) {
-    launch_fast_variant<CK, true>(p, L, stream);
-  } else {
-    launch_fast_variant<CK, false>(p, L, stream);
+  switch ((DType)io_dtype(p)) {
+    case DType::kFloat32: launch_fast_dtype<CK, DType::kFloat32>(p, L, stream); break;
+    case DType::kFloat16: launch_fast_dtype<CK, DType::kFloat16>(p, L, stream); break;
+    default: launch_fast_dtype<CK, DType::kBFloat16>(p, L, stream); break;
   }
 }
 
