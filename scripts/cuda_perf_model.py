@@ -303,7 +303,8 @@ def parse_inline_chains(text: str) -> dict:
 
 def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | None = None,
                           hi: int | None = None, per: float | None = None, by_line: dict | None = None,
-                          chain_of: dict | None = None, inner_loops: list | None = None) -> dict:
+                          chain_of: dict | None = None, inner_loops: list | None = None,
+                          threads: int | None = None) -> dict:
     """Counts by class of the SASS instructions in [lo, hi] weighted by how often their source line ran
     in the emulator. ``executed``: {"csrc/file:line": executions} (or a set: executed or not; None: all
     count 1). ``per``: the executions of the loop (its closing branch's line): an instruction counts
@@ -314,7 +315,10 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
     0 there; a line that has no host code at all (absent from ``executed``: the GPU-only side of an
     ``#if`` in the sources, e.g. inline PTX) leaves the weight to its call sites. ``inner_loops``: [(start, end, iterations per execution of the enclosing loop)] of the loops
     nested in [lo, hi] that the compiler kept rolled: an instruction inside one counts that many times
-    (the innermost loop around it), times the weight above. Lines outside csrc/ (CUDA's headers) count 1."""
+    (the innermost loop around it), times the weight above. ``threads`` (the traced run's, with no
+    ``per``): a line that ran on fewer than 1 in 32 threads counts 32 x its share of them - an upper bound
+    of the share of warps that issue it (thread 0's reduction: one warp per block). Lines outside csrc/
+    (CUDA's headers) count 1."""
     cls: dict[str, float] = {"total": 0}
 
     def weight(where):
@@ -323,7 +327,11 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
         if isinstance(executed, dict) and chain_of is not None and where not in executed:
             return 1.0  # no host code on this line (GPU-only inline PTX): its call sites decide
         n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
-        return min(1.0, n / per) if per else (1.0 if n > 0 else 0.0)
+        if per:
+            return min(1.0, n / per)
+        if threads and isinstance(executed, dict):
+            return min(1.0, 32.0 * n / threads)
+        return 1.0 if n > 0 else 0.0
 
     for a, op in sass_instrs:
         if lo is not None and not lo <= a <= hi:
@@ -804,6 +812,52 @@ def _sass_counts(sass: dict | None) -> dict:
     return {"total": sass["total"], "main_loop": ml["instructions"] if ml else 0}
 
 
+def traced_threads(trace: dict | None, kernel: str) -> int:
+    """Threads the traced run (B = 1) launched of a kernel: the reference of its gcov line counts."""
+    if not trace:
+        return 0
+    return sum(l["grid"] * l["block"] for l in trace.get("plan_B1", {}).get("launches", []) if l["kernel"] == kernel)
+
+
+def rolled_loop_iterations(sass: dict, line_of: dict, executed: dict | None, trace: dict | None,
+                           kernel: str) -> list:
+    """[(start, end, iterations per thread)] of the loops a kernel's source keeps rolled (`#pragma unroll
+    1` on the line before the loop's `for`: one copy of the body in the SASS, so a source iteration is a
+    SASS iteration), from the traced run (B = 1): gcov counts a `for` line once per entry plus once per
+    iteration, so a loop's iterations per thread are executions(its closing branch's line) / threads -
+    its entries per thread (its enclosing loop's iterations, else 1); at least 1 where it ran. The
+    shared-memory kernels' executed SASS counts each instruction of such a loop that many times (the
+    power-of-two kernel's noise loop: 2). Loops the compiler rolled on its own (it may have unrolled them
+    by a factor the SASS does not name) count once per thread, as do loops only some threads run
+    (thread 0's reduction: conservative, the other warps skip it)."""
+    threads = traced_threads(trace, kernel)
+    if not executed or not threads:
+        return []
+    src_cache: dict[str, list] = {}
+
+    def pinned(where: str) -> bool:  # `#pragma unroll 1` right before the loop's line
+        path, _, num = where.rpartition(":")
+        if not path.startswith("csrc/") or not num.isdigit():
+            return False
+        if path not in src_cache:
+            f = REPO / path
+            src_cache[path] = f.read_text().splitlines() if f.exists() else []
+        text, n = src_cache[path], int(num)
+        return 2 <= n <= len(text) and text[n - 2].strip().startswith("#pragma unroll 1")
+    loops = sorted(sass.get("loop_list", []), key=lambda l: l[1] - l[0], reverse=True)  # outer first
+    out = []
+    iters = []  # every loop's source iterations per thread (the entries of the loops inside it)
+    for lo, hi, _n in loops:
+        where = line_of.get(hi, "")
+        runs = executed.get(where, 0) / threads
+        if runs <= 0:
+            continue
+        parent = [o for o in iters if o[0] <= lo and hi <= o[1]]
+        entries = min(parent, key=lambda o: o[1] - o[0])[2] if parent else 1.0
+        iters.append((lo, hi, max(1.0, runs - entries), pinned(where)))
+    return [(lo, hi, n) for lo, hi, n, pin in iters if pin]
+
+
 def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -> dict:
     B, C, H, W, dt = case["B"], case["C"], case["H"], case["W"], case["dtype"]
     elems = B * C * H * W
@@ -843,7 +897,9 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         line_of = {int(a): w for a, w in (k.get("line_of") or {}).items()}
         chain_of = {int(a): c for a, c in (k.get("chain_of") or {}).items()}
         instrs = sass.get("instructions", [])
-        cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of)
+        rolled = rolled_loop_iterations(sass, line_of, executed, trace, L["kernel"])
+        cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of, inner_loops=rolled,
+                                    threads=traced_threads(trace, L["kernel"]))
         smem_static_ops = cls.get("smem", 0)
         if smem_static_ops > 0 and L["smem"] > 0 and not (tr and tr["warp_accesses"] > 0):
             # a shared-memory kernel is counted through its trace; the elementwise estimate would be

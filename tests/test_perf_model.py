@@ -208,6 +208,30 @@ def test_inline_chains_weight_a_shared_header_line_by_its_call_site():
                                     inner_loops=[(0x10, 0x10, 3.0)])["total"] == 4
 
 
+def test_shared_memory_kernels_count_pinned_loops_and_thread_shares(tmp_path, monkeypatch):
+    """A `#pragma unroll 1` loop counts its iterations per thread (gcov: entries + iterations on the
+    `for` line, the entries subtracted); a loop the compiler rolled on its own counts once; a line that
+    ran on under 1 in 32 threads counts 32 x its share (thread 0's reduction: 1 warp of the block's)."""
+    src = tmp_path / "csrc" / "cuda" / "k.cu"
+    src.parent.mkdir(parents=True)
+    src.write_text("\n".join(["// 1", "#pragma unroll 1", "for (int u = 0; u < 2; ++u) {", "}",
+                              "for (int i = 0; i < nw; ++i) {", "}"]) + "\n")
+    monkeypatch.setattr(pm, "REPO", tmp_path)
+    line_of = {0x10: "csrc/cuda/k.cu:3", 0x20: "csrc/cuda/k.cu:3", 0x30: "csrc/cuda/k.cu:5",
+               0x40: "csrc/cuda/k.cu:1"}
+    sass = {"loop_list": [(0x10, 0x20, 2), (0x30, 0x30, 1)]}
+    trace = {"plan_B1": {"launches": [{"kernel": "k", "grid": 2, "block": 512}]}}
+    ran = {"csrc/cuda/k.cu:3": 3 * 1024, "csrc/cuda/k.cu:5": 17 * 1024, "csrc/cuda/k.cu:1": 1024}
+    assert pm.traced_threads(trace, "k") == 1024
+    assert pm.rolled_loop_iterations(sass, line_of, ran, trace, "k") == [(0x10, 0x20, 2.0)]  # 3 - 1 entry
+    instrs = [(0x10, "FADD"), (0x20, "BRA"), (0x30, "DADD"), (0x40, "LDS")]
+    rolled = pm.rolled_loop_iterations(sass, line_of, ran, trace, "k")
+    assert pm.executed_instructions(instrs, line_of, ran, inner_loops=rolled, threads=1024)["total"] == 6
+    thread0 = {**ran, "csrc/cuda/k.cu:5": 2}  # the unpinned loop's line on thread 0 of both blocks only
+    got = pm.executed_instructions(instrs, line_of, thread0, inner_loops=rolled, threads=1024)
+    assert got["total"] == pytest.approx(5 + 32 * 2 / 1024)
+
+
 def test_ldg_bytes():
     assert pm._ldg_bytes("LDG", ".E.128.CONSTANT") == 16
     assert pm._ldg_bytes("LDG", ".E.64") == 8

@@ -201,26 +201,36 @@ __device__ __forceinline__ int row_output_pos(const Pow2Lines& rows, int R, int 
   return line * rows.lstride + elem;
 }
 
-// Block-wide sums of a and b (every thread gets both; a fixed order, so deterministic). red: 64 doubles.
-__device__ __forceinline__ void block_sum2(double& a, double& b, double* red) {
+// Block-wide sums of a and b in double, finished by thread 0 alone: the warps' partials go through red
+// (64 doubles), thread 0 adds them in warp order (a fixed order, so deterministic) and runs fin(a, b),
+// which leaves what every thread needs in shared memory, read by all after the second barrier. (Every
+// thread adding the 16 partials and running the double divisions and square roots itself: ~24 of the
+// ~167 instructions per element at 4 x 64 x 64 in the performance model, a thread holding only 16 of
+// the plane's values.) No leading
+// barrier: red is read by thread 0 before the second barrier, and written again only after it.
+template <class Fin>
+__device__ __forceinline__ void block_sum2(double a, double b, double* red, Fin fin) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     a += __shfl_xor_sync(0xFFFFFFFFu, a, o);
     b += __shfl_xor_sync(0xFFFFFFFFu, b, o);
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  __syncthreads();  // red may still be read by a previous call
   if (lane == 0) {
     red[2 * warp] = a;
     red[2 * warp + 1] = b;
   }
   __syncthreads();
-  a = 0.0;
-  b = 0.0;
-  for (int i = 0; i < nw; ++i) {
-    a += red[2 * i];
-    b += red[2 * i + 1];
+  if (threadIdx.x == 0) {
+    a = 0.0;
+    b = 0.0;
+    for (int i = 0; i < nw; ++i) {
+      a += red[2 * i];
+      b += red[2 * i + 1];
+    }
+    fin(a, b);
   }
+  __syncthreads();
 }
 
 // The slice's launch: block q of the cluster of slice s = blockIdx.x / P owns complex plane q
@@ -250,13 +260,14 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // the draw's DC terms (re, im)
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // the draw's DC terms, means, scales
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
   const bool spectral = p.weights != nullptr;
   const Pow2Lines rows{lw, lh, Wp, 1};
   const Pow2Lines cols{lh, lw, 1, Wp};
   const float inv = 1.0f / (float)HW;
+  const double inv_hw = 1.0 / (double)HW;  // x * inv_hw == x / HW exactly: HW is a power of two
   float2 v[8];
   int last_r, last_ns;  // the last row stage: where the thread's values of v sit in the plane
   last_stage(lw, last_r, last_ns);
@@ -303,12 +314,10 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
         const float* wd = p.weights + (size_t)d * HW;
         const float dc = __ldg(wd);
         if (dc != 0.f) {  // w(0) mean(e), the white planes' means in double (the CPU's plane_mean)
-          double a = e_re, b = e_im;
-          block_sum2(a, b, red);
-          if (t == 0) {  // read after the passes' barriers
-            misc[0] = (float)(dc * (a / (double)HW));
-            misc[1] = (float)(dc * (b / (double)HW));
-          }
+          block_sum2(e_re, e_im, red, [&](double a, double b) {  // read after the passes' barriers
+            misc[0] = (float)(dc * (a * inv_hw));
+            misc[1] = (float)(dc * (b * inv_hw));
+          });
         }
         auto none = [](float2(&)[8], int, int) {};
         fft_lines_pow2(buf, rows, 1.f, t, T, false, v, none);
@@ -348,9 +357,11 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           s_re += v[i].x;
           s_im += v[i].y;
         }
-        double m_re = s_re, m_im = s_im;
-        block_sum2(m_re, m_im, red);
-        const float mr = (float)(m_re / (double)HW), mi = (float)(m_im / (double)HW);
+        block_sum2(s_re, s_im, red, [&](double a, double b) {
+          misc[2] = (float)(a * inv_hw);
+          misc[3] = (float)(b * inv_hw);
+        });
+        const float mr = misc[2], mi = misc[3];
         float q_re = 0.f, q_im = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -358,10 +369,12 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           q_re = fmaf(a, a, q_re);
           q_im = fmaf(b, b, q_im);
         }
-        double v_re = q_re, v_im = q_im;
-        block_sum2(v_re, v_im, red);
-        sc_re = (float)(1.0 / (sqrt(v_re / (double)HW) + 1e-8));
-        sc_im = (float)(1.0 / (sqrt(v_im / (double)HW) + 1e-8));
+        block_sum2(q_re, q_im, red, [&](double a, double b) {
+          misc[4] = (float)(1.0 / (sqrt(a * inv_hw) + 1e-8));
+          misc[5] = (float)(1.0 / (sqrt(b * inv_hw) + 1e-8));
+        });
+        sc_re = misc[4];
+        sc_im = misc[5];
       }
       const float gamma = p.gammas[d];
       if (!g.acc) {
