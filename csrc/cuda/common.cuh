@@ -6,6 +6,12 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <algorithm>
+#include <array>
+#include <map>
+#include <mutex>
+#include <utility>
 #if !defined(ANISO_CUDA_EMULATOR)
 #include <cooperative_groups.h>
 #endif
@@ -996,12 +1002,18 @@ struct FftStages {
   int count;
   int radix[kMaxFftStages];
   FastDiv m[kMaxFftStages], ns[kMaxFftStages];
+  // bit s set: stage s gives consecutive threads consecutive LINES (the same butterfly j of up to 32
+  // lines) instead of consecutive butterflies of one line; fused_layout picks it per stage from the
+  // stage's modelled bank conflicts (fft_stage_wavefronts). Only which thread runs which butterfly
+  // changes, not a butterfly's operations: the result is the same bit for bit.
+  uint32_t by_line;
 };
 
 inline FftStages make_stages(int n) {
   const FftFactors f = fft_factorize(n);
   FftStages st{};
   st.count = f.count;
+  st.by_line = 0u;
   int ns = 1;
   for (int s = 0; s < f.count; ++s) {
     st.radix[s] = f.radix[s];
@@ -1022,6 +1034,7 @@ struct PlanarLines {
   int count;
   FastDiv inner;
   int pitch, outer_stride;
+  FastDiv lines;  // count, as a divisor (the stages FftStages::by_line maps line-fastest)
   __device__ __forceinline__ int base(int line) const {
     const int o = inner.div(line);
     return o * outer_stride + (line - o * inner.d) * pitch;
@@ -1120,10 +1133,13 @@ __device__ __forceinline__ float* fft_planar(float* x, float* y, int ps, int n, 
     const bool special = p == 2 || p == 3 || p == 4 || p == 8;
     const int per_q = lines.count * m;
     const int total = special ? per_q : per_q * p;
+    const bool by_line = (f.by_line >> s) & 1u;  // consecutive threads: lines (else butterflies of a line)
+    const FastDiv fo = by_line ? lines.lines : fm;
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
       const int qq = special ? 0 : idx / per_q;  // generic radices only
       const int rest = idx - qq * per_q;
-      const int line = fm.div(rest), j = rest - line * m;
+      const int hi = fo.div(rest), lo = rest - hi * fo.d;
+      const int line = by_line ? lo : hi, j = by_line ? hi : lo;
       const int k = j - fns.div(j) * ns;
       const int base = lines.base(line);
       if (special) {
@@ -1176,6 +1192,7 @@ struct SpectralGeom {
   int R, Hs, Ws, Wp, Hp, PS;
   FastDiv dW, dH, dHs, dWs, dSL, dSeg;  // W, H, Hs, Ws, Hs * W, ceil(W / 8) (the sums' segments)
   FastDiv dGen;                         // Hs * W / 4 + 2: Philox counters per slab plane (generate_segments)
+  FastDiv dRowLines, dColLines;         // P * Hs, P * Ws: the row and column FFTs' line counts
   FftStages sw, sh;                     // the row (length W) and column (length H) FFT stages
   int nbuf;           // plane buffers: 3 with spectral weights (row, row / column ping-pong, column), else 1
   // off_pert: the input perturbation's finished slab [C][Hs * W] (perturbed problems only)
@@ -1188,6 +1205,90 @@ struct SpectralGeom {
 // weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages' index maps).
 __host__ __device__ __forceinline__ int line_pitch(int n) { return n + ((5 - n % 32) + 32) % 32; }
 
+// Modelled shared-memory wavefronts (sm_90: 32 banks of 4-byte words; as tests/cuda_emulation/emu_trace
+// scores a warp access) of the first 16 warps of stage s of fft_planar on `count` lines of length n
+// (line l at (l / inner) * outer + (l % inner) * pitch), with consecutive threads on consecutive
+// butterflies of a line (by_line false) or on consecutive lines: the real and imaginary loads and
+// stores and the twiddle reads (two words each) in the butterflies' order. Host only.
+inline long fft_stage_wavefronts(int n, const FftStages& st, int s, int count, int inner, int pitch, int outer,
+                                 bool by_line) {
+  const int p = st.radix[s], m = st.m[s].d, ns = st.ns[s].d, tstep = n / (ns * p);
+  const bool special = p == 2 || p == 3 || p == 4 || p == 8;
+  const int per_q = count * m, total = special ? per_q : per_q * p;
+  const int warps = std::min((total + 31) / 32, 16);
+  int base[32], jj[32], kk[32], qv[32];
+  int lanes = 0;
+  auto score = [&](auto word) {  // the most distinct words any bank holds
+    int w[32];
+    for (int l = 0; l < lanes; ++l) w[l] = word(l);
+    std::sort(w, w + lanes);
+    int cnt[32] = {0}, most = 0;
+    for (int l = 0; l < lanes; ++l)
+      if (l == 0 || w[l] != w[l - 1]) most = std::max(most, ++cnt[((w[l] % 32) + 32) % 32]);
+    return (long)most;
+  };
+  long wf = 0;
+  for (int wp = 0; wp < warps; ++wp) {
+    lanes = 0;
+    for (int t = 0; t < 32 && 32 * wp + t < total; ++t, ++lanes) {
+      const int idx = 32 * wp + t, q = special ? 0 : idx / per_q, rest = idx - q * per_q;
+      const int d = by_line ? count : m, hi = rest / d, lo = rest - hi * d;
+      const int line = by_line ? lo : hi, j = by_line ? hi : lo;
+      base[lanes] = (line / inner) * outer + (line % inner) * pitch;
+      jj[lanes] = j;
+      kk[lanes] = j % ns;
+      qv[lanes] = q;
+    }
+    auto out = [&](int l, int q) { return base[l] + (jj[l] - kk[l]) * p + kk[l] + q * ns; };
+    if (special) {
+      for (int r = 0; r < p; ++r) {
+        wf += 2 * score([&](int l) { return base[l] + jj[l] + r * m; });
+        if (r > 0)
+          for (int c = 0; c < 2; ++c) wf += score([&](int l) { return 2 * (r * kk[l] * tstep) + c; });
+      }
+      for (int q = 0; q < p; ++q) wf += 2 * score([&](int l) { return out(l, q); });
+    } else {
+      const int L = ns * p;
+      wf += 2 * score([&](int l) { return base[l] + jj[l]; });
+      for (int r = 1; r < p; ++r) {
+        for (int c = 0; c < 2; ++c)
+          wf += score([&](int l) { return 2 * (((r * (kk[l] + qv[l] * ns)) % L) * tstep) + c; });
+        wf += 2 * score([&](int l) { return base[l] + jj[l] + r * m; });
+      }
+      wf += 2 * score([&](int l) { return out(l, qv[l]); });
+    }
+  }
+  return wf;
+}
+
+// Sets st.by_line to the thread map of each stage with the fewer modelled wavefronts (ties: butterflies
+// of a line, the original map) and returns the FFT's modelled wavefronts. Memoised (host, thread-safe).
+inline long fft_choose_maps(int n, FftStages& st, int count, int inner, int pitch, int outer) {
+  static std::mutex mu;
+  static std::map<std::array<int, 5>, std::pair<uint32_t, long>> memo;
+  const std::array<int, 5> key{n, count, inner, pitch, outer};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = memo.find(key);
+    if (it != memo.end()) {
+      st.by_line = it->second.first;
+      return it->second.second;
+    }
+  }
+  uint32_t mask = 0;
+  long total = 0;
+  for (int s = 0; s < st.count; ++s) {
+    const long a = fft_stage_wavefronts(n, st, s, count, inner, pitch, outer, false);
+    const long b = count > 1 ? fft_stage_wavefronts(n, st, s, count, inner, pitch, outer, true) : a;
+    if (b < a) mask |= 1u << s;
+    total += std::min(a, b);
+  }
+  st.by_line = mask;
+  std::lock_guard<std::mutex> lock(mu);
+  memo[key] = {mask, total};
+  return total;
+}
+
 // perturb: the kernel also filters the input perturbation's draws (first, into off_pert), so the
 // sums' per-draw row partials are kept for twice the draws.
 inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb = false) {
@@ -1199,6 +1300,41 @@ inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb
   g.Hp = line_pitch(g.H);
   const int rows = g.Hs * g.Wp, cols = spectral ? g.Ws * g.Hp : 0;
   g.PS = (int)align_up((size_t)(rows > cols ? rows : cols), 4);
+  const int ps_alloc = g.PS;  // the buffers' shared memory: the same for either pitch choice below
+  g.sw = make_stages(g.W);
+  g.sh = make_stages(g.H);
+  const int P = g.P;
+  if (spectral) {
+    // The FFTs' thread map per stage (FftStages::by_line) and the pitches, from the modelled bank
+    // conflicts: the pitches above, or lines of n rounded up to 4 (mod 32) with an odd plane size (the
+    // complex planes' real parts 2 PS = 2 (mod 4) floats apart), taken when it needs no more shared
+    // memory (the buffers keep the first choice's size, so the planner's sizes and choices do not
+    // change) and models fewer wavefronts. It is used for slabs of at most 8 rows / columns (R >= H / 8):
+    // a transpose's local reads (one element of each of Hs / Ws lines) then stay conflict-free.
+    // Only where each butterfly runs changes, so every choice gives the same result bit for bit.
+    FftStages sw = g.sw, sh = g.sh;
+    const long cost = fft_choose_maps(g.W, sw, P * g.Hs, g.Hs, g.Wp, 2 * g.PS) +
+                      fft_choose_maps(g.H, sh, P * g.Ws, g.Ws, g.Hp, 2 * g.PS);
+    const int Wp4 = g.W + ((4 - g.W % 32) + 32) % 32, Hp4 = g.H + ((4 - g.H % 32) + 32) % 32;
+    const int PS4 = (g.Hs * Wp4 > g.Ws * Hp4 ? g.Hs * Wp4 : g.Ws * Hp4) | 1;
+    FftStages sw4 = g.sw, sh4 = g.sh;
+    long cost4 = cost;
+    if (g.Hs <= 8 && g.Ws <= 8 && PS4 <= g.PS)
+      cost4 = fft_choose_maps(g.W, sw4, P * g.Hs, g.Hs, Wp4, 2 * PS4) +
+              fft_choose_maps(g.H, sh4, P * g.Ws, g.Ws, Hp4, 2 * PS4);
+    if (cost4 < cost) {
+      g.Wp = Wp4;
+      g.Hp = Hp4;
+      g.PS = PS4;
+      g.sw = sw4;
+      g.sh = sh4;
+    } else {
+      g.sw = sw;
+      g.sh = sh;
+    }
+  }
+  g.dRowLines = make_fastdiv(P * g.Hs);
+  g.dColLines = make_fastdiv(P * g.Ws);
   g.dW = make_fastdiv(g.W);
   g.dH = make_fastdiv(g.H);
   g.dHs = make_fastdiv(g.Hs);
@@ -1206,8 +1342,6 @@ inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb
   g.dSL = make_fastdiv(g.Hs * g.W);
   g.dSeg = make_fastdiv((g.W + 7) / 8);
   g.dGen = make_fastdiv(g.Hs * g.W / 4 + 2);
-  g.sw = make_stages(g.W);
-  g.sh = make_stages(g.H);
   g.nbuf = spectral ? 3 : 2;  // without weights the second buffer is the sums' scratch
   const size_t planes = 2 * (size_t)g.P;
   size_t o = 0;
@@ -1216,7 +1350,7 @@ inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb
   g.off_tw_w = (uint32_t)o;
   o = align_up(o + (spectral ? 8 * (size_t)g.W : 0), 16);
   g.off_buf = (uint32_t)o;
-  o = align_up(o + 4 * (size_t)g.nbuf * planes * g.PS, 16);
+  o = align_up(o + 4 * (size_t)g.nbuf * planes * ps_alloc, 16);
   g.off_acc = (uint32_t)o;
   o = align_up(o + (draws > 1 ? 4 * (size_t)g.C * g.Hs * g.W : 0), 16);
   g.off_pert = (uint32_t)o;

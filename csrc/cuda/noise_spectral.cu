@@ -23,26 +23,27 @@ namespace {
 // alone: segments of kSumSeg consecutive pixels of a row, then a row's segments, then the H rows in
 // order, all in double. The result is the same for every cluster size R, so a sample's output does
 // not depend on R (which the planner picks from the batch size). get(c, hl, w): the value at row hl
-// of this block's slab. scratch: C * Hs * ceil(W / kSumSeg) doubles of shared memory no peer reads;
-// rows: C * Hs doubles peers read (not reused within the launch); all: C * H doubles; tot[c]: the sums.
-// Every thread of every block of the cluster calls it.
+// of this block's slab. scratch: ceil(W / kSumSeg) x (C * Hs | 1) doubles of shared memory no peer
+// reads (segment-major with an odd row count, so that neither the segments' writes nor the rows' reads
+// share banks); rows: C * Hs doubles peers read (not reused within the launch); all: C * H doubles;
+// tot[c]: the sums. Every thread of every block of the cluster calls it.
 constexpr int kSumSeg = 8;
 template <class Get>
 __device__ __forceinline__ void sample_sums(const SpectralGeom& g, double* scratch, double* rows, double* all,
                                             double* tot, Get get) {
   const int C = g.C, Hs = g.Hs, W = g.W, H = g.H, R = g.R, nseg = (W + kSumSeg - 1) / kSumSeg;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tid = threadIdx.x, nt = blockDim.x, CHq = (C * Hs) | 1;
   for (int it = tid; it < C * Hs * nseg; it += nt) {
     const int rest = g.dSeg.div(it), s = it - rest * nseg, c = g.dHs.div(rest), hl = rest - c * Hs;
     const int w1 = (s + 1) * kSumSeg < W ? (s + 1) * kSumSeg : W;
     double a = 0.0;
     for (int w = s * kSumSeg; w < w1; ++w) a += (double)get(c, hl, w);
-    scratch[it] = a;
+    scratch[s * CHq + rest] = a;
   }
   __syncthreads();
   for (int it = tid; it < C * Hs; it += nt) {
     double a = 0.0;
-    for (int s = 0; s < nseg; ++s) a += scratch[it * nseg + s];
+    for (int s = 0; s < nseg; ++s) a += scratch[s * CHq + it];
     rows[it] = a;
   }
   if (R > 1) cluster_barrier(); else __syncthreads();
@@ -103,8 +104,8 @@ __global__ void __launch_bounds__(kFusedThreads, fused_min_blocks(KA, kStep))
   }
   // slab pixel i (row i / W, column i % W) in a plane buffer
   auto at = [&](int i) { const int hl = g.dW.div(i); return hl * Wp + (i - hl * W); };
-  const PlanarLines rows{P * Hs, g.dHs, Wp, 2 * PS};
-  const PlanarLines cols{P * Ws, g.dWs, Hp, 2 * PS};
+  const PlanarLines rows{P * Hs, g.dHs, Wp, 2 * PS, g.dRowLines};
+  const PlanarLines cols{P * Ws, g.dWs, Hp, 2 * PS, g.dColLines};
   float* X = buf0;
   // pass it: draw d of the perturbation (counter word D + d) for it < D when kPert, else draw d of the noise
   const int D = p.draws, passes = kPert ? 2 * D : D;
