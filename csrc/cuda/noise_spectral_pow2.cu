@@ -124,18 +124,20 @@ __device__ __forceinline__ void stage_output(const Pow2Lines& L, int ns, int t, 
 // One radix-R Stockham stage (span ns) over every line of the plane in buf, in place: each thread reads
 // the inputs of its 8 / R butterflies into a, applies the twiddles and the DFTs, last(a) sees the
 // outputs (weights, DC bin), the block synchronises (every read done), and unless keep the outputs go
-// back to buf (then the block synchronises again).
+// back to buf (then the block synchronises again). in_regs: a holds the inputs already (no reads, so
+// no barrier before the writes; fft_lines_pow2's first_in_regs).
 template <int R, class Last>
 __device__ __forceinline__ void fft_stage(float2* buf, const Pow2Lines& L, int ns, float sg, int t, int T,
-                                          float2 (&a)[8], bool keep, Last last) {
+                                          float2 (&a)[8], bool keep, Last last, bool in_regs = false) {
   t = opaque(t);
   const int m = (1 << L.ln) / R, tstep = (1 << L.ln) / (ns * R);
 #pragma unroll
   for (int u = 0; u < 8 / R; ++u) {
     const int idx = t + u * T, l = idx & ((1 << L.lcount) - 1), j = idx >> L.lcount, k = j & (ns - 1);
     const float2* in = buf + l * L.lstride + j * L.estride;
+    if (!in_regs)
 #pragma unroll
-    for (int r = 0; r < R; ++r) a[u * R + r] = in[r * m * L.estride];
+      for (int r = 0; r < R; ++r) a[u * R + r] = in[r * m * L.estride];
     if (ns > 1)
 #pragma unroll
       for (int r = 1; r < R; ++r) a[u * R + r] = cmul(a[u * R + r], tw_pow2(r * k * tstep, L.ln, sg));
@@ -148,7 +150,7 @@ __device__ __forceinline__ void fft_stage(float2* buf, const Pow2Lines& L, int n
     }
   }
   last(a);
-  __syncthreads();
+  if (!in_regs) __syncthreads();
   if (keep) return;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -173,9 +175,10 @@ __device__ __forceinline__ void last_stage(int ln, int& R, int& ns) {
 
 // Every stage of one direction over the plane. The last stage's outputs stay in a (not written) when
 // keep_last; last(a, R, ns) runs on them first (weights, DC bin: stage_output<R> gives their place).
+// first_in_regs: a holds the first stage's inputs (lines of radix-8 stages only: radix8_lines).
 template <class Last>
 __device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, float sg, int t, int T, bool keep_last,
-                                               float2 (&a)[8], Last last) {
+                                               float2 (&a)[8], Last last, bool first_in_regs = false) {
   int ns = 1;
 #pragma unroll  // at most 3 stages; with a compile-time size (LH, LW) every radix and span is a constant
   for (int left = L.ln; left > 0;) {
@@ -185,12 +188,17 @@ __device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, 
     auto post = [&](float2 (&x)[8]) {
       if (fin) last(x, R, ns);
     };
-    if (R == 8) fft_stage<8>(buf, L, ns, sg, t, T, a, keep, post);
+    if (R == 8) fft_stage<8>(buf, L, ns, sg, t, T, a, keep, post, first_in_regs && ns == 1);
     else if (R == 4) fft_stage<4>(buf, L, ns, sg, t, T, a, keep, post);
     else fft_stage<2>(buf, L, ns, sg, t, T, a, keep, post);
     ns *= R;
   }
 }
+
+// Whether every stage of a line of 2^ln is radix 8 (8, 64). Then the last stage's output i of thread t
+// (span n / 8: element j + i n / 8 of line l, j and l from t) is the first stage's input i of thread t
+// (element j + r n / 8): one direction's outputs are the next direction's inputs in registers.
+__device__ __forceinline__ bool radix8_lines(int ln) { return ln % 3 == 0; }
 
 // Buffer position of output i of thread t in the last row stage (radix R, span ns).
 __device__ __forceinline__ int row_output_pos(const Pow2Lines& rows, int R, int ns, int t, int T, int i) {
@@ -321,7 +329,11 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
         }
         auto none = [](float2(&)[8], int, int) {};
         fft_lines_pow2(buf, rows, 1.f, t, T, false, v, none);
-        fft_lines_pow2(buf, cols, 1.f, t, T, false, v, [&](float2 (&a)[8], int R, int ns) {
+        // the weighted forward columns stay in registers as the inverse columns' inputs where the
+        // columns are radix-8 lines (64 x 64: a shared-memory round trip and a barrier fewer); not in
+        // the 64 x 64 variant with a run-time C, which then spilled 4 B at its 64 registers
+        const bool fuse = radix8_lines(lh) && !(LH > 0 && CK == 0);
+        fft_lines_pow2(buf, cols, 1.f, t, T, fuse, v, [&](float2 (&a)[8], int R, int ns) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {  // column line = w, element el = h
             int w, h;
@@ -336,7 +348,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
             }
           }
         });
-        fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none);
+        fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none, fuse);
         fft_lines_pow2(buf, rows, -1.f, t, T, true, v, none);
         if (dc != 0.f) {
           dc_re = misc[0];
