@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -873,12 +874,22 @@ def _fixture_data():
 
 
 def _same_environment(keys) -> bool:
+    """Whether the fixtures' environment (make_fixtures.environment) matches this one in `keys`, where
+    bit-identical results are owed. A key the fixtures predate counts as different (cpu_vendor: fixtures
+    of before it was recorded check the reference backend to tolerance only)."""
     with open(os.path.join(FIXTURES, "environment_v1.json"), encoding="utf-8") as f:
         then = json.load(f)
-    info = ad.build_info()
-    now = {"torch": torch.__version__, "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "anisodiff": info.get("version"), "anisodiff_cpu_capability": info.get("cpu_capability")}
-    return all(then[k] == now[k] for k in keys)
+    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(FIXTURES, "make_fixtures.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    now = gen.environment()
+    return all(k in then and then[k] == now[k] for k in keys)
+
+
+# The keys bit-identity depends on: the reference runs torch's math (MKL's VML: vendor-dependent bits),
+# the CPU kernel anisodiff's own code.
+REFERENCE_KEYS = ["torch", "aten_cpu_capability", "cpu_vendor"]
+KERNEL_KEYS = ["torch", "anisodiff", "anisodiff_cpu_capability"]
 
 
 def test_fixtures_are_present_and_version_1():
@@ -921,9 +932,7 @@ def test_version_1_fixture_loads_and_reproduces_its_noise(name):
                             seed=data["seed"], offset=data["offset"], backend=backend)
         close(n, stored[backend], what=f"{name} on {backend}")
         close(n, stored["reference"], what=f"{name} on {backend} vs the stored reference")
-        keys = (["torch", "aten_cpu_capability"] if backend == "reference"
-                else ["torch", "anisodiff", "anisodiff_cpu_capability"])
-        if _same_environment(keys):
+        if _same_environment(REFERENCE_KEYS if backend == "reference" else KERNEL_KEYS):
             assert torch.equal(n, stored[backend]), f"{name} on {backend}: not bit-identical"
 
 
@@ -940,8 +949,7 @@ def test_version_1_fixture_reproduces_add_noise():
             if backend not in add:  # a backend newer than the fixture (triton): the reference decides
                 continue
             close(out[i], add[backend][i], what=f"add_noise output {i} on {backend}")
-            if _same_environment(["torch", "aten_cpu_capability"] if backend == "reference"
-                                 else ["torch", "anisodiff", "anisodiff_cpu_capability"]):
+            if _same_environment(REFERENCE_KEYS if backend == "reference" else KERNEL_KEYS):
                 assert torch.equal(out[i], add[backend][i])
     # not vacuous: another seed is far away
     other = ad.add_noise(add["x0"], t, spec, SCHEDULE, seed=data["seed"] + 1, offset=data["offset"],
