@@ -77,11 +77,20 @@ def test_pow2_against_cpu(emu, order, schedule, shape, kind, k, normalize):
         check_pair(a[1], b[1])
     expect_pow2(emu, shape, spec)
     fixed = {(3, 32): "LH=5,LW=5,CK=3", (4, 64): "LH=6,LW=6,CK=4"}.get((shape[1], shape[2]))
-    if fixed and shape[2] == shape[3]:
-        assert emu.last_kernel().endswith(fixed + ">"), emu.last_kernel()
+    if fixed and shape[2] == shape[3]:  # the channel count and the dtype compiled in
+        assert emu.last_kernel().endswith(fixed + ",dtype=fp32>"), emu.last_kernel()
     a = emu.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
+    if fixed and shape[2] == shape[3]:
+        assert emu.last_kernel().endswith(fixed + ",dtype=bf16>"), emu.last_kernel()
     b = torch.ops.anisodiff.shaped_noise(list(shape), *common, STREAM, None, torch.bfloat16)
     check_pair(a, b, torch.bfloat16)
+    if fixed and shape[2] == shape[3]:  # fp16 x0: add_noise through the fp16 variant
+        x16 = x0.half()
+        a = emu.add_noise(x16, *common, 1, STREAM, None)
+        assert emu.last_kernel().endswith(fixed + ",dtype=fp16>"), emu.last_kernel()
+        b = torch.ops.anisodiff.add_noise(x16, *common, 1, STREAM, None)
+        check_pair(a[0], b[0], torch.float16)
+        check_pair(a[1], b[1], torch.float16)
 
 
 @pytest.mark.parametrize("how", ["channels_last", "strided"])
@@ -257,7 +266,7 @@ def test_pow2_planner_choice_and_overrides(emu, monkeypatch):
     monkeypatch.delenv("ANISODIFF_CUDA_PATH", raising=False)
     monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
     plan = json.loads(emu.plan(64, 4, 64, 64, True, 1, False, 1))
-    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=6,LW=6,CK=4>"
+    assert plan["kernel"] == "fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=6,LW=6,CK=4,dtype=fp32>"
     assert (plan["grid"], plan["block"], plan["cluster"]) == (128, 512, 2)
     assert json.loads(emu.plan(64, 4, 64, 64, False, 1, True, 0))["kernel"].startswith(POW2)  # norm only
     # fewer than 8 warps per SM (the emulator has 4 SMs) take the cluster kernel: its slabs fill more

@@ -298,12 +298,20 @@ __device__ __forceinline__ QuadPos quad_pos(int64_t hw0, const Div64& W) {
 // kVec: every tensor is plane-contiguous (stride[3] == 1, stride[2] == W), its batch and channel
 // strides and base address are multiples of 4 elements and H * W % 4 == 0 (checked by the
 // launcher), so the 4 pixels of a quad are one aligned 16-byte (fp32) or 8-byte (16-bit) access.
-template <bool kVec>
+template <DType DT>
+__device__ __forceinline__ void load4_as(const TensorArg& t, int64_t off, float out[4]);
+template <DType DT>
+__device__ __forceinline__ void store4_as(const TensorArg& t, int64_t off, const float v[4]);
+
+// DT >= 0: the tensor's dtype (a DType) known at compile time (load4_as), -1: switched at run time.
+template <bool kVec, int DT = -1>
 __device__ __forceinline__ void load_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                           const QuadPos& pos, float out[4]) {
   if (kVec) {
     const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
-    if (t.dtype == DType::kFloat32) {
+    if constexpr (DT >= 0) {
+      load4_as<(DType)DT>(t, base, out);
+    } else if (t.dtype == DType::kFloat32) {
       const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + base);
       out[0] = v.x;
       out[1] = v.y;
@@ -322,12 +330,14 @@ __device__ __forceinline__ void load_quad(const TensorArg& t, const Slice& sl, i
   }
 }
 
-template <bool kVec>
+template <bool kVec, int DT = -1>
 __device__ __forceinline__ void store_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                            const QuadPos& pos, const float v[4]) {
   if (kVec) {
     const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
-    if (t.dtype == DType::kFloat32) {
+    if constexpr (DT >= 0) {
+      store4_as<(DType)DT>(t, base, v);
+    } else if (t.dtype == DType::kFloat32) {
       __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + base), make_float4(v[0], v[1], v[2], v[3]));
     } else {
       uint2 o;
@@ -505,8 +515,9 @@ __device__ __forceinline__ SampleCoef sample_coef(const NoiseProblem& p, int64_t
 // S (n + perturb n'), the target n alone. n' is fetched again in the squeeze's second pass instead of
 // kept in registers (the cache of n is what the register budget is sized for).
 // coef: sample_coef(p, b.b), which a kernel with one sample per block computes once. CK > 0: the
-// channel count fixed at compile time (p.channels == CK; the channel loops unroll).
-template <int K, int KA, bool kVec, bool kPert, int CK = 0, class Fetch, class FetchP>
+// channel count fixed at compile time (p.channels == CK; the channel loops unroll). DT >= 0: the dtype of
+// x0, x_t and out fixed at compile time (io_dtype; load_quad).
+template <int K, int KA, bool kVec, bool kPert, int CK = 0, int DT = -1, class Fetch, class FetchP>
 __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const SampleCoef& coef, const Slice& b,
                                                int64_t hw0, int n, const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
   const int C = CK > 0 ? CK : (int)p.channels, k = p.k;
@@ -526,15 +537,15 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
     for (int l = 0; l < 4; ++l) nz[l] = valid ? nz_in[l] : nan;
     if (p.x0.data != nullptr) {
       float x0[4], xt[4], tg[4];
-      load_quad<kVec>(p.x0, b, c, hw0, n, pos, x0);
+      load_quad<kVec, DT>(p.x0, b, c, hw0, n, pos, x0);
       mix_n(a, bc, x0, nz, p.target, xt, tg, 4);
       if (kPert)  // x_t from n + perturb n' (the CPU kernel's store_sample)
 #pragma unroll
         for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * (nz[l] + p.perturb * pz[l]);
-      store_quad<kVec>(p.x_t, b, c, hw0, n, pos, xt);
-      store_quad<kVec>(p.out, b, c, hw0, n, pos, tg);
+      store_quad<kVec, DT>(p.x_t, b, c, hw0, n, pos, xt);
+      store_quad<kVec, DT>(p.out, b, c, hw0, n, pos, tg);
     } else {
-      store_quad<kVec>(p.out, b, c, hw0, n, pos, nz);
+      store_quad<kVec, DT>(p.out, b, c, hw0, n, pos, nz);
     }
   };
   if (KA == 0 || k == 0) {  // no squeeze (the CPU kernel skips it too, so s = 0 stays bit-exact)

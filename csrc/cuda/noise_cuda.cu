@@ -89,18 +89,21 @@ constexpr int kPow2MinWarpsPerSm = 8;
 // run-time-size variant), from a table built once (thread-safe static initialisation).
 const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g) {
   struct Names {
-    // [KA 0/2][step][vec][pert][fixed size: none, 16, 32, 64][C compiled in: 3 at 32, 4 at 64]
-    char text[2][2][2][2][4][2][72];
+    // [KA 0/2][step][vec][pert][fixed size: none, 16, 32, 64][C compiled in (3 at 32, 4 at 64): no, or
+    // yes with the tensors' dtype switched at run time (mixed), fp32, fp16, bf16 (launch_pow2_dtype)]
+    char text[2][2][2][2][4][5][84];
     Names() {
+      static const char* dts[4] = {"", ",dtype=any", ",dtype=fp32", ",dtype=fp16"};
       for (int a = 0; a < 2; ++a)
         for (int st = 0; st < 2; ++st)
           for (int v = 0; v < 2; ++v)
             for (int pe = 0; pe < 2; ++pe)
               for (int f = 0; f < 4; ++f)
-                for (int ck = 0; ck < 2; ++ck)
+                for (int ck = 0; ck < 5; ++ck)
                   snprintf(text[a][st][v][pe][f][ck], sizeof text[a][st][v][pe][f][ck],
-                           "fused_spectral_pow2<KA=%d,step=%d,vec=%d,pert=%d,LH=%d,LW=%d,CK=%d>", 2 * a, st, v,
-                           pe, f ? f + 3 : 0, f ? f + 3 : 0, ck ? (f == 2 ? 3 : 4) : 0);
+                           "fused_spectral_pow2<KA=%d,step=%d,vec=%d,pert=%d,LH=%d,LW=%d,CK=%d%s>", 2 * a, st, v,
+                           pe, f ? f + 3 : 0, f ? f + 3 : 0, ck ? (f == 2 ? 3 : 4) : 0,
+                           ck == 4 ? ",dtype=bf16" : dts[ck]);
     }
   };
   static const Names names;
@@ -108,8 +111,8 @@ const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g)
   const bool v = !step && vec;  // the launcher's choice (launch_fused_pow2)
   const int fixed = v && !pert && pow2_fixed_size(g.lh, g.lw) ? g.lh - 3 : 0;
   const int a = step ? 1 : (p.k == 0 ? 0 : 1);
-  const int ck = (fixed == 2 && p.channels == 3) || (fixed == 3 && p.channels == 4) ? 1 : 0;  // launch_pow2_hot
-  return names.text[a][step ? 1 : 0][v ? 1 : 0][pert ? 1 : 0][fixed][ck];
+  const bool ck = (fixed == 2 && p.channels == 3) || (fixed == 3 && p.channels == 4);  // launch_pow2_hot
+  return names.text[a][step ? 1 : 0][v ? 1 : 0][pert ? 1 : 0][fixed][ck ? 2 + io_dtype(p) : 0];
 }
 
 bool force_two_pass() {

@@ -252,7 +252,8 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, Fin 
 // the step), reading every plane through DSMEM.
 // LH, LW: log2 of H and W fixed at compile time (the hot sizes: every index, radix and stride of the
 // passes a constant, the loads and stores immediate offsets from one base), or 0: taken from g.
-template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW, int CK = 0>
+// DT >= 0: the dtype of x0, x_t and out compiled in (io_dtype; with CK), -1: switched at run time.
+template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW, int CK = 0, int DT = -1>
 __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert, kVec, LH > 0))
     fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -436,7 +437,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
       // (the same float2), so a plane is read once per pass over the channels, not twice.
       float odd[4];
       int odd_c = -1;
-      add_noise_quad<(CK > 0 ? CK : 1), KA, kVec, kPert, CK>(
+      add_noise_quad<(CK > 0 ? CK : 1), KA, kVec, kPert, CK, DT>(
           p, coef, sl, hw0, 4, qp,
           [&](int c, float out[4]) {
             if (c == odd_c) {
@@ -464,13 +465,24 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   if (P > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
-template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0, int CK = 0>
+template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0, int CK = 0, int DT = -1>
 cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
-  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW, CK>;
+  auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW, CK, DT>;
   const cudaError_t err = allow_smem(kernel, g.smem, smem_cap);
   if (err != cudaSuccess) return err;
   return launch_clusters(kernel, (unsigned)(p.batch * p.frames * g.P), (unsigned)g.threads, g.smem, (unsigned)g.P,
                          stream, p, g);
+}
+
+// The goal shapes' variants (C compiled in) also per dtype of the tensors (mixed dtypes: switched).
+template <int KA, int LH, int CK>
+cudaError_t launch_pow2_dtype(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
+  switch (io_dtype(p)) {
+    case (int)DType::kFloat32: return launch_pow2_kernel<KA, false, true, false, LH, LH, CK, 0>(p, g, smem_cap, stream);
+    case (int)DType::kFloat16: return launch_pow2_kernel<KA, false, true, false, LH, LH, CK, 1>(p, g, smem_cap, stream);
+    case (int)DType::kBFloat16: return launch_pow2_kernel<KA, false, true, false, LH, LH, CK, 2>(p, g, smem_cap, stream);
+    default: return launch_pow2_kernel<KA, false, true, false, LH, LH, CK>(p, g, smem_cap, stream);
+  }
 }
 
 // The training hot path (add_noise / shaped_noise with vectorised I/O, no perturbation) with the
@@ -479,11 +491,11 @@ template <int KA>
 cudaError_t launch_pow2_hot(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
   if (g.lh == 4 && g.lw == 4) return launch_pow2_kernel<KA, false, true, false, 4, 4>(p, g, smem_cap, stream);
   if (g.lh == 5 && g.lw == 5) {  // 3 x 32 x 32 images: the channel count compiled in too
-    if (p.channels == 3) return launch_pow2_kernel<KA, false, true, false, 5, 5, 3>(p, g, smem_cap, stream);
+    if (p.channels == 3) return launch_pow2_dtype<KA, 5, 3>(p, g, smem_cap, stream);
     return launch_pow2_kernel<KA, false, true, false, 5, 5>(p, g, smem_cap, stream);
   }
   if (g.lh == 6 && g.lw == 6) {  // 4 x 64 x 64 latents
-    if (p.channels == 4) return launch_pow2_kernel<KA, false, true, false, 6, 6, 4>(p, g, smem_cap, stream);
+    if (p.channels == 4) return launch_pow2_dtype<KA, 6, 4>(p, g, smem_cap, stream);
     return launch_pow2_kernel<KA, false, true, false, 6, 6>(p, g, smem_cap, stream);
   }
   return launch_pow2_kernel<KA, false, true, false>(p, g, smem_cap, stream);
