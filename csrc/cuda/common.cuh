@@ -298,6 +298,8 @@ __device__ __forceinline__ QuadPos quad_pos(int64_t hw0, const Div64& W) {
 // kVec: every tensor is plane-contiguous (stride[3] == 1, stride[2] == W), its batch and channel
 // strides and base address are multiples of 4 elements and H * W % 4 == 0 (checked by the
 // launcher), so the 4 pixels of a quad are one aligned 16-byte (fp32) or 8-byte (16-bit) access.
+__device__ __forceinline__ void load4(const TensorArg& t, int64_t off, float out[4]);
+__device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const float v[4]);
 template <DType DT>
 __device__ __forceinline__ void load4_as(const TensorArg& t, int64_t off, float out[4]);
 template <DType DT>
@@ -311,18 +313,8 @@ __device__ __forceinline__ void load_quad(const TensorArg& t, const Slice& sl, i
     const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
     if constexpr (DT >= 0) {
       load4_as<(DType)DT>(t, base, out);
-    } else if (t.dtype == DType::kFloat32) {
-      const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + base);
-      out[0] = v.x;
-      out[1] = v.y;
-      out[2] = v.z;
-      out[3] = v.w;
     } else {
-      const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(t.data) + base);
-      out[0] = to_float((uint16_t)(v.x & 0xFFFFu), t.dtype);
-      out[1] = to_float((uint16_t)(v.x >> 16), t.dtype);
-      out[2] = to_float((uint16_t)(v.y & 0xFFFFu), t.dtype);
-      out[3] = to_float((uint16_t)(v.y >> 16), t.dtype);
+      load4(t, base, out);
     }
   } else {
 #pragma unroll
@@ -337,13 +329,8 @@ __device__ __forceinline__ void store_quad(const TensorArg& t, const Slice& sl, 
     const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
     if constexpr (DT >= 0) {
       store4_as<(DType)DT>(t, base, v);
-    } else if (t.dtype == DType::kFloat32) {
-      __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + base), make_float4(v[0], v[1], v[2], v[3]));
     } else {
-      uint2 o;
-      o.x = pack_16x2(v[0], v[1], t.dtype);
-      o.y = pack_16x2(v[2], v[3], t.dtype);
-      __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + base), o);
+      store4(t, base, v);
     }
   } else {
 #pragma unroll
