@@ -340,39 +340,11 @@ __device__ __forceinline__ void store_quad(const TensorArg& t, const Slice& sl, 
 }
 
 // 4 consecutive elements at element offset `off` of t (16-byte fp32 / 8-byte 16-bit vectors; the
-// caller guarantees the vectorised-I/O conditions of load_quad).
-__device__ __forceinline__ void load4(const TensorArg& t, int64_t off, float out[4]) {
-  if (t.dtype == DType::kFloat32) {
-    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(t.data) + off);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
-  } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(t.data) + off);
-    out[0] = to_float((uint16_t)(v.x & 0xFFFFu), t.dtype);
-    out[1] = to_float((uint16_t)(v.x >> 16), t.dtype);
-    out[2] = to_float((uint16_t)(v.y & 0xFFFFu), t.dtype);
-    out[3] = to_float((uint16_t)(v.y >> 16), t.dtype);
-  }
-}
-
+// caller guarantees the vectorised-I/O conditions of load_quad), the dtype DT a template argument (the
+// hot-path kernels are instantiated per dtype, io_dtype picks one): no dtype switch per element, and
+// bfloat16 -> float32 is a shift or a mask of the loaded word. load4 / store4 (below) switch at run time.
 // (__stwb: one vector store with the default cache policy; a plain struct store was split into 4
 // scalar stores by the compiler in the unrolled kernels.)
-__device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const float v[4]) {
-  if (t.dtype == DType::kFloat32) {
-    __stwb(reinterpret_cast<float4*>(static_cast<float*>(t.data) + off), make_float4(v[0], v[1], v[2], v[3]));
-  } else {
-    uint2 o;
-    o.x = pack_16x2(v[0], v[1], t.dtype);
-    o.y = pack_16x2(v[2], v[3], t.dtype);
-    __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + off), o);
-  }
-}
-
-// load4 / store4 for tensors whose dtype DT is a template argument (the hot-path kernels are
-// instantiated per dtype, io_dtype picks one): no dtype switch per element, and bfloat16 -> float32
-// is a shift or a mask of the loaded word. Same values as load4 / store4.
 template <DType DT>
 __device__ __forceinline__ void load4_as(const TensorArg& t, int64_t off, float out[4]) {
   if constexpr (DT == DType::kFloat32) {
@@ -412,6 +384,18 @@ __device__ __forceinline__ void store4_as(const TensorArg& t, int64_t off, const
     }
     __stwb(reinterpret_cast<uint2*>(static_cast<uint16_t*>(t.data) + off), o);
   }
+}
+
+__device__ __forceinline__ void load4(const TensorArg& t, int64_t off, float out[4]) {
+  if (t.dtype == DType::kFloat32) load4_as<DType::kFloat32>(t, off, out);
+  else if (t.dtype == DType::kFloat16) load4_as<DType::kFloat16>(t, off, out);
+  else load4_as<DType::kBFloat16>(t, off, out);
+}
+
+__device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const float v[4]) {
+  if (t.dtype == DType::kFloat32) store4_as<DType::kFloat32>(t, off, v);
+  else if (t.dtype == DType::kFloat16) store4_as<DType::kFloat16>(t, off, v);
+  else store4_as<DType::kBFloat16>(t, off, v);
 }
 
 // The one dtype of the tensors a kernel reads and writes (x0, x_t, out; the absent ones do not count),

@@ -93,7 +93,7 @@ const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g)
     // yes with the tensors' dtype switched at run time (mixed), fp32, fp16, bf16 (launch_pow2_dtype)]
     char text[2][2][2][2][4][5][84];
     Names() {
-      static const char* dts[4] = {"", ",dtype=any", ",dtype=fp32", ",dtype=fp16"};
+      static const char* dts[5] = {"", ",dtype=any", ",dtype=fp32", ",dtype=fp16", ",dtype=bf16"};
       for (int a = 0; a < 2; ++a)
         for (int st = 0; st < 2; ++st)
           for (int v = 0; v < 2; ++v)
@@ -103,7 +103,7 @@ const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g)
                   snprintf(text[a][st][v][pe][f][ck], sizeof text[a][st][v][pe][f][ck],
                            "fused_spectral_pow2<KA=%d,step=%d,vec=%d,pert=%d,LH=%d,LW=%d,CK=%d%s>", 2 * a, st, v,
                            pe, f ? f + 3 : 0, f ? f + 3 : 0, ck ? (f == 2 ? 3 : 4) : 0,
-                           ck == 4 ? ",dtype=bf16" : dts[ck]);
+                           dts[ck]);
     }
   };
   static const Names names;
