@@ -140,7 +140,8 @@ def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
     """The emulator with the shared-memory access trace of emu_trace.cpp (scripts/cuda_perf_model.py):
     the rewritten kernels are compiled here with GCC's ThreadSanitizer instrumentation only (no TSan
     runtime: emu_trace.cpp defines the hooks) and gcov line coverage, and linked into a library that also
-    registers ``torch.ops.anisodiff_emu.trace_enable / trace_report / coverage_reset / coverage_dump``
+    registers ``torch.ops.anisodiff_emu.trace_enable / trace_report / warp_coverage / coverage_reset /
+    coverage_dump``
     (the .gcda files land next to the objects, ``traced_objects(build_dir)``). It registers the same ops as :func:`build`,
     so a process loads one or the other. Default directory: <repo>/build/cuda_emulation_traced."""
     check_environment()
@@ -151,15 +152,19 @@ def build_traced(build_dir: Path | None = None, verbose: bool = False) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     includes = [HERE / "include", CSRC / "include", CSRC, CSRC / "cuda"]
     # + gcov line coverage (coverage_reset / coverage_dump): which source lines a case executes
+    # + basic-block coverage per warp (warp_coverage: -fsanitize-coverage=trace-pc, hooks in emu_trace.cpp)
     flags = ["-O1", "-g", "-std=c++17", "-fPIC", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0",
-             "-fprofile-arcs", "-ftest-coverage", "-Wno-unknown-pragmas", *[f"-I{p}" for p in includes]]
+             "-fsanitize-coverage=trace-pc", "-fprofile-arcs", "-ftest-coverage", "-Wno-unknown-pragmas", *[f"-I{p}" for p in includes]]
     headers = sorted([*(HERE / "include").glob("*.h"), *(CSRC / "cuda").glob("*.cuh"), *(CSRC / "cuda").glob("*.h"),
                       *(CSRC / "include").rglob("*.h")])
     stamp = hashlib.sha256("\n".join([*flags, *(p.read_text() for p in headers)]).encode()).hexdigest()[:16]
     objects = []
     for src in generate(build_dir / "gen"):
-        obj = build_dir / f"{src.stem}.{stamp}.o"
-        if not obj.exists() or obj.stat().st_mtime < src.stat().st_mtime:
+        # the source's text in the name too: a changed kernel is a new object, so the library (whose
+        # link flags name the objects) is linked again and its gcov counters match the new .gcno
+        own = hashlib.sha256((stamp + src.read_text()).encode()).hexdigest()[:16]
+        obj = build_dir / f"{src.stem}.{own}.o"
+        if not obj.exists():
             cmd = [os.environ.get("CXX", "c++"), *flags, "-c", str(src), "-o", str(obj)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
