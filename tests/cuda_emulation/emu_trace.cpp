@@ -17,6 +17,7 @@
 #include <map>
 #include <tuple>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -113,6 +114,43 @@ inline void record(void* addr, int width, uintptr_t site) {
   g_pending[k].push_back(Access{(uint32_t)((a - base) % g_emu.smem_stride), (uint8_t)width, (uint8_t)(tid % 32)});
 }
 
+// Basic-block coverage per warp: the traced kernels are also compiled with -fsanitize-coverage=trace-pc,
+// so every basic block they enter calls __sanitizer_cov_trace_pc (below). Recorded on kernel threads only:
+// (kernel, the block's first return address = site) -> the (block, warp) pairs that entered it, which
+// the model turns into the share of a kernel's warps that issue each source line (thread 0's reductions
+// run on one warp of the block, however many iterations gcov counts there).
+std::map<std::pair<uintptr_t, uintptr_t>, std::unordered_set<int64_t>> g_bb;
+
+bool g_in_hook = false;  // the containers' code may be the instrumented copy the kernels' objects have
+
+inline void record_block(uintptr_t site) {
+  if (!g_on || g_in_hook || g_emu.n == 0) return;
+  const int t = g_emu.cur;
+  if (t < 0 || (size_t)t >= g_emu.stacks.size() || g_emu.stacks[t] == nullptr) return;
+  const uintptr_t sp = (uintptr_t)__builtin_frame_address(0), stack = (uintptr_t)g_emu.stacks[t];
+  if (sp < stack || sp >= stack + 256 * 1024) return;
+  g_in_hook = true;
+  const int64_t block = (int64_t)(g_emu.cluster_base + t / g_emu.block), warp = (t % g_emu.block) / 32;
+  g_bb[{(uintptr_t)g_emu.kernel, site}].insert(block << 16 | warp);
+  g_in_hook = false;
+}
+
+// (kernel address, site address, block << 16 | warp) per basic block entered since the last call; clears.
+at::Tensor warp_coverage() {
+  int64_t n = 0;
+  for (const auto& kv : g_bb) n += (int64_t)kv.second.size();
+  at::Tensor rows = at::empty({n, 3}, at::kLong);
+  int64_t* r = rows.data_ptr<int64_t>();
+  for (const auto& [key, warps] : g_bb)
+    for (int64_t w : warps) {
+      *r++ = (int64_t)key.first;
+      *r++ = (int64_t)key.second;
+      *r++ = w;
+    }
+  g_bb.clear();
+  return rows;
+}
+
 // (kernel address, site address, worst n-way, DSMEM accesses) and (warp accesses, wavefronts, ideal)
 // per (kernel, site) since the last call; clears them.
 std::tuple<at::Tensor, at::Tensor> trace_report() {
@@ -142,6 +180,7 @@ void trace_enable(bool on) {
 
 #define EMU_SITE ((uintptr_t)__builtin_return_address(0))
 extern "C" {
+void __sanitizer_cov_trace_pc() { record_block(EMU_SITE); }
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
 void __tsan_func_exit(void*) {}
@@ -194,6 +233,7 @@ void coverage_dump() { __gcov_dump(); }
 TORCH_LIBRARY_FRAGMENT(anisodiff_emu, m) {
   m.def("trace_enable(bool on) -> ()", &trace_enable);
   m.def("trace_report() -> (Tensor, Tensor)", &trace_report);
+  m.def("warp_coverage() -> Tensor", &warp_coverage);
   m.def("coverage_reset() -> ()", &coverage_reset);
   m.def("coverage_dump() -> ()", &coverage_dump);
 }
