@@ -232,6 +232,7 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, Fin 
   if (threadIdx.x == 0) {
     a = 0.0;
     b = 0.0;
+#pragma unroll 1  // one copy: the compiler's unrolled copies (31 for a run-time nw) are dead weight in the I-cache
     for (int i = 0; i < nw; ++i) {
       a += red[2 * i];
       b += red[2 * i + 1];
