@@ -186,7 +186,7 @@ def sass_class(opcode: str) -> str:
 def parse_sass(text: str) -> dict:
     """{mangled name: {total, classes, loops, main_loop}} from `cuobjdump -sass`. NOPs are not counted
     (padding). A loop is a backward branch: instructions [target, branch]; main_loop is the longest."""
-    funcs, cur = {}, None
+    funcs, preds, cur = {}, {}, None
     for line in text.splitlines():
         m = _SASS_FUNC.match(line)
         if m:
@@ -198,6 +198,8 @@ def parse_sass(text: str) -> dict:
         m = _SASS_INSTR.search(line)
         if m:
             funcs[cur].append((int(m.group(1), 16), m.group(3), m.group(4), m.group(5)))
+            if m.group(2):
+                preds.setdefault(cur, {})[int(m.group(1), 16)] = m.group(2).strip()
     out = {}
     for name, instrs in funcs.items():
         instrs = [i for i in instrs if i[1] != "NOP"]
@@ -223,10 +225,50 @@ def parse_sass(text: str) -> dict:
         main = max(loops, key=lambda l: l["instructions"]) if loops else None
         out[name] = {"total": len(instrs), "classes": classes, "loops": len(loops), "main_loop": main,
                      "loop_list": [(l["start"], l["end"], l["instructions"]) for l in loops],
+                     **subroutines(instrs, preds.get(name, {})),
                      "instructions": [(a, op) for a, op, _, _ in instrs],
                      "gmem_load_bytes": sum(_ldg_bytes(op, mods) for _, op, mods, _ in instrs),
                      "first_address": addrs[0] if addrs else 0}
     return out
+
+
+def subroutines(instrs: list, predicated: dict) -> dict:
+    """The called code of a kernel (``CALL.REL`` target .. its first ``RET``), placed after the kernel's
+    ``EXIT`` and attributed by the line info to the kernel's last line. ``slow_paths``: [(start, end)] of
+    code that runs only off the fast path - a subroutine every call of which sits in a block that a
+    predicated forward branch jumps over (libdevice's division and square root: FCHK or a range test
+    sends only denormal, infinite or out-of-range operands there), with those call blocks; ``called``:
+    [(start, end, [call addresses])] of the other subroutines, which run once per executed call."""
+    calls: dict[int, list] = {}
+    for k, (a, op, _mods, args) in enumerate(instrs):
+        if op != "CALL":
+            continue
+        t = re.search(r"0x([0-9a-f]+)", args)
+        if not t:
+            continue
+        # the nearest branch before the call in its block: predicated, forward and past the call
+        guard = None
+        for j in range(k - 1, max(k - 9, -1), -1):
+            b, bop, _bm, bargs = instrs[j]
+            if bop in ("BRA", "CALL", "RET", "EXIT", "BSYNC", "BAR"):
+                tb = re.search(r"0x([0-9a-f]+)", bargs)
+                if bop == "BRA" and tb and int(tb.group(1), 16) > a and predicated.get(b):
+                    guard = instrs[j + 1][0]  # the call block's first instruction
+                break
+        calls.setdefault(int(t.group(1), 16), []).append((a, guard))
+    rets = sorted(a for a, op, *_ in instrs if op == "RET")
+    slow, called = [], []
+    for start, sites in sorted(calls.items()):
+        end = next((r for r in rets if r >= start), None)
+        if end is None:
+            continue
+        if all(g is not None for _, g in sites):
+            slow.append((start, end))
+            slow.extend((g, a) for a, g in sites)
+        else:
+            called.append((start, end, [a for a, _ in sites]))
+    n_slow = sum(1 for a, *_ in instrs if any(s <= a <= e for s, e in slow))
+    return {"slow_paths": slow, "called": called, "slow_instructions": n_slow}
 
 
 def _ldg_bytes(op: str, mods: str) -> int:
@@ -304,7 +346,8 @@ def parse_inline_chains(text: str) -> dict:
 def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | None = None,
                           hi: int | None = None, per: float | None = None, by_line: dict | None = None,
                           chain_of: dict | None = None, inner_loops: list | None = None,
-                          threads: int | None = None) -> dict:
+                          threads: int | None = None, calls: dict | None = None,
+                          warp_share: dict | None = None) -> dict:
     """Counts by class of the SASS instructions in [lo, hi] weighted by how often their source line ran
     in the emulator. ``executed``: {"csrc/file:line": executions} (or a set: executed or not; None: all
     count 1). ``per``: the executions of the loop (its closing branch's line): an instruction counts
@@ -318,7 +361,11 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
     (the innermost loop around it), times the weight above. ``threads`` (the traced run's, with no
     ``per``): a line that ran on fewer than 1 in 32 threads counts 32 x its share of them - an upper bound
     of the share of warps that issue it (thread 0's reduction: one warp per block). Lines outside csrc/
-    (CUDA's headers) count 1."""
+    (CUDA's headers) count 1. ``calls`` (parse_sass's ``slow_paths`` / ``called``): slow-path code counts
+    0; a called subroutine (attributed to the kernel's last line) counts the sum of its calls' weights
+    (those inside [lo, hi] where given). ``warp_share`` ({line: share of the kernel's warps that ran it},
+    warp_shares) replaces the ``threads`` bound where it knows the line: thread 0's loop counts 1 warp of
+    the block's, not every thread's iterations."""
     cls: dict[str, float] = {"total": 0}
 
     def weight(where):
@@ -329,19 +376,34 @@ def executed_instructions(sass_instrs: list, line_of: dict, executed, lo: int | 
         n = executed.get(where, 0) if isinstance(executed, dict) else (1 if where in executed else 0)
         if per:
             return min(1.0, n / per)
+        if warp_share and n > 0 and where in warp_share:
+            return warp_share[where]
         if threads and isinstance(executed, dict):
             return min(1.0, 32.0 * n / threads)
         return 1.0 if n > 0 else 0.0
 
-    for a, op in sass_instrs:
-        if lo is not None and not lo <= a <= hi:
-            continue
-        where = line_of.get(a)
-        chain = (chain_of or {}).get(a) or [where]
+    def weight_at(a):
+        chain = (chain_of or {}).get(a) or [line_of.get(a)]
         w = min(weight(x) for x in chain)
         around = [l for l in (inner_loops or []) if l[0] <= a <= l[1]]
         if around and w > 0:
             w *= min(around, key=lambda l: l[1] - l[0])[2]
+        return w
+
+    slow = (calls or {}).get("slow_paths", [])
+    called = (calls or {}).get("called", [])
+    inside = (lambda a: lo is None or lo <= a <= hi)
+    for a, op in sass_instrs:
+        if any(s <= a <= e for s, e in slow):
+            continue
+        sub = next((c for c in called if c[0] <= a <= c[1]), None)
+        if sub is not None:
+            w = sum(weight_at(c) for c in sub[2] if inside(c))
+        elif not inside(a):
+            continue
+        else:
+            w = weight_at(a)
+        where = line_of.get(a)
         if w <= 0:
             continue
         c = sass_class(op)
@@ -433,7 +495,7 @@ def compile_cuda(root: Path, cache: Path, log=print) -> tuple[dict, dict]:
         + sorted((root / "csrc" / "include").rglob("*.h"))
     flags = ["-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-lineinfo", f"-I{root / 'csrc' / 'include'}",
              f"-I{root / 'csrc'}", "-Xptxas", "-v"]
-    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.3", *flags[:5], *(p.read_text() for p in deps)]).encode()
+    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.4", *flags[:5], *(p.read_text() for p in deps)]).encode()
                                  ).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / f"cuda-{fingerprint}.json"
@@ -513,6 +575,57 @@ def _addr2line(lib: Path, offsets: list[int]) -> dict:
     return res
 
 
+def _line_table(lib: Path) -> list:
+    """[(offset, "csrc/file:line")] of the library's DWARF line table, sorted (objdump --dwarf=decodedline
+    names files by their base name: mapped back to the csrc/ file of that name)."""
+    tool = shutil.which("objdump")
+    if tool is None:
+        return []
+    names = {}
+    for f in (REPO / "csrc").rglob("*"):
+        if f.suffix in (".cu", ".cuh", ".h"):
+            names.setdefault(f.name, str(f.relative_to(REPO)))
+    out = subprocess.run([tool, "--dwarf=decodedline", str(lib)], capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"(\S+)\s+(\d+)\s+0x([0-9a-f]+)", line)
+        if m and m.group(1) in names:
+            rows.append((int(m.group(3), 16), f"{names[m.group(1)]}:{m.group(2)}"))
+    return sorted(rows)
+
+
+def _coverage_calls(lib: Path) -> list:
+    """Sorted offsets of every __sanitizer_cov_trace_pc call in the library: where each basic block of the
+    traced build begins (objdump -d)."""
+    tool = shutil.which("objdump")
+    if tool is None:
+        return []
+    out = subprocess.run([tool, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True).stdout
+    return sorted(int(m.group(1), 16) for m in re.finditer(r"^\s*([0-9a-f]+):\s+call\s+\S+ <__sanitizer_cov_trace_pc",
+                                                          out, re.M))
+
+
+def warp_shares(rows: list, table: list, calls: list, warps_of: dict) -> dict:
+    """{kernel address: {"csrc/file:line": share of the kernel's warps that ran it}} from the traced
+    build's basic-block coverage (rows: (kernel, site offset = its coverage call's return address, block
+    << 16 | warp)). A basic block spans from its coverage call (``calls``, 5 bytes each) to the next one;
+    a line's warps are the union over the executed blocks its line-table rows fall in. warps_of: {kernel
+    address: warps launched}."""
+    import bisect
+    by_site: dict[int, dict[int, set]] = {}
+    for k, site, w in rows:
+        by_site.setdefault(site, {}).setdefault(k, set()).add(w)
+    lines: dict[int, dict[str, set]] = {}
+    for addr, where in table:
+        i = bisect.bisect_right(calls, addr) - 1
+        if i < 0:
+            continue
+        for k, ws in by_site.get(calls[i] + 5, {}).items():
+            lines.setdefault(k, {}).setdefault(where, set()).update(ws)
+    return {k: {where: min(1.0, len(ws) / warps_of[k]) for where, ws in per.items()}
+            for k, per in lines.items() if warps_of.get(k)}
+
+
 def _executed_lines(build_dir: Path, since: float) -> dict:
     """{"csrc/file:line": executions} since ``since`` (gcov of the .gcda files the traced build just
     dumped; every thread's executions summed)."""
@@ -578,6 +691,7 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
     os.environ.pop("EMU_PLAN_ONLY")
     if trace:
         seen = set()
+        table, bb_calls = _line_table(lib), _coverage_calls(lib)
         for case, case_plan in zip(cases, result["plans"]):
             key, force = trace_key(case, case_plan)
             if key in seen:
@@ -595,6 +709,7 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
                 old.unlink()                       # so the counts are this case's alone
             emu.coverage_dump()
             executed = _executed_lines(lib.parent, t0)
+            cov = emu.warp_coverage().tolist()
             ids, vals = emu.trace_report()
             per_kernel: dict[str, dict] = {}
             site_offsets = [int(s) - base for s in ids[:, 1].tolist()]
@@ -622,8 +737,14 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
                           "avg_way": d["wf"] / d["warp_accesses"] if d["warp_accesses"] else 0, "max_way": d["max_way"]}
                          for d in by.values()]
                 k["sites"] = sorted(sites, key=lambda s: -s["avg_way"] * s["warp_accesses"])[:8]
+            warps_of: dict[int, int] = {}
+            for kaddr in {r[0] for r in cov}:
+                warps_of[kaddr] = sum(L["grid"] * -(-L["block"] // 32) for L in plan["launches"]
+                                      if L["kernel"] == kernel_name(kaddr))
+            shares = warp_shares([(k, s - base, w) for k, s, w in cov], table, bb_calls, warps_of)
             result["traces"][key] = {"plan_B1": plan, "kernels": per_kernel, "seconds": round(time.time() - t0, 2),
-                                     "executed_lines": executed}
+                                     "executed_lines": executed,
+                                     "warp_shares": {kernel_name(k): v for k, v in shares.items()}}
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -858,6 +979,34 @@ def rolled_loop_iterations(sass: dict, line_of: dict, executed: dict | None, tra
     return [(lo, hi, n) for lo, hi, n, pin in iters if pin]
 
 
+def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict | None, kernel: str,
+                  calls: dict | None = None) -> bool:
+    """Whether the static count (executed_instructions with the pinned loops' iterations) is the kernel's
+    whole dynamic count: every loop that ran is pinned (`#pragma unroll 1`, counted per iteration) or ran
+    one iteration per entry (the draw and set loops of one draw, the epilogue of one quad per thread).
+    Slow-path loops do not count."""
+    threads = traced_threads(trace, kernel)
+    if not executed or not threads:
+        return False
+    pinned = {(lo, hi) for lo, hi, _ in rolled_loop_iterations(sass, line_of, executed, trace, kernel)}
+    slow = (calls or {}).get("slow_paths", [])
+    loops = sorted(sass.get("loop_list", []), key=lambda l: l[1] - l[0], reverse=True)
+    iters = []
+    for lo, hi, _n in loops:
+        if any(s <= lo and hi <= e for s, e in slow):
+            continue
+        runs = executed.get(line_of.get(hi, ""), 0) / threads
+        if runs <= 0:
+            continue
+        parent = [o for o in iters if o[0] <= lo and hi <= o[1]]
+        entries = min(parent, key=lambda o: o[1] - o[0])[2] if parent else 1.0
+        n = max(1.0, runs - entries)
+        iters.append((lo, hi, n))
+        if (lo, hi) not in pinned and n > 1.0 + 1e-9:
+            return False
+    return True
+
+
 def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -> dict:
     B, C, H, W, dt = case["B"], case["C"], case["H"], case["W"], case["dtype"]
     elems = B * C * H * W
@@ -899,7 +1048,8 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         instrs = sass.get("instructions", [])
         rolled = rolled_loop_iterations(sass, line_of, executed, trace, L["kernel"])
         cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of, inner_loops=rolled,
-                                    threads=traced_threads(trace, L["kernel"]))
+                                    threads=traced_threads(trace, L["kernel"]), calls=sass,
+                                    warp_share=(trace or {}).get("warp_shares", {}).get(L["kernel"]))
         smem_static_ops = cls.get("smem", 0)
         if smem_static_ops > 0 and L["smem"] > 0 and not (tr and tr["warp_accesses"] > 0):
             # a shared-memory kernel is counted through its trace; the elementwise estimate would be
@@ -908,7 +1058,20 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
             launches.append(info)
             total = math.inf
             continue
-        if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
+        shares = (trace or {}).get("warp_shares", {}).get(L["kernel"])
+        if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0 and shares and \
+                loops_counted(sass, line_of, executed, trace, L["kernel"], sass):
+            # every loop is unrolled, pinned or runs once: the executed SASS, each instruction weighted by
+            # the share of the warps that ran its line (x a pinned loop's iterations), is the whole count
+            warps = sum(l["grid"] * -(-l["block"] // 32) for l in trace["plan_B1"]["launches"]
+                        if l["kernel"] == L["kernel"])
+            warp_instr = cls["total"] * warps * B
+            mufu = cls.get("mufu", 0) * warps * B
+            fp64 = cls.get("fp64", 0) * warps * B
+            wavefronts = tr["wavefronts"] * B
+            how = (f"direct: {cls['total']:.0f} executed SASS per warp (weighted by the share of warps that ran "
+                   f"each line) x {warps} warps / sample")
+        elif tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
             # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
             ratio = cls["total"] / smem_static_ops
             warp_instr = tr["warp_accesses"] * B * ratio
@@ -930,7 +1093,7 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
                     if ml["start"] <= lo and hi <= ml["end"] and (lo, hi) != (ml["start"], ml["end"]):
                         inner.append((lo, hi, executed.get(line_of.get(hi, ""), 0) / per))
             bcls = executed_instructions(instrs, line_of, executed, ml["start"], ml["end"], per, by_line,
-                                         chain_of, inner) if ml else cls
+                                         chain_of, inner, calls=sass) if ml else cls
             info["hot_source_lines"] = [{"line": k, "sass_per_item": round(v, 1)}
                                         for k, v in sorted(by_line.items(), key=lambda kv: -kv[1])[:10]]
             body = bcls["total"]
@@ -982,8 +1145,8 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
     cls = sass.get("classes", {})
     if case["kind"] == "squeeze":
         # straight-line program: every warp runs the whole SASS once
-        warp_instr = grid * comp["num_warps"] * sass.get("total", 0)
-        how = "straight-line: SASS x warps x programs"
+        warp_instr = grid * comp["num_warps"] * (sass.get("total", 0) - sass.get("slow_instructions", 0))
+        how = "straight-line: SASS (slow paths excluded) x warps x programs"
     else:
         # DFT loops: every innermost loop (one per transform) runs HP times per plane, once per plane (C)
         ll = sass.get("loop_list", [])
@@ -991,7 +1154,7 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
         HP = max(16, 1 << (H - 1).bit_length())
         planes = C if len(innermost) < 4 * C else 1  # >= 4 C innermost loops: the channel loop is unrolled
         inner = sum(n for _, _, n in innermost) * HP * planes
-        warp_instr = grid * comp["num_warps"] * (sass.get("total", 0) + inner)
+        warp_instr = grid * comp["num_warps"] * (sass.get("total", 0) - sass.get("slow_instructions", 0) + inner)
         how = (f"{len(ll)} loops; {len(innermost)} innermost ({sum(n for _, _, n in innermost)} SASS) x {HP} "
                f"iterations x {planes} (channel loop {'rolled' if planes > 1 else 'unrolled'}) + the rest once")
     mufu = warp_instr * cls.get("mufu", 0) / max(sass.get("total", 1), 1)

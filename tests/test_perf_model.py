@@ -232,6 +232,85 @@ def test_shared_memory_kernels_count_pinned_loops_and_thread_shares(tmp_path, mo
     assert got["total"] == pytest.approx(5 + 32 * 2 / 1024)
 
 
+# a kernel calling two subroutines: a slow path (FCHK then a predicated branch over the call: libdevice's
+# float division) and an unconditional call; the called code sits after EXIT, ending in RET
+CALLS_SASS = """
+		Function : _Z1kv
+        /*0000*/                   MUFU.RCP R3, R6 ;
+        /*0010*/                   FCHK P1, R7, R6 ;
+        /*0020*/                   FFMA R2, -R6, R3, 1 ;
+        /*0030*/              @!P1 BRA 0x60 ;
+        /*0040*/                   MOV R12, 0x60 ;
+        /*0050*/                   CALL.REL.NOINC 0xa0 ;
+        /*0060*/                   MOV R20, 0x80 ;
+        /*0070*/                   CALL.REL.NOINC 0xd0 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+        /*00a0*/                   SHF.R.U32.HI R7, RZ, 0x17, R6 ;
+        /*00b0*/                   FFMA R2, R2, R3, R4 ;
+        /*00c0*/                   RET.REL.NODEC R12 0x0 ;
+        /*00d0*/                   DADD R2, R2, R4 ;
+        /*00e0*/                   RET.REL.NODEC R20 0x0 ;
+"""
+
+
+def test_subroutines_slow_paths_count_zero_and_calls_count_per_call():
+    r = pm.parse_sass(CALLS_SASS)["_Z1kv"]
+    assert r["slow_paths"] == [(0xA0, 0xC0), (0x40, 0x50)]  # the subroutine, and its call block
+    assert r["called"] == [(0xD0, 0xE0, [0x70])]
+    assert r["slow_instructions"] == 5
+    line_of = {a: "csrc/cuda/k.cu:3" for a, _ in r["instructions"]}
+    line_of.update({0x70: "csrc/cuda/k.cu:2", 0xD0: "csrc/cuda/k.cu:9", 0xE0: "csrc/cuda/k.cu:9"})
+    ran = {"csrc/cuda/k.cu:3": 64, "csrc/cuda/k.cu:2": 2, "csrc/cuda/k.cu:9": 64}
+    # without the call structure: every instruction counts 1 (the call line ran on 2 of 64 threads: 1)
+    assert pm.executed_instructions(r["instructions"], line_of, ran, threads=64)["total"] == 15
+    got = pm.executed_instructions(r["instructions"], line_of, ran, threads=64, calls=r)
+    # 15 - 5 slow-path instructions; the called DADD + RET count as their one call does (32 x 2 / 64 = 1)
+    assert got["total"] == 10
+    ran["csrc/cuda/k.cu:2"] = 1  # the call on 1 of 64 threads: 0.5, and so the subroutine's 2 instructions
+    got = pm.executed_instructions(r["instructions"], line_of, ran, threads=64, calls=r)
+    assert got["total"] == pytest.approx(10 - 3 * 0.5)
+
+
+def test_warp_shares_take_the_union_of_the_warps_of_a_lines_basic_blocks():
+    """A basic block runs from its coverage call to the next; a line's share is the union of the warps
+    that entered the blocks its line-table rows lie in, over the kernel's launched warps."""
+    calls = [0x100, 0x200, 0x300]  # three blocks: [0x100, 0x200), [0x200, 0x300), [0x300, ...)
+    table = [(0x108, "csrc/cuda/k.cu:10"), (0x120, "csrc/cuda/k.cu:11"), (0x208, "csrc/cuda/k.cu:11"),
+             (0x210, "csrc/cuda/k.cu:12"), (0x308, "csrc/cuda/k.cu:13")]
+    kern = 0xABC
+    rows = [(kern, 0x105, (b << 16) | w) for b in range(2) for w in range(4)]  # every warp of both blocks
+    rows += [(kern, 0x205, (b << 16) | 0) for b in range(2)]  # warp 0 of each block (thread 0's code)
+    got = pm.warp_shares(rows, table, calls, {kern: 8})[kern]
+    assert got == {"csrc/cuda/k.cu:10": 1.0, "csrc/cuda/k.cu:11": 1.0, "csrc/cuda/k.cu:12": 0.25}
+    # the block at 0x300 never ran: its line has no share (the gcov bound decides there)
+    assert "csrc/cuda/k.cu:13" not in got
+    # in executed_instructions a share replaces the 32 x threads bound
+    instrs = [(0x10, "LDS"), (0x20, "DADD")]
+    line_of = {0x10: "csrc/cuda/k.cu:12", 0x20: "csrc/cuda/k.cu:13"}
+    ran = {"csrc/cuda/k.cu:12": 64, "csrc/cuda/k.cu:13": 64}  # 16 iterations on 2 threads each: bound 1
+    assert pm.executed_instructions(instrs, line_of, ran, threads=256)["total"] == 2
+    assert pm.executed_instructions(instrs, line_of, ran, threads=256, warp_share=got)["total"] == 1.25
+
+
+def test_loops_counted_needs_every_loop_pinned_or_run_once(tmp_path, monkeypatch):
+    src = tmp_path / "csrc" / "cuda" / "k.cu"
+    src.parent.mkdir(parents=True)
+    src.write_text("\n".join(["// 1", "#pragma unroll 1", "for (int u = 0; u < 2; ++u) {", "}",
+                              "for (int i = 0; i < n; ++i) {", "}"]) + "\n")
+    monkeypatch.setattr(pm, "REPO", tmp_path)
+    line_of = {0x10: "csrc/cuda/k.cu:3", 0x20: "csrc/cuda/k.cu:3", 0x30: "csrc/cuda/k.cu:5"}
+    sass = {"loop_list": [(0x10, 0x20, 2), (0x30, 0x30, 1)]}
+    trace = {"plan_B1": {"launches": [{"kernel": "k", "grid": 1, "block": 64}]}}
+    once = {"csrc/cuda/k.cu:3": 3 * 64, "csrc/cuda/k.cu:5": 2 * 64}  # the unpinned loop: 1 iteration
+    assert pm.loops_counted(sass, line_of, once, trace, "k")
+    more = {**once, "csrc/cuda/k.cu:5": 5 * 64}  # 4 iterations of a loop the compiler may have rolled
+    assert not pm.loops_counted(sass, line_of, more, trace, "k")
+    # ... unless it is slow-path code
+    assert pm.loops_counted(sass, line_of, more, trace, "k", {"slow_paths": [(0x30, 0x30)]})
+    assert not pm.loops_counted(sass, line_of, once, None, "k")  # no trace: the ratio estimate
+
+
 def test_ldg_bytes():
     assert pm._ldg_bytes("LDG", ".E.128.CONSTANT") == 16
     assert pm._ldg_bytes("LDG", ".E.64") == 8
