@@ -270,7 +270,9 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // the draw's DC terms, means, scales
+  // the draw's DC terms, means, scales [0, 6); the sample's epilogue coefficients [8, 12 + KA)
+  static_assert(KA <= 4, "misc holds 4 axes' coefficients");
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
   const bool spectral = p.weights != nullptr;
@@ -406,6 +408,20 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
       }
     }
   }
+  if constexpr (!kStep) {
+    // the epilogue's coefficients (x0 scale, noise scale, S(t): k exponentials), once per block by
+    // thread 0 (every thread computing them: ~3% of the 4 x 64 x 64 kernel's instructions); read by all
+    // after the barrier below
+    if (t == 0) {
+      const SampleCoef c = sample_coef<KA>(p, sl.b);
+      misc[8] = c.a;
+      misc[9] = c.bc;
+      misc[10] = c.valid ? 1.f : 0.f;
+      misc[11] = c.sc.g;
+#pragma unroll
+      for (int i = 0; i < KA; ++i) misc[12 + i] = c.sc.f_minus_g[i];
+    }
+  }
   if (P > 1) cluster_barrier(); else __syncthreads();  // every plane of the slice is finished
   // 4. epilogue: block q's share of the slice's quads (pixels for the step), every channel
   float2* const fin = g.acc ? acc : buf;
@@ -424,7 +440,13 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
       });
     }
   } else {
-    const SampleCoef coef = sample_coef<KA>(p, sl.b);  // once per block (not per quad: S(t) has k exps)
+    SampleCoef coef;  // thread 0's (above)
+    coef.a = misc[8];
+    coef.bc = misc[9];
+    coef.valid = misc[10] != 0.f;
+    coef.sc.g = misc[11];
+#pragma unroll
+    for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = misc[12 + i];
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;

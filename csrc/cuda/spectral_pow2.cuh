@@ -68,7 +68,7 @@ inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
   g.off_red = o;
   o = align_up(o + 16 * 32, 16);  // block_sum2: 2 doubles per warp
   g.off_misc = o;
-  o = align_up(o + 8 * 4, 16);  // (re, im) of the DC terms, means, scales
+  o = align_up(o + 16 * 4, 16);  // (re, im) of the DC terms, means, scales; the sample's coefficients
   g.smem = o;
   return true;
 }
