@@ -216,14 +216,16 @@ __device__ __forceinline__ int row_output_pos(const Pow2Lines& rows, int R, int 
 // ~167 instructions per element at 4 x 64 x 64 in the performance model, a thread holding only 16 of
 // the plane's values.) No leading
 // barrier: red is read by thread 0 before the second barrier, and written again only after it.
+// nw: the block's warps (a constant where the plane size is compiled in: thread 0's loop then unrolls
+// into exactly nw copies, not a remainder loop around an unrolled body).
 template <class Fin>
-__device__ __forceinline__ void block_sum2(double a, double b, double* red, Fin fin) {
+__device__ __forceinline__ void block_sum2(double a, double b, double* red, int nw, Fin fin) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     a += __shfl_xor_sync(0xFFFFFFFFu, a, o);
     b += __shfl_xor_sync(0xFFFFFFFFu, b, o);
   }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) {
     red[2 * warp] = a;
     red[2 * warp + 1] = b;
@@ -232,7 +234,6 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, Fin 
   if (threadIdx.x == 0) {
     a = 0.0;
     b = 0.0;
-#pragma unroll 1  // one copy: the compiler's unrolled copies (31 for a run-time nw) are dead weight in the I-cache
     for (int i = 0; i < nw; ++i) {
       a += red[2 * i];
       b += red[2 * i + 1];
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
         const float* wd = p.weights + (size_t)d * HW;
         const float dc = __ldg(wd);
         if (dc != 0.f) {  // w(0) mean(e), the white planes' means in double (the CPU's plane_mean)
-          block_sum2(e_re, e_im, red, [&](double a, double b) {  // read after the passes' barriers
+          block_sum2(e_re, e_im, red, T >> 5, [&](double a, double b) {  // read after the passes' barriers
             misc[0] = (float)(dc * (a * inv_hw));
             misc[1] = (float)(dc * (b * inv_hw));
           });
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           s_re += v[i].x;
           s_im += v[i].y;
         }
-        block_sum2(s_re, s_im, red, [&](double a, double b) {
+        block_sum2(s_re, s_im, red, T >> 5, [&](double a, double b) {
           misc[2] = (float)(a * inv_hw);
           misc[3] = (float)(b * inv_hw);
         });
@@ -385,7 +386,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           q_re = fmaf(a, a, q_re);
           q_im = fmaf(b, b, q_im);
         }
-        block_sum2(q_re, q_im, red, [&](double a, double b) {
+        block_sum2(q_re, q_im, red, T >> 5, [&](double a, double b) {
           misc[4] = (float)(1.0 / (sqrt(a * inv_hw) + 1e-8));
           misc[5] = (float)(1.0 / (sqrt(b * inv_hw) + 1e-8));
         });
