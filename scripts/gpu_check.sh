@@ -17,6 +17,7 @@
 #   bench-goals-<shape>.log, bench-goals-<shape>-<gpu>.json   `anisodiff bench` of the goal cases, one run
 #                       per shape (a killed run loses one shape, not all) (add_noise, B=64, 3x32x32 4x64x64 3x256x256, fp32 and bf16, every kind, no torch.compile)
 #   goals.txt, goals.json   the goal verdicts of that run (from its JSON; from its log if it was killed)
+#   model_vs_measured.txt/.json   those cases beside benchmarks/results/model-sm90.json's predictions
 #   sanitizer.log       compute-sanitizer memcheck on a subset (optional stage)
 #   racecheck.log       compute-sanitizer racecheck on two cases (optional; only with >= 150 s left)
 #   bench.log, bench-<gpu>.json/png   `anisodiff bench --device cuda --quick` (optional stage)
@@ -259,6 +260,12 @@ print("\n".join("  " + l for l in record["lines"]))
 EOF
 cat "$OUT/goals.txt"
 sed 's/^/  /' "$OUT/goals.txt" >>"$SUMMARY"
+# the goal cases beside the static model's predictions (docs/cuda.md: say why where they differ > 1.5x)
+STAGE=model_vs_measured
+"$PY" scripts/model_vs_measured.py benchmarks/results/model-sm90.json "$OUT"/bench-goals-*-"$DEVNAME".json \
+  --json "$OUT/model_vs_measured.json" >"$OUT/model_vs_measured.txt" 2>&1 \
+  || echo "model_vs_measured.py failed (see above)" >>"$OUT/model_vs_measured.txt"
+tail -1 "$OUT/model_vs_measured.txt" | sed 's/^ */model vs measured: /' >>"$SUMMARY"
 
 # --- optional stages, while the budget lasts -----------------------------------------------------
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -15,7 +15,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 FILES = ["summary.txt", "build.log", "build_info.json", "test_cuda.log", "bench-goals-3x32x32.log",
          "bench-goals-4x64x64.log", "bench-goals-3x256x256.log", "goals.txt",
-         "goals.json", "sanitizer.log", "racecheck.log", "bench.log", "suite.log"]
+         "goals.json", "model_vs_measured.txt", "model_vs_measured.json", "sanitizer.log", "racecheck.log",
+         "bench.log", "suite.log"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
