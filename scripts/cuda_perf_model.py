@@ -241,10 +241,10 @@ def subroutines(instrs: list, predicated: dict) -> dict:
     [(start, end, [call addresses])] of the other subroutines, which run once per executed call."""
     calls: dict[int, list] = {}
     for k, (a, op, _mods, args) in enumerate(instrs):
-        if op != "CALL":
+        if op != "CALL" or ".REL" not in _mods:  # (CALL.ABS: vprintf / __assertfail, outside the kernel)
             continue
         t = re.search(r"0x([0-9a-f]+)", args)
-        if not t:
+        if not t or int(t.group(1), 16) <= a:  # called code sits after the kernel's EXIT
             continue
         # the nearest branch before the call in its block: predicated, forward and past the call
         guard = None
@@ -585,7 +585,7 @@ def _line_table(lib: Path) -> list:
     for f in (REPO / "csrc").rglob("*"):
         if f.suffix in (".cu", ".cuh", ".h"):
             names.setdefault(f.name, str(f.relative_to(REPO)))
-    out = subprocess.run([tool, "--dwarf=decodedline", str(lib)], capture_output=True, text=True).stdout
+    out = subprocess.run([tool, "--dwarf=decodedline", "--wide", str(lib)], capture_output=True, text=True).stdout
     rows = []
     for line in out.splitlines():
         m = re.match(r"(\S+)\s+(\d+)\s+0x([0-9a-f]+)", line)
@@ -609,19 +609,21 @@ def warp_shares(rows: list, table: list, calls: list, warps_of: dict) -> dict:
     """{kernel address: {"csrc/file:line": share of the kernel's warps that ran it}} from the traced
     build's basic-block coverage (rows: (kernel, site offset = its coverage call's return address, block
     << 16 | warp)). A basic block spans from its coverage call (``calls``, 5 bytes each) to the next one;
-    a line's warps are the union over the executed blocks its line-table rows fall in. warps_of: {kernel
+    a line-table row from its address to the next row's; a line's warps are the union over the executed
+    blocks its rows overlap. warps_of: {kernel
     address: warps launched}."""
     import bisect
     by_site: dict[int, dict[int, set]] = {}
     for k, site, w in rows:
         by_site.setdefault(site, {}).setdefault(k, set()).add(w)
     lines: dict[int, dict[str, set]] = {}
-    for addr, where in table:
-        i = bisect.bisect_right(calls, addr) - 1
-        if i < 0:
-            continue
-        for k, ws in by_site.get(calls[i] + 5, {}).items():
-            lines.setdefault(k, {}).setdefault(where, set()).update(ws)
+    for n, (addr, where) in enumerate(table):
+        end = table[n + 1][0] if n + 1 < len(table) else addr + 1  # a row's code runs to the next row
+        first = bisect.bisect_right(calls, addr) - 1
+        last = max(first, bisect.bisect_left(calls, end) - 1)
+        for i in range(max(first, 0), last + 1):
+            for k, ws in by_site.get(calls[i] + 5, {}).items():
+                lines.setdefault(k, {}).setdefault(where, set()).update(ws)
     return {k: {where: min(1.0, len(ws) / warps_of[k]) for where, ws in per.items()}
             for k, per in lines.items() if warps_of.get(k)}
 
@@ -980,11 +982,13 @@ def rolled_loop_iterations(sass: dict, line_of: dict, executed: dict | None, tra
 
 
 def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict | None, kernel: str,
-                  calls: dict | None = None) -> bool:
+                  calls: dict | None = None, warp_share: dict | None = None) -> bool:
     """Whether the static count (executed_instructions with the pinned loops' iterations) is the kernel's
     whole dynamic count: every loop that ran is pinned (`#pragma unroll 1`, counted per iteration) or ran
     one iteration per entry (the draw and set loops of one draw, the epilogue of one quad per thread).
-    Slow-path loops do not count."""
+    A loop that only some threads run (thread 0's) is judged per warp that runs it (``warp_share`` of its
+    closing line: at most executions / those warps per warp, the entries included). Slow-path loops do
+    not count."""
     threads = traced_threads(trace, kernel)
     if not executed or not threads:
         return False
@@ -995,12 +999,20 @@ def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict 
     for lo, hi, _n in loops:
         if any(s <= lo and hi <= e for s, e in slow):
             continue
-        runs = executed.get(line_of.get(hi, ""), 0) / threads
+        where = line_of.get(hi)
+        if where is None or where not in executed:
+            return False  # a loop whose runs gcov does not give: no direct count
+        runs = executed[where] / threads
         if runs <= 0:
             continue
         parent = [o for o in iters if o[0] <= lo and hi <= o[1]]
         entries = min(parent, key=lambda o: o[1] - o[0])[2] if parent else 1.0
         n = max(1.0, runs - entries)
+        if runs < 1.0 - 1e-9:  # only some threads run it: its iterations per warp that does, at most
+            share = (warp_share or {}).get(where)
+            if not share:
+                return False
+            n = max(1.0, executed[where] / (share * threads / 32) - 1.0)
         iters.append((lo, hi, n))
         if (lo, hi) not in pinned and n > 1.0 + 1e-9:
             return False
@@ -1059,18 +1071,18 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
             total = math.inf
             continue
         shares = (trace or {}).get("warp_shares", {}).get(L["kernel"])
-        if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0 and shares and \
-                loops_counted(sass, line_of, executed, trace, L["kernel"], sass):
+        once = trace is not None and sum(l["kernel"] == L["kernel"] for l in trace["plan_B1"]["launches"]) == 1
+        if tr and tr["warp_accesses"] > 0 and smem_static_ops > 0 and shares and once and \
+                loops_counted(sass, line_of, executed, trace, L["kernel"], sass, shares):
             # every loop is unrolled, pinned or runs once: the executed SASS, each instruction weighted by
             # the share of the warps that ran its line (x a pinned loop's iterations), is the whole count
-            warps = sum(l["grid"] * -(-l["block"] // 32) for l in trace["plan_B1"]["launches"]
-                        if l["kernel"] == L["kernel"])
-            warp_instr = cls["total"] * warps * B
-            mufu = cls.get("mufu", 0) * warps * B
-            fp64 = cls.get("fp64", 0) * warps * B
+            warps = L["grid"] * -(-L["block"] // 32)  # this launch's (the traced one ran once)
+            warp_instr = cls["total"] * warps
+            mufu = cls.get("mufu", 0) * warps
+            fp64 = cls.get("fp64", 0) * warps
             wavefronts = tr["wavefronts"] * B
             how = (f"direct: {cls['total']:.0f} executed SASS per warp (weighted by the share of warps that ran "
-                   f"each line) x {warps} warps / sample")
+                   f"each line) x {warps} warps")
         elif tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
             # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
             ratio = cls["total"] / smem_static_ops

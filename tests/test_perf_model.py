@@ -255,6 +255,10 @@ CALLS_SASS = """
 
 
 def test_subroutines_slow_paths_count_zero_and_calls_count_per_call():
+    # an absolute call (vprintf, __assertfail) is outside the kernel's code: not a subroutine of it
+    absolute = CALLS_SASS.replace("        /*0080*/                   EXIT ;",
+                                  "        /*0080*/                   CALL.ABS.NOINC 0x0 ;\n        /*0088*/                   EXIT ;")
+    assert pm.parse_sass(absolute)["_Z1kv"]["called"] == [(0xD0, 0xE0, [0x70])]
     r = pm.parse_sass(CALLS_SASS)["_Z1kv"]
     assert r["slow_paths"] == [(0xA0, 0xC0), (0x40, 0x50)]  # the subroutine, and its call block
     assert r["called"] == [(0xD0, 0xE0, [0x70])]
@@ -309,6 +313,14 @@ def test_loops_counted_needs_every_loop_pinned_or_run_once(tmp_path, monkeypatch
     # ... unless it is slow-path code
     assert pm.loops_counted(sass, line_of, more, trace, "k", {"slow_paths": [(0x30, 0x30)]})
     assert not pm.loops_counted(sass, line_of, once, None, "k")  # no trace: the ratio estimate
+    # a loop that only some threads run (thread 0's): per warp that runs it. Without its warps: unknown
+    thread0 = {**once, "csrc/cuda/k.cu:5": 5}  # thread 0 of the one block: 4 iterations (+ the entry)
+    assert not pm.loops_counted(sass, line_of, thread0, trace, "k")
+    assert not pm.loops_counted(sass, line_of, thread0, trace, "k", warp_share={"csrc/cuda/k.cu:5": 0.5})
+    thread0_once = {**once, "csrc/cuda/k.cu:5": 2}  # one iteration on thread 0 (a k = 1 axis loop)
+    assert pm.loops_counted(sass, line_of, thread0_once, trace, "k", warp_share={"csrc/cuda/k.cu:5": 0.5})
+    # a loop whose closing line gcov does not give
+    assert not pm.loops_counted(sass, {**line_of, 0x30: "sm_90_rt.hpp:5"}, once, trace, "k")
 
 
 def test_ldg_bytes():
