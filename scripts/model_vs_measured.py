@@ -74,8 +74,10 @@ def format_rows(rows: list[dict], model: dict) -> str:
             continue
         ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
         flag = "  DIFFERS by more than 1.5x: say why" if r.get("differs") else ""
+        pg = r.get("predicted_pct_copy_gpu")
+        pg = f"{pg:.1f}%" if pg is not None else "-"
         lines.append(f"  {r['kind']:17s} {r['B']:>5d} {shape:>10s} {r['dtype']:5s} {meas:>9s} "
-                     f"{r['predicted_pct_copy_call']:>8.1f}% {r['predicted_pct_copy_gpu']:>8.1f}% {ratio:>6s}{flag}")
+                     f"{r['predicted_pct_copy_call']:>8.1f}% {pg:>9s} {ratio:>6s}{flag}")
     n = sum(1 for r in rows if r.get("differs"))
     lines.append(f"  {n} of {sum(1 for r in rows if 'ratio' in r)} compared cases differ by more than {FLAG_RATIO:g}x")
     return "\n".join(lines) + "\n"
@@ -88,9 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     a = ap.parse_args(argv)
     model = json.loads(a.model.read_text())
-    benches = [json.loads(p.read_text()) for p in a.bench if p.exists()]
+    benches, unread = [], []
+    for p in a.bench:  # one unreadable file (a killed run's) loses its own cases only
+        try:
+            benches.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as exc:
+            if p.exists():
+                unread.append(f"{p}: {exc}")
     rows = compare(model, benches)
     sys.stdout.write(format_rows(rows, model))
+    for u in unread:
+        sys.stdout.write(f"  not read: {u}\n")
     if a.json:
         a.json.write_text(json.dumps({"model_source": model.get("source"), "flag_ratio": FLAG_RATIO,
                                       "benchmarks": [str(p) for p in a.bench if p.exists()], "rows": rows},

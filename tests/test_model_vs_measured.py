@@ -54,6 +54,20 @@ def test_command_line_without_measurements_writes_its_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no CUDA add_noise measurements" in r.stdout
     assert json.loads(out.read_text())["rows"] == []
+    # a truncated JSON (a killed run) is reported and the readable ones still compared
+    bad, good = tmp_path / "bad.json", tmp_path / "good.json"
+    bad.write_text('{"cases": [')
+    good.write_text(json.dumps(bench([case("sdm_powerlaw", "fp32", 44.0)])))
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "model_vs_measured.py"), str(model), str(bad),
+                        str(good)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "not read:" in r.stdout and "bad.json" in r.stdout and "1.10" in r.stdout
+
+
+def test_a_prediction_without_its_gpu_share_still_formats():
+    model = {"cases": [{**MODEL["cases"][0], "cuda": {**MODEL["cases"][0]["cuda"], "predicted_pct_copy_gpu": None}}]}
+    rows = mvm.compare(model, [bench([case("sdm_powerlaw", "fp32", 44.0)])])
+    assert " - " in mvm.format_rows(rows, model)
 
 
 def test_the_committed_model_has_the_goal_benchmarks_cases():
