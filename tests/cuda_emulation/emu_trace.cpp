@@ -95,13 +95,22 @@ void flush(int block) {
   }
 }
 
+// Whether the caller runs on kernel thread g_emu.cur's coroutine stack, not the scheduler's main
+// context. Here, not in the header: the kernels' objects are instrumented, and an instrumented copy of
+// this check would call the hooks that call it.
+inline bool on_kernel_thread() {
+  const int t = g_emu.cur;
+  if (g_emu.n == 0 || t < 0 || (size_t)t >= g_emu.stacks.size() || g_emu.stacks[t] == nullptr) return false;
+  const uintptr_t sp = (uintptr_t)__builtin_frame_address(0), stack = (uintptr_t)g_emu.stacks[t];
+  return sp >= stack && sp < stack + kEmuStack;
+}
+
 inline void record(void* addr, int width, uintptr_t site) {
   if (!g_on || g_emu.n == 0) return;
   const uintptr_t a = (uintptr_t)addr, base = (uintptr_t)emu_smem;
   if (a < base || a >= base + g_emu.smem_stride * (size_t)g_emu.cluster) return;
+  if (!on_kernel_thread()) return;
   const int t = g_emu.cur;
-  const uintptr_t sp = (uintptr_t)__builtin_frame_address(0), stack = (uintptr_t)g_emu.stacks[t];
-  if (sp < stack || sp >= stack + 256 * 1024) return;  // the scheduler (main context), not a kernel thread
   const int rank = (int)((a - base) / g_emu.smem_stride), tid = t % g_emu.block;
   if (rank != t / g_emu.block) {  // a peer block's shared memory (DSMEM): not a bank access of this SM
     g_stats[{(uintptr_t)g_emu.kernel, site}].remote += 1;
@@ -124,11 +133,8 @@ std::map<std::pair<uintptr_t, uintptr_t>, std::unordered_set<int64_t>> g_bb;
 bool g_in_hook = false;  // the containers' code may be the instrumented copy the kernels' objects have
 
 inline void record_block(uintptr_t site) {
-  if (!g_on || g_in_hook || g_emu.n == 0) return;
+  if (!g_on || g_in_hook || !on_kernel_thread()) return;
   const int t = g_emu.cur;
-  if (t < 0 || (size_t)t >= g_emu.stacks.size() || g_emu.stacks[t] == nullptr) return;
-  const uintptr_t sp = (uintptr_t)__builtin_frame_address(0), stack = (uintptr_t)g_emu.stacks[t];
-  if (sp < stack || sp >= stack + 256 * 1024) return;
   g_in_hook = true;
   const int64_t block = (int64_t)(g_emu.cluster_base + t / g_emu.block), warp = (t % g_emu.block) / 32;
   g_bb[{(uintptr_t)g_emu.kernel, site}].insert(block << 16 | warp);

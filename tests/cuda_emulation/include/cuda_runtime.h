@@ -87,6 +87,7 @@ struct EmuSched {
   std::vector<char> exited;      // blocks of the running cluster that have exited
 };
 inline EmuSched g_emu;
+constexpr size_t kEmuStack = 256 * 1024;  // bytes of each kernel thread's coroutine stack
 // Instrumentation for scripts/cuda_perf_model.py: every launch is logged (kernel, grid, block, smem,
 // cluster); EMU_PLAN_ONLY=1 logs launches without running them; emu_phase_hook (set by the traced
 // build, emu_trace.cpp) runs when a block (>= 0) or the whole cluster (-1) passes a barrier or ends.
@@ -136,7 +137,6 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
   if (getenv("EMU_PLAN_ONLY") && !strcmp(getenv("EMU_PLAN_ONLY"), "1")) return;
   const char* order_env = getenv("EMU_ORDER");  // read per launch: tests switch it within a process
   const int order = !order_env ? 0 : (!strcmp(order_env, "rev") ? 1 : (!strcmp(order_env, "mix") ? 2 : 0));
-  const size_t kStack = 256 * 1024;
   if (cluster == 0 || grid % cluster != 0) { fprintf(stderr, "EMU: grid %u not a multiple of the cluster %u\n", grid, cluster); abort(); }
   EmuSched& S = g_emu;
   const unsigned n = block * cluster;
@@ -152,7 +152,7 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
   S.site_line.assign(n, 0);
   S.waits.assign(n, 0);
   S.kernel = kernel;
-  while (S.stacks.size() < n) S.stacks.push_back((char*)malloc(kStack));
+  while (S.stacks.size() < n) S.stacks.push_back((char*)malloc(kEmuStack));
   std::function<void()> body = f;
   S.body = &body;
   gridDim.x = grid; blockDim.x = block;
@@ -164,7 +164,7 @@ template <class F> inline void emu_launch_cluster(unsigned grid, unsigned block,
     for (unsigned t = 0; t < n; ++t) {
       getcontext(&S.ctx[t]);
       S.ctx[t].uc_stack.ss_sp = S.stacks[t];
-      S.ctx[t].uc_stack.ss_size = kStack;
+      S.ctx[t].uc_stack.ss_size = kEmuStack;
       S.ctx[t].uc_link = &S.main;
       makecontext(&S.ctx[t], (void (*)())emu_entry, 0);
       S.state[t] = 0;
