@@ -610,8 +610,7 @@ def warp_shares(rows: list, table: list, calls: list, warps_of: dict) -> dict:
     build's basic-block coverage (rows: (kernel, site offset = its coverage call's return address, block
     << 16 | warp)). A basic block spans from its coverage call (``calls``, 5 bytes each) to the next one;
     a line-table row from its address to the next row's; a line's warps are the union over the executed
-    blocks its rows overlap. warps_of: {kernel
-    address: warps launched}."""
+    blocks its rows overlap. warps_of: {kernel address: warps launched}."""
     import bisect
     by_site: dict[int, dict[int, set]] = {}
     for k, site, w in rows:
@@ -942,43 +941,49 @@ def traced_threads(trace: dict | None, kernel: str) -> int:
     return sum(l["grid"] * l["block"] for l in trace.get("plan_B1", {}).get("launches", []) if l["kernel"] == kernel)
 
 
+def _pinned(where: str | None, cache: dict) -> bool:
+    """Whether the source line before `where` (a loop's `for`) is `#pragma unroll 1`."""
+    path, _, num = (where or "").rpartition(":")
+    if not path.startswith("csrc/") or not num.isdigit():
+        return False
+    if path not in cache:
+        f = REPO / path
+        cache[path] = f.read_text().splitlines() if f.exists() else []
+    text, n = cache[path], int(num)
+    return 2 <= n <= len(text) and text[n - 2].strip().startswith("#pragma unroll 1")
+
+
+def loop_runs(sass: dict, line_of: dict, executed: dict, threads: int) -> list:
+    """[(start, end, closing line, runs, iterations)] of a kernel's loops, outer first, from the traced run
+    (B = 1): gcov counts a `for` line once per entry plus once per iteration, so runs = executions of the
+    loop's closing branch's line / threads, and its source iterations per thread = runs - its entries per
+    thread (the enclosing loop's iterations that ran, else 1), at least 1. runs 0: the loop did not run
+    (or its line has no count)."""
+    out = []
+    for lo, hi, _n in sorted(sass.get("loop_list", []), key=lambda l: l[1] - l[0], reverse=True):
+        where = line_of.get(hi)
+        runs = executed.get(where, 0) / threads if where is not None else 0.0
+        parent = [o for o in out if o[0] <= lo and hi <= o[1] and o[3] > 0]
+        entries = min(parent, key=lambda o: o[1] - o[0])[4] if parent else 1.0
+        out.append((lo, hi, where, runs, max(1.0, runs - entries)))
+    return out
+
+
 def rolled_loop_iterations(sass: dict, line_of: dict, executed: dict | None, trace: dict | None,
                            kernel: str) -> list:
     """[(start, end, iterations per thread)] of the loops a kernel's source keeps rolled (`#pragma unroll
     1` on the line before the loop's `for`: one copy of the body in the SASS, so a source iteration is a
-    SASS iteration), from the traced run (B = 1): gcov counts a `for` line once per entry plus once per
-    iteration, so a loop's iterations per thread are executions(its closing branch's line) / threads -
-    its entries per thread (its enclosing loop's iterations, else 1); at least 1 where it ran. The
-    shared-memory kernels' executed SASS counts each instruction of such a loop that many times (the
-    power-of-two kernel's noise loop: 2). Loops the compiler rolled on its own (it may have unrolled them
-    by a factor the SASS does not name) count once per thread, as do loops only some threads run
-    (thread 0's reduction: conservative, the other warps skip it)."""
+    SASS iteration; loop_runs gives the iterations; at least 1 where it ran). The shared-memory kernels'
+    executed SASS counts each instruction of such a loop that many times (the power-of-two kernel's noise
+    loop: 2). Loops the compiler rolled on its own (it may have unrolled them by a factor the SASS does
+    not name) count once per thread, as do loops only some threads run (thread 0's reduction:
+    conservative, the other warps skip it)."""
     threads = traced_threads(trace, kernel)
     if not executed or not threads:
         return []
-    src_cache: dict[str, list] = {}
-
-    def pinned(where: str) -> bool:  # `#pragma unroll 1` right before the loop's line
-        path, _, num = where.rpartition(":")
-        if not path.startswith("csrc/") or not num.isdigit():
-            return False
-        if path not in src_cache:
-            f = REPO / path
-            src_cache[path] = f.read_text().splitlines() if f.exists() else []
-        text, n = src_cache[path], int(num)
-        return 2 <= n <= len(text) and text[n - 2].strip().startswith("#pragma unroll 1")
-    loops = sorted(sass.get("loop_list", []), key=lambda l: l[1] - l[0], reverse=True)  # outer first
-    out = []
-    iters = []  # every loop's source iterations per thread (the entries of the loops inside it)
-    for lo, hi, _n in loops:
-        where = line_of.get(hi, "")
-        runs = executed.get(where, 0) / threads
-        if runs <= 0:
-            continue
-        parent = [o for o in iters if o[0] <= lo and hi <= o[1]]
-        entries = min(parent, key=lambda o: o[1] - o[0])[2] if parent else 1.0
-        iters.append((lo, hi, max(1.0, runs - entries), pinned(where)))
-    return [(lo, hi, n) for lo, hi, n, pin in iters if pin]
+    cache: dict[str, list] = {}
+    return [(lo, hi, n) for lo, hi, where, runs, n in loop_runs(sass, line_of, executed, threads)
+            if runs > 0 and _pinned(where, cache)]
 
 
 def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict | None, kernel: str,
@@ -992,29 +997,21 @@ def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict 
     threads = traced_threads(trace, kernel)
     if not executed or not threads:
         return False
-    pinned = {(lo, hi) for lo, hi, _ in rolled_loop_iterations(sass, line_of, executed, trace, kernel)}
+    cache: dict[str, list] = {}
     slow = (calls or {}).get("slow_paths", [])
-    loops = sorted(sass.get("loop_list", []), key=lambda l: l[1] - l[0], reverse=True)
-    iters = []
-    for lo, hi, _n in loops:
+    for lo, hi, where, runs, n in loop_runs(sass, line_of, executed, threads):
         if any(s <= lo and hi <= e for s, e in slow):
             continue
-        where = line_of.get(hi)
         if where is None or where not in executed:
             return False  # a loop whose runs gcov does not give: no direct count
-        runs = executed[where] / threads
         if runs <= 0:
             continue
-        parent = [o for o in iters if o[0] <= lo and hi <= o[1]]
-        entries = min(parent, key=lambda o: o[1] - o[0])[2] if parent else 1.0
-        n = max(1.0, runs - entries)
         if runs < 1.0 - 1e-9:  # only some threads run it: its iterations per warp that does, at most
             share = (warp_share or {}).get(where)
             if not share:
                 return False
             n = max(1.0, executed[where] / (share * threads / 32) - 1.0)
-        iters.append((lo, hi, n))
-        if (lo, hi) not in pinned and n > 1.0 + 1e-9:
+        if n > 1.0 + 1e-9 and not _pinned(where, cache):
             return False
     return True
 
