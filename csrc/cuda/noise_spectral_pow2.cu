@@ -243,6 +243,11 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, int 
   __syncthreads();
 }
 
+// The kernel's misc shared floats: a draw's DC terms, means and scales ((re, im) each; block_sum2's fin
+// writes them, every thread reads them after its barrier), then the sample's epilogue coefficients
+// (thread 0's sample_coef: x0 scale, noise scale, valid, g, then KA f_minus_g).
+enum : int { kMiscDc = 0, kMiscMean = 2, kMiscScale = 4, kMiscCoef = 8 };
+
 // The slice's launch: block q of the cluster of slice s = blockIdx.x / P owns complex plane q
 // (channels 2q, 2q + 1). Per set (n; n' of the input perturbation) and draw d:
 //   1. white noise of the plane into buf (caller's noise for set 0 when given)
@@ -271,9 +276,8 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  // the draw's DC terms, means, scales [0, 6); the sample's epilogue coefficients [8, 12 + KA)
-  static_assert(KA <= 4, "misc holds 4 axes' coefficients");
-  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);
+  static_assert(kMiscCoef + 4 + KA <= kPow2MiscFloats, "misc holds the sample's coefficients");
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // kMisc*
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
   const bool spectral = p.weights != nullptr;
@@ -328,8 +332,8 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
         const float dc = __ldg(wd);
         if (dc != 0.f) {  // w(0) mean(e), the white planes' means in double (the CPU's plane_mean)
           block_sum2(e_re, e_im, red, T >> 5, [&](double a, double b) {  // read after the passes' barriers
-            misc[0] = (float)(dc * (a * inv_hw));
-            misc[1] = (float)(dc * (b * inv_hw));
+            misc[kMiscDc] = (float)(dc * (a * inv_hw));
+            misc[kMiscDc + 1] = (float)(dc * (b * inv_hw));
           });
         }
         auto none = [](float2(&)[8], int, int) {};
@@ -356,8 +360,8 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
         fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none, fuse);
         fft_lines_pow2(buf, rows, -1.f, t, T, true, v, none);
         if (dc != 0.f) {
-          dc_re = misc[0];
-          dc_im = misc[1];
+          dc_re = misc[kMiscDc];
+          dc_im = misc[kMiscDc + 1];
         }
       } else {
 #pragma unroll
@@ -375,10 +379,10 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           s_im += v[i].y;
         }
         block_sum2(s_re, s_im, red, T >> 5, [&](double a, double b) {
-          misc[2] = (float)(a * inv_hw);
-          misc[3] = (float)(b * inv_hw);
+          misc[kMiscMean] = (float)(a * inv_hw);
+          misc[kMiscMean + 1] = (float)(b * inv_hw);
         });
-        const float mr = misc[2], mi = misc[3];
+        const float mr = misc[kMiscMean], mi = misc[kMiscMean + 1];
         float q_re = 0.f, q_im = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -387,11 +391,11 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           q_im = fmaf(b, b, q_im);
         }
         block_sum2(q_re, q_im, red, T >> 5, [&](double a, double b) {
-          misc[4] = (float)(1.0 / (sqrt(a * inv_hw) + 1e-8));
-          misc[5] = (float)(1.0 / (sqrt(b * inv_hw) + 1e-8));
+          misc[kMiscScale] = (float)(1.0 / (sqrt(a * inv_hw) + 1e-8));
+          misc[kMiscScale + 1] = (float)(1.0 / (sqrt(b * inv_hw) + 1e-8));
         });
-        sc_re = misc[4];
-        sc_im = misc[5];
+        sc_re = misc[kMiscScale];
+        sc_im = misc[kMiscScale + 1];
       }
       const float gamma = p.gammas[d];
       if (!g.acc) {
@@ -415,12 +419,12 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
     // after the barrier below
     if (t == 0) {
       const SampleCoef c = sample_coef<KA>(p, sl.b);
-      misc[8] = c.a;
-      misc[9] = c.bc;
-      misc[10] = c.valid ? 1.f : 0.f;
-      misc[11] = c.sc.g;
+      misc[kMiscCoef] = c.a;
+      misc[kMiscCoef + 1] = c.bc;
+      misc[kMiscCoef + 2] = c.valid ? 1.f : 0.f;
+      misc[kMiscCoef + 3] = c.sc.g;
 #pragma unroll
-      for (int i = 0; i < KA; ++i) misc[12 + i] = c.sc.f_minus_g[i];
+      for (int i = 0; i < KA; ++i) misc[kMiscCoef + 4 + i] = c.sc.f_minus_g[i];
     }
   }
   if (P > 1) cluster_barrier(); else __syncthreads();  // every plane of the slice is finished
@@ -442,12 +446,12 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
     }
   } else {
     SampleCoef coef;  // thread 0's (above)
-    coef.a = misc[8];
-    coef.bc = misc[9];
-    coef.valid = misc[10] != 0.f;
-    coef.sc.g = misc[11];
+    coef.a = misc[kMiscCoef];
+    coef.bc = misc[kMiscCoef + 1];
+    coef.valid = misc[kMiscCoef + 2] != 0.f;
+    coef.sc.g = misc[kMiscCoef + 3];
 #pragma unroll
-    for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = misc[12 + i];
+    for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = misc[kMiscCoef + 4 + i];
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;

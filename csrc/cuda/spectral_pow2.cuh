@@ -14,6 +14,7 @@ constexpr int kPow2MinPixels = 256;
 constexpr int kPow2MaxPixels = 4096;
 constexpr int kPow2MaxSide = 128;  // the twiddle table's length (kTwiddle128)
 constexpr int kPow2MaxThreads = kPow2MaxPixels / 8;
+constexpr int kPow2MiscFloats = 16;  // the kernel's misc shared floats (noise_spectral_pow2.cu's kMisc*)
 
 // The sizes the hot variant (vectorised add_noise / shaped_noise, no perturbation) is compiled for:
 // square planes of 16, 32 and 64 (log2 sides 4 - 6).
@@ -68,7 +69,7 @@ inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
   g.off_red = o;
   o = align_up(o + 16 * 32, 16);  // block_sum2: 2 doubles per warp
   g.off_misc = o;
-  o = align_up(o + 16 * 4, 16);  // (re, im) of the DC terms, means, scales; the sample's coefficients
+  o = align_up(o + kPow2MiscFloats * 4, 16);  // misc: the DC terms, means, scales, sample coefficients
   g.smem = o;
   return true;
 }
