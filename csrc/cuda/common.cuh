@@ -1181,11 +1181,14 @@ struct SpectralGeom {
   uint32_t off_tw_h, off_tw_w, off_buf, off_acc, off_pert, off_red, off_part, off_stat, smem;
 };
 
-// Padded pitch of lines of n floats: n rounded up to 5 (mod 32). Consecutive lines then start 5 banks
-// apart: the Stockham stages of short lines (several lines per warp) average <= 2-way bank conflicts at
-// 32 and 64 (an odd pitch gave 3.5-way), and the transposes (one element per line per thread) and the
-// weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages' index maps).
-__host__ __device__ __forceinline__ int line_pitch(int n) { return n + ((5 - n % 32) + 32) % 32; }
+// Padded pitch of lines of n floats: n rounded up to `residue` (mod 32), by default 5. Consecutive lines
+// then start 5 banks apart: the Stockham stages of short lines (several lines per warp) average <= 2-way
+// bank conflicts at 32 and 64 (an odd pitch gave 3.5-way), and the transposes (one element per line per
+// thread) and the weights (Ws columns x 32 / Ws rows per warp) stay <= 2-way (modelled with the stages'
+// index maps). fused_layout also models residue 4.
+__host__ __device__ __forceinline__ int line_pitch(int n, int residue = 5) {
+  return n + ((residue - n % 32) + 32) % 32;
+}
 
 // Modelled shared-memory wavefronts (sm_90: 32 banks of 4-byte words; as tests/cuda_emulation/emu_trace
 // scores a warp access) of the first 16 warps of stage s of fft_planar on `count` lines of length n
@@ -1297,7 +1300,7 @@ inline void fused_layout(SpectralGeom& g, bool spectral, int draws, bool perturb
     FftStages sw = g.sw, sh = g.sh;
     const long cost = fft_choose_maps(g.W, sw, P * g.Hs, g.Hs, g.Wp, 2 * g.PS) +
                       fft_choose_maps(g.H, sh, P * g.Ws, g.Ws, g.Hp, 2 * g.PS);
-    const int Wp4 = g.W + ((4 - g.W % 32) + 32) % 32, Hp4 = g.H + ((4 - g.H % 32) + 32) % 32;
+    const int Wp4 = line_pitch(g.W, 4), Hp4 = line_pitch(g.H, 4);
     const int PS4 = (g.Hs * Wp4 > g.Ws * Hp4 ? g.Hs * Wp4 : g.Ws * Hp4) | 1;
     FftStages sw4 = g.sw, sh4 = g.sh;
     long cost4 = cost;
