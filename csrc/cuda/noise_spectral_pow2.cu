@@ -62,12 +62,15 @@ __device__ __forceinline__ float2 tw_pow2(int e, int ln, float sg) {
   return make_float2(t.x, sg * t.y);
 }
 
-// t, hidden from the optimiser: a stage's addresses are recomputed per stage (a few integer
-// instructions) instead of hoisted out of the draw loop for every inlined stage at once, which spilled.
+// t, hidden from the optimiser where kPin (64-register variants): a stage's addresses are recomputed
+// per stage (a few integer instructions) instead of hoisted out of the draw loop for every inlined stage
+// at once, which spilled. The 128-register variants (pow2_roomy) keep them.
+template <bool kPin>
 __device__ __forceinline__ int opaque(int t) {
 #if defined(ANISO_CUDA_EMULATOR)
   return t;
 #else
+  if (!kPin) return t;
   int r;
   asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(t));
   return r;
@@ -126,10 +129,10 @@ __device__ __forceinline__ void stage_output(const Pow2Lines& L, int ns, int t, 
 // outputs (weights, DC bin), the block synchronises (every read done), and unless keep the outputs go
 // back to buf (then the block synchronises again). in_regs: a holds the inputs already (no reads, so
 // no barrier before the writes; fft_lines_pow2's first_in_regs).
-template <int R, class Last>
+template <bool kPin, int R, class Last>
 __device__ __forceinline__ void fft_stage(float2* buf, const Pow2Lines& L, int ns, float sg, int t, int T,
                                           float2 (&a)[8], bool keep, Last last, bool in_regs = false) {
-  t = opaque(t);
+  t = opaque<kPin>(t);
   const int m = (1 << L.ln) / R, tstep = (1 << L.ln) / (ns * R);
 #pragma unroll
   for (int u = 0; u < 8 / R; ++u) {
@@ -176,7 +179,7 @@ __device__ __forceinline__ void last_stage(int ln, int& R, int& ns) {
 // Every stage of one direction over the plane. The last stage's outputs stay in a (not written) when
 // keep_last; last(a, R, ns) runs on them first (weights, DC bin: stage_output<R> gives their place).
 // first_in_regs: a holds the first stage's inputs (lines of radix-8 stages only: radix8_lines).
-template <class Last>
+template <bool kPin, class Last>
 __device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, float sg, int t, int T, bool keep_last,
                                                float2 (&a)[8], Last last, bool first_in_regs = false) {
   int ns = 1;
@@ -188,9 +191,9 @@ __device__ __forceinline__ void fft_lines_pow2(float2* buf, const Pow2Lines& L, 
     auto post = [&](float2 (&x)[8]) {
       if (fin) last(x, R, ns);
     };
-    if (R == 8) fft_stage<8>(buf, L, ns, sg, t, T, a, keep, post, first_in_regs && ns == 1);
-    else if (R == 4) fft_stage<4>(buf, L, ns, sg, t, T, a, keep, post);
-    else fft_stage<2>(buf, L, ns, sg, t, T, a, keep, post);
+    if (R == 8) fft_stage<kPin, 8>(buf, L, ns, sg, t, T, a, keep, post, first_in_regs && ns == 1);
+    else if (R == 4) fft_stage<kPin, 4>(buf, L, ns, sg, t, T, a, keep, post);
+    else fft_stage<kPin, 2>(buf, L, ns, sg, t, T, a, keep, post);
     ns *= R;
   }
 }
@@ -261,9 +264,10 @@ enum : int { kMiscDc = 0, kMiscMean = 2, kMiscScale = 4, kMiscCoef = 8 };
 // passes a constant, the loads and stores immediate offsets from one base), or 0: taken from g.
 // DT >= 0: the dtype of x0, x_t and out compiled in (io_dtype; with CK), -1: switched at run time.
 template <int KA, bool kStep, bool kVec, bool kPert, int LH, int LW, int CK = 0, int DT = -1>
-__global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert, kVec, LH > 0))
+__global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kStep, kPert, kVec, LH, LW))
     fused_spectral_pow2(const NoiseProblem p, const Pow2Geom g) {
   extern __shared__ __align__(16) unsigned char smem[];
+  constexpr bool kPin = !pow2_roomy(LH, LW);  // (opaque)
   const int lh = LH > 0 ? LH : g.lh, lw = LW > 0 ? LW : g.lw, H = 1 << lh, W = 1 << lw, HW = H * W;
   const int Wp = LW > 0 ? W + 1 : g.pitch;
   const int P = CK > 0 ? (CK + 1) / 2 : g.P;  // (a constant divisor where C is compiled in)
@@ -289,7 +293,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   int last_r, last_ns;  // the last row stage: where the thread's values of v sit in the plane
   last_stage(lw, last_r, last_ns);
   auto pos = [&](int i) {  // (recomputed where used: hoisted, the 8 positions spilled)
-    const int tt = opaque(t);
+    const int tt = opaque<kPin>(t);
     if (spectral) return row_output_pos(rows, last_r, last_ns, tt, T, i);
     const int px = tt + i * T;
     return (px >> lw) * Wp + (px & (W - 1));
@@ -337,12 +341,12 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
           });
         }
         auto none = [](float2(&)[8], int, int) {};
-        fft_lines_pow2(buf, rows, 1.f, t, T, false, v, none);
+        fft_lines_pow2<kPin>(buf, rows, 1.f, t, T, false, v, none);
         // the weighted forward columns stay in registers as the inverse columns' inputs where the
         // columns are radix-8 lines (64 x 64: a shared-memory round trip and a barrier fewer); not in
         // the 64 x 64 variant with a run-time C, which then spilled 4 B at its 64 registers
         const bool fuse = radix8_lines(lh) && !(LH > 0 && CK == 0);
-        fft_lines_pow2(buf, cols, 1.f, t, T, fuse, v, [&](float2 (&a)[8], int R, int ns) {
+        fft_lines_pow2<kPin>(buf, cols, 1.f, t, T, fuse, v, [&](float2 (&a)[8], int R, int ns) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {  // column line = w, element el = h
             int w, h;
@@ -357,8 +361,8 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
             }
           }
         });
-        fft_lines_pow2(buf, cols, -1.f, t, T, false, v, none, fuse);
-        fft_lines_pow2(buf, rows, -1.f, t, T, true, v, none);
+        fft_lines_pow2<kPin>(buf, cols, -1.f, t, T, false, v, none, fuse);
+        fft_lines_pow2<kPin>(buf, rows, -1.f, t, T, true, v, none);
         if (dc != 0.f) {
           dc_re = misc[kMiscDc];
           dc_im = misc[kMiscDc + 1];
@@ -433,7 +437,7 @@ __global__ void __launch_bounds__(kPow2MaxThreads, pow2_min_blocks(kStep, kPert,
   // (the rank hidden from the optimiser: hoisted out of the quad loop, the 64-bit peer addresses of
   // every cached channel spilled)
   auto plane_of = [&](int c) -> const float2* {
-    return P > 1 ? cluster_peer(fin, (unsigned)opaque(c >> 1)) : fin;
+    return P > 1 ? cluster_peer(fin, (unsigned)opaque<kPin>(c >> 1)) : fin;
   };
   if constexpr (kStep) {
     const int per = (HW + P - 1) / P, end = (q + 1) * per < HW ? (q + 1) * per : HW;

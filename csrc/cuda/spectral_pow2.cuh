@@ -20,12 +20,20 @@ constexpr int kPow2MiscFloats = 16;  // the kernel's misc shared floats (noise_s
 // square planes of 16, 32 and 64 (log2 sides 4 - 6).
 __host__ __device__ constexpr bool pow2_fixed_size(int lh, int lw) { return lh == lw && lh >= 4 && lh <= 6; }
 
-// Resident blocks of kPow2MaxThreads the variant is compiled for (__launch_bounds__): 2 leaves 64
+// The register budget each variant is compiled for (__launch_bounds__). Planes of up to 32 x 32 with
+// the size compiled in: blocks of HW / 8 <= 128 threads, 128 registers (4 blocks of 128 threads per SM,
+// 16 warps: enough to issue every cycle in the performance model); with them the compiler keeps each
+// thread's stage addresses and the Philox keys in registers instead of recomputing them (~8% fewer
+// instructions at 3 x 32 x 32). Otherwise blocks of up to kPow2MaxThreads: 2 resident blocks leave 64
 // registers, which the hot variant with compile-time sizes fits (2 blocks per SM at 64 x 64); the step,
 // the perturbed, the scalar-I/O and the run-time-size epilogues need more (they spilled 8 - 140 B at 64)
 // and get 128 registers.
-__host__ __device__ constexpr int pow2_min_blocks(bool step, bool pert, bool vec, bool fixed) {
-  return step || pert || !vec || !fixed ? 1 : 2;
+__host__ __device__ constexpr bool pow2_roomy(int lh, int lw) { return lh > 0 && lh + lw <= 10; }
+__host__ __device__ constexpr int pow2_bound_threads(int lh, int lw) {
+  return pow2_roomy(lh, lw) ? (1 << (lh + lw)) / 8 : kPow2MaxThreads;
+}
+__host__ __device__ constexpr int pow2_min_blocks(bool step, bool pert, bool vec, int lh, int lw) {
+  return pow2_roomy(lh, lw) ? 65536 / (128 * pow2_bound_threads(lh, lw)) : (step || pert || !vec || lh == 0 ? 1 : 2);
 }
 
 struct Pow2Geom {
