@@ -208,9 +208,10 @@ def parse_sass(text: str) -> dict:
         for _, op, _, _ in instrs:
             c = sass_class(op)
             classes[c] = classes.get(c, 0) + 1
+        diverged = diverged_paths(instrs)
         loops = []
         for k, (a, op, mods, args) in enumerate(instrs):
-            if op != "BRA":
+            if op != "BRA" or any(s <= a <= e for s, e in diverged):
                 continue
             t = re.search(r"0x([0-9a-f]+)", args)
             if t and int(t.group(1), 16) < a:  # (a branch to itself is the end-of-code trap)
@@ -225,11 +226,42 @@ def parse_sass(text: str) -> dict:
         main = max(loops, key=lambda l: l["instructions"]) if loops else None
         out[name] = {"total": len(instrs), "classes": classes, "loops": len(loops), "main_loop": main,
                      "loop_list": [(l["start"], l["end"], l["instructions"]) for l in loops],
-                     **subroutines(instrs, preds.get(name, {})),
+                     **with_diverged(subroutines(instrs, preds.get(name, {})), diverged, instrs),
                      "instructions": [(a, op) for a, op, _, _ in instrs],
                      "gmem_load_bytes": sum(_ldg_bytes(op, mods) for _, op, mods, _ in instrs),
                      "first_address": addrs[0] if addrs else 0}
     return out
+
+
+def diverged_paths(instrs: list) -> list:
+    """[(start, end)] of the code that only a diverged warp runs: ``BRA.DIV`` jumps, when the warp's
+    threads are not all converged, to an out-of-line copy of a warp-collective operation (shuffles,
+    cluster barriers under ``WARPSYNC.COLLECTIVE``) that ends in a branch back. The kernels call those
+    operations from warp-uniform code only, so the copies never run; they are neither counted nor
+    loops (their branch back would otherwise look like one spanning the kernel)."""
+    out = []
+    for a, op, mods, args in instrs:
+        if op != "BRA" or ".DIV" not in mods:
+            continue
+        t = re.findall(r"0x([0-9a-f]+)", args)
+        if not t or int(t[-1], 16) <= a:
+            continue
+        start = int(t[-1], 16)
+        for b, bop, _bm, bargs in instrs:  # the first branch back after the copy's start
+            if b < start or bop != "BRA":
+                continue
+            tb = re.search(r"0x([0-9a-f]+)", bargs)
+            if tb and int(tb.group(1), 16) < start:
+                out.append((start, b))
+                break
+    return out
+
+
+def with_diverged(sub: dict, diverged: list, instrs: list) -> dict:
+    """subroutines' result with the diverged-warp copies added to its slow paths."""
+    slow = sub["slow_paths"] + [d for d in diverged if d not in sub["slow_paths"]]
+    return {**sub, "slow_paths": slow,
+            "slow_instructions": sum(1 for a, *_ in instrs if any(s <= a <= e for s, e in slow))}
 
 
 def subroutines(instrs: list, predicated: dict) -> dict:
@@ -495,7 +527,7 @@ def compile_cuda(root: Path, cache: Path, log=print) -> tuple[dict, dict]:
         + sorted((root / "csrc" / "include").rglob("*.h"))
     flags = ["-arch=sm_90", "-cubin", "-O3", "-std=c++17", "-lineinfo", f"-I{root / 'csrc' / 'include'}",
              f"-I{root / 'csrc'}", "-Xptxas", "-v"]
-    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.4", *flags[:5], *(p.read_text() for p in deps)]).encode()
+    fingerprint = hashlib.sha256("\n".join([f"v{VERSION}.5", *flags[:5], *(p.read_text() for p in deps)]).encode()
                                  ).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
     cached = cache / f"cuda-{fingerprint}.json"

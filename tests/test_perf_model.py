@@ -276,6 +276,35 @@ def test_subroutines_slow_paths_count_zero_and_calls_count_per_call():
     assert got["total"] == pytest.approx(10 - 3 * 0.5)
 
 
+# a warp shuffle the compiler could not prove converged: BRA.DIV jumps, on a diverged warp only, to an
+# out-of-line WARPSYNC.COLLECTIVE copy placed after EXIT, which branches back
+DIVERGED_SASS = """
+		Function : _Z1kv
+        /*0000*/                   UMOV UR6, 0xffffffff ;
+        /*0010*/                   BRA.DIV UR6, 0x80 ;
+        /*0020*/                   SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;
+        /*0030*/                   FADD R2, R2, R3 ;
+        /*0040*/                   STG.E [R4.64], R2 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+        /*0070*/                   NOP;
+        /*0080*/                   WARPSYNC.COLLECTIVE R5, 0xb0 ;
+        /*0090*/                   SHFL.BFLY P0, R3, R2, R6, R7 ;
+        /*00a0*/                   ENDCOLLECTIVE ;
+        /*00b0*/                   BRA 0x30 ;
+"""
+
+
+def test_diverged_warp_copies_are_slow_paths_not_loops():
+    r = pm.parse_sass(DIVERGED_SASS)["_Z1kv"]
+    assert pm.diverged_paths([(a, op, "", "") for a, op in r["instructions"]]) == []  # (needs the .DIV)
+    assert r["loops"] == 0 and r["main_loop"] is None  # the branch back is not a loop
+    assert (0x80, 0xB0) in r["slow_paths"] and r["slow_instructions"] == 4
+    line_of = {a: "csrc/cuda/k.cu:3" for a, _ in r["instructions"]}
+    got = pm.executed_instructions(r["instructions"], line_of, {"csrc/cuda/k.cu:3": 32}, threads=32, calls=r)
+    assert got["total"] == 7  # the fast path (and the end-of-code trap), not the collective copy
+
+
 def test_warp_shares_take_the_union_of_the_warps_of_a_lines_basic_blocks():
     """A basic block runs from its coverage call to the next; a line's share is the union of the warps
     that entered the blocks its line-table rows lie in, over the kernel's launched warps."""
