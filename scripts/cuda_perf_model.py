@@ -226,7 +226,7 @@ def parse_sass(text: str) -> dict:
         main = max(loops, key=lambda l: l["instructions"]) if loops else None
         out[name] = {"total": len(instrs), "classes": classes, "loops": len(loops), "main_loop": main,
                      "loop_list": [(l["start"], l["end"], l["instructions"]) for l in loops],
-                     **with_diverged(subroutines(instrs, preds.get(name, {})), diverged, instrs),
+                     **subroutines(instrs, preds.get(name, {}), diverged),
                      "instructions": [(a, op) for a, op, _, _ in instrs],
                      "gmem_load_bytes": sum(_ldg_bytes(op, mods) for _, op, mods, _ in instrs),
                      "first_address": addrs[0] if addrs else 0}
@@ -257,20 +257,14 @@ def diverged_paths(instrs: list) -> list:
     return out
 
 
-def with_diverged(sub: dict, diverged: list, instrs: list) -> dict:
-    """subroutines' result with the diverged-warp copies added to its slow paths."""
-    slow = sub["slow_paths"] + [d for d in diverged if d not in sub["slow_paths"]]
-    return {**sub, "slow_paths": slow,
-            "slow_instructions": sum(1 for a, *_ in instrs if any(s <= a <= e for s, e in slow))}
-
-
-def subroutines(instrs: list, predicated: dict) -> dict:
+def subroutines(instrs: list, predicated: dict, diverged: list = ()) -> dict:
     """The called code of a kernel (``CALL.REL`` target .. its first ``RET``), placed after the kernel's
     ``EXIT`` and attributed by the line info to the kernel's last line. ``slow_paths``: [(start, end)] of
     code that runs only off the fast path - a subroutine every call of which sits in a block that a
     predicated forward branch jumps over (libdevice's division and square root: FCHK or a range test
     sends only denormal, infinite or out-of-range operands there), with those call blocks; ``called``:
-    [(start, end, [call addresses])] of the other subroutines, which run once per executed call."""
+    [(start, end, [call addresses])] of the other subroutines, which run once per executed call.
+    ``diverged`` (diverged_paths) are slow paths too."""
     calls: dict[int, list] = {}
     for k, (a, op, _mods, args) in enumerate(instrs):
         if op != "CALL" or ".REL" not in _mods:  # (CALL.ABS: vprintf / __assertfail, outside the kernel)
@@ -299,6 +293,7 @@ def subroutines(instrs: list, predicated: dict) -> dict:
             slow.extend((g, a) for a, g in sites)
         else:
             called.append((start, end, [a for a, _ in sites]))
+    slow.extend(d for d in diverged if d not in slow)
     n_slow = sum(1 for a, *_ in instrs if any(s <= a <= e for s, e in slow))
     return {"slow_paths": slow, "called": called, "slow_instructions": n_slow}
 
