@@ -70,7 +70,7 @@ __device__ __forceinline__ int opaque(int t) {
 #if defined(ANISO_CUDA_EMULATOR)
   return t;
 #else
-  if (!kPin) return t;
+  if constexpr (!kPin) return t;
   int r;
   asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(t));
   return r;

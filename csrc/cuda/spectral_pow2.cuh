@@ -21,9 +21,9 @@ constexpr int kPow2MiscFloats = 16;  // the kernel's misc shared floats (noise_s
 __host__ __device__ constexpr bool pow2_fixed_size(int lh, int lw) { return lh == lw && lh >= 4 && lh <= 6; }
 
 // The register budget each variant is compiled for (__launch_bounds__). Planes of up to 32 x 32 with
-// the size compiled in: blocks of HW / 8 <= 128 threads, 128 registers (4 blocks of 128 threads per SM,
-// 16 warps: enough to issue every cycle in the performance model); with them the compiler keeps each
-// thread's stage addresses and the Philox keys in registers instead of recomputing them (~8% fewer
+// the size compiled in: blocks of HW / 8 <= 128 threads, up to 128 registers (at 32 x 32 4-5 blocks of
+// 128 threads per SM, 16-20 warps: enough to issue every cycle in the performance model); with them the
+// compiler keeps each thread's stage addresses instead of recomputing them (opaque: ~8% fewer
 // instructions at 3 x 32 x 32). Otherwise blocks of up to kPow2MaxThreads: 2 resident blocks leave 64
 // registers, which the hot variant with compile-time sizes fits (2 blocks per SM at 64 x 64); the step,
 // the perturbed, the scalar-I/O and the run-time-size epilogues need more (they spilled 8 - 140 B at 64)
