@@ -514,6 +514,27 @@ def test_device_timesteps_out_of_range_give_nan(kind, schedule, path):
         assert torch.equal(out_bad[1], out_good[1])
 
 
+@pytest.mark.parametrize("kind,target", [("sdm+pl_neg", 0), ("hdm+band", 1), ("pl_pos", 2)])
+def test_lines32_timesteps_out_of_range_give_nan(kind, schedule, monkeypatch, target):
+    """The whole-line 32 x 32 kernel (forced: a small batch) carries a bad timestep's NaN through its
+    hoisted coefficients: that sample's x_t and noise-dependent target are NaN, its block partner is
+    untouched bit for bit. (The host emulator cannot run this: its CPU op checks timesteps.)"""
+    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_lines32")
+    spec = make_spec(kind, 3, k=2 if kind.startswith("hdm") else 1)
+    args = ad.plan.kernel_args(spec, schedule, 3, 32, 32, DEV)
+    x0 = torch.randn(3, 3, 32, 32, device=DEV)
+
+    def run(t):
+        t = torch.tensor(t, device=DEV)
+        return torch.ops.anisodiff.add_noise(x0, t, args.coef, args.axes, args.weights, list(args.gammas),
+                                             args.variant, args.normalize, target, torch.tensor([5, 0]), None)
+    bad, good = run([5000, 10, -3]), run([0, 10, 0])
+    for b in (0, 2):
+        assert torch.isnan(bad[0][b]).all()
+        assert torch.equal(bad[1][b], x0[b]) if target == 2 else torch.isnan(bad[1][b]).all()
+    assert torch.equal(bad[0][1], good[0][1]) and torch.equal(bad[1][1], good[1][1])
+
+
 def test_gradient_flows_to_x0(schedule):
     spec = make_spec("sdm", 3)
     x0 = torch.randn(3, 3, 4, 4, device=DEV, requires_grad=True)

@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "common.cuh"
+#include "spectral_lines.cuh"
 #include "spectral_pow2.cuh"
 
 namespace anisodiff {
@@ -113,6 +114,31 @@ const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g)
   const int a = step ? 1 : (p.k == 0 ? 0 : 1);
   const bool ck = (fixed == 2 && p.channels == 3) || (fixed == 3 && p.channels == 4);  // launch_pow2_hot
   return names.text[a][step ? 1 : 0][v ? 1 : 0][pert ? 1 : 0][fixed][ck ? 2 + io_dtype(p) : 0];
+}
+
+bool force_lines32() {
+  const char* env = getenv("ANISODIFF_CUDA_PATH");
+  return env != nullptr && strcmp(env, "fused_lines32") == 0;
+}
+
+// The whole-line kernel when the batch gives at least this many of its warps per SM. Its warps have
+// 32-way instruction-level parallelism in the FFTs (a whole line each), but 4x fewer of them per sample
+// than fused_spectral_pow2's: smaller batches keep the latter (3 x 32 x 32: B >= 703 on 132 SMs).
+constexpr int kLinesMinWarpsPerSm = 8;
+
+const char* lines_kernel_name(const NoiseProblem& p) {
+  struct Names {
+    char text[2][5][64];  // [KA 0/2][C at run time; C = 3 with dtype any, fp32, fp16, bf16] (launch_lines_ka)
+    Names() {
+      static const char* dts[5] = {"", ",dtype=any", ",dtype=fp32", ",dtype=fp16", ",dtype=bf16"};
+      for (int a = 0; a < 2; ++a)
+        for (int ck = 0; ck < 5; ++ck)
+          snprintf(text[a][ck], sizeof text[a][ck], "fused_spectral_lines32<KA=%d,CK=%d%s>", 2 * a, ck ? 3 : 0,
+                   dts[ck]);
+    }
+  };
+  static const Names names;
+  return names.text[p.k == 0 ? 0 : 1][p.channels == 3 ? 2 + io_dtype(p) : 0];
 }
 
 bool force_two_pass() {
@@ -280,6 +306,23 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     plan.rows_per_block = (int)H;
     return plan;
   };
+  LinesGeom lg;
+  const bool lines = !force_two_pass() && !force_general_fused() && !force_pow2() && fused_cluster_forced(H, W) == 0 &&
+                     lines_geometry(p, vec_ok(p, false), lg) && lg.smem <= plan.smem_limit;
+  if (lines) {
+    const int64_t sm = sms > 0 ? sms : 1, blocks = (S + kLinesSlices - 1) / kLinesSlices;
+    if (force_lines32() || blocks * lg.C >= (int64_t)kLinesMinWarpsPerSm * sm) {
+      plan.path = Path::kFused;
+      plan.lines32 = true;
+      plan.smem_bytes = lg.smem;
+      plan.kernel = lines_kernel_name(p);
+      plan.grid = (unsigned)blocks;
+      plan.block = 32 * lg.C;
+      plan.cluster = 1;
+      plan.rows_per_block = (int)H;
+      return plan;
+    }
+  }
   if (pow2) {
     const int64_t sm = sms > 0 ? sms : 1, blocks_per_sm = (S * pg.P + sm - 1) / sm;
     if (force_pow2() || blocks_per_sm * (pg.threads / 32) >= kPow2MinWarpsPerSm) return take_pow2();
@@ -348,6 +391,11 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kElementwise:
       return launch_elementwise(p, nullptr, vec_ok(p, true), sm_count(device), stream);
     case Path::kFused:
+      if (plan.lines32) {
+        LinesGeom lg;
+        if (!lines_geometry(p, vec_ok(p, false), lg)) return cudaErrorInvalidValue;
+        return launch_fused_lines32(p, lg, plan.smem_limit, stream);
+      }
       if (plan.pow2) {
         Pow2Geom pg;
         if (!pow2_geometry(p, pg)) return cudaErrorInvalidValue;

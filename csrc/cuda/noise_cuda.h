@@ -9,7 +9,10 @@
 //                memory. Power-of-two planes of 256 - 4096 pixels (C <= 16, k <= 2) take
 //                fused_spectral_pow2 (noise_spectral_pow2.cu: a block per complex plane, FFT passes in
 //                registers) when its grid leaves >= 8 warps per SM (ANISODIFF_CUDA_PATH=fused_pow2 forces
-//                it); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
+//                it). 32 x 32 planes of the hot path (C <= 8, one draw, no perturbation) take
+//                fused_spectral_lines32 first (noise_spectral_lines.cu: a warp per complex plane, whole
+//                lines in registers) when the batch gives >= 8 of its warps per SM
+//                (ANISODIFF_CUDA_PATH=fused_lines32 forces it); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
 //                ANISODIFF_CUDA_CLUSTER forces it):
 //                memory: one cluster of R <= 8 blocks per sample (a slab of H / R rows each), 2-D FFTs
 //                with transposes through distributed shared memory, then the per-pixel epilogue.
@@ -54,6 +57,8 @@ struct LaunchPlan {
   bool perturbed = false;
   // Fused path: the power-of-two kernel (cluster = complex planes, block = H W / 8 threads).
   bool pow2 = false;
+  // Fused path: the whole-line 32 x 32 kernel (block = C warps for two slices, no cluster).
+  bool lines32 = false;
 };
 
 // Chooses the path for `p` on `device` (the current device). The environment variable

@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CSRC = REPO / "csrc"
-SOURCES = ["noise_elementwise.cu", "noise_spectral.cu", "noise_spectral_pow2.cu", "noise_cuda.cu"]
+SOURCES = ["noise_elementwise.cu", "noise_spectral.cu", "noise_spectral_pow2.cu", "noise_spectral_lines.cu", "noise_cuda.cu"]
 NAME = "anisodiff_cuda_emu"
 
 
