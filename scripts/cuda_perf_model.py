@@ -730,7 +730,8 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
             emu.trace_enable(True)
             if force:  # the kernel the case's batch gets (at B = 1 the planner may pick another)
                 os.environ["ANISODIFF_CUDA_PATH"] = force
-            plan = run(case, 1)
+            nb = trace_batch(force)
+            plan = run(case, nb)
             os.environ.pop("ANISODIFF_CUDA_PATH", None)
             emu.trace_enable(False)
             for old in lib.parent.glob("*.gcda"):  # gcov merges a dump into existing files: start empty,
@@ -754,6 +755,10 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
                                    "n_way": wf / ideal if ideal else 0.0, "max_way": worst})
             for k in per_kernel.values():
                 k["avg_way"] = k["wavefronts"] / k["ideal"] if k["ideal"] else 0.0
+                for f in ("warp_accesses", "wavefronts", "ideal", "dsmem_accesses"):  # per sample
+                    k[f] /= nb
+                for site in k["sites"]:
+                    site["warp_accesses"] /= nb
                 # merge the sites by source line, the worst first
                 by: dict[str, dict] = {}
                 for s in k["sites"]:
@@ -770,10 +775,16 @@ def emulator_worker(cases: list[dict], trace: bool, out_path: str) -> None:
                 warps_of[kaddr] = sum(L["grid"] * -(-L["block"] // 32) for L in plan["launches"]
                                       if L["kernel"] == kernel_name(kaddr))
             shares = warp_shares([(k, s - base, w) for k, s, w in cov], table, bb_calls, warps_of)
-            result["traces"][key] = {"plan_B1": plan, "kernels": per_kernel, "seconds": round(time.time() - t0, 2),
+            result["traces"][key] = {"plan_B1": plan, "batch": nb, "kernels": per_kernel, "seconds": round(time.time() - t0, 2),
                                      "executed_lines": executed,
                                      "warp_shares": {kernel_name(k): v for k, v in shares.items()}}
     Path(out_path).write_text(json.dumps(result))
+
+
+def trace_batch(force: str | None) -> int:
+    """The batch of a case's trace: 1, or 2 for the whole-line kernel, whose blocks take two slices (at
+    B = 1 the second slice's planes are empty, and their skipped noise would count as the batch's)."""
+    return 2 if force == "fused_lines32" else 1
 
 
 def trace_key(case: dict, plan: dict) -> tuple[str, str | None]:
@@ -782,6 +793,7 @@ def trace_key(case: dict, plan: dict) -> tuple[str, str | None]:
     (the planner picks the fused kernel from the batch)."""
     first = (plan.get("launches") or [{}])[0].get("kernel", "")
     force = ("fused_pow2" if first.startswith("fused_spectral_pow2") else
+             "fused_lines32" if first.startswith("fused_spectral_lines32") else
              "fused_general" if first.startswith("fused_spectral<") else None)
     key = f"{case['kind']}|{case['C']}x{case['H']}x{case['W']}|{case['dtype']}"
     return (f"{key}|{force}" if force else key), force
@@ -1083,9 +1095,11 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
         chain_of = {int(a): c for a, c in (k.get("chain_of") or {}).items()}
         instrs = sass.get("instructions", [])
         rolled = rolled_loop_iterations(sass, line_of, executed, trace, L["kernel"])
+        cls_lines: dict = {}  # executed SASS per warp by source line (the direct count's breakdown)
         cls = executed_instructions(instrs, line_of, executed, chain_of=chain_of, inner_loops=rolled,
                                     threads=traced_threads(trace, L["kernel"]), calls=sass,
-                                    warp_share=(trace or {}).get("warp_shares", {}).get(L["kernel"]))
+                                    warp_share=(trace or {}).get("warp_shares", {}).get(L["kernel"]),
+                                    by_line=cls_lines)
         smem_static_ops = cls.get("smem", 0)
         if smem_static_ops > 0 and L["smem"] > 0 and not (tr and tr["warp_accesses"] > 0):
             # a shared-memory kernel is counted through its trace; the elementwise estimate would be
@@ -1107,6 +1121,8 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
             wavefronts = tr["wavefronts"] * B
             how = (f"direct: {cls['total']:.0f} executed SASS per warp (weighted by the share of warps that ran "
                    f"each line) x {warps} warps")
+            info["hot_source_lines"] = [{"line": k, "sass_per_output_element": round(v * warps * 32 / elems, 2)}
+                                        for k, v in sorted(cls_lines.items(), key=lambda kv: -kv[1])[:16]]
         elif tr and tr["warp_accesses"] > 0 and smem_static_ops > 0:
             # shared-memory kernels: dynamic instructions ~ dynamic smem accesses x (all / smem) of the SASS
             ratio = cls["total"] / smem_static_ops

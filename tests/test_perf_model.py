@@ -472,3 +472,19 @@ def test_spectral_goal_names_the_cases_the_launch_gap_caps():
     gap = pm.MACHINE["launch_gap_us"] * 1e-6
     copy_t = 3 * 64 * 3 * 32 * 32 * 4 / (pm.MACHINE["dram_peak_Bps"] * pm.MACHINE["copy_efficiency"])
     assert 100 * copy_t / (copy_t + gap) < 30  # B=64 3x32x32 fp32: ~27%, whatever the kernel does
+
+
+@pytest.mark.parametrize("kernel,force,batch", [
+    ("fused_spectral_pow2<KA=2,step=0,vec=1,pert=0,LH=5,LW=5,CK=3,dtype=fp32>", "fused_pow2", 1),
+    ("fused_spectral_lines32<KA=2,CK=3,dtype=fp32>", "fused_lines32", 2),
+    ("fused_spectral<KA=2,step=0>", "fused_general", 1),
+    ("add_noise_fast<3, 1, false, (anisodiff::DType)0>", None, 1),
+])
+def test_trace_runs_the_cases_kernel_on_a_batch_that_fills_its_blocks(kernel, force, batch):
+    """The bank / coverage trace of a case forces the kernel its batch is planned on, with a batch that
+    leaves no block half empty: the whole-line kernel's blocks take two slices (at B = 1 the second's
+    skipped noise would count as the batch's)."""
+    case = {"kind": "squeeze+spectral", "C": 3, "H": 32, "W": 32, "dtype": "fp32"}
+    key, f = pm.trace_key(case, {"launches": [{"kernel": kernel}]})
+    assert f == force and (f is None or key.endswith("|" + f))
+    assert pm.trace_batch(f) == batch
