@@ -290,53 +290,53 @@ __global__ void __launch_bounds__(lines_bound_threads(CK), lines_min_blocks(CK))
       if (s0 + j >= S) break;
       epilogue_slice<KA, CK, DT>(p, planes, misc + j * (4 + 2), slice_of32(s0 + j, p.frames), j, T);
     }
-    return;
-  }
+  } else {  // C at run time: add_noise_quad
+#pragma unroll 1  // one copy of the quad loop, as above
+    for (int j = 0; j < kLinesSlices; ++j) {
+      if (s0 + j >= S) break;
+      const Slice sl = slice_of32(s0 + j, p.frames);
+      const float* m = misc + j * (4 + 2);
+      SampleCoef coef;
+      coef.a = m[0];
+      coef.bc = m[1];
+      coef.valid = m[2] != 0.f;
+      coef.sc.g = m[3];
 #pragma unroll
-  for (int j = 0; j < kLinesSlices; ++j) {
-    if (s0 + j >= S) break;
-    const Slice sl = slice_of32(s0 + j, p.frames);
-    const float* m = misc + j * (4 + 2);
-    SampleCoef coef;
-    coef.a = m[0];
-    coef.bc = m[1];
-    coef.valid = m[2] != 0.f;
-    coef.sc.g = m[3];
-#pragma unroll
-    for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = m[4 + i];
+      for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = m[4 + i];
 #pragma unroll 1  // 2 - 3 quads per thread (counted per iteration by the performance model)
-    for (int qi = (int)threadIdx.x; qi < HW / 4; qi += T) {
-      const int hw0 = qi * 4, at = (hw0 >> 5) * Lp + (hw0 & (L - 1));
-      QuadPos qp;
+      for (int qi = (int)threadIdx.x; qi < HW / 4; qi += T) {
+        const int hw0 = qi * 4, at = (hw0 >> 5) * Lp + (hw0 & (L - 1));
+        QuadPos qp;
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        qp.h[l] = hw0 >> 5;
-        qp.w[l] = (hw0 & (L - 1)) + l;
+        for (int l = 0; l < 4; ++l) {
+          qp.h[l] = hw0 >> 5;
+          qp.w[l] = (hw0 & (L - 1)) + l;
+        }
+        // channel c is real plane j C + c: part (j C + c) & 1 of warp (j C + c) / 2's plane; the read of a
+        // plane's first part keeps its second (the same float2), so each plane is read once per pass
+        float other[4];
+        int other_r = -1;
+        add_noise_quad<(CK > 0 ? CK : 1), KA, true, false, CK, DT>(
+            p, coef, sl, hw0, 4, qp,
+            [&](int c, float out[4]) {
+              const int r = j * C + c;
+              if (r == other_r) {
+#pragma unroll
+                for (int l = 0; l < 4; ++l) out[l] = other[l];
+                other_r = -1;
+                return;
+              }
+              const float2* z = planes + (r >> 1) * (L * Lp) + at;
+#pragma unroll
+              for (int l = 0; l < 4; ++l) {
+                const float2 v = z[l];
+                out[l] = (r & 1) ? v.y : v.x;
+                other[l] = v.y;
+              }
+              other_r = (r & 1) ? -1 : r + 1;
+            },
+            [](int, float*) {});
       }
-      // channel c is real plane j C + c: part (j C + c) & 1 of warp (j C + c) / 2's plane; the read of a
-      // plane's first part keeps its second (the same float2), so each plane is read once per pass
-      float other[4];
-      int other_r = -1;
-      add_noise_quad<(CK > 0 ? CK : 1), KA, true, false, CK, DT>(
-          p, coef, sl, hw0, 4, qp,
-          [&](int c, float out[4]) {
-            const int r = j * C + c;
-            if (r == other_r) {
-#pragma unroll
-              for (int l = 0; l < 4; ++l) out[l] = other[l];
-              other_r = -1;
-              return;
-            }
-            const float2* z = planes + (r >> 1) * (L * Lp) + at;
-#pragma unroll
-            for (int l = 0; l < 4; ++l) {
-              const float2 v = z[l];
-              out[l] = (r & 1) ? v.y : v.x;
-              other[l] = v.y;
-            }
-            other_r = (r & 1) ? -1 : r + 1;
-          },
-          [](int, float*) {});
     }
   }
 }
