@@ -22,6 +22,7 @@
 #include "anisodiff/problem.h"
 #include "anisodiff/spectral.h"
 #include "anisodiff/squeeze.h"
+#include "anisodiff/twiddle.h"
 
 namespace anisodiff {
 namespace cuda {

@@ -23,12 +23,8 @@ namespace anisodiff {
 namespace cuda {
 namespace {
 
-// cos(2 pi k / 32), k = 0 .. 8 (float rounding of the exact values, as the CPU plan's tables)
-__device__ constexpr float kCos32[9] = {1.0f,         0.9807852804f, 0.9238795325f, 0.8314696123f, 0.7071067812f,
-                                        0.5555702330f, 0.3826834324f, 0.1950903220f, 0.0f};
-
 // a * exp(-sg 2 pi i e / 32). e is a constant wherever this is called (unrolled loops): the branches and
-// the table lookups fold, the quarter turns cost no multiplications.
+// the table lookups (anisodiff/twiddle.h) fold, the quarter turns cost no multiplications.
 __device__ __forceinline__ float2 rotate32(float2 a, int e, float sg) {
   e &= 31;
   if (e == 0) return a;
@@ -36,7 +32,7 @@ __device__ __forceinline__ float2 rotate32(float2 a, int e, float sg) {
   if (e == 8) return sg > 0.f ? make_float2(a.y, -a.x) : make_float2(-a.y, a.x);
   if (e == 24) return sg > 0.f ? make_float2(-a.y, a.x) : make_float2(a.y, -a.x);
   const int q = e >> 3, r = e & 7;
-  const float cr = kCos32[r], sr = kCos32[8 - r];  // cos, sin of r pi / 16
+  const float cr = quarter_cos128(4 * r), sr = quarter_cos128(32 - 4 * r);  // cos, sin of r pi / 16
   const float c = q == 0 ? cr : (q == 1 ? -sr : (q == 2 ? -cr : sr));
   const float s = q == 0 ? sr : (q == 1 ? cr : (q == 2 ? -sr : -cr));
   const float ss = sg * s;  // exp(-sg i theta) = c - i sg s

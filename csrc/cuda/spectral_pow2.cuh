@@ -12,7 +12,7 @@ namespace cuda {
 // H W / 8 threads per block (8 complex values each): one warp .. 512 threads.
 constexpr int kPow2MinPixels = 256;
 constexpr int kPow2MaxPixels = 4096;
-constexpr int kPow2MaxSide = 128;  // the twiddle table's length (kTwiddle128)
+constexpr int kPow2MaxSide = kTwiddleTurn;  // the twiddle table's length (kTwiddle128)
 constexpr int kPow2MaxThreads = kPow2MaxPixels / 8;
 constexpr int kPow2MiscFloats = 16;  // the kernel's misc shared floats (noise_spectral_pow2.cu's kMisc*)
 
