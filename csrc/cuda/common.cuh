@@ -399,6 +399,18 @@ __device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const fl
   else store4_as<DType::kBFloat16>(t, off, v);
 }
 
+// 4 consecutive elements of t at element offset off: the dtype compiled in (DT >= 0) or switched.
+template <int DT>
+__device__ __forceinline__ void load4_dt(const TensorArg& t, int64_t off, float v[4]) {
+  if constexpr (DT >= 0) load4_as<(DType)DT>(t, off, v);
+  else load4(t, off, v);
+}
+template <int DT>
+__device__ __forceinline__ void store4_dt(const TensorArg& t, int64_t off, const float v[4]) {
+  if constexpr (DT >= 0) store4_as<(DType)DT>(t, off, v);
+  else store4(t, off, v);
+}
+
 // The one dtype of the tensors a kernel reads and writes (x0, x_t, out; the absent ones do not count),
 // or -1 when they differ (the kernels with the run-time switch take those problems).
 inline int io_dtype(const NoiseProblem& p) {
@@ -590,6 +602,136 @@ template <int K, int KA, bool kVec, bool kPert, class Fetch, class FetchP>
 __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Slice& b, int64_t hw0, int n,
                                                const QuadPos& pos, Fetch fetch, FetchP fetch_p) {
   add_noise_quad<K, KA, kVec, kPert>(p, sample_coef(p, b.b), b, hw0, n, pos, fetch, fetch_p);
+}
+
+// A sample's coefficients as shared-memory floats (one thread computes them, the block reads them after
+// a barrier), for k <= 2 (the fused spectral kernels'): a, bc, valid, g, f_i - g.
+constexpr int kPackedCoefFloats = 4 + 2;
+template <int KA>
+__device__ __forceinline__ void pack_coef(const SampleCoef& c, float* m) {
+  static_assert(KA <= 2, "kPackedCoefFloats holds k <= 2");
+  m[0] = c.a;
+  m[1] = c.bc;
+  m[2] = c.valid ? 1.f : 0.f;
+  m[3] = c.sc.g;
+#pragma unroll
+  for (int i = 0; i < KA; ++i) m[4 + i] = c.sc.f_minus_g[i];
+}
+template <int KA>
+__device__ __forceinline__ SampleCoef unpack_coef(const float* m) {
+  SampleCoef c;
+  c.a = m[0];
+  c.bc = m[1];
+  c.valid = m[2] != 0.f;
+  c.sc.g = m[3];
+#pragma unroll
+  for (int i = 0; i < KA; ++i) c.sc.f_minus_g[i] = m[4 + i];
+  return c;
+}
+
+// Reads the channels' noise quads in channel order from complex planes that hold two real planes each
+// (real plane r: part r & 1 of complex plane r >> 1, as the fused spectral kernels pair them): the read
+// of an even real plane keeps its odd partner (the same float2s), so a complex plane is read once per
+// pass over the channels, not twice. One reader per quad; pair_at(r): the first of real plane r's 4 float2s.
+struct PairedQuadReader {
+  float odd[4];
+  int odd_r = -1;
+  template <class PairAt>
+  __device__ __forceinline__ void read(int r, PairAt pair_at, float out[4]) {
+    if (r == odd_r) {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) out[l] = odd[l];
+      odd_r = -1;
+      return;
+    }
+    const float2* z = pair_at(r);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const float2 v = z[l];
+      out[l] = (r & 1) ? v.y : v.x;
+      odd[l] = v.y;
+    }
+    odd_r = (r & 1) ? -1 : r + 1;
+  }
+};
+
+// The epilogue of one slice's quads qi = first, first + step, .. < end (pixels 4 qi .. 4 qi + 3) with the
+// channel count CK > 0 compiled in, vectorised I/O and no perturbation: add_noise_quad's arithmetic
+// (S e = g e + sum_i (f_i - g) v_i (v_i . e), then the mix) with what is the same for every quad of the
+// slice hoisted out of the quad loop - the axes and (f_i - g) v_ci in registers, the tensors' slice
+// offsets, the target's branch - and a bad timestep's NaN carried by g (every value then NaN, as
+// add_noise_quad's). fetch(hw0, s): s[c][l], the shaped noise of channel c at pixel hw0 + l. DT: as
+// add_noise_quad's. The quad loop is rolled: the performance model counts its iterations per source line.
+template <int KA, int CK, int DT, class Fetch>
+__device__ __forceinline__ void epilogue_quads(const NoiseProblem& p, const SampleCoef& coef, const Slice& sl,
+                                               int first, int end, int step, Fetch fetch) {
+  static_assert(CK > 0, "the channel count is compiled in");
+  constexpr int KU = KA > 0 ? KA : 1;
+  const int k = KA > 0 ? p.k : 0;
+  const float a = coef.a, bc = coef.bc, g = coef.valid ? coef.sc.g : __int_as_float(0x7fc00000);
+  float ax[CK][KU], cf[CK][KU];
+#pragma unroll
+  for (int c = 0; c < CK; ++c)
+#pragma unroll
+    for (int i = 0; i < KU; ++i) {
+      ax[c][i] = i < k ? __ldg(p.axes + c * k + i) : 0.f;
+      cf[c][i] = i < k ? coef.sc.f_minus_g[i] * ax[c][i] : 0.f;
+    }
+  const bool mixing = p.x0.data != nullptr, eps_target = p.target == Target::kEpsilon;
+  const int64_t o_x0 = mixing ? p.x0.slice_offset(sl.b, sl.f) : 0, o_xt = mixing ? p.x_t.slice_offset(sl.b, sl.f) : 0;
+  const int64_t o_out = p.out.slice_offset(sl.b, sl.f);
+#pragma unroll 1
+  for (int qi = first; qi < end; qi += step) {
+    const int hw0 = qi * 4;
+    float s[CK][4];
+    fetch(hw0, s);
+    if (k > 0) {
+      float u[KU][4];
+#pragma unroll
+      for (int i = 0; i < KU; ++i)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          u[i][l] = 0.f;
+#pragma unroll
+          for (int c = 0; c < CK; ++c) u[i][l] += ax[c][i] * s[c][l];
+        }
+#pragma unroll
+      for (int c = 0; c < CK; ++c)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          float v = g * s[c][l];
+#pragma unroll
+          for (int i = 0; i < KU; ++i)
+            if (i < k) v += cf[c][i] * u[i][l];
+          s[c][l] = v;
+        }
+    } else {
+#pragma unroll
+      for (int c = 0; c < CK; ++c)
+#pragma unroll
+        for (int l = 0; l < 4; ++l) s[c][l] *= g;  // g = 1 (or NaN)
+    }
+#pragma unroll
+    for (int c = 0; c < CK; ++c) {
+      if (!mixing) {
+        store4_dt<DT>(p.out, o_out + c * p.out.stride[1] + hw0, s[c]);
+        continue;
+      }
+      float x0[4], xt[4], tg[4];
+      load4_dt<DT>(p.x0, o_x0 + c * p.x0.stride[1] + hw0, x0);
+      if (eps_target) {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * s[c][l];
+        store4_dt<DT>(p.x_t, o_xt + c * p.x_t.stride[1] + hw0, xt);
+        store4_dt<DT>(p.out, o_out + c * p.out.stride[1] + hw0, s[c]);
+      } else {
+#pragma unroll
+        for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], s[c][l], p.target, xt[l], tg[l]);
+        store4_dt<DT>(p.x_t, o_xt + c * p.x_t.stride[1] + hw0, xt);
+        store4_dt<DT>(p.out, o_out + c * p.out.stride[1] + hw0, tg);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -67,106 +67,6 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
-// 4 consecutive elements of t at element offset off: the dtype compiled in (DT >= 0) or switched.
-template <int DT>
-__device__ __forceinline__ void load_4(const TensorArg& t, int64_t off, float v[4]) {
-  if constexpr (DT >= 0) load4_as<(DType)DT>(t, off, v);
-  else load4(t, off, v);
-}
-template <int DT>
-__device__ __forceinline__ void store_4(const TensorArg& t, int64_t off, const float v[4]) {
-  if constexpr (DT >= 0) store4_as<(DType)DT>(t, off, v);
-  else store4(t, off, v);
-}
-
-// The epilogue of slice j of the block (its coefficients m: kLinesMiscFloats' layout) with C compiled
-// in: add_noise_quad's arithmetic (S e = g e + sum_i (f_i - g) v_i (v_i . e), then the mix), with what
-// is the same for every quad of the slice hoisted out of the quad loop - the axes and (f_i - g) v_ci in
-// registers, the tensors' slice offsets, the target's branch - and a bad timestep's NaN carried by g
-// (every value of the slice then NaN, as add_noise_quad's). Channel c is real plane j C + c: part
-// (j C + c) & 1 of warp (j C + c) / 2's plane. j is a run-time value so that the quad loop has one copy
-// (the performance model counts a rolled loop's iterations per source line: two copies of it, one per
-// slice, would each count both slices' iterations).
-template <int KA, int CK, int DT>
-__device__ __forceinline__ void epilogue_slice(const NoiseProblem& p, const float2* planes, const float* m,
-                                               const Slice& sl, int j, int T) {
-  constexpr int L = kLinesSide, Lp = kLinesPitch, KU = KA > 0 ? KA : 1;
-  const int k = KA > 0 ? p.k : 0;
-  const float a = m[0], bc = m[1], g = m[2] != 0.f ? m[3] : __int_as_float(0x7fc00000);
-  float ax[CK][KU], cf[CK][KU];
-#pragma unroll
-  for (int c = 0; c < CK; ++c)
-#pragma unroll
-    for (int i = 0; i < KU; ++i) {
-      ax[c][i] = i < k ? __ldg(p.axes + c * k + i) : 0.f;
-      cf[c][i] = i < k ? m[4 + i] * ax[c][i] : 0.f;
-    }
-  const float* zc[CK];  // channel c's part of its plane (float index 2 (pixel) + part)
-#pragma unroll
-  for (int c = 0; c < CK; ++c) {
-    const int r = j * CK + c;
-    zc[c] = reinterpret_cast<const float*>(planes + (r >> 1) * (L * Lp)) + (r & 1);
-  }
-  const bool mixing = p.x0.data != nullptr, eps_target = p.target == Target::kEpsilon;
-  const int64_t o_x0 = mixing ? p.x0.slice_offset(sl.b, sl.f) : 0, o_xt = mixing ? p.x_t.slice_offset(sl.b, sl.f) : 0;
-  const int64_t o_out = p.out.slice_offset(sl.b, sl.f);
-#pragma unroll 1  // 2 - 3 quads per thread (counted per iteration by the performance model)
-  for (int qi = (int)threadIdx.x; qi < L * L / 4; qi += T) {
-    const int hw0 = qi * 4, at = (hw0 >> 5) * Lp + (hw0 & (L - 1));
-    float s[CK][4];
-#pragma unroll
-    for (int c = 0; c < CK; ++c)
-#pragma unroll
-      for (int l = 0; l < 4; ++l) s[c][l] = zc[c][2 * (at + l)];
-    if (k > 0) {
-      float u[KU][4];
-#pragma unroll
-      for (int i = 0; i < KU; ++i)
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          u[i][l] = 0.f;
-#pragma unroll
-          for (int c = 0; c < CK; ++c) u[i][l] += ax[c][i] * s[c][l];
-        }
-#pragma unroll
-      for (int c = 0; c < CK; ++c)
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          float v = g * s[c][l];
-#pragma unroll
-          for (int i = 0; i < KU; ++i)
-            if (i < k) v += cf[c][i] * u[i][l];
-          s[c][l] = v;
-        }
-    } else {
-#pragma unroll
-      for (int c = 0; c < CK; ++c)
-#pragma unroll
-        for (int l = 0; l < 4; ++l) s[c][l] *= g;  // g = 1 (or NaN)
-    }
-#pragma unroll
-    for (int c = 0; c < CK; ++c) {
-      if (!mixing) {
-        store_4<DT>(p.out, o_out + c * p.out.stride[1] + hw0, s[c]);
-        continue;
-      }
-      float x0[4], xt[4], tg[4];
-      load_4<DT>(p.x0, o_x0 + c * p.x0.stride[1] + hw0, x0);
-      if (eps_target) {
-#pragma unroll
-        for (int l = 0; l < 4; ++l) xt[l] = a * x0[l] + bc * s[c][l];
-        store_4<DT>(p.x_t, o_xt + c * p.x_t.stride[1] + hw0, xt);
-        store_4<DT>(p.out, o_out + c * p.out.stride[1] + hw0, s[c]);
-      } else {
-#pragma unroll
-        for (int l = 0; l < 4; ++l) mix(a, bc, x0[l], s[c][l], p.target, xt[l], tg[l]);
-        store_4<DT>(p.x_t, o_xt + c * p.x_t.stride[1] + hw0, xt);
-        store_4<DT>(p.out, o_out + c * p.out.stride[1] + hw0, tg);
-      }
-    }
-  }
-}
-
 // KA: the most squeeze axes (0 or 2); CK: the channel count compiled in (0: p.channels); DT: the dtype of
 // x0, x_t and out compiled in (io_dtype), -1: switched at run time.
 template <int KA, int CK, int DT>
@@ -193,14 +93,7 @@ __global__ void __launch_bounds__(lines_bound_threads(CK), lines_min_blocks(CK))
   // read by all after the last barrier
   const int jc = C >= kLinesSlices ? q : lane;
   if ((C >= kLinesSlices ? lane == 0 : lane < kLinesSlices) && jc < kLinesSlices && s0 + jc < S) {
-    const SampleCoef c = sample_coef<KA>(p, slice_of32(s0 + jc, p.frames).b);
-    float* m = misc + jc * (4 + 2);
-    m[0] = c.a;
-    m[1] = c.bc;
-    m[2] = c.valid ? 1.f : 0.f;
-    m[3] = c.sc.g;
-#pragma unroll
-    for (int i = 0; i < KA; ++i) m[4 + i] = c.sc.f_minus_g[i];
+    pack_coef<KA>(sample_coef<KA>(p, slice_of32(s0 + jc, p.frames).b), misc + jc * kPackedCoefFloats);
   }
 
   // 1. white noise: lane l draws row l (8 quads of 4 consecutive pixels) of both real planes
@@ -279,58 +172,44 @@ __global__ void __launch_bounds__(lines_bound_threads(CK), lines_min_blocks(CK))
     buf[lane * Lp + w] = make_float2(fmaf(a[w].x, g_re, o_re), fmaf(a[w].y, g_im, o_im));
   __syncthreads();  // every plane of both slices is finished, and misc written
 
-  // 5. epilogue: the block's threads over each slice's 256 pixel quads, every channel
-  if constexpr (CK > 0) {
-#pragma unroll 1  // one copy of the quad loop (epilogue_slice)
-    for (int j = 0; j < kLinesSlices; ++j) {
-      if (s0 + j >= S) break;
-      epilogue_slice<KA, CK, DT>(p, planes, misc + j * (4 + 2), slice_of32(s0 + j, p.frames), j, T);
-    }
-  } else {  // C at run time: add_noise_quad
-#pragma unroll 1  // one copy of the quad loop, as above
-    for (int j = 0; j < kLinesSlices; ++j) {
-      if (s0 + j >= S) break;
-      const Slice sl = slice_of32(s0 + j, p.frames);
-      const float* m = misc + j * (4 + 2);
-      SampleCoef coef;
-      coef.a = m[0];
-      coef.bc = m[1];
-      coef.valid = m[2] != 0.f;
-      coef.sc.g = m[3];
+  // 5. epilogue: the block's threads over each slice's 256 pixel quads, every channel. Channel c of slice
+  // j is real plane j C + c: part (j C + c) & 1 of warp (j C + c) / 2's plane. One copy of the quad loop
+  // (j at run time): the performance model counts a rolled loop's iterations per source line, so two
+  // copies, one per slice, would each be charged both slices' iterations.
+  auto at_of = [](int hw0) { return (hw0 >> 5) * Lp + (hw0 & (L - 1)); };
+#pragma unroll 1
+  for (int j = 0; j < kLinesSlices; ++j) {
+    if (s0 + j >= S) break;
+    const Slice sl = slice_of32(s0 + j, p.frames);
+    const SampleCoef coef = unpack_coef<KA>(misc + j * kPackedCoefFloats);
+    if constexpr (CK > 0) {
+      const float* zc[CK];  // channel c's part of its plane (float index 2 (pixel) + part)
 #pragma unroll
-      for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = m[4 + i];
+      for (int c = 0; c < CK; ++c) {
+        const int r = j * CK + c;
+        zc[c] = reinterpret_cast<const float*>(planes + (r >> 1) * (L * Lp)) + (r & 1);
+      }
+      epilogue_quads<KA, CK, DT>(p, coef, sl, (int)threadIdx.x, HW / 4, T, [&](int hw0, float (&v)[CK][4]) {
+        const int at = at_of(hw0);
+#pragma unroll
+        for (int c = 0; c < CK; ++c)
+#pragma unroll
+          for (int l = 0; l < 4; ++l) v[c][l] = zc[c][2 * (at + l)];
+      });
+    } else {  // C at run time: add_noise_quad
 #pragma unroll 1  // 2 - 3 quads per thread (counted per iteration by the performance model)
       for (int qi = (int)threadIdx.x; qi < HW / 4; qi += T) {
-        const int hw0 = qi * 4, at = (hw0 >> 5) * Lp + (hw0 & (L - 1));
+        const int hw0 = qi * 4, at = at_of(hw0);
         QuadPos qp;
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
           qp.h[l] = hw0 >> 5;
           qp.w[l] = (hw0 & (L - 1)) + l;
         }
-        // channel c is real plane j C + c: part (j C + c) & 1 of warp (j C + c) / 2's plane; the read of a
-        // plane's first part keeps its second (the same float2), so each plane is read once per pass
-        float other[4];
-        int other_r = -1;
-        add_noise_quad<(CK > 0 ? CK : 1), KA, true, false, CK, DT>(
+        PairedQuadReader rd;
+        add_noise_quad<1, KA, true, false, CK, DT>(
             p, coef, sl, hw0, 4, qp,
-            [&](int c, float out[4]) {
-              const int r = j * C + c;
-              if (r == other_r) {
-#pragma unroll
-                for (int l = 0; l < 4; ++l) out[l] = other[l];
-                other_r = -1;
-                return;
-              }
-              const float2* z = planes + (r >> 1) * (L * Lp) + at;
-#pragma unroll
-              for (int l = 0; l < 4; ++l) {
-                const float2 v = z[l];
-                out[l] = (r & 1) ? v.y : v.x;
-                other[l] = v.y;
-              }
-              other_r = (r & 1) ? -1 : r + 1;
-            },
+            [&](int c, float out[4]) { rd.read(j * C + c, [&](int r) { return planes + (r >> 1) * (L * Lp) + at; }, out); },
             [](int, float*) {});
       }
     }

@@ -223,7 +223,7 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, int 
 
 // The kernel's misc shared floats: a draw's DC terms, means and scales ((re, im) each; block_sum2's fin
 // writes them, every thread reads them after its barrier), then the sample's epilogue coefficients
-// (thread 0's sample_coef: x0 scale, noise scale, valid, g, then KA f_minus_g).
+// (thread 0's sample_coef, pack_coef's layout).
 enum : int { kMiscDc = 0, kMiscMean = 2, kMiscScale = 4, kMiscCoef = 8 };
 
 // The slice's launch: block q of the cluster of slice s = blockIdx.x / P owns complex plane q
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  static_assert(kMiscCoef + 4 + KA <= kPow2MiscFloats, "misc holds the sample's coefficients");
+  static_assert(kMiscCoef + kPackedCoefFloats <= kPow2MiscFloats, "misc holds the sample's coefficients");
   float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // kMisc*
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
@@ -396,15 +396,7 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
     // the epilogue's coefficients (x0 scale, noise scale, S(t): k exponentials), once per block by
     // thread 0 (every thread computing them: ~3% of the 4 x 64 x 64 kernel's instructions); read by all
     // after the barrier below
-    if (t == 0) {
-      const SampleCoef c = sample_coef<KA>(p, sl.b);
-      misc[kMiscCoef] = c.a;
-      misc[kMiscCoef + 1] = c.bc;
-      misc[kMiscCoef + 2] = c.valid ? 1.f : 0.f;
-      misc[kMiscCoef + 3] = c.sc.g;
-#pragma unroll
-      for (int i = 0; i < KA; ++i) misc[kMiscCoef + 4 + i] = c.sc.f_minus_g[i];
-    }
+    if (t == 0) pack_coef<KA>(sample_coef<KA>(p, sl.b), misc + kMiscCoef);
   }
   if (P > 1) cluster_barrier(); else __syncthreads();  // every plane of the slice is finished
   // 4. epilogue: block q's share of the slice's quads (pixels for the step), every channel
@@ -424,13 +416,7 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
       });
     }
   } else {
-    SampleCoef coef;  // thread 0's (above)
-    coef.a = misc[kMiscCoef];
-    coef.bc = misc[kMiscCoef + 1];
-    coef.valid = misc[kMiscCoef + 2] != 0.f;
-    coef.sc.g = misc[kMiscCoef + 3];
-#pragma unroll
-    for (int i = 0; i < KA; ++i) coef.sc.f_minus_g[i] = misc[kMiscCoef + 4 + i];
+    const SampleCoef coef = unpack_coef<KA>(misc + kMiscCoef);  // thread 0's (above)
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;
@@ -440,28 +426,9 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
         qp.h[l] = h;
         qp.w[l] = w + l;
       }
-      // The epilogue asks for the channels in order: an even channel's read keeps its odd partner
-      // (the same float2), so a plane is read once per pass over the channels, not twice.
-      float odd[4];
-      int odd_c = -1;
+      PairedQuadReader rd;  // the channels come in order: a plane is read once per pass
       add_noise_quad<(CK > 0 ? CK : 1), KA, kVec, kPert, CK, DT>(
-          p, coef, sl, hw0, 4, qp,
-          [&](int c, float out[4]) {
-            if (c == odd_c) {
-#pragma unroll
-              for (int l = 0; l < 4; ++l) out[l] = odd[l];
-              odd_c = -1;
-              return;
-            }
-            const float2* z = plane_of(c) + at;
-#pragma unroll
-            for (int l = 0; l < 4; ++l) {
-              const float2 v = z[l];
-              out[l] = (c & 1) ? v.y : v.x;
-              odd[l] = v.y;
-            }
-            odd_c = (c & 1) ? -1 : c + 1;
-          },
+          p, coef, sl, hw0, 4, qp, [&](int c, float out[4]) { rd.read(c, [&](int r) { return plane_of(r) + at; }, out); },
           [&](int c, float out[4]) {
             const float2* z = plane_of(c) + plane + at;  // acc[1]: the perturbation's set
 #pragma unroll

@@ -13,7 +13,7 @@ constexpr int kLinesSide = 32;            // H = W = 32: a line is one thread's,
 constexpr int kLinesPitch = kLinesSide + 1;  // float2 per buffer row: odd, so rows and columns are conflict-free
 constexpr int kLinesMaxChannels = 8;      // a block is C warps (two slices' 2 C real planes as C complex ones)
 constexpr int kLinesSlices = 2;           // slices per block
-constexpr int kLinesMiscFloats = 2 * (4 + 2);  // per slice: x0 scale, noise scale, valid, g, f - g (k <= 2)
+constexpr int kLinesMiscFloats = kLinesSlices * kPackedCoefFloats;  // per slice: its coefficients (pack_coef)
 
 // The register budget (__launch_bounds__): C = 3 compiled in, 5 blocks of 3 warps per SM (up to 136
 // registers); otherwise up to 8 warps per block and 2 blocks per SM (128 registers).
