@@ -33,10 +33,23 @@ def emu():
     return torch.ops.anisodiff_emu
 
 
-@pytest.fixture(params=ORDERS)
-def order(request, monkeypatch, emu):
-    monkeypatch.setenv("EMU_ORDER", request.param)
-    return request.param
+def order_fixture(path=None):
+    """An `order` fixture: every test that takes it runs once per thread order (EMU_ORDER), with the
+    planner forced onto `path` (ANISODIFF_CUDA_PATH; the small test grids would not pick most kernels)
+    and the cluster size left to the planner."""
+
+    @pytest.fixture(params=ORDERS)
+    def order(request, monkeypatch, emu):
+        monkeypatch.setenv("EMU_ORDER", request.param)
+        if path is not None:
+            monkeypatch.setenv("ANISODIFF_CUDA_PATH", path)
+        monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
+        return request.param
+
+    return order
+
+
+order = order_fixture()
 
 
 def kernel_common(spec, shape, schedule, t):

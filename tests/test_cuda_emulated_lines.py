@@ -16,17 +16,13 @@ import torch
 import anisodiff as ad
 from conftest import requires_compiled
 from test_cpu_kernel import make_spec
-from test_cuda_emulated import ORDERS, STREAM, check_pair, emu, kernel_common  # noqa: F401
+from test_cuda_emulated import order_fixture, STREAM, check_pair, emu, kernel_common  # noqa: F401
 
 pytestmark = requires_compiled
 LINES = "fused_spectral_lines32"
 
 
-@pytest.fixture(params=ORDERS)
-def order(request, monkeypatch, emu):  # noqa: F811
-    monkeypatch.setenv("EMU_ORDER", request.param)
-    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_lines32")  # small test grids: the planner would not
-    return request.param
+order = order_fixture("fused_lines32")
 
 
 def ran_lines(emu):  # noqa: F811

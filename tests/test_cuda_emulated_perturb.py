@@ -20,7 +20,7 @@ from anisodiff import reference as R
 from conftest import random_axes, requires_compiled
 from test_cpu_kernel import close
 from test_cpu_kernel import make_spec as cpu_make_spec
-from test_cuda_emulated import DTYPE_NAMES, ORDERS, STREAM, check_pair, emu, kernel_common, layout  # noqa: F401
+from test_cuda_emulated import DTYPE_NAMES, order_fixture, STREAM, check_pair, emu, kernel_common, layout  # noqa: F401
 
 pytestmark = requires_compiled
 
@@ -30,10 +30,7 @@ TS = [999, 3, 500]
 TARGETS = ["epsilon", "v", "x0", "flow"]
 
 
-@pytest.fixture(params=ORDERS)
-def order(request, monkeypatch, emu):  # noqa: F811
-    monkeypatch.setenv("EMU_ORDER", request.param)
-    return request.param
+order = order_fixture()
 
 
 def make_spec(kind, C, k=1, normalize="calibrated"):

@@ -17,18 +17,13 @@ import torch
 import anisodiff as ad
 from conftest import random_axes, requires_compiled
 from test_cpu_kernel import make_spec
-from test_cuda_emulated import ORDERS, STREAM, check_dc_bin, check_pair, emu, kernel_common, layout  # noqa: F401
+from test_cuda_emulated import order_fixture, STREAM, check_dc_bin, check_pair, emu, kernel_common, layout  # noqa: F401
 
 pytestmark = requires_compiled
 POW2 = "fused_spectral_pow2"
 
 
-@pytest.fixture(params=ORDERS)
-def order(request, monkeypatch, emu):  # noqa: F811
-    monkeypatch.setenv("EMU_ORDER", request.param)
-    monkeypatch.setenv("ANISODIFF_CUDA_PATH", "fused_pow2")  # small test grids: the planner would not
-    monkeypatch.delenv("ANISODIFF_CUDA_CLUSTER", raising=False)
-    return request.param
+order = order_fixture("fused_pow2")
 
 
 def plan_of(emu, shape, spec, k=None, **kw):  # noqa: F811
