@@ -1224,6 +1224,51 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
             "predicted_pct_copy_call": round(100 * copy_t / call_t, 1)}
 
 
+def fft_min_instructions_per_elem(H: int, W: int) -> float:
+    """A lower bound on the instructions of the spectral filter per output element on CUDA cores: the
+    split-radix flop count of an n-point complex FFT (4 n log2 n - 6 n + 8) for the forward and the
+    inverse 2-D transform (2 row + 2 column passes per complex point), a complex point holding 2
+    channels, every instruction an FMA (2 flops) - looser than any real FFT."""
+    def per_point(n):
+        return (4 * n * math.log2(n) - 6 * n + 8) / n if n > 1 else 0.0
+    return (2 * per_point(W) + 2 * per_point(H)) / 2 / 2
+
+
+def spectral_reach(case: dict, squeeze_twin: dict | None) -> dict:
+    """Whether any kernel could meet the spectral goal in this case, by the model's own formulas: the
+    launch gap's cap; the issue budget (SASS per element at which one launch on all SMs at full issue
+    efficiency, the most generous, takes copy time / goal); what the noise and the epilogue alone cost
+    (the squeeze-only kernel of the same case: Philox, Box-Muller, S(t), the mix; no FFT), and what is
+    left of the budget for the FFT against fft_min_instructions_per_elem. PREDICTED, like the rest."""
+    cu = case["cuda"]
+    goal = GOALS["spectral_pct_copy"] / 100
+    elems = case["B"] * case["C"] * case["H"] * case["W"]
+    copy_t = 3 * elems * DTYPE_BYTES[case["dtype"]] / (MACHINE["dram_peak_Bps"] * MACHINE["copy_efficiency"])
+    gap = MACHINE["launch_gap_us"] * 1e-6
+    issue_t = copy_t / goal - gap
+    budget = issue_t * SM90["sms"] * SM90["schedulers"] * SM90["clock_ghz"] * 1e9 * 32 / elems if issue_t > 0 else 0.0
+    spent = sum(L.get("sass_per_output_element", 0) for L in cu.get("launches", []))
+    floor = (squeeze_twin["cuda"]["launches"][0].get("sass_per_output_element")
+             if squeeze_twin and squeeze_twin.get("cuda", {}).get("launches") else None)
+    fft_min = fft_min_instructions_per_elem(case["H"], case["W"])
+    out = {"budget_sass_per_elem": round(budget, 1), "kernel_sass_per_elem": round(spent, 1),
+           "noise_epilogue_sass_per_elem": floor, "fft_min_sass_per_elem": round(fft_min, 1)}
+    if (cu.get("predicted_pct_copy_gpu") or 0) >= GOALS["spectral_pct_copy"]:
+        out["reach"], out["why"] = "met", "the kernel meets it"
+    elif cu.get("predicted_pct_copy_cap", 100) < GOALS["spectral_pct_copy"]:
+        out["reach"], out["why"] = "launch gap", (f"a copy of the same bytes gets {cu.get('predicted_pct_copy_cap')}% at "
+                                                   "most: the launch gap alone rules it out")
+    elif floor is not None and budget - floor < fft_min:
+        out["reach"] = "no room on CUDA cores"
+        out["why"] = (f"the noise and the epilogue ({floor:g}) leave {budget - floor:.1f} of the {budget:.1f} SASS per "
+                      f"element for the FFT, less than its {fft_min:.1f} flop bound")
+    else:
+        out["reach"] = "open"
+        out["why"] = (f"{budget:.1f} SASS per element at most ({budget - (floor or 0):.1f} beside the noise and the "
+                      f"epilogue); the kernel spends {spent:g}")
+    return out
+
+
 def goal_verdicts(cases: list[dict]) -> list[dict]:
     out = []
 
@@ -1244,10 +1289,26 @@ def goal_verdicts(cases: list[dict]) -> list[dict]:
             min(cs, key=lambda c: c["cuda"]["predicted_pct_copy_gpu"] or 0)))
     sp = [c for c in cu if c["kind"] == "squeeze+spectral" and (c["C"], c["H"], c["W"]) in GOALS["spectral_shapes"]
           and c["B"] >= GOALS["spectral_min_batch"]]
+    twins = {(c["B"], c["C"], c["H"], c["W"], c["dtype"]): c for c in cu if c["kind"] == "squeeze"}
+    for c in sp:
+        c["cuda"]["spectral_reach"] = spectral_reach(c, twins.get((c["B"], c["C"], c["H"], c["W"], c["dtype"])))
     capped = [c for c in sp if c["cuda"].get("predicted_pct_copy_cap", 100) < GOALS["spectral_pct_copy"]]
+    no_room = [c for c in sp if c["cuda"]["spectral_reach"]["reach"] == "no room on CUDA cores"]
+    opened = [c for c in sp if c["cuda"]["spectral_reach"]["reach"] == "open"]
     cap_note = (f"{len(capped)} of {len(sp)} cases cannot reach it at any kernel speed: the launch gap "
                 f"({MACHINE['launch_gap_us']:g} us) alone caps them below {GOALS['spectral_pct_copy']:g}% ("
                 + ", ".join(f"{cid(c)}: {c['cuda']['predicted_pct_copy_cap']}%" for c in capped) + ")") if capped else None
+    if no_room:
+        cap_note = ((cap_note + "; ") if cap_note else "") + (
+            f"{len(no_room)} more cannot on CUDA cores: beside the noise and the epilogue (the squeeze-only kernel's "
+            "count) the issue budget leaves less than the FFT's split-radix flop bound (budget - floor < bound: " + ", ".join(
+                f"{cid(c)}: {c['cuda']['spectral_reach']['budget_sass_per_elem']:g} - "
+                f"{c['cuda']['spectral_reach']['noise_epilogue_sass_per_elem']:g} < "
+                f"{c['cuda']['spectral_reach']['fft_min_sass_per_elem']:g}" for c in no_room) + ")")
+    if opened:
+        cap_note = ((cap_note + "; ") if cap_note else "") + "open (the budget leaves room): " + ", ".join(
+            f"{cid(c)} (<= {c['cuda']['spectral_reach']['budget_sass_per_elem']:g} SASS per element, the kernel "
+            f"{c['cuda']['spectral_reach']['kernel_sass_per_elem']:g})" for c in opened)
     for key, what in (("predicted_pct_copy_gpu", "GPU time"), ("predicted_pct_copy_call", "per eager call"),
                       ("predicted_pct_copy_kernel", "kernel time, the launch gap excluded")):
         add(f"squeeze + spectral >= {GOALS['spectral_pct_copy']:g}% of copy bandwidth (3x32x32, 4x64x64, B >= 64, "
@@ -1397,6 +1458,19 @@ def markdown(report: dict) -> str:
     for g in report["goals"]:
         lines.append(f"* {g['goal']}: {g['verdict']} ({g['met']} of {g['cases']}; worst: {g['worst']})"
                      + (f". {g['note']}" if g.get("note") else ""))
+    reach = [c for c in report["cases"] if c.get("cuda", {}).get("spectral_reach")]
+    if reach:
+        lines += ["", "PREDICTED reach of the spectral goal per goal case (`spectral_reach`: the SASS per element at "
+                  "which one launch on all SMs at full issue efficiency meets it; the squeeze-only kernel's count "
+                  "as the noise + epilogue floor; the split-radix flop bound of the FFT, all FMAs):", "",
+                  "| B | C x H x W | dtype | % copy (GPU) | cap | budget SASS / elem | kernel | noise + epilogue | "
+                  "FFT bound | reach |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in reach:
+            r = c["cuda"]["spectral_reach"]
+            lines.append(f"| {c['B']} | {c['C']}x{c['H']}x{c['W']} | {c['dtype']} | {c['cuda'].get('predicted_pct_copy_gpu')} | "
+                         f"{c['cuda'].get('predicted_pct_copy_cap')} | {r['budget_sass_per_elem']:g} | "
+                         f"{r['kernel_sass_per_elem']:g} | {r['noise_epilogue_sass_per_elem']} | "
+                         f"{r['fft_min_sass_per_elem']:g} | {r['reach']} |")
     return "\n".join(lines)
 
 

@@ -488,3 +488,46 @@ def test_trace_runs_the_cases_kernel_on_a_batch_that_fills_its_blocks(kernel, fo
     key, f = pm.trace_key(case, {"launches": [{"kernel": kernel}]})
     assert f == force and (f is None or key.endswith("|" + f))
     assert pm.trace_batch(f) == batch
+
+
+def test_fft_min_instructions_is_the_split_radix_flop_bound():
+    """4 n log2 n - 6 n + 8 flops per n-point complex FFT, 4 passes per complex point (2 channels), 2 flops
+    per instruction: 14.25 per element at 32 x 32, 18.125 at 64 x 64."""
+    assert pm.fft_min_instructions_per_elem(32, 32) == pytest.approx(14.25)
+    assert pm.fft_min_instructions_per_elem(64, 64) == pytest.approx(18.125)
+    assert pm.fft_min_instructions_per_elem(64, 32) == pytest.approx((14.25 + 18.125) / 2)
+
+
+def test_spectral_reach_budget_is_what_meets_the_goal_and_classifies_the_cases():
+    """The budget is the SASS per element at which one launch on all SMs at full issue efficiency takes
+    exactly copy time / 60% (launch_time, inverted); the verdicts: met, capped by the launch gap, no
+    room beside the noise + epilogue floor (the squeeze-only twin) for the FFT's flop bound, open."""
+    B, C, H, W = 1024, 4, 64, 64
+    elems = B * C * H * W
+    case = {"kind": "squeeze+spectral", "B": B, "C": C, "H": H, "W": W, "dtype": "bf16",
+            "cuda": {"launches": [{"sass_per_output_element": 137.0}], "path": "fused", "predicted_pct_copy_gpu": 32.0,
+                     "predicted_pct_copy_cap": 94.0}}
+    twin = {"cuda": {"launches": [{"sass_per_output_element": 49.5}]}}
+    r = pm.spectral_reach(case, twin)
+    occ = {"blocks_per_sm": 2, "warps_per_block": 16}
+    t = pm.launch_time(grid=2 * pm.SM90["sms"], threads=512, occ=occ, bytes_dram=0.0, bytes_read=0.0,
+                       warp_instr=r["budget_sass_per_elem"] * elems / 32, mufu=0.0, fp64=0.0, wavefronts=0.0,
+                       inflight_per_warp=0.0)
+    copy_t = 3 * elems * 2 / (pm.MACHINE["dram_peak_Bps"] * pm.MACHINE["copy_efficiency"])
+    assert copy_t / t["seconds"] == pytest.approx(0.60, abs=0.002)
+    assert r["reach"] == "open" and r["fft_min_sass_per_elem"] == pytest.approx(18.1)
+    # the same case with a noise + epilogue floor that leaves less than the FFT's bound
+    heavy = {"cuda": {"launches": [{"sass_per_output_element": r["budget_sass_per_elem"] - 10}]}}
+    assert pm.spectral_reach(case, heavy)["reach"] == "no room on CUDA cores"
+    capped = dict(case, cuda=dict(case["cuda"], predicted_pct_copy_cap=50.0))
+    assert pm.spectral_reach(capped, twin)["reach"] == "launch gap"
+    met = dict(case, cuda=dict(case["cuda"], predicted_pct_copy_gpu=61.0))
+    assert pm.spectral_reach(met, twin)["reach"] == "met"
+    # goal_verdicts attaches it to every goal case and names the no-room and the open ones in its note
+    sq = {"kind": "squeeze", "B": B, "C": C, "H": H, "W": W, "dtype": "bf16", "ideal_bytes_per_tensor": 0,
+          "cuda": {"launches": [{"kernel": "k", "grid": 1, "block": 32, "sass_per_output_element": 49.5}],
+                   "path": "elementwise", "predicted_pct_copy_gpu": 90.0}}
+    goals = pm.goal_verdicts([dict(case, cuda=dict(case["cuda"], launches=[{"kernel": "k", "grid": 264, "block": 512,
+                                                                           "sass_per_output_element": 137.0}])), sq])
+    gpu = next(g for g in goals if "spectral" in g["goal"] and "GPU time" in g["goal"])
+    assert "open" in gpu["note"] and "B=1024 4x64x64 bf16" in gpu["note"]
