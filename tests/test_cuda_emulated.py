@@ -35,8 +35,9 @@ def emu():
 
 def order_fixture(path=None):
     """An `order` fixture: every test that takes it runs once per thread order (EMU_ORDER), with the
-    planner forced onto `path` (ANISODIFF_CUDA_PATH; the small test grids would not pick most kernels)
-    and the cluster size left to the planner."""
+    planner forced onto `path` if one is given (ANISODIFF_CUDA_PATH; the small test grids would not pick
+    most kernels) and the cluster size always left to the planner (ANISODIFF_CUDA_CLUSTER unset, which
+    only the pow2 suite's fixture did before: the others now run hermetic too)."""
 
     @pytest.fixture(params=ORDERS)
     def order(request, monkeypatch, emu):
