@@ -1055,6 +1055,35 @@ def loops_counted(sass: dict, line_of: dict, executed: dict | None, trace: dict 
     return True
 
 
+# The noise generation of every kernel: the Philox rounds, Box-Muller and their float helpers (whole files
+# in csrc/include, these functions in csrc/cuda/common.cuh). Its SASS per element is a floor for any kernel
+# that draws the same stream (spectral_reach).
+NOISE_FILES = ("csrc/include/anisodiff/philox.h", "csrc/include/anisodiff/fastmath.h")
+NOISE_FUNCTIONS = ("philox_words", "rsqrt_approx", "box_muller_sfu", "cuda_randn4")
+
+
+def noise_source_lines(root: Path = REPO) -> set:
+    """'file:line' keys (the per-line counts' keys) of the noise generation's source lines."""
+    keys = set()
+    for f in NOISE_FILES:
+        n = len((root / f).read_text().splitlines())
+        keys |= {f"{f}:{i}" for i in range(1, n + 1)}
+    rel = "csrc/cuda/common.cuh"
+    lines = (root / rel).read_text().splitlines()
+    sig = re.compile(r"__device__.*\b(" + "|".join(NOISE_FUNCTIONS) + r")\(")
+    i = 0
+    while i < len(lines):
+        if sig.search(lines[i]):
+            j = i
+            if not lines[i].rstrip().endswith("}"):  # a one-line definition ends on its own line
+                while j + 1 < len(lines) and lines[j] != "}":
+                    j += 1
+            keys |= {f"{rel}:{k + 1}" for k in range(i, j + 1)}
+            i = j
+        i += 1
+    return keys
+
+
 def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -> dict:
     B, C, H, W, dt = case["B"], case["C"], case["H"], case["W"], case["dtype"]
     elems = B * C * H * W
@@ -1148,6 +1177,8 @@ def model_cuda_case(case: dict, plan: dict, kernels: dict, trace: dict | None) -
                                          chain_of, inner, calls=sass) if ml else cls
             info["hot_source_lines"] = [{"line": k, "sass_per_item": round(v, 1)}
                                         for k, v in sorted(by_line.items(), key=lambda kv: -kv[1])[:10]]
+            noise = noise_source_lines()
+            info["noise_sass_per_output_element"] = round(sum(v for k, v in by_line.items() if k in noise) / (4 * C), 2)
             body = bcls["total"]
             warp_instr = items / 32 * body
             mufu = items / 32 * bcls.get("mufu", 0)
@@ -1225,47 +1256,59 @@ def model_triton_case(case: dict, comp: dict | None) -> dict | None:
 
 
 def fft_min_instructions_per_elem(H: int, W: int) -> float:
-    """A lower bound on the instructions of the spectral filter per output element on CUDA cores: the
-    split-radix flop count of an n-point complex FFT (4 n log2 n - 6 n + 8) for the forward and the
-    inverse 2-D transform (2 row + 2 column passes per complex point), a complex point holding 2
-    channels, every instruction an FMA (2 flops) - looser than any real FFT."""
+    """The row-column split-radix count of the spectral filter per output element, as instructions: the
+    flops of an n-point complex FFT (4 n log2 n - 6 n + 8) for the forward and the inverse 2-D transform
+    (2 row + 2 column passes per complex point), a complex point holding 2 channels, every instruction an
+    FMA (2 flops). A yardstick, not a strict bound: the modified split radix needs a few percent fewer
+    flops, and a tensor-core DFT is not counted in CUDA-core instructions at all."""
     def per_point(n):
         return (4 * n * math.log2(n) - 6 * n + 8) / n if n > 1 else 0.0
     return (2 * per_point(W) + 2 * per_point(H)) / 2 / 2
 
 
 def spectral_reach(case: dict, squeeze_twin: dict | None) -> dict:
-    """Whether any kernel could meet the spectral goal in this case, by the model's own formulas: the
-    launch gap's cap; the issue budget (SASS per element at which one launch on all SMs at full issue
-    efficiency, the most generous, takes copy time / goal); what the noise and the epilogue alone cost
-    (the squeeze-only kernel of the same case: Philox, Box-Muller, S(t), the mix; no FFT), and what is
-    left of the budget for the FFT against fft_min_instructions_per_elem. PREDICTED, like the rest."""
+    """Whether any kernel could meet the spectral goal in this case, by the model's own formulas (docs/cuda.md,
+    "Reach of the spectral goal"). PREDICTED, like the rest:
+    * cap: what a copy of the same bytes gets in one launch (copy time / (copy time + gap)); below the goal,
+      no kernel meets it ("launch gap", and there is no budget);
+    * budget: the SASS per element at which one launch on all SMs at full issue efficiency, issue-bound
+      with no wave tail, takes exactly copy time / goal (launch_time inverted);
+    * noise floor: the noise generation's SASS per element (Philox, Box-Muller) in the squeeze-only kernel
+      of the same case - any kernel draws the same stream; with the FFT's row-column split-radix count
+      beside it over the budget: "no room on CUDA cores";
+    * otherwise "open"; the squeeze-only kernel's whole count (noise + epilogue + its loop) is reported
+      beside it as what an epilogue has cost so far."""
     cu = case["cuda"]
     goal = GOALS["spectral_pct_copy"] / 100
     elems = case["B"] * case["C"] * case["H"] * case["W"]
     copy_t = 3 * elems * DTYPE_BYTES[case["dtype"]] / (MACHINE["dram_peak_Bps"] * MACHINE["copy_efficiency"])
     gap = MACHINE["launch_gap_us"] * 1e-6
+    cap = copy_t / (copy_t + gap)
     issue_t = copy_t / goal - gap
-    budget = issue_t * SM90["sms"] * SM90["schedulers"] * SM90["clock_ghz"] * 1e9 * 32 / elems if issue_t > 0 else 0.0
+    budget = (issue_t * SM90["sms"] * SM90["schedulers"] * SM90["clock_ghz"] * 1e9 * 32 / elems
+              if cap >= goal else None)
     spent = sum(L.get("sass_per_output_element", 0) for L in cu.get("launches", []))
-    floor = (squeeze_twin["cuda"]["launches"][0].get("sass_per_output_element")
-             if squeeze_twin and squeeze_twin.get("cuda", {}).get("launches") else None)
+    tw = (squeeze_twin or {}).get("cuda", {}).get("launches") or [{}]
+    noise, elementwise = tw[0].get("noise_sass_per_output_element"), tw[0].get("sass_per_output_element")
     fft_min = fft_min_instructions_per_elem(case["H"], case["W"])
-    out = {"budget_sass_per_elem": round(budget, 1), "kernel_sass_per_elem": round(spent, 1),
-           "noise_epilogue_sass_per_elem": floor, "fft_min_sass_per_elem": round(fft_min, 1)}
+    out = {"one_launch_cap_pct": round(100 * cap, 1),
+           "budget_sass_per_elem": round(budget, 1) if budget is not None else None,
+           "kernel_sass_per_elem": round(spent, 1), "noise_sass_per_elem": noise,
+           "elementwise_sass_per_elem": elementwise, "fft_min_sass_per_elem": round(fft_min, 2)}
     if (cu.get("predicted_pct_copy_gpu") or 0) >= GOALS["spectral_pct_copy"]:
         out["reach"], out["why"] = "met", "the kernel meets it"
-    elif cu.get("predicted_pct_copy_cap", 100) < GOALS["spectral_pct_copy"]:
-        out["reach"], out["why"] = "launch gap", (f"a copy of the same bytes gets {cu.get('predicted_pct_copy_cap')}% at "
-                                                   "most: the launch gap alone rules it out")
-    elif floor is not None and budget - floor < fft_min:
+    elif budget is None:
+        out["reach"] = "launch gap"
+        out["why"] = f"a copy of the same bytes in one launch gets {100 * cap:.1f}%: no kernel can"
+    elif budget - (noise or 0) < fft_min:
         out["reach"] = "no room on CUDA cores"
-        out["why"] = (f"the noise and the epilogue ({floor:g}) leave {budget - floor:.1f} of the {budget:.1f} SASS per "
-                      f"element for the FFT, less than its {fft_min:.1f} flop bound")
+        out["why"] = (f"the noise generation ({noise or 0:g}) leaves {budget - (noise or 0):.1f} of the {budget:.1f} SASS "
+                      f"per element, less than the FFT's {fft_min:.2f} (row-column split radix, all FMAs)")
     else:
         out["reach"] = "open"
-        out["why"] = (f"{budget:.1f} SASS per element at most ({budget - (floor or 0):.1f} beside the noise and the "
-                      f"epilogue); the kernel spends {spent:g}")
+        out["why"] = (f"<= {budget:.1f} SASS per element ({budget - (noise or 0):.1f} beside the noise generation"
+                      + (f", {budget - elementwise:.1f} beside the squeeze-only kernel's {elementwise:g}" if elementwise else "")
+                      + f"); the kernel spends {spent:g}")
     return out
 
 
@@ -1300,15 +1343,12 @@ def goal_verdicts(cases: list[dict]) -> list[dict]:
                 + ", ".join(f"{cid(c)}: {c['cuda']['predicted_pct_copy_cap']}%" for c in capped) + ")") if capped else None
     if no_room:
         cap_note = ((cap_note + "; ") if cap_note else "") + (
-            f"{len(no_room)} more cannot on CUDA cores: beside the noise and the epilogue (the squeeze-only kernel's "
-            "count) the issue budget leaves less than the FFT's split-radix flop bound (budget - floor < bound: " + ", ".join(
-                f"{cid(c)}: {c['cuda']['spectral_reach']['budget_sass_per_elem']:g} - "
-                f"{c['cuda']['spectral_reach']['noise_epilogue_sass_per_elem']:g} < "
-                f"{c['cuda']['spectral_reach']['fft_min_sass_per_elem']:g}" for c in no_room) + ")")
+            f"{len(no_room)} more cannot on CUDA cores: beside the noise generation the issue budget leaves less "
+            "than the FFT's row-column split-radix count (" + ", ".join(
+                f"{cid(c)}: {c['cuda']['spectral_reach']['why']}" for c in no_room) + ")")
     if opened:
         cap_note = ((cap_note + "; ") if cap_note else "") + "open (the budget leaves room): " + ", ".join(
-            f"{cid(c)} (<= {c['cuda']['spectral_reach']['budget_sass_per_elem']:g} SASS per element, the kernel "
-            f"{c['cuda']['spectral_reach']['kernel_sass_per_elem']:g})" for c in opened)
+            f"{cid(c)} ({c['cuda']['spectral_reach']['why']})" for c in opened)
     for key, what in (("predicted_pct_copy_gpu", "GPU time"), ("predicted_pct_copy_call", "per eager call"),
                       ("predicted_pct_copy_kernel", "kernel time, the launch gap excluded")):
         add(f"squeeze + spectral >= {GOALS['spectral_pct_copy']:g}% of copy bandwidth (3x32x32, 4x64x64, B >= 64, "
@@ -1460,16 +1500,20 @@ def markdown(report: dict) -> str:
                      + (f". {g['note']}" if g.get("note") else ""))
     reach = [c for c in report["cases"] if c.get("cuda", {}).get("spectral_reach")]
     if reach:
-        lines += ["", "PREDICTED reach of the spectral goal per goal case (`spectral_reach`: the SASS per element at "
-                  "which one launch on all SMs at full issue efficiency meets it; the squeeze-only kernel's count "
-                  "as the noise + epilogue floor; the split-radix flop bound of the FFT, all FMAs):", "",
-                  "| B | C x H x W | dtype | % copy (GPU) | cap | budget SASS / elem | kernel | noise + epilogue | "
-                  "FFT bound | reach |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "PREDICTED reach of the spectral goal per goal case (`spectral_reach`, docs/cuda.md: the one-launch "
+                  "cap; the SASS per element at which one launch on all SMs at full issue efficiency meets it; the "
+                  "noise generation and the whole squeeze-only kernel of the same case; the FFT's row-column "
+                  "split-radix count, all FMAs):", "",
+                  "| B | C x H x W | dtype | % copy (GPU) | one-launch cap | budget SASS / elem | kernel | noise | "
+                  "squeeze-only kernel | FFT count | reach |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in reach:
             r = c["cuda"]["spectral_reach"]
+
+            def f(v):
+                return "-" if v is None else f"{v:g}"
             lines.append(f"| {c['B']} | {c['C']}x{c['H']}x{c['W']} | {c['dtype']} | {c['cuda'].get('predicted_pct_copy_gpu')} | "
-                         f"{c['cuda'].get('predicted_pct_copy_cap')} | {r['budget_sass_per_elem']:g} | "
-                         f"{r['kernel_sass_per_elem']:g} | {r['noise_epilogue_sass_per_elem']} | "
+                         f"{r['one_launch_cap_pct']:g} | {f(r['budget_sass_per_elem'])} | {f(r['kernel_sass_per_elem'])} | "
+                         f"{f(r['noise_sass_per_elem'])} | {f(r['elementwise_sass_per_elem'])} | "
                          f"{r['fft_min_sass_per_elem']:g} | {r['reach']} |")
     return "\n".join(lines)
 

@@ -490,7 +490,7 @@ def test_trace_runs_the_cases_kernel_on_a_batch_that_fills_its_blocks(kernel, fo
     assert pm.trace_batch(f) == batch
 
 
-def test_fft_min_instructions_is_the_split_radix_flop_bound():
+def test_fft_min_instructions_is_the_row_column_split_radix_count():
     """4 n log2 n - 6 n + 8 flops per n-point complex FFT, 4 passes per complex point (2 channels), 2 flops
     per instruction: 14.25 per element at 32 x 32, 18.125 at 64 x 64."""
     assert pm.fft_min_instructions_per_elem(32, 32) == pytest.approx(14.25)
@@ -498,36 +498,84 @@ def test_fft_min_instructions_is_the_split_radix_flop_bound():
     assert pm.fft_min_instructions_per_elem(64, 32) == pytest.approx((14.25 + 18.125) / 2)
 
 
+def test_noise_source_lines_are_the_philox_and_box_muller_code():
+    """The noise floor's lines: philox.h and fastmath.h whole, and exactly the bodies of the noise functions
+    in common.cuh (their signatures through their closing braces), nothing of the epilogue."""
+    keys = pm.noise_source_lines()
+    common = (pm.REPO / "csrc" / "cuda" / "common.cuh").read_text().splitlines()
+    mine = [int(k.rsplit(":", 1)[1]) for k in keys if k.startswith("csrc/cuda/common.cuh:")]
+    text = "\n".join(common[i - 1] for i in sorted(mine))
+    for fn in pm.NOISE_FUNCTIONS:
+        assert f" {fn}(" in text
+    assert "add_noise_quad" not in text and "stream_index" not in text and "load4" not in text
+    assert "kPhiloxRoundA" in text and "__sincosf" in text
+    n = len((pm.REPO / "csrc/include/anisodiff/philox.h").read_text().splitlines())
+    assert f"csrc/include/anisodiff/philox.h:{n}" in keys
+
+
+def reach_case(B, C, H, W, dtype, pct_gpu, sass):
+    return {"kind": "squeeze+spectral", "B": B, "C": C, "H": H, "W": W, "dtype": dtype,
+            "cuda": {"launches": [{"kernel": "k", "grid": 264, "block": 512, "sass_per_output_element": sass}],
+                     "path": "fused", "predicted_pct_copy_gpu": pct_gpu, "predicted_pct_copy_cap": 94.0}}
+
+
+def twin_of(noise, total):
+    return {"cuda": {"launches": [{"sass_per_output_element": total, "noise_sass_per_output_element": noise}]}}
+
+
 def test_spectral_reach_budget_is_what_meets_the_goal_and_classifies_the_cases():
     """The budget is the SASS per element at which one launch on all SMs at full issue efficiency takes
-    exactly copy time / 60% (launch_time, inverted); the verdicts: met, capped by the launch gap, no
-    room beside the noise + epilogue floor (the squeeze-only twin) for the FFT's flop bound, open."""
+    exactly copy time / 60% with the DRAM time of the ideal bytes beside it (launch_time, inverted); the
+    verdicts: met; launch gap (one-launch cap below 60%: no budget at all); no room beside the noise
+    generation for the FFT's count; open."""
     B, C, H, W = 1024, 4, 64, 64
     elems = B * C * H * W
-    case = {"kind": "squeeze+spectral", "B": B, "C": C, "H": H, "W": W, "dtype": "bf16",
-            "cuda": {"launches": [{"sass_per_output_element": 137.0}], "path": "fused", "predicted_pct_copy_gpu": 32.0,
-                     "predicted_pct_copy_cap": 94.0}}
-    twin = {"cuda": {"launches": [{"sass_per_output_element": 49.5}]}}
-    r = pm.spectral_reach(case, twin)
-    occ = {"blocks_per_sm": 2, "warps_per_block": 16}
-    t = pm.launch_time(grid=2 * pm.SM90["sms"], threads=512, occ=occ, bytes_dram=0.0, bytes_read=0.0,
-                       warp_instr=r["budget_sass_per_elem"] * elems / 32, mufu=0.0, fp64=0.0, wavefronts=0.0,
-                       inflight_per_warp=0.0)
+    case = reach_case(B, C, H, W, "bf16", 32.0, 137.0)
+    r = pm.spectral_reach(case, twin_of(20.0, 49.5))
     copy_t = 3 * elems * 2 / (pm.MACHINE["dram_peak_Bps"] * pm.MACHINE["copy_efficiency"])
-    assert copy_t / t["seconds"] == pytest.approx(0.60, abs=0.002)
-    assert r["reach"] == "open" and r["fft_min_sass_per_elem"] == pytest.approx(18.1)
-    # the same case with a noise + epilogue floor that leaves less than the FFT's bound
-    heavy = {"cuda": {"launches": [{"sass_per_output_element": r["budget_sass_per_elem"] - 10}]}}
+    occ = {"blocks_per_sm": 2, "warps_per_block": 16}
+    t = pm.launch_time(grid=2 * pm.SM90["sms"], threads=512, occ=occ, bytes_dram=3 * elems * 2, bytes_read=elems * 2,
+                       warp_instr=r["budget_sass_per_elem"] * elems / 32, mufu=0.0, fp64=0.0, wavefronts=0.0,
+                       inflight_per_warp=1e6)
+    assert t["bound"] == "issue" and copy_t / t["seconds"] == pytest.approx(0.60, abs=0.002)
+    assert r["reach"] == "open" and r["fft_min_sass_per_elem"] == pytest.approx(18.12, abs=0.01)
+    assert r["one_launch_cap_pct"] == pytest.approx(100 * copy_t / (copy_t + 1.5e-6), abs=0.05)
+    assert "beside the noise generation" in r["why"] and "squeeze-only kernel's 49.5" in r["why"]
+    # a noise floor that leaves less than the FFT's count: no room
+    heavy = twin_of(r["budget_sass_per_elem"] - 10, 100.0)
     assert pm.spectral_reach(case, heavy)["reach"] == "no room on CUDA cores"
-    capped = dict(case, cuda=dict(case["cuda"], predicted_pct_copy_cap=50.0))
-    assert pm.spectral_reach(capped, twin)["reach"] == "launch gap"
-    met = dict(case, cuda=dict(case["cuda"], predicted_pct_copy_gpu=61.0))
-    assert pm.spectral_reach(met, twin)["reach"] == "met"
-    # goal_verdicts attaches it to every goal case and names the no-room and the open ones in its note
+    # no twin: the FFT's count alone is checked against the budget (not skipped)
+    tiny = reach_case(64, 3, 32, 32, "fp32", 10.0, 600.0)
+    small = dict(tiny, B=700)
+    rs = pm.spectral_reach(small, None)
+    assert rs["noise_sass_per_elem"] is None and rs["reach"] in ("open", "no room on CUDA cores")
+    # the one-launch cap decides, whatever the plan's cap says: B=64 3x32x32 fp32 has no budget
+    rt = pm.spectral_reach(tiny, twin_of(20.0, 49.0))
+    assert rt["reach"] == "launch gap" and rt["budget_sass_per_elem"] is None and rt["one_launch_cap_pct"] < 30
+    met = reach_case(B, C, H, W, "bf16", 61.0, 137.0)
+    assert pm.spectral_reach(met, twin_of(20.0, 49.5))["reach"] == "met"
+    # a capped case that would also have no room is "launch gap" (checked first)
+    assert pm.spectral_reach(tiny, twin_of(1e9, 1e9))["reach"] == "launch gap"
+
+
+def test_goal_verdicts_attach_the_reach_and_name_the_open_cases():
+    """goal_verdicts puts spectral_reach on every spectral goal case (its squeeze-only twin by B, shape and
+    dtype) and names the no-room and the open ones in the goal's note; the markdown gets the reach table
+    with '-' for a missing figure."""
+    B, C, H, W = 1024, 4, 64, 64
     sq = {"kind": "squeeze", "B": B, "C": C, "H": H, "W": W, "dtype": "bf16", "ideal_bytes_per_tensor": 0,
-          "cuda": {"launches": [{"kernel": "k", "grid": 1, "block": 32, "sass_per_output_element": 49.5}],
+          "cuda": {"launches": [{"kernel": "k", "grid": 1, "block": 32, "sass_per_output_element": 49.5,
+                                 "noise_sass_per_output_element": 21.0}],
                    "path": "elementwise", "predicted_pct_copy_gpu": 90.0}}
-    goals = pm.goal_verdicts([dict(case, cuda=dict(case["cuda"], launches=[{"kernel": "k", "grid": 264, "block": 512,
-                                                                           "sass_per_output_element": 137.0}])), sq])
+    sp = reach_case(B, C, H, W, "bf16", 32.0, 137.0)
+    capped = reach_case(64, 3, 32, 32, "bf16", 5.0, 625.0)
+    goals = pm.goal_verdicts([sp, capped, sq])
     gpu = next(g for g in goals if "spectral" in g["goal"] and "GPU time" in g["goal"])
     assert "open" in gpu["note"] and "B=1024 4x64x64 bf16" in gpu["note"]
+    assert sp["cuda"]["spectral_reach"]["noise_sass_per_elem"] == 21.0
+    assert capped["cuda"]["spectral_reach"]["noise_sass_per_elem"] is None  # no twin in the grid
+    report = {"source": {"commit": "abc"}, "hardware": {"machine": {"name": "H200"}}, "cases": [sp, capped, sq],
+              "goals": goals}
+    md = pm.markdown(report)
+    row = next(l for l in md.splitlines() if l.startswith("| 64 | 3x32x32 | bf16 |"))
+    assert "launch gap" in row and "| - |" in row and "None" not in md.split("reach of the spectral goal")[1]
