@@ -116,6 +116,22 @@ const char* pow2_kernel_name(const NoiseProblem& p, bool vec, const Pow2Geom& g)
   return names.text[a][step ? 1 : 0][v ? 1 : 0][pert ? 1 : 0][fixed][ck ? 2 + io_dtype(p) : 0];
 }
 
+const char* slabs_kernel_name(const NoiseProblem& p) {
+  struct Names {
+    char text[2][3][64];  // [KA 0/2][C at run time; C = 4 with fp32, bf16] (launch_fused_slabs128)
+    Names() {
+      static const char* tail[3] = {",CK=0", ",CK=4,dtype=fp32", ",CK=4,dtype=bf16"};
+      for (int a = 0; a < 2; ++a)
+        for (int ck = 0; ck < 3; ++ck)
+          snprintf(text[a][ck], sizeof text[a][ck], "fused_spectral_slabs128<KA=%d%s>", 2 * a, tail[ck]);
+    }
+  };
+  static const Names names;
+  const int dt = io_dtype(p);
+  const int ck = p.channels != 4 ? 0 : (dt == (int)DType::kFloat32 ? 1 : (dt == (int)DType::kBFloat16 ? 2 : 0));
+  return names.text[p.k == 0 ? 0 : 1][ck];
+}
+
 bool force_lines32() {
   const char* env = getenv("ANISODIFF_CUDA_PATH");
   return env != nullptr && strcmp(env, "fused_lines32") == 0;
@@ -306,6 +322,19 @@ LaunchPlan plan_launch(const NoiseProblem& p, int device) {
     plan.rows_per_block = (int)H;
     return plan;
   };
+  SlabGeom sg;
+  if (!force_two_pass() && !force_general_fused() && !force_pow2() && !force_lines32() &&
+      fused_cluster_forced(H, W) == 0 && slab_geometry(p, vec_ok(p, false), sg) && sg.smem <= plan.smem_limit) {
+    plan.path = Path::kFused;
+    plan.slabs128 = true;
+    plan.smem_bytes = sg.smem;
+    plan.kernel = slabs_kernel_name(p);
+    plan.grid = (unsigned)(S * sg.P * kSlabQ);
+    plan.block = kSlabThreads;
+    plan.cluster = sg.P * kSlabQ;
+    plan.rows_per_block = kSlabRows;
+    return plan;
+  }
   LinesGeom lg;
   const bool lines = !force_two_pass() && !force_general_fused() && !force_pow2() && fused_cluster_forced(H, W) == 0 &&
                      lines_geometry(p, vec_ok(p, false), lg) && lg.smem <= plan.smem_limit;
@@ -391,6 +420,11 @@ cudaError_t launch(const NoiseProblem& p, const LaunchPlan& plan, void* workspac
     case Path::kElementwise:
       return launch_elementwise(p, nullptr, vec_ok(p, true), sm_count(device), stream);
     case Path::kFused:
+      if (plan.slabs128) {
+        SlabGeom sg;
+        if (!slab_geometry(p, vec_ok(p, false), sg)) return cudaErrorInvalidValue;
+        return launch_fused_slabs128(p, sg, plan.smem_limit, stream);
+      }
       if (plan.lines32) {
         LinesGeom lg;
         if (!lines_geometry(p, vec_ok(p, false), lg)) return cudaErrorInvalidValue;

@@ -59,6 +59,8 @@ struct LaunchPlan {
   bool pow2 = false;
   // Fused path: the whole-line 32 x 32 kernel (block = C warps for two slices, no cluster).
   bool lines32 = false;
+  // Fused path: the 128 x 128 slab kernel (cluster = 2 planes x 4 slabs of 32 rows).
+  bool slabs128 = false;
 };
 
 // Chooses the path for `p` on `device` (the current device). The environment variable

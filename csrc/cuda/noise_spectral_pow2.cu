@@ -439,6 +439,201 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
   if (P > 1) cluster_barrier();  // no block leaves while a peer may still read its shared memory
 }
 
+// ---------------------------------------------------------------------------------------------
+// fused_spectral_slabs128: 128 x 128 planes (SDXL latents, C <= 4) for the hot path (one draw from the
+// stream, no perturbation, vectorised I/O). A complex plane (channels 2 pl, 2 pl + 1) is too big for
+// this kernel's 8 values per thread in one block, so it is split over kSlabQ = 4 blocks of a cluster of
+// P x 4 (rank pl * 4 + q: rows 32 q .. 32 q + 31 of plane pl), each with the power-of-two stages above
+// on 512 threads:
+//   1. white noise of the row slab ([32][129] float2)
+//   2. 128-point row FFTs on it; cluster barrier; the column slab ([128][33]: columns 32 q ..) gathered
+//      from the plane's 4 row slabs through DSMEM; column FFTs, weights (DC bin zeroed), inverse columns;
+//      cluster barrier; the row slab gathered back from the 4 column slabs; inverse rows in registers
+//   3. the DC term and the per-plane statistics as cluster sums (slab_sum2: a fixed order, so every
+//      block of the plane gets the same bits); (v + DC) scale gain into the row slab
+//   4. cluster barrier; the epilogue of the slab's quads, shared by the P blocks of this q, every channel
+//      read through DSMEM (PairedQuadReader), then a last cluster barrier.
+// The general cluster kernel (noise_spectral.cu) keeps everything else at this size.
+// ---------------------------------------------------------------------------------------------
+// The plane's sums (re, im) over its kSlabQ blocks: each block's in slot k of part, read by all after a
+// cluster barrier in rank order (deterministic, the same in every block).
+template <class Fin>
+__device__ __forceinline__ void slab_sum2(float a, float b, double* red, double* part, int k, int pl, Fin fin) {
+  block_sum2(a, b, red, kSlabThreads >> 5, [&](double x, double y) {
+    part[2 * k] = x;
+    part[2 * k + 1] = y;
+  });
+  cluster_barrier();
+  double x = 0.0, y = 0.0;
+#pragma unroll
+  for (int o = 0; o < kSlabQ; ++o) {
+    const double* pp = cluster_peer(part, (unsigned)(pl * kSlabQ + o));
+    x += pp[2 * k];
+    y += pp[2 * k + 1];
+  }
+  fin(x, y);
+}
+
+template <int KA, int CK, int DT>
+__global__ void __launch_bounds__(kSlabThreads, 2) fused_spectral_slabs128(const NoiseProblem p, const SlabGeom g) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int H = kSlabSide, W = kSlabSide, HW = H * W, T = kSlabThreads;
+  const int P = CK > 0 ? (CK + 1) / 2 : g.P, Q = kSlabQ;
+  const int t = threadIdx.x;
+  const int64_t slice = blockIdx.x / (P * Q);
+  const int rank = (int)(blockIdx.x - slice * (P * Q)), pl = rank / Q, q = rank - pl * Q;
+  const Slice sl = slice_of32(slice, p.frames);
+  const int C = CK > 0 ? CK : (int)p.channels, c0 = 2 * pl;
+  const bool has_im = c0 + 1 < C;
+  float2* const rowb = reinterpret_cast<float2*>(smem);  // [32][129]: rows 32 q .. of plane pl
+  float2* const colb = reinterpret_cast<float2*>(smem + g.off_col);  // [128][33]: columns 32 q ..
+  double* const red = reinterpret_cast<double*>(smem + g.off_red);
+  double* const part = reinterpret_cast<double*>(smem + g.off_part);
+  float* const misc = reinterpret_cast<float*>(smem + g.off_misc);
+  const Stream st = read_stream(p);
+  const bool spectral = p.weights != nullptr;
+  const Pow2Lines rows{7, 5, kSlabRowPitch, 1};  // 32 lines of 128 along w
+  const Pow2Lines cols{7, 5, 1, kSlabColPitch};  // 32 lines of 128 along h
+  const float inv = 1.0f / (float)HW;
+  const double inv_hw = 1.0 / (double)HW;
+  float2 v[8];
+  int last_r, last_ns;
+  last_stage(7, last_r, last_ns);
+  auto pos = [&](int i) {
+    if (spectral) return row_output_pos(rows, last_r, last_ns, t, T, i);
+    const int px = t + i * T;
+    return (px >> 7) * kSlabRowPitch + (px & (W - 1));
+  };
+  // 1. white noise of the slab: quad u of thread t is slab row (t + u T) % 32, columns 4 ((t + u T) / 32) ..
+  float e_re = 0.f, e_im = 0.f;
+#pragma unroll 1
+  for (int u = 0; u < 2; ++u) {
+    const int qi = t + u * T, hl = qi & (kSlabRows - 1), w0 = (qi >> 5) << 2;
+    float re[4], im[4] = {0.f, 0.f, 0.f, 0.f};
+    const int64_t i0 = stream_index(p, sl, c0, (int64_t)(q * kSlabRows + hl) * W + w0);
+    cuda_randn4(st.seed, st.offset + (uint64_t)(i0 >> 2), 0u, re);
+    if (has_im) cuda_randn4(st.seed, st.offset + (uint64_t)((i0 + (int64_t)p.frames * HW) >> 2), 0u, im);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      rowb[hl * kSlabRowPitch + w0 + l] = make_float2(re[l], im[l]);
+      e_re += re[l];
+      e_im += im[l];
+    }
+  }
+  __syncthreads();
+  float dc_re = 0.f, dc_im = 0.f;
+  if (spectral) {
+    const float dc = __ldg(p.weights);
+    if (dc != 0.f)
+      slab_sum2(e_re, e_im, red, part, 0, pl, [&](double a, double b) {
+        dc_re = (float)(dc * (a * inv_hw));
+        dc_im = (float)(dc * (b * inv_hw));
+      });
+    auto none = [](float2(&)[8], int, int) {};
+    fft_lines_pow2<true>(rowb, rows, 1.f, t, T, false, v, none);
+    cluster_barrier();  // every slab's rows are transformed
+    // the column slab: rows h of every block's row slab, columns 32 q ..
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int idx = t + i * T, h = idx >> 5, wl = idx & (kSlabRows - 1);
+      const float2* from = cluster_peer(rowb, (unsigned)(pl * Q + (h >> 5)));
+      colb[h * kSlabColPitch + wl] = from[(h & (kSlabRows - 1)) * kSlabRowPitch + q * kSlabRows + wl];
+    }
+    __syncthreads();
+    fft_lines_pow2<true>(colb, cols, 1.f, t, T, false, v, [&](float2 (&a)[8], int R, int ns) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // column line wl, element h
+        int wl, h;
+        if (R == 8) stage_output<8>(cols, ns, t, T, i, wl, h);
+        else if (R == 4) stage_output<4>(cols, ns, t, T, i, wl, h);
+        else stage_output<2>(cols, ns, t, T, i, wl, h);
+        const int w = q * kSlabRows + wl;
+        if ((w | h) == 0) {
+          a[i] = make_float2(0.f, 0.f);
+        } else {
+          const float wv = __ldg(p.weights + h * W + w) * inv;
+          a[i] = make_float2(a[i].x * wv, a[i].y * wv);
+        }
+      }
+    });
+    fft_lines_pow2<true>(colb, cols, -1.f, t, T, false, v, none);
+    cluster_barrier();  // every column slab is transformed back, and no peer reads a row slab any more
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int idx = t + i * T, hl = idx >> 7, w = idx & (W - 1);
+      const float2* from = cluster_peer(colb, (unsigned)(pl * Q + (w >> 5)));
+      rowb[hl * kSlabRowPitch + w] = from[(q * kSlabRows + hl) * kSlabColPitch + (w & (kSlabRows - 1))];
+    }
+    __syncthreads();
+    fft_lines_pow2<true>(rowb, rows, -1.f, t, T, true, v, none);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = rowb[pos(i)];
+  }
+  float sc_re = 1.f, sc_im = 1.f;
+  if (p.per_sample_norm) {
+    float s_re = 0.f, s_im = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      s_re += v[i].x;
+      s_im += v[i].y;
+    }
+    float mr = 0.f, mi = 0.f;
+    slab_sum2(s_re, s_im, red, part, 1, pl, [&](double a, double b) {
+      mr = (float)(a * inv_hw);
+      mi = (float)(b * inv_hw);
+    });
+    float q_re = 0.f, q_im = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float a = v[i].x - mr, b = v[i].y - mi;
+      q_re = fmaf(a, a, q_re);
+      q_im = fmaf(b, b, q_im);
+    }
+    slab_sum2(q_re, q_im, red, part, 2, pl, [&](double a, double b) {
+      sc_re = (float)(1.0 / (sqrt(a * inv_hw) + 1e-8));
+      sc_im = (float)(1.0 / (sqrt(b * inv_hw) + 1e-8));
+    });
+  }
+  const float gamma = p.gammas[0];
+  // (the inverse rows' last stage synchronised after its reads of rowb; each thread writes its own positions)
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    rowb[pos(i)] = make_float2(((v[i].x + dc_re) * sc_re) * gamma, ((v[i].y + dc_im) * sc_im) * gamma);
+  if (t == 0) pack_coef<KA>(sample_coef<KA>(p, sl.b), misc + kMiscCoef);
+  cluster_barrier();  // every slab of every plane is finished
+  // epilogue: the slab's quads (rows 32 q ..), shared among the P blocks of this q, every channel
+  const SampleCoef coef = unpack_coef<KA>(misc + kMiscCoef);
+  const int nq = kSlabRows * W / 4, per = (nq + P - 1) / P, end = (pl + 1) * per < nq ? (pl + 1) * per : nq;
+  for (int qi = pl * per + t; qi < end; qi += T) {
+    const int hw0l = qi * 4, hl = hw0l >> 7, w = hw0l & (W - 1), at = hl * kSlabRowPitch + w;
+    const int hw0 = (q * kSlabRows + hl) * W + w;
+    QuadPos qp;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      qp.h[l] = q * kSlabRows + hl;
+      qp.w[l] = w + l;
+    }
+    PairedQuadReader rd;
+    add_noise_quad<(CK > 0 ? CK : 1), KA, true, false, CK, DT>(
+        p, coef, sl, hw0, 4, qp,
+        [&](int c, float out[4]) {
+          rd.read(c, [&](int r) { return cluster_peer(rowb, (unsigned)((r >> 1) * Q + q)) + at; }, out);
+        },
+        [](int, float*) {});
+  }
+  cluster_barrier();  // no block leaves while a peer may still read its shared memory
+}
+
+template <int KA, int CK, int DT>
+cudaError_t launch_slabs_kernel(const NoiseProblem& p, const SlabGeom& g, size_t smem_cap, cudaStream_t stream) {
+  auto kernel = fused_spectral_slabs128<KA, CK, DT>;
+  const cudaError_t err = allow_smem(kernel, g.smem, smem_cap);
+  if (err != cudaSuccess) return err;
+  const unsigned cl = (unsigned)(g.P * kSlabQ);
+  return launch_clusters(kernel, (unsigned)(p.batch * p.frames) * cl, (unsigned)kSlabThreads, g.smem, cl, stream, p, g);
+}
+
 template <int KA, bool kStep, bool kVec, bool kPert, int LH = 0, int LW = 0, int CK = 0, int DT = -1>
 cudaError_t launch_pow2_kernel(const NoiseProblem& p, const Pow2Geom& g, size_t smem_cap, cudaStream_t stream) {
   auto kernel = fused_spectral_pow2<KA, kStep, kVec, kPert, LH, LW, CK, DT>;
@@ -476,6 +671,19 @@ cudaError_t launch_pow2_hot(const NoiseProblem& p, const Pow2Geom& g, size_t sme
 }
 
 }  // namespace
+
+cudaError_t launch_fused_slabs128(const NoiseProblem& p, const SlabGeom& g, size_t smem_cap, cudaStream_t stream) {
+  if (p.channels == 4) {
+    switch (io_dtype(p)) {
+      case (int)DType::kFloat32: return p.k == 0 ? launch_slabs_kernel<0, 4, 0>(p, g, smem_cap, stream)
+                                                 : launch_slabs_kernel<2, 4, 0>(p, g, smem_cap, stream);
+      case (int)DType::kBFloat16: return p.k == 0 ? launch_slabs_kernel<0, 4, 2>(p, g, smem_cap, stream)
+                                                  : launch_slabs_kernel<2, 4, 2>(p, g, smem_cap, stream);
+      default: break;
+    }
+  }
+  return p.k == 0 ? launch_slabs_kernel<0, 0, -1>(p, g, smem_cap, stream) : launch_slabs_kernel<2, 0, -1>(p, g, smem_cap, stream);
+}
 
 cudaError_t launch_fused_pow2(const NoiseProblem& p, const Pow2Geom& g, bool vec, size_t smem_cap,
                               cudaStream_t stream) {

@@ -82,6 +82,38 @@ inline bool pow2_geometry(const NoiseProblem& p, Pow2Geom& g) {
   return true;
 }
 
+// 128 x 128 planes as 32-row slabs of a cluster (fused_spectral_slabs128, noise_spectral_pow2.cu).
+constexpr int kSlabQ = 4, kSlabRows = 32, kSlabSide = 128;
+constexpr int kSlabRowPitch = kSlabSide + 1, kSlabColPitch = kSlabRows + 1;
+constexpr int kSlabThreads = kSlabRows * kSlabSide / 8;  // 512: 8 complex values each
+
+struct SlabGeom {
+  int P = 0;  // complex planes per slice
+  size_t off_col = 0, off_red = 0, off_part = 0, off_misc = 0, smem = 0;
+};
+
+// Whether the slab kernel runs p: 128 x 128 planes, C <= 4 (a cluster of 2 planes x 4 slabs), k <= 2, one
+// draw from the canonical stream (no caller noise, no perturbation), add_noise / shaped_noise with
+// vectorised I/O; its geometry in g.
+inline bool slab_geometry(const NoiseProblem& p, bool vec, SlabGeom& g) {
+  if (p.height != kSlabSide || p.width != kSlabSide || p.channels < 1 || p.channels > 4 || p.k > 2) return false;
+  if (p.step_params != nullptr || perturbed(p) || p.draws != 1 || p.noise[0].data != nullptr || !vec) return false;
+  g.P = (int)(p.channels + 1) / 2;
+  if (p.batch * p.frames * g.P * kSlabQ > (int64_t)INT_MAX) return false;
+  size_t o = align_up((size_t)8 * kSlabRows * kSlabRowPitch, 16);
+  g.off_col = o;
+  o = align_up(o + (size_t)8 * kSlabSide * kSlabColPitch, 16);
+  g.off_red = o;
+  o = align_up(o + 16 * 32, 16);
+  g.off_part = o;
+  o = align_up(o + 8 * 6, 16);  // the block's partial sums: DC, mean, square (re, im)
+  g.off_misc = o;
+  g.smem = align_up(o + kPow2MiscFloats * 4, 16);
+  return true;
+}
+
+cudaError_t launch_fused_slabs128(const NoiseProblem& p, const SlabGeom& g, size_t smem_cap, cudaStream_t stream);
+
 cudaError_t launch_fused_pow2(const NoiseProblem& p, const Pow2Geom& g, bool vec, size_t smem_cap,
                               cudaStream_t stream);
 
