@@ -12,8 +12,10 @@
 //                it). 32 x 32 planes of the hot path (C <= 8, one draw, no perturbation) take
 //                fused_spectral_lines32 first (noise_spectral_lines.cu: a warp per complex plane, whole
 //                lines in registers) when the batch gives >= 8 of its warps per SM
-//                (ANISODIFF_CUDA_PATH=fused_lines32 forces it); the others the general kernel below (ANISODIFF_CUDA_PATH=fused_general or
-//                ANISODIFF_CUDA_CLUSTER forces it):
+//                (ANISODIFF_CUDA_PATH=fused_lines32 forces it). 128 x 128 planes of the hot path (C <= 4)
+//                take fused_spectral_slabs128 (noise_spectral_pow2.cu: four 32-row slabs of a cluster per
+//                complex plane, DSMEM gathers to column slabs and back). The others the general kernel
+//                below (ANISODIFF_CUDA_PATH=fused_general or ANISODIFF_CUDA_CLUSTER forces it):
 //                memory: one cluster of R <= 8 blocks per sample (a slab of H / R rows each), 2-D FFTs
 //                with transposes through distributed shared memory, then the per-pixel epilogue.
 //   two_pass     the planes do not fit: one CTA per (sample, channel pair) filters through a global
