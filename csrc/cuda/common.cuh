@@ -306,17 +306,24 @@ __device__ __forceinline__ void load4_as(const TensorArg& t, int64_t off, float 
 template <DType DT>
 __device__ __forceinline__ void store4_as(const TensorArg& t, int64_t off, const float v[4]);
 
+// 4 consecutive elements of t at element offset off: the dtype compiled in (DT >= 0) or switched.
+template <int DT>
+__device__ __forceinline__ void load4_dt(const TensorArg& t, int64_t off, float v[4]) {
+  if constexpr (DT >= 0) load4_as<(DType)DT>(t, off, v);
+  else load4(t, off, v);
+}
+template <int DT>
+__device__ __forceinline__ void store4_dt(const TensorArg& t, int64_t off, const float v[4]) {
+  if constexpr (DT >= 0) store4_as<(DType)DT>(t, off, v);
+  else store4(t, off, v);
+}
+
 // DT >= 0: the tensor's dtype (a DType) known at compile time (load4_as), -1: switched at run time.
 template <bool kVec, int DT = -1>
 __device__ __forceinline__ void load_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                           const QuadPos& pos, float out[4]) {
   if (kVec) {
-    const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
-    if constexpr (DT >= 0) {
-      load4_as<(DType)DT>(t, base, out);
-    } else {
-      load4(t, base, out);
-    }
+    load4_dt<DT>(t, t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0, out);
   } else {
 #pragma unroll
     for (int l = 0; l < 4; ++l) out[l] = l < n ? load_elem(t, elem_at(t, sl, c, pos.h[l], pos.w[l])) : 0.f;
@@ -327,12 +334,7 @@ template <bool kVec, int DT = -1>
 __device__ __forceinline__ void store_quad(const TensorArg& t, const Slice& sl, int64_t c, int64_t hw0, int n,
                                            const QuadPos& pos, const float v[4]) {
   if (kVec) {
-    const int64_t base = t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0;
-    if constexpr (DT >= 0) {
-      store4_as<(DType)DT>(t, base, v);
-    } else {
-      store4(t, base, v);
-    }
+    store4_dt<DT>(t, t.slice_offset(sl.b, sl.f) + c * t.stride[1] + hw0, v);
   } else {
 #pragma unroll
     for (int l = 0; l < 4; ++l)
@@ -397,18 +399,6 @@ __device__ __forceinline__ void store4(const TensorArg& t, int64_t off, const fl
   if (t.dtype == DType::kFloat32) store4_as<DType::kFloat32>(t, off, v);
   else if (t.dtype == DType::kFloat16) store4_as<DType::kFloat16>(t, off, v);
   else store4_as<DType::kBFloat16>(t, off, v);
-}
-
-// 4 consecutive elements of t at element offset off: the dtype compiled in (DT >= 0) or switched.
-template <int DT>
-__device__ __forceinline__ void load4_dt(const TensorArg& t, int64_t off, float v[4]) {
-  if constexpr (DT >= 0) load4_as<(DType)DT>(t, off, v);
-  else load4(t, off, v);
-}
-template <int DT>
-__device__ __forceinline__ void store4_dt(const TensorArg& t, int64_t off, const float v[4]) {
-  if constexpr (DT >= 0) store4_as<(DType)DT>(t, off, v);
-  else store4(t, off, v);
 }
 
 // The one dtype of the tensors a kernel reads and writes (x0, x_t, out; the absent ones do not count),
