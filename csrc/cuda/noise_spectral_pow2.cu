@@ -84,6 +84,9 @@ struct Pow2Lines {
   int lcount;    // log2 of the number of lines
   int lstride;   // buffer offset between neighbouring lines
   int estride;   // buffer offset between neighbouring elements of a line
+  // stage_output's last-stage shortcut (the same positions, fewer instructions per recomputation; the
+  // slab kernel and the run-time-C variants, tuned without it, spilled 4 - 12 B with it at 64 registers)
+  bool last_direct = false;
 };
 
 // Radix of each stage of a line of 2^ln: 8s first, then one 4 or 2 (as fft_factorize).
@@ -96,7 +99,9 @@ template <int R>
 __device__ __forceinline__ void stage_output(const Pow2Lines& L, int ns, int t, int T, int i, int& line, int& elem) {
   const int idx = t + (i / R) * T, j = idx >> L.lcount, k = j & (ns - 1);
   line = idx & ((1 << L.lcount) - 1);
-  elem = (j - k) * R + k + (i % R) * ns;
+  // In the last stage (ns R = n) j < ns, so k = j: the same element from one add (ptxas recomputes
+  // these positions instead of keeping them in registers, so their cost repeats per value)
+  elem = L.last_direct && ns * R == (1 << L.ln) ? j + (i % R) * ns : (j - k) * R + k + (i % R) * ns;
 }
 
 // One radix-R Stockham stage (span ns) over every line of the plane in buf, in place: each thread reads
@@ -260,15 +265,19 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
   const bool spectral = p.weights != nullptr;
-  const Pow2Lines rows{lw, lh, Wp, 1};
-  const Pow2Lines cols{lh, lw, 1, Wp};
+  const Pow2Lines rows{lw, lh, Wp, 1, CK > 0};
+  const Pow2Lines cols{lh, lw, 1, Wp, CK > 0};
   const float inv = 1.0f / (float)HW;
   const double inv_hw = 1.0 / (double)HW;  // x * inv_hw == x / HW exactly: HW is a power of two
   float2 v[8];
   int last_r, last_ns;  // the last row stage: where the thread's values of v sit in the plane
   last_stage(lw, last_r, last_ns);
-  auto pos = [&](int i) {  // (recomputed where used: hoisted, the 8 positions spilled)
-    const int tt = opaque<kPin>(t);
+  // tt: t through opaque, once per loop over i (hoisted out of the draw loop, the 8 positions spilled;
+  // per i, each position was computed from scratch: ~4 SASS per element at 4 x 64 x 64). From one tt
+  // the positions of a radix-8 stage are one base plus immediate offsets.
+  // (The variants with a run-time C still recompute per i: with one base they spilled 4 B.)
+  auto pos = [&](int tt, int i) {
+    if constexpr (CK == 0) tt = opaque<kPin>(tt);
     if (spectral) return row_output_pos(rows, last_r, last_ns, tt, T, i);
     const int px = tt + i * T;
     return (px >> lw) * Wp + (px & (W - 1));
@@ -328,13 +337,12 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
             if (R == 8) stage_output<8>(cols, ns, t, T, i, w, h);
             else if (R == 4) stage_output<4>(cols, ns, t, T, i, w, h);
             else stage_output<2>(cols, ns, t, T, i, w, h);
-            if ((w | h) == 0) {
-              a[i] = make_float2(0.f, 0.f);  // the DC bin: w(0) mean(e) is added after the inverse
-            } else {
-              const float wv = __ldg(wd + (h << lw) + w) * inv;
-              a[i] = make_float2(a[i].x * wv, a[i].y * wv);
-            }
+            const float wv = __ldg(wd + (h << lw) + w) * inv;
+            a[i] = make_float2(a[i].x * wv, a[i].y * wv);
           }
+          // the DC bin (w(0) mean(e) is added after the inverse): output 0 of thread 0, as (t, i) ->
+          // (line, element) is one-to-one and (0, 0) goes to (0, 0); one test instead of one per value
+          if (t == 0) a[0] = make_float2(0.f, 0.f);
         });
         fft_lines_pow2<kPin>(buf, cols, -1.f, t, T, false, v, none, fuse);
         fft_lines_pow2<kPin>(buf, rows, -1.f, t, T, true, v, none);
@@ -343,8 +351,9 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
           dc_im = misc[kMiscDc + 1];
         }
       } else {
+        const int tt = CK == 0 ? t : opaque<kPin>(t);  // (pos applies it per i for CK == 0)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = buf[pos(i)];
+        for (int i = 0; i < 8; ++i) v[i] = buf[pos(tt, i)];
       }
       // 3. per-plane normalisation: 1 / (std + 1e-8) of the plane without its DC term (a constant; a
       // huge one would cost the statistics their float32 accuracy), then (v + DC) * gain, as the CPU's
@@ -377,16 +386,19 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
         sc_im = misc[kMiscScale + 1];
       }
       const float gamma = p.gammas[d];
+      const int tt = CK == 0 ? t : opaque<kPin>(t);  // (pos applies it per i for CK == 0)
       if (!g.acc) {
+        // one product per value: the gain folded into the scale (exactly (v + DC) gamma without the
+        // per-sample normalisation, whose scale is 1; within an ulp of ((v + DC) scale) gamma with it)
+        const float g_re = sc_re * gamma, g_im = sc_im * gamma;
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          buf[pos(i)] = make_float2(((v[i].x + dc_re) * sc_re) * gamma, ((v[i].y + dc_im) * sc_im) * gamma);
+        for (int i = 0; i < 8; ++i) buf[pos(tt, i)] = make_float2((v[i].x + dc_re) * g_re, (v[i].y + dc_im) * g_im);
       } else {
         float2* as = acc + s * plane;  // only this thread's positions: no barrier between draws
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const float2 x = make_float2((v[i].x + dc_re) * sc_re, (v[i].y + dc_im) * sc_im);
-          float2& y = as[pos(i)];
+          float2& y = as[pos(tt, i)];
           y = d == 0 ? make_float2(x.x * gamma, x.y * gamma) : make_float2(y.x + gamma * x.x, y.y + gamma * x.y);
         }
       }
@@ -597,9 +609,9 @@ __global__ void __launch_bounds__(kSlabThreads, 2) fused_spectral_slabs128(const
   }
   const float gamma = p.gammas[0];
   // (the inverse rows' last stage synchronised after its reads of rowb; each thread writes its own positions)
+  const float g_re = sc_re * gamma, g_im = sc_im * gamma;  // (fused_spectral_pow2's gain fold)
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    rowb[pos(i)] = make_float2(((v[i].x + dc_re) * sc_re) * gamma, ((v[i].y + dc_im) * sc_im) * gamma);
+  for (int i = 0; i < 8; ++i) rowb[pos(i)] = make_float2((v[i].x + dc_re) * g_re, (v[i].y + dc_im) * g_im);
   if (t == 0) pack_coef<KA>(sample_coef<KA>(p, sl.b), misc + kMiscCoef);
   cluster_barrier();  // every slab of every plane is finished
   // epilogue: the slab's quads (rows 32 q ..), shared among the P blocks of this q, every channel
