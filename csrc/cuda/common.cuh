@@ -505,10 +505,11 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
     return q;
   };
   // pz: the squeezed perturbation of channel c (kPert only)
-  auto emit = [&](int c, const float nz_in[4], const float pz[4]) {
+  // carried: nz_in holds a bad timestep's NaN already (the squeeze's g below), so no select per lane
+  auto emit = [&](int c, const float nz_in[4], const float pz[4], bool carried) {
     float nz[4];
 #pragma unroll
-    for (int l = 0; l < 4; ++l) nz[l] = valid ? nz_in[l] : nan;
+    for (int l = 0; l < 4; ++l) nz[l] = (carried || valid) ? nz_in[l] : nan;
     if (p.x0.data != nullptr) {
       float x0[4], xt[4], tg[4];
       load_quad<kVec, DT>(p.x0, b, c, hw0, n, pos, x0);
@@ -526,7 +527,7 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
     for (int c = 0; c < C; ++c) {
       Quad e = load(c), e_p;
       if (kPert) fetch_p(c, e_p.v);
-      emit(c, e.v, e_p.v);
+      emit(c, e.v, e_p.v, false);
     }
     return;
   }
@@ -565,14 +566,15 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
         }
     }
   }
+  const float g = valid ? sc.g : nan;  // every S e (g e + ...) NaN for a bad timestep, as emit's select
   channels_cached<K>(C, cache, load, [&](int c, const Quad& e) {
     float s[4], s_p[4];
 #pragma unroll
-    for (int l = 0; l < 4; ++l) s[l] = sc.g * e.v[l];
+    for (int l = 0; l < 4; ++l) s[l] = g * e.v[l];
     if (kPert) {
       fetch_p(c, s_p);
 #pragma unroll
-      for (int l = 0; l < 4; ++l) s_p[l] *= sc.g;
+      for (int l = 0; l < 4; ++l) s_p[l] *= g;
     }
 #pragma unroll
     for (int i = 0; i < KU; ++i)
@@ -584,7 +586,7 @@ __device__ __forceinline__ void add_noise_quad(const NoiseProblem& p, const Samp
 #pragma unroll
           for (int l = 0; l < 4; ++l) s_p[l] += coef * u_p[kPert ? i : 0][l];
       }
-    emit(c, s, s_p);
+    emit(c, s, s_p, true);
   });
 }
 
