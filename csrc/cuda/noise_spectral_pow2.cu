@@ -229,7 +229,15 @@ __device__ __forceinline__ void block_sum2(double a, double b, double* red, int 
 // The kernel's misc shared floats: a draw's DC terms, means and scales ((re, im) each; block_sum2's fin
 // writes them, every thread reads them after its barrier), then the sample's epilogue coefficients
 // (thread 0's sample_coef, pack_coef's layout).
-enum : int { kMiscDc = 0, kMiscMean = 2, kMiscScale = 4, kMiscCoef = 8 };
+enum : int { kMiscDc = 0, kMiscMean = 2, kMiscScale = 4, kMiscCoef = 8, kMiscSlices = 14 };
+
+// t's data at slice sl (element slice_offset; null stays null), DT as load_quad's (-1: t's own dtype).
+template <int DT>
+__device__ __forceinline__ void* slice_data(const TensorArg& t, const Slice& sl) {
+  if (t.data == nullptr) return nullptr;
+  const int64_t bytes = DT >= 0 ? (DT == (int)DType::kFloat32 ? 4 : 2) : (t.dtype == DType::kFloat32 ? 4 : 2);
+  return static_cast<char*>(t.data) + t.slice_offset(sl.b, sl.f) * bytes;
+}
 
 // The slice's launch: block q of the cluster of slice s = blockIdx.x / P owns complex plane q
 // (channels 2q, 2q + 1). Per set (n; n' of the input perturbation) and draw d:
@@ -260,7 +268,8 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
   float2* const buf = reinterpret_cast<float2*>(smem);
   float2* const acc = reinterpret_cast<float2*>(smem + g.off_acc);
   double* const red = reinterpret_cast<double*>(smem + g.off_red);
-  static_assert(kMiscCoef + kPackedCoefFloats <= kPow2MiscFloats, "misc holds the sample's coefficients");
+  static_assert(kMiscCoef + kPackedCoefFloats <= kMiscSlices, "misc holds the sample's coefficients");
+  static_assert(kMiscSlices % 2 == 0 && kMiscSlices + 6 <= kPow2MiscFloats, "and 3 aligned pointers");
   float* const misc = reinterpret_cast<float*>(smem + g.off_misc);  // kMisc*
   const size_t plane = (size_t)H * Wp;
   const Stream st = read_stream(p);
@@ -408,7 +417,15 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
     // the epilogue's coefficients (x0 scale, noise scale, S(t): k exponentials), once per block by
     // thread 0 (every thread computing them: ~3% of the 4 x 64 x 64 kernel's instructions); read by all
     // after the barrier below
-    if (t == 0) pack_coef<KA>(sample_coef<KA>(p, sl.b), misc + kMiscCoef);
+    // and x0, x_t and out at this slice: each thread computing the 64-bit slice offsets itself cost
+    // ~1.5 SASS per element at 4 x 64 x 64, where a thread has one quad of the slice
+    if (t == 0) {
+      pack_coef<KA>(sample_coef<KA>(p, sl.b), misc + kMiscCoef);
+      uint64_t* at = reinterpret_cast<uint64_t*>(misc + kMiscSlices);
+      const TensorArg* ts[3] = {&p.x0, &p.x_t, &p.out};
+#pragma unroll
+      for (int i = 0; i < 3; ++i) at[i] = (uint64_t)slice_data<DT>(*ts[i], sl);
+    }
   }
   if (P > 1) cluster_barrier(); else __syncthreads();  // every plane of the slice is finished
   // 4. epilogue: block q's share of the slice's quads (pixels for the step), every channel
@@ -429,6 +446,13 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
     }
   } else {
     const SampleCoef coef = unpack_coef<KA>(misc + kMiscCoef);  // thread 0's (above)
+    // the problem with its tensors moved to this slice (thread 0's pointers), addressed as slice (0, 0)
+    NoiseProblem ps = p;
+    const uint64_t* at0 = reinterpret_cast<const uint64_t*>(misc + kMiscSlices);
+    ps.x0.data = reinterpret_cast<void*>(at0[0]);
+    ps.x_t.data = reinterpret_cast<void*>(at0[1]);
+    ps.out.data = reinterpret_cast<void*>(at0[2]);
+    const Slice s0{0, 0};
     const int nq = HW / 4, per = (nq + P - 1) / P, end = (q + 1) * per < nq ? (q + 1) * per : nq;
     for (int qi = q * per + t; qi < end; qi += T) {
       const int hw0 = qi * 4, h = hw0 >> lw, w = hw0 & (W - 1), at = h * Wp + w;
@@ -440,7 +464,7 @@ __global__ void __launch_bounds__(pow2_bound_threads(LH, LW), pow2_min_blocks(kS
       }
       PairedQuadReader rd;  // the channels come in order: a plane is read once per pass
       add_noise_quad<(CK > 0 ? CK : 1), KA, kVec, kPert, CK, DT>(
-          p, coef, sl, hw0, 4, qp, [&](int c, float out[4]) { rd.read(c, [&](int r) { return plane_of(r) + at; }, out); },
+          ps, coef, s0, hw0, 4, qp, [&](int c, float out[4]) { rd.read(c, [&](int r) { return plane_of(r) + at; }, out); },
           [&](int c, float out[4]) {
             const float2* z = plane_of(c) + plane + at;  // acc[1]: the perturbation's set
 #pragma unroll

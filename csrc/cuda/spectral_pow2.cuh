@@ -14,7 +14,7 @@ constexpr int kPow2MinPixels = 256;
 constexpr int kPow2MaxPixels = 4096;
 constexpr int kPow2MaxSide = kTwiddleTurn;  // the twiddle table's length (kTwiddle128)
 constexpr int kPow2MaxThreads = kPow2MaxPixels / 8;
-constexpr int kPow2MiscFloats = 16;  // the kernel's misc shared floats (noise_spectral_pow2.cu's kMisc*)
+constexpr int kPow2MiscFloats = 20;  // the kernel's misc shared floats (noise_spectral_pow2.cu's kMisc*)
 
 // The sizes the hot variant (vectorised add_noise / shaped_noise, no perturbation) is compiled for:
 // square planes of 16, 32 and 64 (log2 sides 4 - 6).
